@@ -1,0 +1,1 @@
+"""The central node: ingest, and (later) routing, delivery and tracking."""

@@ -1,0 +1,196 @@
+"""The INI configuration of a node, read and validated whole at start-up.
+
+Every problem is reported with the file, section and key it concerns, and all
+problems are reported together, so an operator fixes a config in one pass.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+ROLES = ("central", "viewer", "gateway")
+LISTENER_KEYS = ("dicom", "smtp", "http", "tls")
+
+DEFAULT_MAX_OBJECT_SIZE = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    section: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"[{self.section}]" + (f" {self.key}" if self.key else "")
+        return f"{self.file}: {where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated node configuration."""
+
+    path: str
+    role: str
+    name: str
+    database_url: str
+    storage_path: Path
+    listen: dict[str, str]
+    disabled_plugins: tuple[str, ...] = ()
+    max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
+    dicom_ae_title: str = "MEDD"
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    sections: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, str]:
+        """The raw keys of one section (for plugins that own a section)."""
+        return dict(self.sections.get(name, {}))
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(text: str) -> int:
+    """``512M``, ``2G``, ``1048576`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(text)
+    return int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2).upper()]
+
+
+def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` naming every problem."""
+    path = str(path)
+    problems: list[ConfigProblem] = []
+
+    def problem(section: str, key: str | None, message: str) -> None:
+        problems.append(ConfigProblem(path, section, key, message))
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, "-", None, f"cannot read: {e.strerror}")]) from e
+    except configparser.Error as e:
+        raise ConfigError([ConfigProblem(path, "-", None, f"not a valid INI file: {e}")]) from e
+
+    base = Path(path).resolve().parent
+
+    def get(section: str, key: str, default: str | None = None, required: bool = False) -> str | None:
+        if parser.has_option(section, key):
+            value = parser.get(section, key).strip()
+            if value:
+                return value
+        if required:
+            problem(section, key, "is required")
+        return default
+
+    role = get("node", "role", required=True)
+    if role is not None and role not in ROLES:
+        problem("node", "role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+    name = get("node", "name", required=True)
+
+    db_url = get("database", "url", required=True)
+    if db_url is not None:
+        try:
+            url = make_url(db_url)
+            if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+                db_path = Path(url.database)
+                if not db_path.is_absolute():
+                    db_url = str(url.set(database=str(base / db_path)))
+        except ArgumentError as e:
+            problem("database", "url", f"not an SQLAlchemy URL: {e}")
+
+    storage = get("storage", "path", required=True)
+    storage_path = None
+    if storage is not None:
+        storage_path = Path(storage)
+        if not storage_path.is_absolute():
+            storage_path = base / storage_path
+        if check_files and storage_path.exists() and not storage_path.is_dir():
+            problem("storage", "path", f"{storage_path} exists and is not a folder")
+
+    max_size = DEFAULT_MAX_OBJECT_SIZE
+    size_text = get("limits", "max_object_size")
+    if size_text is not None:
+        try:
+            max_size = _parse_size(size_text)
+        except ValueError:
+            problem("limits", "max_object_size", f"not a size (e.g. 512M): {size_text!r}")
+
+    listen: dict[str, str] = {}
+    if parser.has_section("listen"):
+        for key, value in parser.items("listen"):
+            value = value.strip()
+            if not value:
+                continue
+            listen[key] = value
+            try:
+                _check_endpoint(value)
+            except ValueError as e:
+                problem("listen", key, f"not a Twisted endpoint string ({e}): {value!r}")
+
+    disabled = tuple(
+        n.strip() for n in (get("plugins", "disabled", "") or "").replace(",", " ").split() if n.strip()
+    )
+
+    ae = get("dicom", "ae_title", "MEDD")
+    if ae is not None and not (0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae):
+        problem("dicom", "ae_title", "must be 1 to 16 ASCII characters without backslash")
+
+    cert = get("tls", "certificate")
+    key = get("tls", "private_key")
+    for k, v in (("certificate", cert), ("private_key", key)):
+        if v is not None and check_files and not (base / v).is_file():
+            problem("tls", k, f"no such file: {base / v}")
+    if (cert is None) != (key is None):
+        problem("tls", "private_key" if key is None else "certificate", "certificate and private_key go together")
+    if "tls" in listen and cert is None and not listen["tls"].startswith("ssl:"):
+        problem("listen", "tls", "needs an ssl: endpoint, or [tls] certificate and private_key")
+
+    if problems:
+        raise ConfigError(problems)
+
+    return Config(
+        path=path,
+        role=role,
+        name=name,
+        database_url=db_url,
+        storage_path=storage_path,
+        listen=listen,
+        disabled_plugins=disabled,
+        max_object_size=max_size,
+        dicom_ae_title=ae,
+        tls_certificate=str(base / cert) if cert else None,
+        tls_private_key=str(base / key) if key else None,
+        sections={s: dict(parser.items(s)) for s in parser.sections()},
+    )
+
+
+def _check_endpoint(description: str) -> None:
+    """Raise ValueError unless ``description`` parses as a server endpoint.
+
+    Parsing needs a reactor argument but does not touch it; no port is bound.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, description)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ValueError(str(e) or type(e).__name__) from e

@@ -1,0 +1,264 @@
+"""Parsing received objects: DICOM Part 10 checks and key information.
+
+Everything here is blocking and CPU-bound; callers run it on the parsing
+thread pool. Wire data is never trusted: a file that is truncated, is not
+DICOM, or carries invalid UIDs raises :class:`InvalidObject` with a reason an
+operator (and the sender) can act on.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+
+PREAMBLE = b"\0" * 128
+MAGIC = b"DICM"
+_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+
+# SOP classes that are not "images" for routing: presentation states
+# (overlays) and structured reports / encapsulated documents (reports).
+GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+ENCAPSULATED_PDF_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+STORAGE_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4."
+
+
+class InvalidObject(ValueError):
+    """Received data that medd refuses; ``reason`` says why in one sentence."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KeyInformation:
+    """What medd indexes about a DICOM object (all strings, '' when absent)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    modality: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    study_id: str = ""
+    accession_number: str = ""
+    referring_physician_name: str = ""
+    series_number: str = ""
+    series_description: str = ""
+    instance_number: str = ""
+    institution_name: str = ""
+    intended_recipients: tuple[str, ...] = ()
+    referenced_image_uids: tuple[str, ...] = ()
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Content:
+    """One object as carried in a package (or received bare).
+
+    ``data`` is what medd stores: for DICOM, a Part 10 file with a zeroed
+    preamble; otherwise the part's bytes.
+    """
+
+    media_type: str
+    data: bytes
+    keyinfo: KeyInformation | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.keyinfo is not None
+
+
+def check_uid(value, what: str) -> str:
+    """``value`` as a str, or InvalidObject if it is missing or not a valid UID."""
+    if value is None or value == "":
+        raise InvalidObject(f"{what} is missing")
+    uid = UID(str(value).strip("\0 "))
+    if not uid.is_valid:
+        raise InvalidObject(f"{what} {str(value)!r} is not a valid UID")
+    return str(uid)
+
+
+def is_valid_uid(value: str) -> bool:
+    return bool(value) and UID(value).is_valid
+
+
+def encode_part10(meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
+    """A Part 10 file from file meta information and an encoded dataset.
+
+    Used for data received over DIMSE, where the dataset arrives without meta.
+    """
+    buf = io.BytesIO()
+    buf.write(PREAMBLE + MAGIC)
+    from pydicom.filewriter import write_file_meta_info
+
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    buf.write(dataset_bytes)
+    return buf.getvalue()
+
+
+def parse_part10(data: bytes) -> Content:
+    """Check a DICOM Part 10 file and extract its key information.
+
+    Raises :class:`InvalidObject` for non-DICOM, truncated or invalid data.
+    The returned content's ``data`` has its preamble zeroed (a non-zero
+    preamble can make a file that is also a valid executable or archive).
+    """
+    if len(data) < 132 or data[128:132] != MAGIC:
+        raise InvalidObject("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)")
+    if data[:128] != PREAMBLE:
+        data = PREAMBLE + data[128:]
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = _read_meta(fp)
+        ts = check_uid(meta.get("TransferSyntaxUID"), "Transfer Syntax UID (0002,0010)")
+        dataset = _read_dataset(data, fp, UID(ts))
+    except InvalidObject:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InvalidObject(f"malformed DICOM data: {e}") from e
+    except Exception as e:  # pydicom raises assorted errors on hostile input
+        raise InvalidObject(f"malformed DICOM data ({type(e).__name__}: {e})") from e
+    keyinfo = extract_key_information(dataset, ts)
+    # A Media Storage SOP Instance UID that differs from the dataset's is
+    # common in the field (copied meta); the dataset is authoritative.
+    return Content(media_type="application/dicom", data=data, keyinfo=keyinfo)
+
+
+def _read_meta(fp) -> FileMetaDataset:
+    from pydicom.filereader import _read_file_meta_info
+
+    return _read_file_meta_info(fp)
+
+
+def _read_dataset(data: bytes, fp, ts: UID) -> Dataset:
+    """Read the dataset after the meta, refusing truncated data.
+
+    pydicom reads a truncated file without complaint (it stops at EOF), so
+    every top-level element is checked to end inside the file, undefined
+    lengths to end with their delimiter, and the last element at EOF.
+    """
+    if ts.is_deflated:
+        # zlib detects a truncated stream itself.
+        fp.seek(0)
+        return pydicom.dcmread(fp)
+    n = len(data)
+    delimiter = _DELIMITER_LE if ts.is_little_endian else _DELIMITER_BE
+    elements = {}
+    end = fp.tell()
+    for element in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian):
+        end = fp.tell()
+        length = getattr(element, "length", None)
+        if length == 0xFFFFFFFF or getattr(element, "is_undefined_length", False):
+            if data[end - 8 : end] != delimiter:
+                raise InvalidObject(f"truncated DICOM data: element {element.tag} has no end delimiter")
+        elif length is not None and element.value_tell + length > n:
+            raise InvalidObject(f"truncated DICOM data: element {element.tag} ends after the end of the file")
+        elements[element.tag] = element
+    if end != n:
+        raise InvalidObject(f"truncated DICOM data: {n - end} stray bytes after the last element")
+    ds = Dataset(elements)
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, None)
+    return ds
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip("\0 ")
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    return tuple(str(v).strip("\0 ") for v in items if str(v).strip("\0 "))
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation:
+    """Key information of a dataset; InvalidObject if identifying UIDs are bad."""
+    try:
+        sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)")
+        if not sop_class.startswith(STORAGE_SOP_CLASS_PREFIX):
+            raise InvalidObject(f"SOP Class UID {sop_class} is not a DICOM storage SOP class")
+        keyinfo = KeyInformation(
+            sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
+            sop_class_uid=sop_class,
+            study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "Study Instance UID (0020,000D)"),
+            series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)"),
+            transfer_syntax_uid=transfer_syntax,
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            modality=_text(ds, "Modality"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            study_description=_text(ds, "StudyDescription"),
+            study_id=_text(ds, "StudyID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            series_number=_text(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            instance_number=_text(ds, "InstanceNumber"),
+            institution_name=_text(ds, "InstitutionName"),
+            intended_recipients=_values(ds, "NamesOfIntendedRecipientsOfResults"),
+            referenced_image_uids=_referenced_images(ds) if sop_class == GSPS_SOP_CLASS else (),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            number_of_frames=_int(ds, "NumberOfFrames"),
+        )
+    except InvalidObject:
+        raise
+    except Exception as e:  # a value pydicom cannot convert is malformed input
+        raise InvalidObject(f"malformed DICOM attribute ({type(e).__name__}: {e})") from e
+    return keyinfo
+
+
+def _referenced_images(ds: Dataset) -> tuple[str, ...]:
+    uids = []
+    for series in ds.get("ReferencedSeriesSequence") or []:
+        for image in series.get("ReferencedImageSequence") or []:
+            uid = str(image.get("ReferencedSOPInstanceUID", "")).strip("\0 ")
+            if uid:
+                uids.append(uid)
+    return tuple(uids)
+
+
+def classify(keyinfo: KeyInformation) -> str:
+    """The object-type name a DICOM object is carried as by default."""
+    if keyinfo.sop_class_uid == GSPS_SOP_CLASS:
+        return "overlay"
+    if keyinfo.sop_class_uid.startswith(SR_SOP_CLASS_PREFIX) or keyinfo.sop_class_uid == ENCAPSULATED_PDF_SOP_CLASS:
+        return "report"
+    return "image"

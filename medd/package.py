@@ -1,0 +1,196 @@
+"""The package: one RFC 5322/MIME message per object, whatever the transport.
+
+The ``Medd-Attachment`` header names the object type and its identifying
+UIDs so that a node can route a package without opening it; the object type
+plugin checks that the header tells the truth about the content.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import json
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+
+from medd.objects import Content, InvalidObject, parse_part10
+
+HEADER = "Medd-Attachment"
+
+# How each object type's identifier is spelled, in order.
+ATTACHMENT_PARAMS = {
+    "image": ("uid",),
+    "overlay": ("uid", "image-uid"),
+    "report": ("uid", "study-uid"),
+    "status": ("event", "uid"),
+}
+
+
+class PackageError(ValueError):
+    """A package medd refuses; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AttachmentId:
+    """The value of a ``Medd-Attachment`` header: a type and its parameters."""
+
+    type: str
+    params: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, type_: str, **params: str) -> "AttachmentId":
+        return cls(type_, tuple((k.replace("_", "-"), v) for k, v in params.items()))
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(key, default)
+
+    @property
+    def uid(self) -> str | None:
+        return self.get("uid")
+
+    def __str__(self) -> str:
+        return "; ".join([self.type] + [f"{k}={v}" for k, v in self.params])
+
+    @classmethod
+    def parse(cls, value: str) -> "AttachmentId":
+        msg = Message()
+        msg[HEADER] = value
+        params = msg.get_params(header=HEADER, unquote=True)
+        if not params or not params[0][0] or params[0][1] != "":
+            raise PackageError(f"{HEADER} header {value!r} does not start with an object type")
+        type_ = params[0][0].strip().lower()
+        rest = tuple((k.strip().lower(), v.strip()) for k, v in params[1:])
+        if any(v == "" for _, v in rest):
+            raise PackageError(f"{HEADER} header {value!r} has a parameter without a value")
+        return cls(type_, rest)
+
+
+@dataclass(frozen=True)
+class Package:
+    """A parsed package: its envelope and the content it carries."""
+
+    message_id: str
+    origin: str
+    destination: str
+    attachment: AttachmentId
+    content: Content
+    date: str = ""
+
+
+def build_package(
+    content: Content,
+    attachment: AttachmentId,
+    *,
+    origin: str,
+    destination: str,
+    message_id: str | None = None,
+) -> bytes:
+    """The package bytes (CRLF line endings, ready for SMTP or any transport)."""
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = origin
+    msg["To"] = destination
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    domain = origin.rpartition("@")[2] or "medd.invalid"
+    msg["Message-ID"] = message_id or email.utils.make_msgid(domain=domain)
+    msg[HEADER] = str(attachment)
+    maintype, _, subtype = content.media_type.partition("/")
+    if maintype == "text":
+        msg.set_content(content.data.decode("utf-8"), subtype=subtype, charset="utf-8")
+    else:
+        msg.set_content(content.data, maintype=maintype, subtype=subtype, cte="base64")
+    return msg.as_bytes()
+
+
+def _single_part(msg: Message) -> Message:
+    if not msg.is_multipart():
+        return msg
+    parts = [p for p in msg.walk() if not p.is_multipart()]
+    # S/MIME signatures or a human-readable note may travel beside the object.
+    objects = [p for p in parts if p.get_content_type() not in ("text/plain", "application/pkcs7-signature")]
+    if len(objects) == 1:
+        return objects[0]
+    if not objects and len(parts) == 1:
+        return parts[0]
+    raise PackageError(f"a package carries exactly one object; this one has {len(objects) or len(parts)} parts")
+
+
+def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Message]:
+    """Parse the MIME structure only; return (message, object part).
+
+    Blocking (CPU-bound on large packages).
+    """
+    if max_size is not None and len(data) > max_size:
+        raise PackageError(f"package of {len(data)} bytes exceeds the limit of {max_size} bytes")
+    if not data.strip():
+        raise PackageError("empty package")
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    if msg.defects:
+        raise PackageError(f"malformed MIME message: {msg.defects[0].__class__.__name__}")
+    for name in ("From", "To", "Message-ID", HEADER):
+        if not msg.get(name, "").strip():
+            raise PackageError(f"package has no {name} header")
+    part = _single_part(msg)
+    if part.defects:
+        raise PackageError(f"malformed MIME part: {part.defects[0].__class__.__name__}")
+    return msg, part
+
+
+def read_package(data: bytes, object_types, max_size: int | None = None) -> Package:
+    """Parse, decode and validate a package against its object type.
+
+    ``object_types`` is the plugin host's ``object_type(name)`` lookup.
+    Raises :class:`PackageError` (envelope problems) or
+    :class:`InvalidObject` (content problems). Blocking.
+    """
+    msg, part = parse_package(data, max_size)
+    attachment = AttachmentId.parse(msg[HEADER])
+    object_type = object_types(attachment.type)
+    if object_type is None:
+        raise PackageError(f"unknown object type {attachment.type!r} in {HEADER}")
+    cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    if cte not in ("base64", "quoted-printable", "7bit", "8bit", "binary"):
+        raise PackageError(f"unsupported Content-Transfer-Encoding {cte!r}")
+    payload = part.get_payload(decode=True)
+    if payload is None:
+        raise PackageError("the object part has no body")
+    if part.defects:
+        raise PackageError(f"malformed object part: {part.defects[0].__class__.__name__}")
+    content = decode_content(part.get_content_type(), payload)
+    object_type.validate(attachment, content)
+    _, origin = email.utils.parseaddr(msg["From"])
+    _, destination = email.utils.parseaddr(msg["To"])
+    if not origin or not destination:
+        raise PackageError("From and To must each hold one address")
+    return Package(
+        message_id=msg["Message-ID"].strip(),
+        origin=origin,
+        destination=destination,
+        attachment=attachment,
+        content=content,
+        date=(msg["Date"] or "").strip(),
+    )
+
+
+def decode_content(media_type: str, payload: bytes) -> Content:
+    """Content from a part's media type and decoded bytes (blocking)."""
+    if media_type == "application/dicom":
+        return parse_part10(payload)
+    if media_type == "text/plain":
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidObject("a text report must be UTF-8") from e
+        return Content(media_type="text/plain", data=payload)
+    if media_type == "application/json":
+        try:
+            params = json.loads(payload)
+        except ValueError as e:
+            raise InvalidObject(f"status part is not JSON: {e}") from e
+        if not isinstance(params, dict):
+            raise InvalidObject("status part must be a JSON object")
+        return Content(media_type="application/json", data=payload, params=params)
+    raise InvalidObject(f"unsupported object media type {media_type!r}")

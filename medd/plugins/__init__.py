@@ -1,0 +1,1 @@
+"""Plugin hooks, interfaces and the host that loads plugins."""

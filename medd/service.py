@@ -1,0 +1,83 @@
+"""Assembling a node: config -> plugins -> storage -> the role's services."""
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from medd.central.ingest import Ingest, ReceiverAPI
+from medd.config import Config, ConfigError, ConfigProblem
+from medd.plugins.host import Plugins, check_storage, load_plugins
+from medd.storage.database import Database
+
+AVAILABLE_ROLES = ("central",)
+
+
+class NodeService(MultiService):
+    """A node's storage and thread pools, parent of its listeners."""
+
+    log = Logger()
+
+    def __init__(self, reactor, config: Config, plugins: Plugins):
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.plugins = plugins
+        config.storage_path.mkdir(parents=True, exist_ok=True)
+        self.database = Database(reactor, config.database_url)
+        blob_factory = plugins.storage[("blobstore", config.section("storage").get("backend", "file"))]
+        self.blobs = blob_factory(config)
+        check_storage(plugins, "blobstore", self.blobs, config.section("storage").get("backend", "file"))
+        self.ingest = Ingest(reactor, self.database, self.blobs, plugins, max_object_size=config.max_object_size)
+        self.api = ReceiverAPI(reactor, self.ingest, self.database, self.blobs, config)
+        for key, endpoint in sorted(config.listen.items()):
+            listener = plugins.transports[key].listener(endpoint, self.api)
+            listener.setName(f"listen-{key}")
+            listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        # Blocking, but once at start-up and before any listener accepts.
+        self.database.create_schema()
+        self.database.start()
+        self.ingest.start()
+        self.log.info(
+            "medd {role} node {name} starting; database {db}; storage {storage}",
+            role=self.config.role, name=self.config.name,
+            db=self.database.engine.url.render_as_string(hide_password=True), storage=str(self.config.storage_path),
+        )
+        super().startService()
+
+    def stopService(self):
+        d = super().stopService()
+
+        def stop_pools(result):
+            self.ingest.stop()
+            self.database.stop()
+            return result
+
+        return d.addBoth(stop_pools) if d is not None else stop_pools(None)
+
+
+def check_against_plugins(config: Config, plugins: Plugins) -> None:
+    """The part of config validation that needs to know the loaded plugins."""
+    problems = []
+    if config.role not in AVAILABLE_ROLES:
+        problems.append(ConfigProblem(config.path, "node", "role", f"the {config.role} role is not available in this version"))
+    for key in config.listen:
+        if key not in plugins.transports:
+            problems.append(
+                ConfigProblem(
+                    config.path, "listen", key,
+                    f"no transport plugin named {key!r} is loaded (loaded: {', '.join(sorted(plugins.transports)) or 'none'})",
+                )
+            )
+    backend = config.section("storage").get("backend", "file")
+    if ("blobstore", backend) not in plugins.storage:
+        problems.append(ConfigProblem(config.path, "storage", "backend", f"no blob store plugin named {backend!r}"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def make_node(reactor, config: Config, plugins: Plugins | None = None) -> NodeService:
+    plugins = plugins or load_plugins(config.disabled_plugins)
+    check_against_plugins(config, plugins)
+    return NodeService(reactor, config, plugins)

@@ -1,0 +1,1 @@
+"""Storage: the relational index, the blob store, and (later) the archive."""

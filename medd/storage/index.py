@@ -1,0 +1,264 @@
+"""Operations on the relational index, as blocking functions of a connection.
+
+Each function takes a SQLAlchemy ``Connection`` (inside a transaction opened
+by :meth:`medd.storage.database.Database.run`) and returns dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.engine import Connection
+
+from medd.objects import KeyInformation
+from medd.storage.schema import objects, receipts, status_events
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """An object as indexed."""
+
+    sop_instance_uid: str
+    object_type: str
+    media_type: str
+    study_instance_uid: str
+    digest: str
+    size: int
+    origin: str
+    transport: str
+    received_at: datetime
+    sop_class_uid: str | None = None
+    series_instance_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    modality: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    study_id: str | None = None
+    accession_number: str | None = None
+    referring_physician_name: str | None = None
+    series_number: str | None = None
+    series_description: str | None = None
+    instance_number: str | None = None
+    institution_name: str | None = None
+    intended_recipients: str | None = None
+    referenced_image_uid: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+
+    @classmethod
+    def from_row(cls, row) -> "ObjectRecord":
+        m = row._mapping
+        return cls(**{f.name: m[f.name] for f in fields(cls)})
+
+    @classmethod
+    def from_keyinfo(cls, keyinfo: KeyInformation, **kw) -> "ObjectRecord":
+        values = {
+            f.name: getattr(keyinfo, f.name)
+            for f in fields(cls)
+            if hasattr(keyinfo, f.name) and f.name not in ("intended_recipients",)
+        }
+        values["intended_recipients"] = "\\".join(keyinfo.intended_recipients) or None
+        values["referenced_image_uid"] = keyinfo.referenced_image_uids[0] if keyinfo.referenced_image_uids else None
+        values.update(kw)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    message_id: str
+    attachment: str
+    uid: str
+    origin: str
+    destination: str
+    transport: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What storing did: ``created`` False means the object was already indexed."""
+
+    record: ObjectRecord
+    created: bool
+    duplicate_package: bool = False
+    conflict: bool = False  # same UID already indexed with different content
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
+    row = conn.execute(select(objects).where(objects.c.sop_instance_uid == uid)).first()
+    return ObjectRecord.from_row(row) if row else None
+
+
+def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None = None) -> StoreOutcome:
+    """Index ``record`` (and the package ``receipt``) unless already indexed.
+
+    Idempotent: the same package (by Message-ID) or the same object (by UID)
+    stored again changes nothing. An object whose UID is already indexed with
+    other content keeps the first version (``conflict``).
+    """
+    if receipt is not None:
+        if conn.execute(select(receipts.c.id).where(receipts.c.message_id == receipt.message_id)).first():
+            existing = object_by_uid(conn, record.sop_instance_uid)
+            return StoreOutcome(existing or record, created=False, duplicate_package=True)
+    existing = object_by_uid(conn, record.sop_instance_uid)
+    if receipt is not None:
+        conn.execute(receipts.insert().values(**receipt.__dict__, received_at=record.received_at))
+    if existing is not None:
+        return StoreOutcome(existing, created=False, conflict=existing.digest != record.digest)
+    conn.execute(objects.insert().values(**record.__dict__))
+    return StoreOutcome(record, created=True)
+
+
+def store_status(conn: Connection, receipt: Receipt, event: str, uid: str, user: str | None, when: str | None) -> bool:
+    """Record a status event; False if this package was already recorded."""
+    if conn.execute(select(status_events.c.id).where(status_events.c.message_id == receipt.message_id)).first():
+        return False
+    t = now()
+    conn.execute(receipts.insert().values(**receipt.__dict__, received_at=t))
+    conn.execute(
+        status_events.insert().values(
+            message_id=receipt.message_id, event=event, uid=uid, user=user, event_time=when,
+            origin=receipt.origin, received_at=t,
+        )
+    )
+    return True
+
+
+# --- queries (QIDO-RS and the CLI) -----------------------------------------------------------
+
+STUDY_FILTERS = {
+    "PatientID": objects.c.patient_id,
+    "PatientName": objects.c.patient_name,
+    "StudyInstanceUID": objects.c.study_instance_uid,
+    "AccessionNumber": objects.c.accession_number,
+    "StudyDate": objects.c.study_date,
+    "ModalitiesInStudy": objects.c.modality,
+    "Modality": objects.c.modality,
+    "StudyID": objects.c.study_id,
+    "SeriesInstanceUID": objects.c.series_instance_uid,
+    "SOPInstanceUID": objects.c.sop_instance_uid,
+    "SOPClassUID": objects.c.sop_class_uid,
+}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A QIDO-style filter: attribute keyword and DICOM matching value."""
+
+    keyword: str
+    value: str
+
+
+def _condition(match: Match):
+    column = STUDY_FILTERS[match.keyword]
+    value = match.value
+    if match.keyword == "StudyDate" and "-" in value:
+        low, _, high = value.partition("-")
+        parts = []
+        if low:
+            parts.append(column >= low)
+        if high:
+            parts.append(column <= high)
+        return and_(*parts)
+    if match.keyword.endswith("UID") and "\\" in value:
+        return column.in_(value.split("\\"))
+    if "*" in value or "?" in value:
+        pattern = value.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
+        return column.like(pattern, escape="\\")
+    return column == value
+
+
+def _where(matches: list[Match]):
+    return and_(*[_condition(m) for m in matches]) if matches else None
+
+
+def search_studies(conn: Connection, matches: list[Match], limit: int = 100, offset: int = 0) -> list[dict]:
+    """Study-level rows: one dict of study attributes per matching study."""
+    c = objects.c
+    inner = select(c.study_instance_uid).distinct()
+    where = _where(matches)
+    if where is not None:
+        inner = inner.where(where)
+    q = (
+        select(
+            c.study_instance_uid,
+            func.min(c.patient_id).label("patient_id"),
+            func.min(c.patient_name).label("patient_name"),
+            func.min(c.patient_birth_date).label("patient_birth_date"),
+            func.min(c.patient_sex).label("patient_sex"),
+            func.min(c.study_date).label("study_date"),
+            func.min(c.study_time).label("study_time"),
+            func.min(c.study_description).label("study_description"),
+            func.min(c.study_id).label("study_id"),
+            func.min(c.accession_number).label("accession_number"),
+            func.min(c.referring_physician_name).label("referring_physician_name"),
+            func.count(func.distinct(c.series_instance_uid)).label("series_count"),
+            func.count().label("instance_count"),
+        )
+        .where(c.study_instance_uid.in_(inner))
+        .group_by(c.study_instance_uid)
+        .order_by(func.min(c.study_date), c.study_instance_uid)
+        .limit(limit)
+        .offset(offset)
+    )
+    studies = [dict(r._mapping) for r in conn.execute(q)]
+    if studies:
+        uids = [s["study_instance_uid"] for s in studies]
+        mods: dict[str, set] = {}
+        for uid, modality in conn.execute(
+            select(c.study_instance_uid, c.modality).distinct().where(c.study_instance_uid.in_(uids))
+        ):
+            if modality:
+                mods.setdefault(uid, set()).add(modality)
+        for s in studies:
+            s["modalities"] = sorted(mods.get(s["study_instance_uid"], ()))
+    return studies
+
+
+def search_series(conn: Connection, study_uid: str | None, matches: list[Match], limit: int = 100, offset: int = 0) -> list[dict]:
+    c = objects.c
+    q = select(
+        c.study_instance_uid,
+        c.series_instance_uid,
+        func.min(c.modality).label("modality"),
+        func.min(c.series_number).label("series_number"),
+        func.min(c.series_description).label("series_description"),
+        func.count().label("instance_count"),
+    ).where(c.series_instance_uid.is_not(None))
+    if study_uid:
+        q = q.where(c.study_instance_uid == study_uid)
+    where = _where(matches)
+    if where is not None:
+        q = q.where(where)
+    q = q.group_by(c.study_instance_uid, c.series_instance_uid).order_by(c.series_instance_uid).limit(limit).offset(offset)
+    return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def search_instances(
+    conn: Connection, study_uid: str | None, series_uid: str | None, matches: list[Match], limit: int = 100, offset: int = 0
+) -> list[ObjectRecord]:
+    c = objects.c
+    q = select(objects).where(c.media_type == "application/dicom")
+    if study_uid:
+        q = q.where(c.study_instance_uid == study_uid)
+    if series_uid:
+        q = q.where(c.series_instance_uid == series_uid)
+    where = _where(matches)
+    if where is not None:
+        q = q.where(where)
+    q = q.order_by(c.id).limit(limit).offset(offset)
+    return [ObjectRecord.from_row(r) for r in conn.execute(q)]
+
+
+def count_objects(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(objects)).scalar_one()

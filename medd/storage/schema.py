@@ -1,0 +1,88 @@
+"""The relational index: tables for objects, received packages and status events."""
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+UID = String(64)
+
+objects = Table(
+    "objects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("object_type", String(16), nullable=False),
+    Column("media_type", String(64), nullable=False),
+    Column("sop_class_uid", UID),
+    Column("study_instance_uid", UID, nullable=False, index=True),
+    Column("series_instance_uid", UID, index=True),
+    Column("transfer_syntax_uid", UID),
+    Column("patient_id", String(64), index=True),
+    Column("patient_name", String(324)),
+    Column("patient_birth_date", String(8)),
+    Column("patient_sex", String(16)),
+    Column("modality", String(16), index=True),
+    Column("study_date", String(8), index=True),
+    Column("study_time", String(16)),
+    Column("study_description", String(64)),
+    Column("study_id", String(16)),
+    Column("accession_number", String(16), index=True),
+    Column("referring_physician_name", String(324)),
+    Column("series_number", String(12)),
+    Column("series_description", String(64)),
+    Column("instance_number", String(12)),
+    Column("institution_name", String(64)),
+    # Values of (0040,1010), backslash-separated as in DICOM.
+    Column("intended_recipients", Text),
+    # Overlays: the image the presentation state annotates.
+    Column("referenced_image_uid", UID, index=True),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("number_of_frames", Integer),
+    Column("digest", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    # Who sent it: the calling AE title, package origin or authenticated peer.
+    Column("origin", String(255), nullable=False),
+    Column("transport", String(16), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+receipts = Table(
+    "receipts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # The idempotency key of a package: a resent package is not stored twice.
+    Column("message_id", String(255), nullable=False, unique=True),
+    Column("attachment", String(512), nullable=False),
+    Column("uid", UID, nullable=False, index=True),
+    Column("origin", String(255), nullable=False),
+    Column("destination", String(255), nullable=False),
+    Column("transport", String(16), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+status_events = Table(
+    "status_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_id", String(255), nullable=False, unique=True),
+    Column("event", String(16), nullable=False),
+    Column("uid", UID, nullable=False, index=True),
+    Column("user", String(255)),
+    Column("event_time", String(40)),
+    Column("origin", String(255), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_instance_uid)

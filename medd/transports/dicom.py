@@ -1,0 +1,168 @@
+"""DICOM C-STORE and C-ECHO receiver (pynetdicom).
+
+pynetdicom runs its own acceptor and association threads. Each received
+object is handed to the reactor's ingest path and the association thread
+waits for the outcome, so the C-STORE response reports what actually
+happened: success only once the object is fsync'd and indexed.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from twisted.application.service import Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from medd.central.ingest import Refused, StoreFailed
+from medd.plugins.hookspecs import hookimpl
+from medd.plugins.interfaces import ITransport
+
+# Transfer syntaxes accepted for every storage SOP class: the uncompressed
+# ones plus the compressed syntaxes modalities actually send.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still seen)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# C-STORE failure statuses (PS3.4 B.2.3).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    """Sets TCP_NODELAY on every accepted socket: with Nagle's algorithm on,
+    each C-STORE response waits for a delayed ACK (~40 ms)."""
+
+    def get_request(self):
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+def endpoint_address(reactor, description: str) -> tuple[str, int]:
+    """(interface, port) of a ``tcp:``/``tcp6:`` endpoint string.
+
+    pynetdicom binds its own socket, so only plain TCP endpoints can be
+    honoured; anything else is refused at start-up.
+    """
+    endpoint = serverFromString(reactor, description)
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        raise ValueError(f"the dicom listener needs a tcp: endpoint, not {description!r}")
+    # Twisted keeps these as private attributes; they have been stable since 10.x.
+    default = "::" if isinstance(endpoint, TCP6ServerEndpoint) else "0.0.0.0"
+    return endpoint._interface or default, endpoint._port
+
+
+def _failure(status: int, reason: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = reason[:64]  # LO: at most 64 characters
+    return ds
+
+
+class DicomListener(Service):
+    """A pynetdicom Storage SCP feeding the node's ingest path."""
+
+    log = Logger()
+
+    def __init__(self, reactor, description: str, api):
+        self.reactor = reactor
+        self.description = description
+        self.api = api
+        self.server = None
+        self.address = endpoint_address(reactor, description)
+
+    def _handle_store(self, event) -> int | Dataset:
+        # Runs on a pynetdicom association thread, never on the reactor.
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            blockingCallFromThread(self.reactor, self.api.receive_dicom, data, transport="dicom", origin=calling)
+        except Refused as e:
+            self.log.warn("C-STORE from {ae} refused: {reason}", ae=calling, reason=e.reason)
+            status = STATUS_OUT_OF_RESOURCES if e.kind == "too-large" else STATUS_CANNOT_UNDERSTAND
+            return _failure(status, e.reason)
+        except StoreFailed as e:
+            self.log.error("C-STORE from {ae} not stored: {reason}", ae=calling, reason=str(e))
+            return _failure(STATUS_OUT_OF_RESOURCES, str(e))
+        except Exception as e:
+            self.log.failure("C-STORE from {ae} failed", ae=calling)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(e).__name__}")
+        return STATUS_SUCCESS
+
+    def startService(self) -> None:
+        super().startService()
+        ae = AE(ae_title=self.api.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = 32
+        self.ae = ae
+        self.server = ae.make_server(
+            self.address,
+            ae_title=self.api.ae_title,
+            evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+            server_class=_NoDelayServer,
+        )
+        # What AE.start_server(block=False) does; its shutdown() expects it.
+        ae._servers.append(self.server)
+        thread = threading.Thread(target=self.server.serve_forever, name="medd-dicom-acceptor", daemon=True)
+        thread.start()
+        self.log.info("dicom listening on {host}:{port} as {ae}", host=self.server.server_address[0],
+                      port=self.server.server_address[1], ae=self.api.ae_title)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stopService(self):
+        super().stopService()
+        if self.server is not None:
+            server, self.server = self.server, None
+            # shutdown() waits for serve_forever to return; aborting open
+            # associations happens on their own threads.
+            from twisted.internet.threads import deferToThread
+
+            def shut():
+                server.shutdown()
+                for assoc in list(server.active_associations):
+                    assoc.abort()
+
+            return deferToThread(shut)
+        return None
+
+
+@implementer(ITransport)
+class DicomTransport:
+    name = "dicom"
+    description = "DICOM C-STORE/C-ECHO receiver (pynetdicom)"
+
+    def listener(self, endpoint: str, api):
+        return DicomListener(api.reactor, endpoint, api)
+
+
+@hookimpl
+def medd_register_transports(register) -> None:
+    register(DicomTransport())

@@ -1,0 +1,19 @@
+"""smtp transport (under construction)."""
+from zope.interface import implementer
+
+from medd.plugins.hookspecs import hookimpl
+from medd.plugins.interfaces import ITransport
+
+
+@implementer(ITransport)
+class _Placeholder:
+    name = "smtp"
+    description = "smtp (not implemented yet)"
+
+    def listener(self, endpoint, api):
+        raise NotImplementedError("smtp")
+
+
+@hookimpl
+def medd_register_transports(register) -> None:
+    register(_Placeholder())

@@ -1,0 +1,84 @@
+"""Shared fixtures: a real central node on loopback, pydicom's test files."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pydicom.data
+import pytest
+import pytest_twisted
+
+from medd.config import load_config
+
+
+def testdata(name: str) -> bytes:
+    """Bytes of one of pydicom's bundled test files."""
+    return Path(pydicom.data.get_testdata_file(name)).read_bytes()
+
+
+def all_testdata_files() -> list[Path]:
+    return sorted(Path(p) for p in pydicom.data.get_testdata_files() if os.path.isfile(p))
+
+
+def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None) -> Path:
+    listen = listen or {}
+    lines = "\n".join(f"{k} = {v}" for k, v in listen.items())
+    text = textwrap.dedent(
+        f"""
+        [node]
+        role = central
+        name = central.test
+
+        [database]
+        url = {db_url or 'sqlite:///' + str(tmp_path / 'index.sqlite')}
+
+        [storage]
+        path = {tmp_path / 'store'}
+
+        [listen]
+        """
+    ) + lines + "\n" + textwrap.dedent(extra)
+    path = tmp_path / "central.ini"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def make_central(tmp_path):
+    """Factory: start a central node with the given listeners; stopped after the test.
+
+    Listeners bound to port 0 report their port through ``node.port(key)``.
+    """
+    from twisted.internet import reactor
+
+    from medd.service import make_node
+
+    started = []
+
+    async def start(listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None, plugins=None):
+        config = load_config(write_config(tmp_path, listen, extra, db_url))
+        node = make_node(reactor, config, plugins)
+        node.startService()
+        started.append(node)
+        for key in config.listen:
+            listener = node.getServiceNamed(f"listen-{key}")
+            if hasattr(listener, "whenListening"):
+                await listener.whenListening()
+        return node
+
+    yield start
+    for node in started:
+        pytest_twisted.blockon(_maybe(node.stopService()))
+
+
+def _maybe(d):
+    from twisted.internet.defer import succeed
+
+    return d if d is not None else succeed(None)
+
+
+def listener_port(node, key: str) -> int:
+    listener = node.getServiceNamed(f"listen-{key}")
+    port = listener.port
+    return port if isinstance(port, int) else port.getHost().port

@@ -1,0 +1,118 @@
+"""C-STORE into central with pynetdicom as the modality."""
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from twisted.internet.threads import deferToThread
+
+from medd.storage import index
+from tests.conftest import listener_port
+
+
+def _send(port: int, paths: list[str], calling: str = "MODALITY1") -> list[int]:
+    """Blocking: one association, one C-STORE per file; the statuses."""
+    ae = AE(ae_title=calling)
+    datasets = [dcmread(p) for p in paths]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cstore_stores_and_indexes(make_central):
+    """A C-STORE success means the object is in the index with its true key information and the blob on disk."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+    path = get_testdata_file("CT_small.dcm")
+    statuses = await deferToThread(_send, port, [path])
+    assert statuses == [0x0000]
+    source = dcmread(path)
+    record = await node.database.run(lambda c: index.object_by_uid(c, source.SOPInstanceUID))
+    assert record is not None
+    assert record.study_instance_uid == source.StudyInstanceUID
+    assert record.series_instance_uid == source.SeriesInstanceUID
+    assert record.patient_id == source.PatientID
+    assert record.modality == "CT"
+    assert record.origin == "MODALITY1"
+    stored = dcmread(node.blobs.path(record.digest))
+    assert stored.SOPInstanceUID == source.SOPInstanceUID
+    assert stored.PixelData == source.PixelData
+
+
+@pytest_twisted.ensureDeferred
+async def test_cstore_twice_is_idempotent(make_central):
+    """Sending the same object twice leaves one row and one blob."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+    path = get_testdata_file("CT_small.dcm")
+    assert await deferToThread(_send, port, [path, path]) == [0, 0]
+    assert await deferToThread(_send, port, [path]) == [0]
+    assert await node.database.run(index.count_objects) == 1
+    blobs = [p for p in (node.config.storage_path / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_compressed_transfer_syntaxes_accepted(make_central):
+    """JPEG, JPEG 2000 and RLE encoded objects are accepted and indexed as sent."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+    names = ["JPEG2000.dcm", "SC_rgb_rle.dcm", "JPEG-lossy.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_small_odd_big_endian.dcm"]
+    paths = [get_testdata_file(n) for n in names]
+    assert await deferToThread(_send, port, paths) == [0] * len(paths)
+    for p in paths:
+        ds = dcmread(p)
+        record = await node.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID))
+        assert record.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_uid_refused_and_nothing_stored(make_central):
+    """A dataset whose SOP Instance UID is not a UID gets a failure status and leaves no row or blob."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+
+    def send_bad():
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = "1.2.abc.4"
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+        try:
+            rsp = assoc.send_c_store(ds)
+            return rsp.Status, rsp.get("ErrorComment")
+        finally:
+            assoc.release()
+
+    status, comment = await deferToThread(send_bad)
+    assert status == 0xC000
+    assert "not a valid UID" in comment
+    assert await node.database.run(index.count_objects) == 0
+    assert not [p for p in (node.config.storage_path / "blobs").rglob("*") if p.is_file()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cecho(make_central):
+    """C-ECHO succeeds (modalities check the route with it)."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+
+    def echo():
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+        try:
+            return assoc.send_c_echo().Status
+        finally:
+            assoc.release()
+
+    assert await deferToThread(echo) == 0
