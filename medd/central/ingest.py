@@ -267,4 +267,9 @@ class ReceiverAPI:
         return self._db.run(lambda conn: fn(conn, *args, **kw))
 
     def read_blob(self, digest: str) -> Deferred:
+        """The stored bytes of a blob, read on the parsing pool."""
         return self._ingest._off_reactor(self._blobs.get, digest)
+
+    def run_blocking(self, fn, *args) -> Deferred:
+        """Run a short blocking call (reading a request body, parsing) off the reactor."""
+        return self._ingest._off_reactor(fn, *args)
