@@ -98,10 +98,10 @@ def build_package(
     msg["Message-ID"] = message_id or email.utils.make_msgid(domain=domain)
     msg[HEADER] = str(attachment)
     maintype, _, subtype = content.media_type.partition("/")
-    if maintype == "text":
-        msg.set_content(content.data.decode("utf-8"), subtype=subtype, charset="utf-8")
-    else:
-        msg.set_content(content.data, maintype=maintype, subtype=subtype, cte="base64")
+    # base64 for every object, text included: the receiver gets the exact
+    # bytes (no line-ending or trailing-newline rewriting on the way).
+    params = {"charset": "utf-8"} if maintype == "text" else {}
+    msg.set_content(content.data, maintype=maintype, subtype=subtype, cte="base64", params=params)
     return msg.as_bytes()
 
 

@@ -17,6 +17,9 @@ def testdata(name: str) -> bytes:
     return Path(pydicom.data.get_testdata_file(name)).read_bytes()
 
 
+testdata.__test__ = False  # a helper, not a test, when imported into a test module
+
+
 def all_testdata_files() -> list[Path]:
     return sorted(Path(p) for p in pydicom.data.get_testdata_files() if os.path.isfile(p))
 

@@ -1,0 +1,129 @@
+"""The plugin system: built-ins register like third-party plugins and are checked with verifyObject."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from medd.plugins.host import PluginError, load_plugins
+from medd.plugins.hookspecs import hookimpl
+from medd.plugins.interfaces import IBlobStore, IObjectType, ITransport
+from medd.storage.blobstore import FileBlobStore
+
+BIN = Path(sys.executable).parent
+
+
+def test_builtins_provide_their_interfaces(tmp_path):
+    """Every built-in transport and object type, and the file blob store, pass verifyObject."""
+    plugins = load_plugins()
+    assert {"dicom", "smtp", "http", "tls"} <= set(plugins.transports)
+    assert [t.name for t in plugins.object_types] == ["overlay", "report", "status", "image"]
+    for t in plugins.transports.values():
+        assert verifyObject(ITransport, t)
+    for t in plugins.object_types:
+        assert verifyObject(IObjectType, t)
+    assert verifyObject(IBlobStore, FileBlobStore(tmp_path))
+
+
+def test_plugin_missing_a_method_is_refused():
+    """A plugin registering an object that does not provide ITransport is refused at load time, naming it."""
+
+    @implementer(ITransport)
+    class Broken:
+        name = "broken"
+        description = "forgot listener()"
+
+    class Plugin:
+        @hookimpl
+        def medd_register_transports(self, register):
+            register(Broken())
+
+    with pytest.raises(PluginError, match="does not provide ITransport"):
+        load_plugins(extra=[Plugin()])
+
+
+def test_medd_plugins_lists_by_kind():
+    """`medd plugins` lists transports, object types and storage with the entry point providing each."""
+    out = subprocess.run([str(BIN / "medd"), "plugins"], capture_output=True, text=True, check=True).stdout
+    assert "transports:" in out and "object types:" in out and "storages:" in out
+    assert "smtp" in out and "(entry point smtp)" in out and "blobstore:file" in out
+
+
+PLUGIN_SETUP = """
+[metadata]
+name = medd-pigeon
+version = 0.1
+
+[options]
+py_modules = medd_pigeon
+
+[options.entry_points]
+medd =
+    pigeon = medd_pigeon
+"""
+
+PLUGIN_MODULE = '''
+"""A carrier-pigeon transport: the smallest out-of-tree medd transport."""
+from twisted.application.service import Service
+from zope.interface import implementer
+
+from medd.plugins.hookspecs import hookimpl
+from medd.plugins.interfaces import ITransport
+
+
+class PigeonLoft(Service):
+    def __init__(self, endpoint, api):
+        self.endpoint, self.api = endpoint, api
+
+
+@implementer(ITransport)
+class Pigeon:
+    name = "pigeon"
+    description = "RFC 1149"
+
+    def listener(self, endpoint, api):
+        return PigeonLoft(endpoint, api)
+
+
+@hookimpl
+def medd_register_transports(register):
+    register(Pigeon())
+'''
+
+
+@pytest.fixture(scope="module")
+def pigeon_site(tmp_path_factory):
+    """The tiny plugin package, really installed with pip into its own target folder."""
+    src = tmp_path_factory.mktemp("pigeon-src")
+    (src / "setup.cfg").write_text(PLUGIN_SETUP)
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    (src / "medd_pigeon.py").write_text(PLUGIN_MODULE)
+    target = tmp_path_factory.mktemp("pigeon-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )
+    return target
+
+
+def test_out_of_tree_transport_is_loaded_through_its_entry_point(pigeon_site, tmp_path):
+    """An installed third-party package adds a transport with one entry point: listed, usable in [listen], and disable-able."""
+    env = {"PYTHONPATH": str(pigeon_site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(BIN / "medd"), "plugins"], capture_output=True, text=True, check=True, env=env).stdout
+    assert "pigeon" in out and "(entry point pigeon)" in out
+
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[node]\nrole = central\nname = c.test\n[database]\nurl = sqlite://\n[storage]\npath = {tmp_path}/s\n"
+                   "[listen]\npigeon = tcp:0\n")
+    check = subprocess.run([str(BIN / "medd"), "check-config", str(ini)], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stderr
+
+    ini.write_text(ini.read_text() + "[plugins]\ndisabled = pigeon\n")
+    check = subprocess.run([str(BIN / "medd"), "check-config", str(ini)], capture_output=True, text=True, env=env)
+    assert check.returncode == 2
+    assert "[listen] pigeon: no transport plugin named 'pigeon'" in check.stderr
