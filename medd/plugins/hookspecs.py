@@ -34,7 +34,7 @@ def medd_register_transports(register) -> None:
 def medd_register_storage(register) -> None:
     """Register storage backends with ``register(kind, name, factory)``.
 
-    ``kind`` is ``"blobstore"`` (and later ``"archive"``); ``factory(config)``
+    ``kind`` is ``"blobstore"`` or ``"archive"``; ``factory(config)``
     returns an object providing the matching interface.
     """
 

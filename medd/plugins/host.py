@@ -10,11 +10,11 @@ from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from medd.plugins import hookspecs
-from medd.plugins.interfaces import IBlobStore, IObjectType, ITransport
+from medd.plugins.interfaces import IArchive, IBlobStore, IObjectType, ITransport
 
 log = Logger()
 
-STORAGE_INTERFACES = {"blobstore": IBlobStore}
+STORAGE_INTERFACES = {"blobstore": IBlobStore, "archive": IArchive}
 
 
 class PluginError(Exception):

@@ -56,3 +56,36 @@ class IBlobStore(Interface):
 
     def delete(digest):
         """Remove ``digest`` if present. Blocking."""
+
+
+class IArchive(Interface):
+    """Lifetime storage: append-only volumes of objects, written sequentially.
+
+    A volume is named by its path relative to the archive root
+    (``<centre>/<modality>/vol-NNNNNN.tar``). The catalogue in the database
+    says how far each volume is committed (``end``); the backend never
+    trusts bytes past it. Every method is blocking: call it on the archive
+    thread pool. A full or offline target raises ``OSError``.
+    """
+
+    description = Attribute("One line for logs and `medd plugins`, e.g. the target.")
+
+    def append(volume, end, members):
+        """Append ``members`` (:class:`medd.storage.archive.Member`) to ``volume``.
+
+        Bytes past ``end`` (a half-written member left by a crash) are
+        dropped first. Returns one :class:`medd.storage.archive.Placement`
+        per member, in order, once they are durable.
+        """
+
+    def close(volume, end):
+        """Write the end-of-archive marker after ``end``; return ``(size, sha256 of the volume)``."""
+
+    def read(volume, offset, size):
+        """``size`` bytes at ``offset`` of ``volume``."""
+
+    def scan(volume):
+        """Read ``volume`` from start to end; yield a :class:`medd.storage.archive.Scanned` per member."""
+
+    def recover(volume, end):
+        """Drop whatever lies past ``end`` in ``volume``; return how many bytes were dropped."""

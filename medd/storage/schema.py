@@ -5,6 +5,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -83,6 +84,50 @@ status_events = Table(
     Column("event_time", String(40)),
     Column("origin", String(255), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+# --- the archive catalogue: where each object's lifetime copy is --------------------------
+
+archive_volumes = Table(
+    "archive_volumes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # Relative to the archive root: <centre slug>/<modality slug>/vol-NNNNNN.tar
+    Column("path", String(512), nullable=False, unique=True),
+    # The real names the slugs in the path stand for.
+    Column("centre", String(255), nullable=False, index=True),
+    Column("modality", String(16), index=True),
+    Column("sequence", Integer, nullable=False),
+    # open -> closed -> verified (-> offsite); "damaged" when verify found a bad member.
+    Column("state", String(16), nullable=False, index=True),
+    # Bytes committed: the end of the last catalogued member (of the end marker once closed).
+    Column("size", BigInteger, nullable=False),
+    Column("members", Integer, nullable=False),
+    # SHA-256 of the whole volume file, set when it is closed.
+    Column("checksum", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("verified_at", DateTime(timezone=True)),
+)
+
+archived_objects = Table(
+    "archived_objects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("digest", String(64), nullable=False, index=True),
+    Column("volume_id", Integer, ForeignKey("archive_volumes.id"), nullable=False, index=True),
+    Column("member_name", String(255), nullable=False),
+    # Where the member's tar header starts, and where its bytes start.
+    Column("header_offset", BigInteger, nullable=False),
+    Column("data_offset", BigInteger, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("archived_at", DateTime(timezone=True), nullable=False),
+    # Read back from the volume and hashed: only then may the working copy go.
+    Column("verified_at", DateTime(timezone=True)),
+    # The working-store copy was removed by retention (NULL again once restored).
+    Column("evicted_at", DateTime(timezone=True)),
 )
 
 Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_instance_uid)
