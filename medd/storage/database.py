@@ -77,6 +77,8 @@ class Database:
 
     def create_schema(self) -> None:
         """Create missing tables (blocking; called once at start-up)."""
+        import medd.storage.routing_tables  # noqa: F401  (registers central's tables)
+
         metadata.create_all(self.engine)
 
     def run_sync(self, fn: Callable[[Connection], T]) -> T:
