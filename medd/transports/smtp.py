@@ -1,19 +1,311 @@
-"""smtp transport (under construction)."""
+"""SMTP receiver (Twisted ESMTP): every message is a package for the ingest path.
+
+The 250 after DATA is sent only once the package is fsync'd and indexed; a
+refused package gets a 5xx that says why, a failure of medd itself a 451 so
+the sending MTA retries. SIZE is advertised and enforced, STARTTLS offered
+when ``[tls]`` names a certificate.
+"""
+from __future__ import annotations
+
+import re
+
+from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import Logger
+from twisted.mail.smtp import (
+    ESMTP,
+    IMessage,
+    IMessageDelivery,
+    IMessageDeliveryFactory,
+    SMTPBadRcpt,
+    SMTPServerError,
+)
 from zope.interface import implementer
 
+from medd.central.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.listener import EndpointListener
+
+log = Logger()
+
+# RFC 5321 allows 512 octets per reply line; leave room for the code.
+_MAX_REPLY_TEXT = 400
+
+
+def reply_text(text: str) -> bytes:
+    """One line of ASCII for a reply: reasons may quote wire data (headers,
+    UIDs), which must not smuggle CR/LF or control bytes into the session."""
+    flat = " ".join(str(text).split())
+    flat = "".join(c if " " <= c <= "~" else "?" for c in flat)
+    if len(flat) > _MAX_REPLY_TEXT:
+        flat = flat[: _MAX_REPLY_TEXT - 3] + "..."
+    return flat.encode("ascii")
+
+
+def _too_large(size: int, limit: int) -> SMTPServerError:
+    return SMTPServerError(552, reply_text(f"5.3.4 message of {size} bytes exceeds the limit of {limit} bytes"))
+
+
+@implementer(IMessage)
+class PackageMessage:
+    """The package being received in one DATA transaction.
+
+    Lines are kept only while the total stays within the size limit; past it
+    the buffer is dropped and the rest of the data is discarded unread, so a
+    client cannot make the node hold more than one object's worth of bytes.
+    """
+
+    def __init__(self, api, peer: str):
+        self.api = api
+        self.peer = peer
+        self.limit = api.max_object_size
+        self.size = 0
+        self.buffer: bytearray | None = bytearray()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.size += len(line) + 2
+        if self.size > self.limit:
+            self.buffer = None
+            log.warn(
+                "SMTP package from {peer} refused ({code}): over {limit} bytes",
+                peer=self.peer, code=552, limit=self.limit, kind="too-large",
+            )
+            # ESMTP stops feeding lines and sends this reply at the final ".".
+            raise _too_large(self.size, self.limit)
+        self.buffer += line
+        self.buffer += b"\r\n"
+
+    def connectionLost(self) -> None:
+        self.buffer = None
+
+    def eomReceived(self):
+        buffer, self.buffer = self.buffer, None
+        return ensureDeferred(self._deliver(buffer))
+
+    async def _deliver(self, buffer: bytearray):
+        # Copying hundreds of megabytes is not a reactor-thread job.
+        data = await self.api.run_blocking(bytes, buffer)
+        del buffer
+        try:
+            return await self.api.receive_package(data, transport="smtp", peer=self.peer)
+        except Refused as e:
+            code, status = (552, "5.3.4") if e.kind == "too-large" else (554, "5.6.0")
+            log.warn(
+                "SMTP package from {peer} refused ({code}): {reason}",
+                peer=self.peer, code=code, reason=e.reason, kind=e.kind,
+            )
+            raise SMTPServerError(code, reply_text(f"{status} {e.reason}")) from e
+        except StoreFailed as e:
+            log.error(
+                "SMTP package from {peer} not stored ({code}): {reason}",
+                peer=self.peer, code=451, reason=str(e),
+            )
+            # The detail (paths, database errors) is for the log, not the peer.
+            raise SMTPServerError(451, b"4.3.0 the package could not be stored; try again later") from e
+
+
+@implementer(IMessage)
+class FurtherRecipient:
+    """Stands for the second and later recipients of one message: the package
+    is ingested once, by the first recipient's :class:`PackageMessage`."""
+
+    def lineReceived(self, line: bytes) -> None:
+        pass
+
+    def eomReceived(self):
+        return succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+@implementer(IMessageDelivery)
+class PackageDelivery:
+    """One mail transaction (MAIL FROM to the end of DATA)."""
+
+    def __init__(self, api, peer: str):
+        self.api = api
+        self.peer = peer
+        self.message: PackageMessage | None = None
+
+    def receivedHeader(self, helo, origin, recipients):
+        # The package is parsed, not relayed; a Received: line would only
+        # change its bytes.
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        # Routing and its verification come later; any well-formed recipient is accepted.
+        if not user.dest.local.strip(b'"'):
+            raise SMTPBadRcpt(user, 553, "5.1.3 empty recipient")
+        return self._message
+
+    def _message(self):
+        if self.message is None:
+            self.message = PackageMessage(self.api, self.peer)
+            return self.message
+        return FurtherRecipient()
+
+
+@implementer(IMessageDeliveryFactory)
+class PackageDeliveryFactory:
+    """Per connection: a fresh :class:`PackageDelivery` for each MAIL FROM."""
+
+    def __init__(self, api, peer: str):
+        self.api = api
+        self.peer = peer
+
+    def getMessageDelivery(self) -> PackageDelivery:
+        return PackageDelivery(self.api, self.peer)
+
+
+_SIZE_PARAM = re.compile(rb"^SIZE=(?P<size>\S*)$", re.I)
+
+
+class PackageSMTP(ESMTP):
+    """ESMTP with SIZE, package-specific end-of-data replies and a few
+    hardenings of Twisted's server for a public-facing port."""
+
+    noisy = False
+
+    def __init__(self, api, context_factory=None):
+        super().__init__(contextFactory=context_factory)
+        self.api = api
+        self.host = api.node_name
+        self._tls_just_started = False
+
+    def connectionMade(self) -> None:
+        # Replies are small and the client waits for each one.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        peer = self.transport.getPeer()
+        self.deliveryFactory = PackageDeliveryFactory(self.api, getattr(peer, "host", str(peer)))
+        super().connectionMade()
+
+    def extensions(self):
+        ext = super().extensions()
+        ext[b"SIZE"] = [str(self.api.max_object_size).encode("ascii")]
+        return ext
+
+    def do_MAIL(self, rest: bytes) -> None:
+        m = self.mail_re.match(rest)
+        if not self._from and m and m.group("opts"):
+            for param in m.group("opts").split():
+                size = _SIZE_PARAM.match(param)
+                if size is None:
+                    continue
+                if not size.group("size").isdigit():
+                    self.sendCode(501, b"5.5.4 SIZE needs a number of bytes")
+                    return
+                declared = int(size.group("size"))
+                if declared > self.api.max_object_size:
+                    log.warn(
+                        "SMTP package from {peer} refused ({code}): declared SIZE {size} over {limit} bytes",
+                        peer=self.deliveryFactory.peer, code=552, size=declared,
+                        limit=self.api.max_object_size, kind="too-large",
+                    )
+                    error = _too_large(declared, self.api.max_object_size)
+                    self.sendCode(error.code, error.resp)
+                    return
+        super().do_MAIL(rest)
+
+    def _messageHandled(self, resultList) -> None:
+        # Twisted answers 550 to any failure; the sender needs to know whether
+        # to give up (5xx) or retry (4xx), and why.
+        for success, result in resultList:
+            if not success:
+                if result.check(SMTPServerError):
+                    self.sendCode(result.value.code, result.value.resp)
+                else:
+                    log.failure("SMTP delivery from {peer} failed", result, peer=self.deliveryFactory.peer)
+                    self.sendCode(451, b"4.3.0 local error; try again later")
+                return
+        stored = next(r for _, r in resultList if r is not None)
+        what = "stored" if stored.created else "already stored"
+        self.sendCode(250, reply_text(f"2.0.0 {stored.object_type} {stored.uid} {what}"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted's SMTP answers 500 but keeps the over-long partial line in
+        # its buffer, which then grows with every read; close instead.
+        super().lineLengthExceeded(line)
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        started = self.startedTLS
+        super().ext_STARTTLS(rest)
+        if self.startedTLS and not started:
+            # RFC 3207 4.2: forget what the client said in clear text.
+            peer = self.transport.getPeer()
+            self._helo = (None, getattr(peer, "host", str(peer)))
+            self._from = None
+            self._to = []
+            self._tls_just_started = True
+
+    def lineReceived(self, line: bytes):
+        if self._tls_just_started:
+            # Clear text that arrived in the same read as STARTTLS was sent
+            # before encryption; acting on it after the switch would let a
+            # man in the middle inject commands (CVE-2011-0411).
+            return None
+        return super().lineReceived(line)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._tls_just_started:
+            self._tls_just_started = False
+            self._buffer = b""
+
+
+class PackageSMTPFactory(ServerFactory):
+    noisy = False
+
+    def __init__(self, api, context_factory=None):
+        self.api = api
+        self.context_factory = context_factory
+
+    def buildProtocol(self, addr) -> PackageSMTP:
+        protocol = PackageSMTP(self.api, self.context_factory)
+        protocol.factory = self
+        # The idle timeout runs on the node's reactor, not the global one.
+        protocol.callLater = self.api.reactor.callLater
+        return protocol
+
+
+def starttls_context(certificate: str, private_key: str):
+    """The STARTTLS context from the PEM files named in ``[tls]``.
+
+    Blocking file reads: called once, while the node is assembled.
+    """
+    try:
+        with open(certificate, "rb") as f:
+            cert_pem = f.read()
+        with open(private_key, "rb") as f:
+            key_pem = f.read()
+        return PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+    except Exception as e:
+        raise ValueError(
+            f"[tls] certificate {certificate} / private_key {private_key} cannot be used for STARTTLS: {e}"
+        ) from e
 
 
 @implementer(ITransport)
-class _Placeholder:
+class SMTPTransport:
     name = "smtp"
-    description = "smtp (not implemented yet)"
+    description = "SMTP receiver (Twisted ESMTP) for packages, with SIZE and STARTTLS"
 
-    def listener(self, endpoint, api):
-        raise NotImplementedError("smtp")
+    def listener(self, endpoint: str, api):
+        context = None
+        if api.tls_certificate and api.tls_private_key:
+            context = starttls_context(api.tls_certificate, api.tls_private_key)
+        return EndpointListener(api.reactor, endpoint, PackageSMTPFactory(api, context), "smtp")
 
 
 @hookimpl
 def medd_register_transports(register) -> None:
-    register(_Placeholder())
+    register(SMTPTransport())
