@@ -250,6 +250,7 @@ class ReceiverAPI:
         self.max_object_size = config.max_object_size
         self.tls_certificate = config.tls_certificate
         self.tls_private_key = config.tls_private_key
+        self.tls_client_ca = config.tls_client_ca  # PEM of CAs whose client certificates the tls listener requires
         self._config = config
 
     def settings(self, section: str) -> dict[str, str]:
