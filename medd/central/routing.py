@@ -1,0 +1,304 @@
+"""Route verification and quarantine.
+
+For each indexed object the router decides, once and durably, where it goes:
+the destination comes from the package's ``To``, else the object's Names of
+Intended Recipients of Results (0040,1010), else the administrator's routing
+rules. Every destination is verified (it is a viewer in the directory, and
+that viewer is authorised for the object's imaging centre and modality)
+before an outbox row is queued; what fails verification is quarantined with
+the reason, and nothing is sent.
+
+The imaging centre is decided by who sent the object (calling AE title or
+package origin), never by a tag inside it.
+"""
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.engine import Connection
+from twisted.application.service import Service
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from medd.central import directory
+from medd.plugins.hookspecs import hookimpl
+from medd.storage.index import ObjectRecord, now, object_by_uid
+from medd.storage.routing_tables import (
+    corrections,
+    deliveries,
+    delivery_events,
+    quarantine,
+    routing_decisions,
+    viewers,
+)
+from medd.storage.schema import objects, receipts
+
+log = Logger()
+
+
+class CorrectionError(ValueError):
+    """An administrator's correction that cannot be applied (and was not)."""
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    id: int
+    uid: str
+    destination: str | None
+    reason: str
+    state: str
+    created_at: object
+    patient_id: str | None = None
+    modality: str | None = None
+    origin: str | None = None
+    centre: str | None = None
+
+
+def _addresses(text: str | None) -> list[str]:
+    if not text:
+        return []
+    out = []
+    for value in text.split("\\"):
+        _, addr = email.utils.parseaddr(value.strip())
+        addr = (addr or value).strip().lower()
+        if addr and addr not in out:
+            out.append(addr)
+    return out
+
+
+def package_destination(conn: Connection, uid: str) -> str | None:
+    """The To of the first package that carried ``uid``, if any."""
+    row = conn.execute(
+        select(receipts.c.destination).where(receipts.c.uid == uid).order_by(receipts.c.id).limit(1)
+    ).first()
+    return row.destination.strip().lower() if row else None
+
+
+def object_centre(conn: Connection, record: ObjectRecord) -> str | None:
+    """The centre that sent ``record``; for an overlay or report coming back
+    from a viewer, the centre of the study it is about."""
+    centre = directory.centre_of(conn, record.origin, record.transport)
+    if centre is not None or record.object_type not in ("overlay", "report"):
+        return centre
+    for other in conn.execute(
+        select(objects.c.origin, objects.c.transport)
+        .where(and_(objects.c.study_instance_uid == record.study_instance_uid, objects.c.object_type == "image"))
+        .order_by(objects.c.id)
+    ):
+        centre = directory.centre_of(conn, other.origin, other.transport)
+        if centre is not None:
+            return centre
+    return None
+
+
+def verify(conn: Connection, destination: str, centre: str | None, record: ObjectRecord) -> str | None:
+    """None if ``destination`` may receive ``record``; else the reason it may not."""
+    if directory.get_viewer(conn, destination) is None:
+        return f"unknown destination {destination}: no such viewer in the directory"
+    if centre is None:
+        return f"unknown imaging centre: {record.transport} origin {record.origin!r} is not a registered centre"
+    if not directory.is_authorised(conn, destination, centre, record.modality or ""):
+        return f"viewer {destination} is not authorised for centre {centre} modality {record.modality or '-'}"
+    return None
+
+
+def queue_delivery(conn: Connection, uid: str, destination: str, at, detail: str) -> int | None:
+    """Queue (uid -> destination) once; returns the outbox row id, None if already queued."""
+    exists = conn.execute(
+        select(deliveries.c.id).where(and_(deliveries.c.uid == uid, deliveries.c.destination == destination))
+    ).first()
+    if exists:
+        return None
+    domain = "medd.invalid"
+    delivery_id = conn.execute(
+        deliveries.insert().values(
+            uid=uid, destination=destination, state="queued",
+            message_id=email.utils.make_msgid(idstring="out", domain=domain),
+            attempts=0, next_attempt_at=at, created_at=at, updated_at=at,
+        )
+    ).inserted_primary_key[0]
+    conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state="queued", detail=detail, at=at))
+    return delivery_id
+
+
+def decide(conn: Connection, uid: str, node_name: str, at=None) -> str:
+    """Route one object (in the caller's transaction); returns the outcome."""
+    at = at or now()
+    record = object_by_uid(conn, uid)
+    centre = object_centre(conn, record)
+    to = package_destination(conn, uid)
+    if to and to != node_name.lower() and to.partition("@")[2] != node_name.lower():
+        destinations, source = [to], "package To"
+    elif _addresses(record.intended_recipients):
+        destinations, source = _addresses(record.intended_recipients), "(0040,1010) intended recipients"
+    else:
+        destinations = directory.matching_rules(conn, centre, record.modality or "", record.object_type)
+        source = "routing rule"
+    outcome = "routed"
+    if not destinations:
+        if record.object_type in ("overlay", "report"):
+            outcome = "attached"  # kept with its image/study; no rule sends it on
+        else:
+            _hold(conn, uid, None, "no route: no package To, no (0040,1010) recipients and no matching rule", at)
+            outcome = "quarantined"
+    for destination in destinations:
+        reason = verify(conn, destination, centre, record)
+        if reason is None:
+            queue_delivery(conn, uid, destination, at, f"routed by {source}")
+        else:
+            _hold(conn, uid, destination, reason, at)
+            outcome = "quarantined"
+    conn.execute(routing_decisions.insert().values(uid=uid, centre=centre, outcome=outcome, decided_at=at))
+    return outcome
+
+
+def _hold(conn: Connection, uid: str, destination: str | None, reason: str, at) -> None:
+    log.warn("quarantined {uid} for {destination}: {reason}", uid=uid, destination=destination or "-", reason=reason)
+    conn.execute(quarantine.insert().values(uid=uid, destination=destination, reason=reason, state="held", created_at=at))
+
+
+def undecided(conn: Connection, limit: int = 200) -> list[str]:
+    q = (
+        select(objects.c.sop_instance_uid)
+        .outerjoin(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+        .where(routing_decisions.c.uid.is_(None))
+        .order_by(objects.c.id)
+        .limit(limit)
+    )
+    return list(conn.execute(q).scalars())
+
+
+# -- administrator corrections ---------------------------------------------------------------------
+
+
+def list_quarantine(conn: Connection, state: str | None = "held") -> list[QuarantineEntry]:
+    q = (
+        select(quarantine, objects.c.patient_id, objects.c.modality, objects.c.origin, routing_decisions.c.centre)
+        .join(objects, objects.c.sop_instance_uid == quarantine.c.uid)
+        .outerjoin(routing_decisions, routing_decisions.c.uid == quarantine.c.uid)
+        .order_by(quarantine.c.id)
+    )
+    if state:
+        q = q.where(quarantine.c.state == state)
+    return [
+        QuarantineEntry(r.id, r.uid, r.destination, r.reason, r.state, r.created_at, r.patient_id, r.modality, r.origin, r.centre)
+        for r in conn.execute(q)
+    ]
+
+
+def _held(conn: Connection, entry_id: int):
+    row = conn.execute(select(quarantine).where(quarantine.c.id == entry_id)).first()
+    if row is None:
+        raise CorrectionError(f"no quarantine entry {entry_id}")
+    if row.state != "held":
+        raise CorrectionError(f"quarantine entry {entry_id} is already {row.state}")
+    return row
+
+
+def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, at=None) -> int:
+    """Re-verify with the new destination; release and queue it, or raise CorrectionError."""
+    at = at or now()
+    row = _held(conn, entry_id)
+    destination = destination.strip().lower()
+    record = object_by_uid(conn, row.uid)
+    centre = object_centre(conn, record)
+    reason = verify(conn, destination, centre, record)
+    if reason is not None:
+        raise CorrectionError(f"not released: {reason}")
+    conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="released", resolved_at=at))
+    conn.execute(corrections.insert().values(
+        quarantine_id=entry_id, admin=admin, action="route", old_route=row.destination, new_route=destination, at=at))
+    delivery_id = queue_delivery(conn, row.uid, destination, at, f"released from quarantine by {admin}")
+    return delivery_id or 0
+
+
+def reject(conn: Connection, entry_id: int, reason: str, admin: str, at=None) -> None:
+    at = at or now()
+    row = _held(conn, entry_id)
+    conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="rejected", resolved_at=at))
+    conn.execute(corrections.insert().values(
+        quarantine_id=entry_id, admin=admin, action="reject", old_route=row.destination, new_route=None, reason=reason, at=at))
+
+
+class Router:
+    """Routes every object that has no routing decision yet.
+
+    ``kick()`` is called when an object is stored and once at start-up; the
+    work list is the database itself, so a crash loses no decision.
+    """
+
+    def __init__(self, database, node_name: str, on_routed=None):
+        self.db = database
+        self.node_name = node_name
+        self.on_routed = on_routed
+        self._running = False
+        self._again = False
+
+    def kick(self):
+        if self._running:
+            self._again = True
+            return None
+        return ensureDeferred(self._run())
+
+    async def _run(self) -> None:
+        self._running = True
+        try:
+            while True:
+                self._again = False
+                uids = await self.db.run(undecided)
+                for uid in uids:
+                    await self.db.run(lambda conn, uid=uid: decide(conn, uid, self.node_name))
+                if uids and self.on_routed is not None:
+                    self.on_routed()
+                if not uids and not self._again:
+                    break
+        except Exception:
+            log.failure("routing failed; will retry on the next object")
+        finally:
+            self._running = False
+
+
+class RoutingService(Service):
+    """Central's router and outbox, as one child service of the node.
+
+    Subscribes to ``medd_object_stored`` like any plugin would, so a stored
+    object is routed at once; at start-up it routes whatever a crash left
+    undecided and resumes pending deliveries.
+    """
+
+    def __init__(self, reactor, config, plugins, database, api, clock=None):
+        from medd.central.outbox import DeliveryService, RetryPolicy
+
+        self.router = Router(database, config.name, on_routed=self._routed)
+        settings = config.section("delivery")
+        self.outbox = DeliveryService(
+            reactor, database, api.read_blob, plugins.senders, config.name,
+            RetryPolicy.from_settings(settings), settings=config.section("push"), clock=clock,
+        )
+        plugins.manager.register(self, name="medd-central-routing")
+
+    @hookimpl
+    def medd_object_stored(self, stored) -> None:
+        if self.running:
+            self.router.kick()
+
+    def _routed(self) -> None:
+        if self.running:
+            self.outbox.kick()
+
+    def kick(self):
+        """Route and deliver now (after an administrator's correction, say)."""
+        self.router.kick()
+        return self.outbox.kick()
+
+    def startService(self) -> None:
+        super().startService()
+        self.outbox._stopped = False
+        self.router.kick()
+        self.outbox.kick()
+
+    def stopService(self):
+        super().stopService()
+        self.outbox.stop()
