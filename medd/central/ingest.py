@@ -9,7 +9,7 @@ told to try again rather than that its data is bad.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -173,26 +173,20 @@ class Ingest:
             received_at=index.now(),
         )
         if content.keyinfo is not None:
-            record = ObjectRecord.from_keyinfo(content.keyinfo, **common)
-            if record.intended_recipients is None:
-                record = replace(record, intended_recipients=package.destination)
-            return record
+            # The package's To is kept in its receipt; intended_recipients
+            # holds only what the object itself says (0040,1010).
+            return ObjectRecord.from_keyinfo(content.keyinfo, **common)
         # A plain-text report: its identity is the header's, already checked.
         return ObjectRecord(
             sop_instance_uid=package.attachment.uid,
             study_instance_uid=package.attachment.get("study-uid"),
-            intended_recipients=package.destination,
             **common,
         )
 
     async def _status(self, package: Package, receipt: Receipt) -> Stored:
         params = package.content.params
         try:
-            created = await self.db.run(
-                lambda conn: index.store_status(
-                    conn, receipt, params["event"], params["uid"], params.get("user"), params.get("time")
-                )
-            )
+            created = await self.db.run(lambda conn: _store_status(conn, receipt, params))
         except Exception as e:
             raise StoreFailed(f"cannot index the status message: {e}") from e
         return Stored(uid=params["uid"], object_type="status", digest=None, created=created, message_id=package.message_id)
@@ -236,6 +230,16 @@ class Ingest:
         )
 
 
+def _store_status(conn, receipt: Receipt, params: dict) -> bool:
+    """Record a status message and, for "opened", move the delivery to opened (one transaction)."""
+    from medd.central.tracking import mark_opened
+
+    created = index.store_status(conn, receipt, params["event"], params["uid"], params.get("user"), params.get("time"))
+    if created and params["event"] in ("opened", "viewed"):
+        mark_opened(conn, params["uid"], receipt.origin, params.get("user"), params.get("time"))
+    return created
+
+
 class ReceiverAPI:
     """The narrow facade a transport plugin receives: how data enters the node,
     and the read-only queries the HTTP transport needs for DICOMweb."""
@@ -267,9 +271,21 @@ class ReceiverAPI:
         """Run an :mod:`medd.storage.index` query function on the database pool."""
         return self._db.run(lambda conn: fn(conn, *args, **kw))
 
+    # Set by the node when an archive is configured: ``restore_blob(digest)``
+    # returns a Deferred of the bytes, put back into the working store.
+    restore_blob = None
+
     def read_blob(self, digest: str) -> Deferred:
-        """The stored bytes of a blob, read on the parsing pool."""
-        return self._ingest._off_reactor(self._blobs.get, digest)
+        """The stored bytes of a blob, read on the parsing pool; an evicted blob comes back from the archive."""
+        d = self._ingest._off_reactor(self._blobs.get, digest)
+        if self.restore_blob is not None:
+
+            def from_archive(failure):
+                failure.trap(FileNotFoundError)
+                return self.restore_blob(digest)
+
+            d.addErrback(from_archive)
+        return d
 
     def run_blocking(self, fn, *args) -> Deferred:
         """Run a short blocking call (reading a request body, parsing) off the reactor."""

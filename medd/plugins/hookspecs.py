@@ -31,6 +31,15 @@ def medd_register_transports(register) -> None:
 
 
 @hookspec
+def medd_register_senders(register) -> None:
+    """Register push senders with ``register(sender)``.
+
+    Each sender provides :class:`medd.plugins.interfaces.ISender` and handles
+    the URL schemes it names (a push viewer's URL picks its sender).
+    """
+
+
+@hookspec
 def medd_register_storage(register) -> None:
     """Register storage backends with ``register(kind, name, factory)``.
 

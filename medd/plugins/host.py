@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from medd.plugins import hookspecs
-from medd.plugins.interfaces import IArchive, IBlobStore, IObjectType, ITransport
+from medd.plugins.interfaces import IArchive, IBlobStore, IObjectType, ISender, ITransport
 
 log = Logger()
 
@@ -29,6 +29,7 @@ class Plugins:
     object_types: list = field(default_factory=list)
     transports: dict = field(default_factory=dict)
     storage: dict = field(default_factory=dict)  # (kind, name) -> factory
+    senders: dict = field(default_factory=dict)  # URL scheme -> ISender
     sources: dict = field(default_factory=dict)  # (kind, name) -> plugin name
 
     def object_type(self, name: str):
@@ -39,11 +40,13 @@ class Plugins:
 
     def listing(self) -> dict[str, list[tuple[str, str]]]:
         """{kind: [(name, provided by)]} for `medd plugins`."""
-        out: dict[str, list[tuple[str, str]]] = {"object type": [], "transport": [], "storage": []}
+        out: dict[str, list[tuple[str, str]]] = {"object type": [], "transport": [], "sender": [], "storage": []}
         for t in self.object_types:
             out["object type"].append((t.name, self.sources[("object type", t.name)]))
         for name in sorted(self.transports):
             out["transport"].append((name, self.sources[("transport", name)]))
+        for scheme in sorted(self.senders):
+            out["sender"].append((scheme, self.sources[("sender", scheme)]))
         for kind, name in sorted(self.storage):
             out["storage"].append((f"{kind}:{name}", self.sources[("storage", f"{kind}:{name}")]))
         return out
@@ -85,6 +88,14 @@ def load_plugins(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> 
         plugins.transports[obj.name] = obj
         plugins.sources[("transport", obj.name)] = caller()
 
+    def register_sender(obj) -> None:
+        _verify(obj, ISender, "sender", caller())
+        for scheme in obj.schemes:
+            if scheme in plugins.senders:
+                raise PluginError(f"sender for {scheme}: registered twice (by {caller()})")
+            plugins.senders[scheme] = obj
+            plugins.sources[("sender", scheme)] = caller()
+
     def register_storage(kind: str, name: str, factory: Callable) -> None:
         if kind not in STORAGE_INTERFACES:
             raise PluginError(f"{caller()} registered unknown storage kind {kind!r}")
@@ -97,6 +108,7 @@ def load_plugins(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> 
             ("medd_register_object_types", register_object_type),
             ("medd_register_transports", register_transport),
             ("medd_register_storage", register_storage),
+            ("medd_register_senders", register_sender),
         ):
             impls = [i for i in getattr(pm.hook, hookname).get_hookimpls() if i.plugin is plugin]
             for impl in impls:

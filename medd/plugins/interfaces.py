@@ -84,8 +84,24 @@ class IArchive(Interface):
     def read(volume, offset, size):
         """``size`` bytes at ``offset`` of ``volume``."""
 
+    def checksum(volume, size):
+        """SHA-256 (hex) of the first ``size`` bytes of ``volume``."""
+
     def scan(volume):
         """Read ``volume`` from start to end; yield a :class:`medd.storage.archive.Scanned` per member."""
 
     def recover(volume, end):
         """Drop whatever lies past ``end`` in ``volume``; return how many bytes were dropped."""
+
+
+class ISender(Interface):
+    """Pushes a package to a node at a URL (central -> push viewer)."""
+
+    schemes = Attribute("URL schemes this sender handles, e.g. ('smtp',).")
+
+    def send(reactor, url, package, settings):
+        """Deferred that fires when the receiver has acknowledged ``package``
+        (bytes) as durable, and fails with the reason otherwise.
+
+        ``settings`` is the node's ``[push]`` section (e.g. ``tls_ca``).
+        """
