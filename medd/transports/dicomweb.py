@@ -1,0 +1,556 @@
+"""DICOMweb on the HTTP transport: STOW-RS, QIDO-RS and WADO-RS (PS3.18).
+
+Stored instances enter through the same ingest path as every other
+receiver; searches run on the index; retrieval streams the stored Part 10
+bytes, one blob at a time as the client takes them.
+"""
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from medd.central.ingest import Refused, StoreFailed
+from medd.objects import is_valid_uid
+from medd.storage import index
+from medd.storage.index import Match
+from medd.transports.http import (
+    RETRY_AFTER,
+    Problem,
+    ProblemResource,
+    Response,
+    client_ip,
+    json_response,
+    log_refusal,
+    media_type_of,
+    render_async,
+)
+
+log = Logger()
+
+DICOM_JSON = "application/dicom+json"
+DICOM = "application/dicom"
+
+# STOW-RS failure reasons (PS3.18 table 10.5.3-2, from the C-STORE statuses).
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_OUT_OF_RESOURCES = 0xA700
+
+# QIDO-RS: results per request unless the client asks for fewer (or more, up to MAX_LIMIT).
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+QIDO_CONTROL_KEYS = ("limit", "offset", "includefield", "fuzzymatching")
+QUERY_KEYWORDS = frozenset(index.STUDY_FILTERS)
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_DATE = re.compile(r"^\d{8}$")
+_CHUNK = 64 * 1024
+
+
+# --- STOW-RS -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a STOW-RS request, with what a quick look at it tells."""
+
+    number: int
+    media_type: str
+    data: bytes
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+
+
+def _peek(data: bytes) -> tuple[str | None, str | None, str | None]:
+    """Blocking: (SOP Class, SOP Instance, Study Instance UID) if pydicom can see them.
+
+    Only to name the instance in the response and to check the target
+    study; the ingest path does the real checking.
+    """
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
+        )
+    except Exception:
+        return None, None, None
+
+    def text(keyword):
+        value = ds.get(keyword)
+        return str(value).strip("\0 ") or None if value is not None else None
+
+    return text("SOPClassUID"), text("SOPInstanceUID"), text("StudyInstanceUID")
+
+
+class RelatedParser(PushMultipartParser):
+    """The multipart parser for multipart/related (RFC 2387) bodies.
+
+    The library parses form-data by default; this hook is the one it offers
+    for other multipart types. Related parts carry no Content-Disposition.
+    """
+
+    def _create_segment(self, headerlist):
+        return MultipartSegment(headerlist)
+
+
+def split_multipart(content, boundary: str) -> list[Part]:
+    """Blocking: the parts of a multipart body read from the file ``content``.
+
+    Raises :class:`Problem` (400) for a malformed body.
+    """
+    content.seek(0)
+    parts: list[Part] = []
+    media_type, chunks = None, []
+    try:
+        with RelatedParser(boundary) as parser:
+            while not parser.closed:
+                chunk = content.read(_CHUNK)
+                for event in parser.parse(chunk):
+                    if event is None:
+                        data = b"".join(chunks)
+                        peek = _peek(data) if media_type == DICOM else (None, None, None)
+                        parts.append(Part(len(parts) + 1, media_type, data, *peek))
+                        media_type, chunks = None, []
+                    elif isinstance(event, (bytes, bytearray)):
+                        chunks.append(bytes(event))
+                    else:
+                        media_type = (event.content_type or "").lower()
+                if not chunk:
+                    break
+    except MultipartError as e:
+        raise Problem(400, f"malformed multipart body: {e}", kind="malformed-multipart") from e
+    return parts
+
+
+def _failure(part: Part, reason_code: int, reason: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = part.sop_class_uid if part.sop_class_uid and is_valid_uid(part.sop_class_uid) else None
+    item.ReferencedSOPInstanceUID = (
+        part.sop_instance_uid if part.sop_instance_uid and is_valid_uid(part.sop_instance_uid) else None
+    )
+    item.FailureReason = reason_code
+    # PS3.18 has no attribute for a readable reason; the C-STORE one is the nearest (LO, 64 characters).
+    item.add_new(0x00000902, "LO", reason[:64])
+    return item
+
+
+# --- building dicom+json -------------------------------------------------------------------
+
+
+def _set(ds: Dataset, keyword: str, value) -> None:
+    """Set ``keyword``, empty (zero length) when the index has no usable value."""
+    vr = dictionary_VR(keyword)
+    if value in (None, ""):
+        value = None
+    elif vr in ("IS", "US", "UL", "SS", "SL"):
+        try:
+            value = int(str(value).split("\\")[0])
+        except ValueError:
+            value = None
+    setattr(ds, keyword, value)
+
+
+def study_dataset(row: dict, base: str) -> Dataset:
+    ds = Dataset()
+    _set(ds, "StudyDate", row["study_date"])
+    _set(ds, "StudyTime", row["study_time"])
+    _set(ds, "AccessionNumber", row["accession_number"])
+    ds.ModalitiesInStudy = row["modalities"] or None
+    _set(ds, "ReferringPhysicianName", row["referring_physician_name"])
+    _set(ds, "StudyDescription", row["study_description"])
+    _set(ds, "PatientName", row["patient_name"])
+    _set(ds, "PatientID", row["patient_id"])
+    _set(ds, "PatientBirthDate", row["patient_birth_date"])
+    _set(ds, "PatientSex", row["patient_sex"])
+    ds.StudyInstanceUID = row["study_instance_uid"]
+    _set(ds, "StudyID", row["study_id"])
+    ds.NumberOfStudyRelatedSeries = row["series_count"]
+    ds.NumberOfStudyRelatedInstances = row["instance_count"]
+    ds.RetrieveURL = f"{base}/studies/{row['study_instance_uid']}"
+    return ds
+
+
+def series_dataset(row: dict, base: str) -> Dataset:
+    ds = Dataset()
+    _set(ds, "Modality", row["modality"])
+    _set(ds, "SeriesDescription", row["series_description"])
+    ds.StudyInstanceUID = row["study_instance_uid"]
+    ds.SeriesInstanceUID = row["series_instance_uid"]
+    _set(ds, "SeriesNumber", row["series_number"])
+    ds.NumberOfSeriesRelatedInstances = row["instance_count"]
+    ds.RetrieveURL = f"{base}/studies/{row['study_instance_uid']}/series/{row['series_instance_uid']}"
+    return ds
+
+
+def instance_url(base: str, study: str, series: str, sop: str) -> str:
+    return f"{base}/studies/{study}/series/{series}/instances/{sop}"
+
+
+def instance_dataset(record: index.ObjectRecord, base: str) -> Dataset:
+    ds = Dataset()
+    _set(ds, "SOPClassUID", record.sop_class_uid)
+    ds.SOPInstanceUID = record.sop_instance_uid
+    _set(ds, "StudyDate", record.study_date)
+    _set(ds, "AccessionNumber", record.accession_number)
+    _set(ds, "Modality", record.modality)
+    _set(ds, "PatientName", record.patient_name)
+    _set(ds, "PatientID", record.patient_id)
+    ds.StudyInstanceUID = record.study_instance_uid
+    ds.SeriesInstanceUID = record.series_instance_uid
+    _set(ds, "SeriesNumber", record.series_number)
+    _set(ds, "InstanceNumber", record.instance_number)
+    _set(ds, "NumberOfFrames", record.number_of_frames)
+    _set(ds, "Rows", record.rows)
+    _set(ds, "Columns", record.columns)
+    _set(ds, "AvailableTransferSyntaxUID", record.transfer_syntax_uid)
+    ds.RetrieveURL = instance_url(base, record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+    return ds
+
+
+def dicom_json(datasets) -> list[dict]:
+    return [ds.to_json_dict(suppress_invalid_tags=True) for ds in datasets]
+
+
+def metadata_of(data: bytes) -> dict:
+    """Blocking: the dicom+json of a stored object, without its pixel data."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return ds.to_json_dict(suppress_invalid_tags=True)
+
+
+# --- QIDO-RS query parameters ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    matches: list[Match]
+    limit: int
+    offset: int
+
+
+def _keyword(key: str) -> str:
+    if _TAG.match(key):
+        return keyword_for_tag(int(key, 16)) or key
+    return key
+
+
+def _check_value(keyword: str, value: str) -> None:
+    if keyword.endswith("UID"):
+        bad = [v for v in value.split("\\") if not is_valid_uid(v)]
+        if bad:
+            raise Problem(400, f"{keyword}={bad[0]!r} is not a valid UID", kind="bad-query")
+    elif keyword == "StudyDate":
+        low, dash, high = value.partition("-")
+        if not all(_DATE.match(v) for v in (low, high) if v) or (not dash and not low) or (dash and not (low or high)):
+            raise Problem(400, f"StudyDate={value!r} is not a date (YYYYMMDD) or a date range", kind="bad-query")
+
+
+def _non_negative(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise Problem(400, f"{name}={text!r} is not a non-negative integer", kind="bad-query")
+    return value
+
+
+def parse_query(request) -> Query:
+    """The QIDO-RS query of a request; :class:`Problem` (400) for keys medd cannot match."""
+    matches: list[Match] = []
+    limit, offset = DEFAULT_LIMIT, 0
+    for raw_key, raw_values in request.args.items():
+        key = raw_key.decode("utf-8", "replace")
+        for raw in raw_values:
+            value = raw.decode("utf-8", "replace").strip()
+            if key == "limit":
+                limit = min(_non_negative(key, value), MAX_LIMIT)
+            elif key == "offset":
+                offset = _non_negative(key, value)
+            elif key in QIDO_CONTROL_KEYS:
+                # includefield: medd returns every attribute it indexes;
+                # fuzzymatching: matching is exact or by wildcard either way.
+                continue
+            else:
+                keyword = _keyword(key)
+                if keyword not in QUERY_KEYWORDS:
+                    supported = ", ".join(sorted(QUERY_KEYWORDS))
+                    raise Problem(400, f"unknown or unsupported query key {key!r}; supported: {supported}",
+                                  kind="bad-query")
+                if value == "":
+                    continue  # universal matching
+                _check_value(keyword, value)
+                matches.append(Match(keyword, value))
+    return Query(matches, limit, offset)
+
+
+# --- WADO-RS flow control ------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _Flow:
+    """Pause and resume signals from the client's connection, so that a large
+    retrieval reads the next blob only when the previous one has drained."""
+
+    def __init__(self):
+        self._paused: Deferred | None = None
+        self.stopped = False
+
+    def pauseProducing(self):
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self):
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self):
+        self.stopped = True
+        self.resumeProducing()
+
+    async def ready(self) -> None:
+        if self._paused is not None:
+            await self._paused
+
+
+# --- the resource ----------------------------------------------------------------------------
+
+
+class DicomWebResource(ProblemResource):
+    """Everything under ``/dicomweb``; routes by path segments."""
+
+    isLeaf = True
+
+    def __init__(self, api):
+        super().__init__()
+        self.api = api
+
+    # Routing: the path after /dicomweb, as a tuple of segments with UIDs
+    # replaced by None, selects a handler; the UIDs are passed in order.
+    GET_ROUTES = {
+        ("studies",): "_search_studies",
+        ("studies", None, "series"): "_search_series",
+        ("series",): "_search_series",
+        ("studies", None, "series", None, "instances"): "_search_instances",
+        ("studies", None, "instances"): "_search_instances",
+        ("instances",): "_search_instances",
+        ("studies", None): "_retrieve",
+        ("studies", None, "series", None): "_retrieve",
+        ("studies", None, "series", None, "instances", None): "_retrieve",
+        ("studies", None, "metadata"): "_metadata",
+        ("studies", None, "series", None, "metadata"): "_metadata",
+        ("studies", None, "series", None, "instances", None, "metadata"): "_metadata",
+    }
+    POST_ROUTES = {
+        ("studies",): "_store",
+        ("studies", None): "_store",
+    }
+
+    def _route(self, request, routes):
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        while segments and segments[-1] == "":
+            segments.pop()
+        uids = []
+        shape = []
+        for i, segment in enumerate(segments):
+            # Odd positions after a collection name hold UIDs.
+            if i % 2 == 1 and segments[i - 1] in ("studies", "series", "instances"):
+                uids.append(segment)
+                shape.append(None)
+            else:
+                shape.append(segment)
+        name = routes.get(tuple(shape))
+        if name is None:
+            return None
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise Problem(400, f"{uid!r} is not a valid UID", kind="bad-uid")
+        return getattr(self, name), uids
+
+    def _dispatch(self, request, routes):
+        async def handle(request):
+            routed = self._route(request, routes)
+            if routed is None:
+                raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
+            handler, uids = routed
+            return await handler(request, *uids)
+
+        return render_async(request, handle)
+
+    def render_GET(self, request):
+        return self._dispatch(request, self.GET_ROUTES)
+
+    def render_POST(self, request):
+        return self._dispatch(request, self.POST_ROUTES)
+
+    def _base(self, request) -> str:
+        return request.prePathURL().decode("ascii", "replace").rstrip("/")
+
+    # -- QIDO-RS --
+
+    async def _search_studies(self, request) -> Response:
+        query = parse_query(request)
+        rows = await self.api.query(index.search_studies, query.matches, limit=query.limit + 1, offset=query.offset)
+        return await self._results(request, query, study_dataset, rows)
+
+    async def _search_series(self, request, study: str | None = None) -> Response:
+        query = parse_query(request)
+        rows = await self.api.query(index.search_series, study, query.matches, limit=query.limit + 1, offset=query.offset)
+        return await self._results(request, query, series_dataset, rows)
+
+    async def _search_instances(self, request, study: str | None = None, series: str | None = None) -> Response:
+        query = parse_query(request)
+        records = await self.api.query(
+            index.search_instances, study, series, query.matches, limit=query.limit + 1, offset=query.offset
+        )
+        return await self._results(request, query, instance_dataset, records)
+
+    async def _results(self, request, query: Query, to_dataset, rows: list) -> Response:
+        headers = {}
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            # PS3.18 8.3.4.4: say that there are more results than returned.
+            headers["Warning"] = '299 medd "There are additional results that can be requested"'
+        base = self._base(request)
+        # Thousands of datasets take long enough to encode to stall the reactor.
+        body = await self.api.run_blocking(lambda: dicom_json(to_dataset(row, base) for row in rows))
+        return json_response(200, body, DICOM_JSON, **headers)
+
+    # -- WADO-RS --
+
+    async def _instances(self, study: str, series: str | None, sop: str | None) -> list[index.ObjectRecord]:
+        if sop is not None:
+            record = await self.api.query(index.object_by_uid, sop)
+            found = (
+                [record]
+                if record is not None and record.media_type == DICOM
+                and record.study_instance_uid == study and record.series_instance_uid == series
+                else []
+            )
+        else:
+            found = await self.api.query(index.search_instances, study, series, [], limit=None)
+        if not found:
+            what = "instance" if sop else "series" if series else "study"
+            raise Problem(404, f"no such {what} is stored here", kind="not-found")
+        return found
+
+    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None):
+        accept = (request.getHeader("accept") or "*/*").lower()
+        if not any(m in accept for m in ("multipart/related", "*/*", "multipart/*", DICOM)):
+            raise Problem(406, f"instances are served as multipart/related; type=\"{DICOM}\", not {accept}")
+        records = await self._instances(study, series, sop)
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        boundary = uuid.uuid4().hex
+        request.setResponseCode(200)
+        request.setHeader("Content-Type", f'multipart/related; type="{DICOM}"; boundary={boundary}')
+        flow = _Flow()
+        request.registerProducer(flow, True)
+        try:
+            for record in records:
+                await flow.ready()
+                if gone or flow.stopped:
+                    return None
+                data = await self.api.read_blob(record.digest)
+                if gone:
+                    return None
+                head = (
+                    f"--{boundary}\r\n"
+                    f"Content-Type: {DICOM}; transfer-syntax={record.transfer_syntax_uid}\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode("ascii")
+                request.write(head + data + b"\r\n")
+            request.write(f"--{boundary}--\r\n".encode("ascii"))
+        except Exception:
+            # The status line is sent: all that is left is to cut the
+            # response short so that the client cannot take it as complete.
+            log.failure("WADO-RS retrieval of {uid} failed midway", uid=sop or series or study)
+            if not gone:
+                request.unregisterProducer()
+                request.loseConnection()
+            return None
+        request.unregisterProducer()
+        request.finish()
+        return None
+
+    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+        records = await self._instances(study, series, sop)
+        documents = []
+        for record in records:
+            data = await self.api.read_blob(record.digest)
+            documents.append(await self.api.run_blocking(metadata_of, data))
+        return json_response(200, documents, DICOM_JSON)
+
+    # -- STOW-RS --
+
+    async def _store(self, request, study: str | None = None) -> Response:
+        media_type, params = media_type_of(request)
+        if media_type != "multipart/related" or params.get("type", DICOM).lower() != DICOM:
+            shown = media_type + (f'; type="{params["type"]}"' if "type" in params else "")
+            raise Problem(415, f'STOW-RS takes multipart/related; type="{DICOM}", not {shown or "no media type"}',
+                          headers={"Accept-Post": f'multipart/related; type="{DICOM}"'})
+        boundary = params.get("boundary")
+        if not boundary:
+            raise Problem(400, "the multipart/related media type has no boundary", kind="malformed-multipart")
+        parts = await self.api.run_blocking(split_multipart, request.content, boundary)
+        if not parts:
+            raise Problem(400, "the request carries no instances", kind="malformed-multipart")
+        peer = client_ip(request)
+        base = self._base(request)
+        stored, failed, transient = [], [], 0
+        for part in parts:
+            failure = None
+            if part.media_type != DICOM:
+                failure = (FAILURE_CANNOT_UNDERSTAND, f"part {part.number} is {part.media_type or 'untyped'}, not {DICOM}")
+            elif study is not None and part.study_instance_uid != study:
+                failure = (FAILURE_CANNOT_UNDERSTAND,
+                           f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
+            else:
+                try:
+                    result = await self.api.receive_dicom(part.data, transport="http", origin=peer)
+                except Refused as e:
+                    code = FAILURE_OUT_OF_RESOURCES if e.kind == "too-large" else FAILURE_CANNOT_UNDERSTAND
+                    failure = (code, e.reason)
+                except StoreFailed as e:
+                    transient += 1
+                    failure = (FAILURE_OUT_OF_RESOURCES, str(e))
+            if failure is not None:
+                code, reason = failure
+                log.warn("STOW-RS part {number} from {peer} refused: {reason}", number=part.number, peer=peer,
+                         reason=reason)
+                failed.append(_failure(part, code, reason))
+                continue
+            item = Dataset()
+            item.ReferencedSOPClassUID = result.sop_class_uid
+            item.ReferencedSOPInstanceUID = result.uid
+            item.RetrieveURL = instance_url(base, result.study_instance_uid, result.series_instance_uid, result.uid)
+            stored.append(item)
+        answer = Dataset()
+        if study is not None:
+            answer.RetrieveURL = f"{base}/studies/{study}"
+        if failed:
+            answer.FailedSOPSequence = failed
+        if stored:
+            answer.ReferencedSOPSequence = stored
+        headers = {}
+        if not failed:
+            status = 200
+        elif stored:
+            status = 202
+        elif transient == len(failed):
+            status = 503
+            headers["Retry-After"] = str(RETRY_AFTER)
+        else:
+            status = 409
+        if failed:
+            log_refusal(request, Problem(status, f"{len(failed)} of {len(parts)} instances not stored"))
+        return json_response(status, answer.to_json_dict(), DICOM_JSON, **headers)

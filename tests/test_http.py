@@ -1,0 +1,235 @@
+"""POST /packages on the HTTP transport, with `requests` as the sender on loopback."""
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+import requests
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from medd.objects import parse_part10
+from medd.package import AttachmentId, build_package
+from medd.plugins.interfaces import ITransport
+from medd.plugins.objecttypes import BUILTIN_OBJECT_TYPES, status_content, text_report_content
+from medd.storage import index
+from medd.transports.http import HttpTransport, MeddSite
+from tests.conftest import listener_port, testdata
+
+LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
+PACKAGE_HEADERS = {"Content-Type": "message/rfc822"}
+
+
+def _image_package(name: str = "CT_small.dcm", **kw) -> tuple[bytes, str]:
+    """A package carrying one of pydicom's test files, and its SOP Instance UID."""
+    content = parse_part10(testdata(name))
+    image = next(t for t in BUILTIN_OBJECT_TYPES if t.name == "image")
+    attachment = kw.pop("attachment", None) or image.identifier(content)
+    data = build_package(content, attachment, origin="ct1@centre-a.example", destination="viewer@central.test", **kw)
+    return data, content.keyinfo.sop_instance_uid
+
+
+async def _post(port: int, body, headers=PACKAGE_HEADERS) -> requests.Response:
+    return await deferToThread(requests.post, f"http://127.0.0.1:{port}/packages", data=body, headers=headers, timeout=30)
+
+
+def _blob_files(node) -> list:
+    return [p for p in (node.config.storage_path / "blobs").rglob("*") if p.is_file()]
+
+
+async def _nothing_stored(node) -> bool:
+    return await node.database.run(index.count_objects) == 0 and not _blob_files(node)
+
+
+def test_http_transport_provides_itransport():
+    """The built-in HTTP transport satisfies the ITransport interface like any plugin."""
+    assert verifyObject(ITransport, HttpTransport())
+
+
+@implementer(ITCPTransport)
+class _TCPStringTransport(StringTransport):
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+class _FakeAPI:
+    max_object_size = 1024
+
+
+def test_accepted_connections_have_nagle_off():
+    """Every accepted HTTP connection gets TCP_NODELAY, so a small response is not held back by Nagle's algorithm."""
+    site = MeddSite(_FakeAPI())
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = _TCPStringTransport()
+    channel.makeConnection(transport)
+    assert transport.no_delay is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_package_created_then_idempotent(make_central):
+    """A new package is answered 201 with its UID and Message-ID; the same package again is 200 and still one row and one blob."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    data, uid = _image_package(message_id="<pkg-1@centre-a.example>")
+
+    first = await _post(port, data)
+    assert first.status_code == 201
+    assert first.headers["Content-Type"] == "application/json"
+    assert first.json() == {"uid": uid, "message_id": "<pkg-1@centre-a.example>", "created": True, "object_type": "image"}
+
+    again = await _post(port, data)
+    assert again.status_code == 200
+    assert again.json()["created"] is False
+    assert await node.database.run(index.count_objects) == 1
+    assert len(_blob_files(node)) == 1
+    record = await node.database.run(lambda c: index.object_by_uid(c, uid))
+    assert record.transport == "http"
+    assert record.origin == "ct1@centre-a.example"
+
+
+@pytest_twisted.ensureDeferred
+async def test_report_and_status_packages(make_central):
+    """Packages of the other object types (a plain-text report, a status message) are accepted over HTTP too."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    by_name = {t.name: t for t in BUILTIN_OBJECT_TYPES}
+    report = text_report_content("No findings.", uid="1.2.826.0.1.3680043.8.498.1", study_uid="1.2.826.0.1.3680043.8.498.2")
+    status = status_content("opened", "1.2.826.0.1.3680043.8.498.3", "dr.who")
+    for object_type, content in (("report", report), ("status", status)):
+        data = build_package(content, by_name[object_type].identifier(content),
+                             origin="viewer@central.test", destination="central@central.test")
+        response = await _post(port, data)
+        assert response.status_code == 201, response.text
+        assert response.json()["object_type"] == object_type
+
+
+@pytest_twisted.ensureDeferred
+async def test_lying_attachment_header_refused(make_central):
+    """A Medd-Attachment header naming another UID than the object's is 400 problem JSON, and nothing is stored."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    data, uid = _image_package(attachment=AttachmentId.of("image", uid="1.2.826.0.1.3680043.8.498.99"))
+    response = await _post(port, data)
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 400
+    assert problem["type"] == "urn:medd:problem:invalid"
+    assert "does not match" in problem["detail"] and uid in problem["detail"]
+    assert {"type", "title", "status", "detail"} <= set(problem)
+    assert await _nothing_stored(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_mime_refused(make_central):
+    """Bodies that are not well-formed packages (no headers, a multipart without its boundary, a
+    broken base64 DICOM part) are each 400 problem JSON and change nothing."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    good, uid = _image_package()
+    head = (
+        b"From: ct1@centre-a.example\r\nTo: viewer@central.test\r\nMessage-ID: <bad@centre-a.example>\r\n"
+        b"Medd-Attachment: image; uid=" + uid.encode() + b"\r\nMIME-Version: 1.0\r\n"
+    )
+    bodies = [
+        b"this is not a package at all",
+        head + b'Content-Type: multipart/mixed; boundary="XYZ"\r\n\r\nno parts here\r\n',
+        head + b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!notbase64",
+        good[: len(good) // 2],  # truncated: the DICOM object inside is cut short
+    ]
+    for body in bodies:
+        response = await _post(port, body)
+        assert response.status_code == 400, (body[:60], response.text)
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert response.json()["detail"]
+    assert await _nothing_stored(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_content_type_is_415(make_central):
+    """A package must be posted as message/rfc822; anything else is 415 and nothing is read."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    data, _ = _image_package()
+    response = await _post(port, data, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 415
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.headers["Accept-Post"] == "message/rfc822"
+    assert await _nothing_stored(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_path_and_method_are_problems(make_central):
+    """An unknown path is 404 and a wrong method 405 with Allow, both as problem JSON, not HTML."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    missing = await deferToThread(requests.get, f"http://127.0.0.1:{port}/nowhere", timeout=30)
+    assert missing.status_code == 404
+    assert missing.headers["Content-Type"] == "application/problem+json"
+    wrong = await deferToThread(requests.get, f"http://127.0.0.1:{port}/packages", timeout=30)
+    assert wrong.status_code == 405
+    assert wrong.headers["Content-Type"] == "application/problem+json"
+    assert "POST" in wrong.headers["Allow"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_refused_413(make_central):
+    """A body over [limits] max_object_size is 413 problem JSON, whether its size is declared
+    (Content-Length) or only discovered while it streams (chunked); nothing is stored."""
+    node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
+    port = listener_port(node, "http")
+    data, _ = _image_package()
+    assert len(data) > 10 * 1024
+
+    declared = await _post(port, data)
+    assert declared.status_code == 413
+    assert declared.headers["Content-Type"] == "application/problem+json"
+    assert declared.json()["type"] == "urn:medd:problem:too-large"
+
+    def chunks():
+        for i in range(0, len(data), 4096):
+            yield data[i : i + 4096]
+
+    chunked = await _post(port, chunks())
+    assert chunked.status_code == 413
+    assert chunked.json()["status"] == 413
+    assert await _nothing_stored(node)
+
+    # A package under the limit still goes through on the same listener.
+    small = build_package(
+        text_report_content("ok", uid="1.2.826.0.1.3680043.8.498.5", study_uid="1.2.826.0.1.3680043.8.498.6"),
+        AttachmentId.of("report", uid="1.2.826.0.1.3680043.8.498.5", study_uid="1.2.826.0.1.3680043.8.498.6"),
+        origin="viewer@central.test", destination="central@central.test",
+    )
+    assert (await _post(port, small)).status_code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_refused_before_it_is_sent(make_central):
+    """With Expect: 100-continue and a declared length over the limit, the 413 comes back from the
+    headers alone: the client never has to send the body (and is not told to continue)."""
+    node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
+    port = listener_port(node, "http")
+
+    def ask():
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /packages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: message/rfc822\r\n"
+                b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    answer = await deferToThread(ask)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in answer
+    assert b"application/problem+json" in answer
+    assert await _nothing_stored(node)
