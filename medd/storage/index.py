@@ -170,7 +170,7 @@ def _condition(match: Match):
         if high:
             parts.append(column <= high)
         return and_(*parts)
-    if match.keyword.endswith("UID") and "\\" in value:
+    if (match.keyword.endswith("UID") or match.keyword == "ModalitiesInStudy") and "\\" in value:
         return column.in_(value.split("\\"))
     if "*" in value or "?" in value:
         pattern = value.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
