@@ -233,3 +233,43 @@ async def test_oversized_body_refused_before_it_is_sent(make_central):
     assert b"100 Continue" not in answer
     assert b"application/problem+json" in answer
     assert await _nothing_stored(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_failure_is_503_with_retry_after(make_central, monkeypatch):
+    """When medd cannot make the object durable (blob store write fails) the sender gets 503 with
+    Retry-After, a problem saying to try again, and nothing is indexed."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+
+    def disk_full(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node.blobs, "put", disk_full)
+    data, _ = _image_package()
+    response = await _post(port, data)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert response.json()["type"] == "urn:medd:problem:store-failed"
+    assert await node.database.run(index.count_objects) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_logged(make_central):
+    """Each refusal is logged with its peer, status and reason as named fields."""
+    from twisted.logger import globalLogPublisher
+
+    node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
+    port = listener_port(node, "http")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        lying, _ = _image_package("rtplan.dcm", attachment=AttachmentId.of("image", uid="1.2.826.0.1.3680043.8.498.7"))
+        assert (await _post(port, lying)).status_code == 400
+        big, _ = _image_package()
+        assert (await _post(port, big)).status_code == 413
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    refusals = [e for e in events if "refused" in e.get("log_format", "")]
+    assert any(e.get("status") == 400 and e.get("peer") == "127.0.0.1" and "does not match" in e["detail"] for e in refusals)
+    assert any("exceeds the limit" in e.get("detail", "") and e.get("peer") == "127.0.0.1" for e in refusals)

@@ -511,6 +511,8 @@ class DicomWebResource(ProblemResource):
             failure = None
             if part.media_type != DICOM:
                 failure = (FAILURE_CANNOT_UNDERSTAND, f"part {part.number} is {part.media_type or 'untyped'}, not {DICOM}")
+            elif study is not None and part.study_instance_uid is None:
+                failure = (FAILURE_CANNOT_UNDERSTAND, f"part {part.number} has no readable Study Instance UID")
             elif study is not None and part.study_instance_uid != study:
                 failure = (FAILURE_CANNOT_UNDERSTAND,
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")

@@ -185,7 +185,9 @@ class NotFound(Resource):
     isLeaf = True
 
     def render(self, request):
-        write_problem(request, Problem(404, f"no resource at {request.path.decode('latin-1', 'replace')}"))
+        problem = Problem(404, f"no resource at {request.path.decode('latin-1', 'replace')}")
+        log_refusal(request, problem)
+        write_problem(request, problem)
         return NOT_DONE_YET
 
 
@@ -236,6 +238,9 @@ class RootResource(ProblemResource):
 
         self.putChild(b"packages", PackagesResource(api))
         self.putChild(b"dicomweb", DicomWebResource(api))
+        # Resources the node's role adds (central: /outbox and /api).
+        for name, resource in api.web_resources.items():
+            self.putChild(name, resource)
 
     def render_GET(self, request):
         return json_response(200, {"node": "medd", "services": ["/packages", "/dicomweb"]}).body
