@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", default="demo-site", help="folder for the demo's data")
     p.set_defaults(func=cmd_demo)
 
+    from medd.central.archive_cli import add_archive_commands
+
+    add_archive_commands(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from medd.central.archiving import archive_settings, make_archiving
 from medd.central.ingest import Ingest, ReceiverAPI
 from medd.config import Config, ConfigError, ConfigProblem
 from medd.plugins.host import Plugins, check_storage, load_plugins
@@ -29,6 +30,10 @@ class NodeService(MultiService):
         check_storage(plugins, "blobstore", self.blobs, config.section("storage").get("backend", "file"))
         self.ingest = Ingest(reactor, self.database, self.blobs, plugins, max_object_size=config.max_object_size)
         self.api = ReceiverAPI(reactor, self.ingest, self.database, self.blobs, config)
+        self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs)
+        if self.archiving is not None:
+            self.archiving.setServiceParent(self)
+            self.api.restore_blob = self.archiving.restore_digest
         for key, endpoint in sorted(config.listen.items()):
             listener = plugins.transports[key].listener(endpoint, self.api)
             listener.setName(f"listen-{key}")
@@ -73,6 +78,13 @@ def check_against_plugins(config: Config, plugins: Plugins) -> None:
     backend = config.section("storage").get("backend", "file")
     if ("blobstore", backend) not in plugins.storage:
         problems.append(ConfigProblem(config.path, "storage", "backend", f"no blob store plugin named {backend!r}"))
+    try:
+        archive = archive_settings(config)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    else:
+        if archive is not None and ("archive", archive.backend) not in plugins.storage:
+            problems.append(ConfigProblem(config.path, "archive", "backend", f"no archive plugin named {archive.backend!r}"))
     if problems:
         raise ConfigError(problems)
 

@@ -1,0 +1,373 @@
+"""The lifetime archive: tar volumes by imaging centre and modality, catalogue, verify,
+retention and restore, crash safety."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from zope.interface.verify import verifyObject
+
+from medd.central.archiving import ArchivingService
+from medd.config import ConfigError, load_config
+from medd.plugins.interfaces import IArchive
+from medd.service import check_against_plugins, make_node
+from medd.plugins.host import load_plugins
+from medd.storage import catalogue, index
+from medd.storage.archive import TapeArchive, slug
+from tests.conftest import testdata, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+MEDD = [sys.executable, "-m", "medd.cli"]
+
+# (origin as received, pydicom test file): three centres, six modalities.
+CORPUS = [
+    ("CT_SCANNER_A", "CT_small.dcm"),
+    ("CT_SCANNER_A", "CT_small.dcm"),
+    ("CT_SCANNER_A", "MR_small.dcm"),
+    ("mr1@centre-b.example", "MR_small.dcm"),
+    ("mr1@centre-b.example", "JPEG2000.dcm"),
+    ("mr1@centre-b.example", "SC_rgb_rle.dcm"),
+    ("Centre C / Room 2", "rtplan.dcm"),
+    ("Centre C / Room 2", "rtdose.dcm"),
+    ("Centre C / Room 2", "JPEG-lossy.dcm"),
+]
+
+
+def variant(name: str, n: int, study_uid: str | None = None) -> bytes:
+    """A pydicom test file under a new SOP Instance UID (several test files share one)."""
+    ds = dcmread(BytesIO(testdata(name)))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[name, str(n)])
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def archive_config(tmp_path: Path, archive_dir: Path | None = None, extra: str = "", volume_size: str = "64K") -> Path:
+    archive_dir = archive_dir or tmp_path / "archive"
+    return write_config(
+        tmp_path,
+        extra=f"""
+[archive]
+backend = tape
+path = {archive_dir}
+volume_size = {volume_size}
+interval = 600
+{extra}
+""",
+    )
+
+
+@pytest.fixture
+def archive_node(tmp_path):
+    """Factory: a central node with a tape archive whose interval runs on a fake clock."""
+    from twisted.internet import reactor
+
+    started = []
+
+    def start(extra: str = "", archive_dir: Path | None = None, now=None, create_dir: bool = True, volume_size: str = "64K"):
+        if create_dir:
+            (archive_dir or tmp_path / "archive").mkdir(exist_ok=True)
+        config = load_config(archive_config(tmp_path, archive_dir, extra, volume_size))
+        node = make_node(reactor, config)
+        node.archiving.clock = Clock()
+        if now is not None:
+            node.archiving.now = now
+        node.startService()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        pytest_twisted.blockon(node.stopService())
+
+
+async def ingest_corpus(node, corpus=CORPUS, study_uid: str | None = None) -> dict[str, tuple[str, str]]:
+    """Ingest each (origin, file); {uid: (origin, modality)}."""
+    stored = {}
+    for n, (origin, name) in enumerate(corpus):
+        result = await node.api.receive_dicom(variant(name, n, study_uid), transport="test", origin=origin)
+        record = await node.database.run(lambda c: index.object_by_uid(c, result.uid))
+        stored[result.uid] = (origin, record.modality)
+    return stored
+
+
+def tar_list(path: Path) -> list[str]:
+    out = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+    assert out.stderr == ""
+    return out.stdout.split()
+
+
+def medd_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*MEDD, *args], capture_output=True, text=True, cwd=REPO)
+
+
+async def catalogue_state(node):
+    volumes = await node.database.run(lambda c: catalogue.find_volumes(c))
+    members = {v.path: await node.database.run(lambda c: catalogue.volume_members(c, v.id)) for v in volumes}
+    return volumes, members
+
+
+def test_tape_backend_provides_iarchive(tmp_path):
+    """The built-in tape backend provides every method of IArchive."""
+    verifyObject(IArchive, TapeArchive(tmp_path))
+
+
+def test_slugs_are_safe_and_distinct():
+    """Centre and modality folders never carry raw wire data and never merge two names."""
+    assert slug("CT_SCANNER_A") == "CT_SCANNER_A"
+    for name in ("../../etc", "Centre C / Room 2", "ct1@a.example", "", ".", "..", "x" * 300):
+        s = slug(name)
+        assert "/" not in s and s not in ("", ".", "..") and not s.startswith(".") and len(s) < 64
+    assert slug("Centre C/Room 2") != slug("Centre C Room 2")
+
+
+def test_config_errors_name_section_and_key(tmp_path):
+    """A bad [archive] or [retention] value is refused at start with file, section and key."""
+    path = archive_config(tmp_path, extra="batch_objects = many\n[retention]\nevict_after_days = soon\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as e:
+        check_against_plugins(config, load_plugins())
+    text = str(e.value)
+    assert f"{path}: [archive] batch_objects" in text
+    assert f"{path}: [retention] evict_after_days" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_mixed_corpus_layout_and_tar_listing(archive_node, tmp_path):
+    """Objects from several centres and modalities land in <centre>/<modality>/vol-NNNNNN.tar,
+    volumes close at the configured size, and plain tar lists exactly the catalogue."""
+    node = archive_node()
+    stored = await ingest_corpus(node)
+    report = await node.archiving.run_once()
+    assert report.paused is None and report.archived == len(stored)
+
+    volumes, members = await catalogue_state(node)
+    catalogued = {m.sop_instance_uid: (v, m) for v in volumes for m in members[v.path]}
+    assert set(catalogued) == set(stored)
+    for uid, (origin, modality) in stored.items():
+        volume, member = catalogued[uid]
+        assert volume.centre == origin and volume.modality == modality
+        assert volume.path.startswith(f"{slug(origin, empty='centre')}/{slug(modality, empty='no-modality')}/vol-")
+        assert member.member_name == f"{uid}.dcm"
+        assert member.verified_at is not None
+
+    # Two 39 KB CT objects do not fit one 64 KB volume: the first volume was closed.
+    ct = sorted((v for v in volumes if v.centre == "CT_SCANNER_A" and v.modality == "CT"), key=lambda v: v.sequence)
+    assert [v.path.rsplit("/", 1)[1] for v in ct] == ["vol-000001.tar", "vol-000002.tar"]
+    assert ct[0].state == catalogue.CLOSED and ct[0].checksum and ct[1].state == catalogue.OPEN
+
+    root = tmp_path / "archive"
+    on_disk = sorted(str(p.relative_to(root)) for p in root.rglob("*.tar"))
+    assert on_disk == sorted(v.path for v in volumes)
+    for v in volumes:
+        assert tar_list(root / v.path) == [m.member_name for m in members[v.path]]
+        assert (root / v.path).stat().st_size == v.size
+        with tarfile.open(root / v.path) as tf:
+            for m in members[v.path]:
+                info = tf.getmember(m.member_name)
+                assert f"uid={m.sop_instance_uid}" in info.pax_headers["comment"]
+                assert tf.extractfile(info).read() == node.blobs.get(m.digest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_interval_archives_new_objects(archive_node):
+    """The background pass runs on the injected clock and picks up objects ingested since."""
+    node = archive_node()
+    clock = node.archiving.clock
+    await node.archiving.run_once()
+    stored = await ingest_corpus(node, CORPUS[:2])
+    assert await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored))) == []
+    clock.advance(600)
+    await node.archiving.run_once()  # waits for the pass the clock started
+    assert len(await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored)))) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
+    """A flipped byte inside a member makes `medd archive verify` name that object and exit non-zero."""
+    node = archive_node()
+    stored = await ingest_corpus(node)
+    await node.archiving.run_once()
+    volumes, members = await catalogue_state(node)
+    assert all(r.ok for r in await node.archiving.verify())
+
+    victim = members[volumes[0].path][0]
+    path = tmp_path / "archive" / volumes[0].path
+    with open(path, "r+b") as f:
+        f.seek(victim.data_offset + victim.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    out = await deferToThread(medd_cli, "archive", "verify", "--config", str(tmp_path / "central.ini"))
+    assert out.returncode == 1, out.stderr
+    assert f"bad object {victim.sop_instance_uid}" in out.stdout
+    bad_lines = [line for line in out.stdout.splitlines() if "bad object" in line]
+    assert len(bad_lines) == 1
+    damaged = await node.database.run(lambda c: catalogue.find_volumes(c, path=volumes[0].path))
+    assert damaged[0].state == catalogue.DAMAGED
+    # The damaged copy no longer counts as verified, so retention keeps the working copy.
+    again = await node.database.run(lambda c: catalogue.archived_by_uid(c, [victim.sop_instance_uid]))
+    assert again[0].verified_at is None
+    assert len(stored) == len(CORPUS)
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_target_pauses_and_resumes(archive_node, tmp_path):
+    """A missing archive target pauses archiving with a clear error; once it is back, everything is archived."""
+    target = tmp_path / "not-mounted"
+    node = archive_node(archive_dir=target, create_dir=False)
+    stored = await ingest_corpus(node)
+    report = await node.archiving.run_once()
+    assert report.paused and "not there" in report.paused and str(target) in report.paused
+    assert node.archiving.paused
+    assert await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored))) == []
+    assert not target.exists()  # never created beneath a missing mount
+
+    target.mkdir()
+    node.archiving.clock.advance(600)
+    report = await node.archiving.run_once()
+    assert node.archiving.paused is None
+    assert len(await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored)))) == len(stored)
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_target_pauses_loses_nothing_and_resumes(archive_node, tmp_path):
+    """A disk-full error in the middle of an append pauses archiving; the torn tail is
+    dropped on the next pass and every object ends up archived once."""
+    node = archive_node()
+    stored = await ingest_corpus(node)
+    archive = node.archiving.archive
+    real_write = archive._write
+    calls = [0]
+
+    def full_after_a_while(fd, data):
+        calls[0] += 1
+        if calls[0] == 8:
+            real_write(fd, data[: len(data) // 3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    archive._write = full_after_a_while
+    report = await node.archiving.run_once()
+    assert report.paused and "No space left" in report.paused
+    volumes, members = await catalogue_state(node)
+    torn = [v for v in volumes if (tmp_path / "archive" / v.path).stat().st_size > v.size]
+    assert len(torn) == 1  # the half-written member is on disk but not catalogued
+
+    archive._write = real_write
+    report = await node.archiving.run_once()
+    assert report.paused is None and node.archiving.paused is None
+    volumes, members = await catalogue_state(node)
+    uids = [m.sop_instance_uid for ms in members.values() for m in ms]
+    assert sorted(uids) == sorted(stored)
+    for v in volumes:
+        assert tar_list(tmp_path / "archive" / v.path) == [m.member_name for m in members[v.path]]
+    assert all(r.ok for r in await node.archiving.verify())
+
+
+@pytest.mark.parametrize("mode", ["torn", "loop"])
+@pytest_twisted.ensureDeferred
+async def test_kill_during_append_recovers(archive_node, tmp_path, mode):
+    """A SIGKILL while a process appends leaves, after restart, a volume tar reads
+    and a catalogue that lists exactly its members; nothing ingested is left unarchived.
+
+    ``torn`` kills the child while it hangs half-way through a member;
+    ``loop`` kills it at whatever point it has reached after a few batches.
+    """
+    (tmp_path / "archive").mkdir()
+    config_path = archive_config(tmp_path, volume_size="1M")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.archive_crash_child", str(config_path), mode],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        want = "torn" if mode == "torn" else "committed 5"
+        seen = await deferToThread(_read_until, child.stdout, want)
+        assert want in seen
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    volume = next((tmp_path / "archive").rglob("*.tar"))
+    if mode == "torn":
+        # The child died with part of a member written past the catalogued end.
+        with pytest.raises(subprocess.CalledProcessError):
+            subprocess.run(["tar", "-tf", str(volume)], capture_output=True, check=True)
+
+    node = archive_node(volume_size="1M")  # the restart: recovery runs before the first pass
+    report = await node.archiving.run_once()
+    assert report.paused is None
+    volumes, members = await catalogue_state(node)
+    for v in volumes:
+        assert tar_list(tmp_path / "archive" / v.path) == [m.member_name for m in members[v.path]]
+        assert (tmp_path / "archive" / v.path).stat().st_size == v.size
+    assert all(r.ok for r in await node.archiving.verify())
+    total = await node.database.run(index.count_objects)
+    assert sum(len(ms) for ms in members.values()) == total
+
+
+def _read_until(stream, want: str) -> str:
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if line.strip() == want:
+            break
+    return "".join(seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_evict_then_restore(archive_node, tmp_path):
+    """Retention evicts only verified-archived objects from the working store; a viewer's read
+    brings an evicted blob back by itself, and `medd archive restore --study` brings back a study."""
+    later = lambda: index.now() + timedelta(days=31)  # noqa: E731
+    node = archive_node(extra="modalities = CT MR\n[retention]\nevict_after_days = 30\n", now=later)
+    study = generate_uid()
+    stored = await ingest_corpus(node, study_uid=study)
+    report = await node.archiving.run_once()
+    records = {uid: await node.database.run(lambda c: index.object_by_uid(c, uid)) for uid in stored}
+    archived = {uid for uid, (_, modality) in stored.items() if modality in ("CT", "MR")}
+    assert report.archived == len(archived) and report.evicted == len(archived)
+    for uid, record in records.items():
+        # Not archived (rule: CT and MR only) means never evicted.
+        assert node.blobs.exists(record.digest) == (uid not in archived)
+
+    uid = sorted(archived)[0]
+    data = await node.api.read_blob(records[uid].digest)
+    assert data == variant_bytes_of(records[uid], data)
+    assert node.blobs.exists(records[uid].digest)
+    restored = await node.database.run(lambda c: catalogue.archived_by_uid(c, [uid]))
+    assert restored[0].evicted_at is None
+
+    out = await deferToThread(medd_cli, "archive", "restore", "--study", study, "--config", str(tmp_path / "central.ini"))
+    assert out.returncode == 0, out.stderr
+    assert all(node.blobs.exists(records[u].digest) for u in archived)
+    assert sorted(line.split()[1] for line in out.stdout.splitlines()) == sorted(archived)
+
+    out = await deferToThread(medd_cli, "archive", "list", "--centre", "CT_SCANNER_A", "--config", str(tmp_path / "central.ini"))
+    assert out.returncode == 0
+    assert "CT_SCANNER_A/CT/vol-000001.tar" in out.stdout and "centre-b" not in out.stdout
+
+
+def variant_bytes_of(record, data: bytes) -> bytes:
+    """The restored bytes must hash to the object's digest."""
+    import hashlib
+
+    assert hashlib.sha256(data).hexdigest() == record.digest
+    return data
