@@ -273,3 +273,25 @@ async def test_refusals_are_logged(make_central):
     refusals = [e for e in events if "refused" in e.get("log_format", "")]
     assert any(e.get("status") == 400 and e.get("peer") == "127.0.0.1" and "does not match" in e["detail"] for e in refusals)
     assert any("exceeds the limit" in e.get("detail", "") and e.get("peer") == "127.0.0.1" for e in refusals)
+
+
+@pytest_twisted.ensureDeferred
+async def test_registered_web_resources_are_mounted(make_central):
+    """Resources a node registers in api.web_resources are served at /<name> beside /packages and /dicomweb."""
+    from twisted.web.resource import Resource
+
+    class Hello(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader("Content-Type", "text/plain")
+            return b"hello"
+
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    if not hasattr(node.api, "web_resources"):
+        node.api.web_resources = {}
+    node.api.web_resources[b"hello"] = Hello()
+    response = await deferToThread(requests.get, f"http://127.0.0.1:{port}/hello", timeout=30)
+    assert response.status_code == 200 and response.text == "hello"
+    assert (await deferToThread(requests.get, f"http://127.0.0.1:{port}/nothello", timeout=30)).status_code == 404

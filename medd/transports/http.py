@@ -232,12 +232,22 @@ class PackagesResource(ProblemResource):
 
 
 class RootResource(ProblemResource):
+    """``/``: the ingest resources, plus whatever the node registered in
+    ``api.web_resources`` (``{b"name": Resource}``, e.g. central's outbox and
+    admin API), looked up per request so late registrations are served too."""
+
     def __init__(self, api):
         super().__init__()
         from medd.transports.dicomweb import DicomWebResource
 
+        self.api = api
         self.putChild(b"packages", PackagesResource(api))
         self.putChild(b"dicomweb", DicomWebResource(api))
+
+    def getChild(self, path, request):
+        registered = getattr(self.api, "web_resources", None) or {}
+        resource = registered.get(path)
+        return resource if resource is not None else super().getChild(path, request)
         # Resources the node's role adds (central: /outbox and /api).
         for name, resource in api.web_resources.items():
             self.putChild(name, resource)
