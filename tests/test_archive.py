@@ -371,3 +371,24 @@ def variant_bytes_of(record, data: bytes) -> bytes:
 
     assert hashlib.sha256(data).hexdigest() == record.digest
     return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_working_copy_is_not_archived(archive_node, tmp_path):
+    """A working copy that no longer hashes to its digest is reported and left out; the rest
+    of its batch is archived and the volume lists exactly the catalogue."""
+    node = archive_node()
+    stored = await ingest_corpus(node, CORPUS[:3])
+    victim = sorted(stored)[0]
+    record = await node.database.run(lambda c: index.object_by_uid(c, victim))
+    path = node.blobs.path(record.digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    report = await node.archiving.run_once()
+    assert report.skipped == [victim] and report.archived == len(stored) - 1
+    volumes, members = await catalogue_state(node)
+    assert victim not in {m.sop_instance_uid for ms in members.values() for m in ms}
+    for v in volumes:
+        assert tar_list(tmp_path / "archive" / v.path) == [m.member_name for m in members[v.path]]

@@ -9,6 +9,7 @@ interval tries again.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -140,6 +141,18 @@ class VerifyResult:
         return not self.bad and not self.problems
 
 
+class CorruptWorkingCopy(Exception):
+    """Working copies whose bytes no longer hash to their digest (``uids``)."""
+
+    def __init__(self, uids: list[str]):
+        super().__init__(", ".join(uids))
+        self.uids = uids
+
+
+def _uid_of(member: Member) -> str:
+    return member.comment.split()[1].removeprefix("uid=")
+
+
 class RestoreFailed(Exception):
     """An object could not be brought back from the archive."""
 
@@ -164,6 +177,8 @@ class ArchivingService(Service):
         self._recovered = False
         self._loop: LoopingCall | None = None
         self._lock = DeferredLock()
+        # Objects whose working copy is missing or corrupt: reported once, not retried until restart.
+        self._unarchivable: set[str] = set()
 
     # -- service ----------------------------------------------------------------------------------
 
@@ -215,6 +230,8 @@ class ArchivingService(Service):
             if self.settings.evict_after is not None:
                 report.evicted = await self.evict()
         except OSError as e:
+            # An append may have been cut short: recover again before the next one.
+            self._recovered = False
             report.paused = f"{self.archive.description}: {e}"
             if self.paused is None:
                 self.log.error(
@@ -289,22 +306,25 @@ class ArchivingService(Service):
             yield batch
 
     def _load(self, pending: list[PendingObject]) -> tuple[list[tuple[PendingObject, Member]], list[str]]:
-        """Blocking: read the working copies, checking each against its digest."""
+        """Blocking: read the working copies.
+
+        Each is taken to hash to its digest (it is a content address); the
+        read-back after the append checks that, so the bytes are hashed once.
+        """
         loaded, skipped = [], []
         for p in pending:
+            if p.sop_instance_uid in self._unarchivable:
+                continue
             try:
                 data = self.blobs.get(p.digest)
             except FileNotFoundError:
                 self.log.error("{uid}: working copy {digest} is missing; cannot archive it", uid=p.sop_instance_uid, digest=p.digest)
+                self._unarchivable.add(p.sop_instance_uid)
                 skipped.append(p.sop_instance_uid)
                 continue
             member = Member.for_object(
-                p.sop_instance_uid, p.digest, p.media_type, p.origin, p.modality, data, _timestamp(p.received_at),
+                p.sop_instance_uid, p.digest, p.media_type, p.origin, p.modality, data, _timestamp(p.received_at), sha=p.digest,
             )
-            if member.sha256 != p.digest:
-                self.log.error("{uid}: working copy {digest} is corrupt; not archived", uid=p.sop_instance_uid, digest=p.digest)
-                skipped.append(p.sop_instance_uid)
-                continue
             loaded.append((p, member))
         return loaded, skipped
 
@@ -321,8 +341,19 @@ class ArchivingService(Service):
                 await self._close(volume)
                 report.volumes_closed += 1
                 continue
-            batch, loaded = loaded[:fitting], loaded[fitting:]
-            placements = await self._io(self._append_and_read_back, volume, [m for _, m in batch])
+            batch = loaded[:fitting]
+            try:
+                placements = await self._io(self._append_and_read_back, volume, [m for _, m in batch])
+            except CorruptWorkingCopy as e:
+                # Not catalogued: the next append drops what was written.
+                for uid in e.uids:
+                    self.log.error("{uid}: the working copy does not match its digest; not archived", uid=uid)
+                self._unarchivable.update(e.uids)
+                await self._io(self.archive.recover, volume.path, volume.size)
+                report.skipped.extend(e.uids)
+                loaded = [(p, m) for p, m in loaded if p.sop_instance_uid not in e.uids]
+                continue
+            loaded = loaded[fitting:]
             appended = [(p.sop_instance_uid, p.digest, pl) for (p, _), pl in zip(batch, placements)]
             await self.db.run(lambda conn: catalogue.record_append(conn, volume, appended, self.now(), verified=True))
             report.archived += len(batch)
@@ -342,12 +373,20 @@ class ArchivingService(Service):
         return n
 
     def _append_and_read_back(self, volume: Volume, members: list[Member]):
-        """Blocking: append, then read every member back and hash it before it is catalogued."""
+        """Blocking: append, then read the members back in one pass and hash each before they are catalogued."""
         placements = self.archive.append(volume.path, volume.size, members)
-        for m, p in zip(members, placements):
-            if hashlib.sha256(self.archive.read(volume.path, p.data_offset, p.size)).hexdigest() != m.sha256:
-                # Not catalogued: the next pass drops the tail and tries again.
-                raise OSError(f"volume {volume.path}: {m.name} read back differently from what was written")
+        start = placements[0].header_offset
+        written = memoryview(self.archive.read(volume.path, start, placements[-1].end - start))
+        wrong = [
+            m for m, p in zip(members, placements)
+            if hashlib.sha256(written[p.data_offset - start:p.data_offset - start + p.size]).hexdigest() != m.sha256
+        ]
+        if wrong:
+            corrupt = [m for m in wrong if hashlib.sha256(m.data).hexdigest() != m.sha256]
+            if corrupt:
+                raise CorruptWorkingCopy([_uid_of(m) for m in corrupt])
+            # Not catalogued: the next pass drops the tail and tries again.
+            raise OSError(errno.EIO, f"volume {volume.path}: {wrong[0].name} read back differently from what was written")
         return placements
 
     async def _close(self, volume: Volume) -> None:

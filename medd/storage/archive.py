@@ -82,8 +82,12 @@ class Member:
     comment: str
 
     @classmethod
-    def for_object(cls, uid: str, digest: str, media_type: str, origin: str, modality: str | None, data: bytes, mtime: float) -> "Member":
-        sha = hashlib.sha256(data).hexdigest()
+    def for_object(
+        cls, uid: str, digest: str, media_type: str, origin: str, modality: str | None, data: bytes, mtime: float,
+        sha: str | None = None,
+    ) -> "Member":
+        """``sha`` is the SHA-256 the data is known to have (a content address); computed when absent."""
+        sha = sha or hashlib.sha256(data).hexdigest()
         comment = f"medd uid={uid} sha256={sha} origin={quote(origin, safe='@.-_')} modality={quote(modality or '')}"
         return cls(member_name(uid, digest, media_type), data, sha, mtime, comment)
 
@@ -287,7 +291,18 @@ class TapeArchive:
                 yield chunk
 
     def read(self, volume: str, offset: int, size: int) -> bytes:
-        return b"".join(self._chunks(volume, offset, size))
+        self._check_online()
+        buf = bytearray(size)
+        view = memoryview(buf)
+        with open(self.path(volume), "rb", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise VolumeShort(errno.EIO, f"volume {volume} ends before offset {offset + size}")
+                done += n
+        return bytes(buf) if size < READ_CHUNK else buf
 
     def checksum(self, volume: str, size: int) -> str:
         """SHA-256 of the first ``size`` bytes of ``volume``."""
