@@ -26,7 +26,7 @@ class BlobRef:
     created: bool  # False when identical content was already stored
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -44,6 +44,9 @@ class FileBlobStore:
         self.tmp = self.root / "tmp"
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self._blobs, self._tmp = str(self.blobs), str(self.tmp)
+        # Blob directories whose own entry this process has fsync'd.
+        self._durable_dirs: set[str] = set()
         self._clean_tmp()
 
     def _clean_tmp(self) -> None:
@@ -58,29 +61,55 @@ class FileBlobStore:
 
     def put(self, data: bytes) -> BlobRef:
         digest = hashlib.sha256(data).hexdigest()
-        final = self.path(digest)
-        if final.exists() and final.stat().st_size == len(data):
-            return BlobRef(digest, len(data), created=False)
-        parent = final.parent
-        if not parent.is_dir():
-            parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(parent.parent)
-            _fsync_dir(parent.parent.parent)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
+        # Plain strings and os calls: this runs once per received object and
+        # pathlib's object churn showed up in profiles.
+        top = os.path.join(self._blobs, digest[:2])
+        parent = os.path.join(top, digest[2:4])
+        final = os.path.join(parent, digest)
+        new_dirs = parent not in self._durable_dirs
+        if new_dirs:
+            os.makedirs(parent, exist_ok=True)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
+            existing = os.stat(final).st_size == len(data)
+        except FileNotFoundError:
+            existing = False
+        if not existing:
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
             try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp_name, final)
+            except BaseException:
+                try:
+                    os.unlink(tmp_name)
+                except FileNotFoundError:
+                    pass
+                raise
+        # The directory entries, innermost first, after the file itself: on a
+        # journalling file system the file's fsync commits the mkdirs too, so
+        # the directory fsyncs that follow find little or nothing to write.
+        # An existing blob may have been renamed into place by another put
+        # that has not fsync'd its directory yet: this caller must not
+        # acknowledge before that either.
         _fsync_dir(parent)
-        return BlobRef(digest, len(data), created=True)
+        if new_dirs:
+            self._make_durable(top, parent)
+        return BlobRef(digest, len(data), created=not existing)
+
+    def _make_durable(self, top: str, parent: str) -> None:
+        """fsync the entries of ``ab/cd/`` not yet known durable.
+
+        A directory that already existed is treated as not durable until this
+        process has fsync'd its parent once, since another thread (or a run
+        that crashed) may have made it without.
+        """
+        _fsync_dir(top)
+        if top not in self._durable_dirs:
+            _fsync_dir(self._blobs)
+            self._durable_dirs.add(top)
+        self._durable_dirs.add(parent)
 
     def get(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
