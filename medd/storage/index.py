@@ -115,7 +115,9 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
         conn.execute(receipts.insert().values(**receipt.__dict__, received_at=record.received_at))
     if existing is not None:
         return StoreOutcome(existing, created=False, conflict=existing.digest != record.digest)
-    conn.execute(objects.insert().values(**record.__dict__))
+    # Values as execute parameters, not .values(): the statement then compiles
+    # once for the process instead of being rebuilt and re-keyed per object.
+    conn.execute(objects.insert(), record.__dict__)
     return StoreOutcome(record, created=True)
 
 
