@@ -3,19 +3,24 @@
 One named thread pool runs every database call; ``run(fn)`` calls
 ``fn(connection)`` inside a transaction on that pool and returns a Deferred.
 Results must be plain values or dataclasses, never rows or cursors that
-escape their transaction.
+escape their transaction. Calls that queue up while the pool is busy are
+committed together (group commit), and each Deferred fires only after the
+commit that made its call durable.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from medd.storage.schema import metadata
@@ -63,6 +68,14 @@ class Database:
         self.pool = ThreadPool(minthreads=1, maxthreads=size, name="medd-db")
         self.retries = retries
         self._started = False
+        # Calls waiting for the pool: (fn, Deferred). Filled on the reactor
+        # thread, emptied by whichever pool thread gets there first.
+        self._queue: deque = deque()
+        # SQLite has one pool thread, which keeps one connection: checking a
+        # connection out of the engine's pool for every call costs more than
+        # the INSERT it runs.
+        self._keep_connection = is_sqlite
+        self._connection: Connection | None = None
 
     def start(self) -> None:
         if not self._started:
@@ -73,6 +86,9 @@ class Database:
         if self._started:
             self.pool.stop()
             self._started = False
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         self.engine.dispose()
 
     def create_schema(self) -> None:
@@ -96,7 +112,94 @@ class Database:
                 delay = min(delay * 2, 1.0)
         raise AssertionError("unreachable")
 
-    def run(self, fn: Callable[[Connection], T]):
-        """Deferred result of ``fn(connection)`` run in a transaction on the pool."""
+    def run(self, fn: Callable[[Connection], T]) -> Deferred:
+        """Deferred result of ``fn(connection)`` run in a transaction on the pool.
+
+        ``fn`` may share its transaction with other calls queued at the same
+        time; the Deferred fires once that transaction is committed, so a
+        caller acknowledging on it acknowledges only what is durable. ``fn``
+        must not catch database errors of its own (a failing call makes the
+        batch run again one call at a time), and must be safe to re-run after
+        a rollback, as the retries of :meth:`run_sync` already require.
+        """
         self.start()
-        return deferToThreadPool(self.reactor, self.pool, self.run_sync, fn)
+        d = Deferred()
+        self._queue.append((fn, d))
+        self.pool.callInThread(self._drain)
+        return d
+
+    def _drain(self) -> None:
+        """On a pool thread: run everything queued so far, commit once, report."""
+        batch = []
+        while True:
+            try:
+                batch.append(self._queue.popleft())
+            except IndexError:
+                break
+        if not batch:
+            return  # an earlier drain took this call along
+        outcomes = None
+        if len(batch) > 1:
+            try:
+                with self._begin() as conn:
+                    outcomes = [(True, fn(conn)) for fn, _ in batch]
+            except Exception:
+                # One call failed and rolled the others back with it; give
+                # each its own transaction so only the failing one fails.
+                self._forget_connection()
+        if outcomes is None:
+            outcomes = [self._attempt(fn) for fn, _ in batch]
+        self.reactor.callFromThread(self._report, batch, outcomes)
+
+    def _attempt(self, fn):
+        try:
+            return True, self._run_own(fn)
+        except Exception:
+            self._forget_connection()
+            return False, Failure()
+
+    def _run_own(self, fn):
+        """Like :meth:`run_sync`, on the pool thread's kept connection."""
+        if not self._keep_connection:
+            return self.run_sync(fn)
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                with self._begin() as conn:
+                    return fn(conn)
+            except OperationalError as e:
+                self._forget_connection()
+                if attempt == self.retries:
+                    raise
+                self.log.warn("database busy ({error}); retry {n}", error=e.orig, n=attempt + 1)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _begin(self):
+        """A transaction, as ``engine.begin()``, yielding its connection."""
+        if not self._keep_connection:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        if self._connection is None:
+            self._connection = self.engine.connect()
+        with self._connection.begin():
+            yield self._connection
+
+    def _forget_connection(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:
+                pass
+            self._connection = None
+
+    @staticmethod
+    def _report(batch, outcomes) -> None:
+        for (_, d), (ok, value) in zip(batch, outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
