@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_archive_commands(sub)
 
+    from medd.central.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -6,6 +6,7 @@ from twisted.logger import Logger
 
 from medd.central.archiving import archive_settings, make_archiving
 from medd.central.ingest import Ingest, ReceiverAPI
+from medd.central.routing import RoutingService
 from medd.config import Config, ConfigError, ConfigProblem
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.database import Database
@@ -34,6 +35,12 @@ class NodeService(MultiService):
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
             self.api.restore_blob = self.archiving.restore_digest
+        self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
+        self.routing.setName("routing")
+        self.routing.setServiceParent(self)
+        from medd.central.webapi import central_resources
+
+        self.api.web_resources.update(central_resources(self))
         for key, endpoint in sorted(config.listen.items()):
             listener = plugins.transports[key].listener(endpoint, self.api)
             listener.setName(f"listen-{key}")

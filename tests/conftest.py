@@ -24,14 +24,15 @@ def all_testdata_files() -> list[Path]:
     return sorted(Path(p) for p in pydicom.data.get_testdata_files() if os.path.isfile(p))
 
 
-def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None) -> Path:
+def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None,
+                 name: str = "central.test") -> Path:
     listen = listen or {}
     lines = "\n".join(f"{k} = {v}" for k, v in listen.items())
     text = textwrap.dedent(
         f"""
         [node]
         role = central
-        name = central.test
+        name = {name}
 
         [database]
         url = {db_url or 'sqlite:///' + str(tmp_path / 'index.sqlite')}
@@ -59,8 +60,12 @@ def make_central(tmp_path):
 
     started = []
 
-    async def start(listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None, plugins=None):
-        config = load_config(write_config(tmp_path, listen, extra, db_url))
+    async def start(listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None, plugins=None,
+                    site: str | None = None):
+        # ``site`` puts a second node's config, database and store in their own folder.
+        folder = tmp_path / site if site else tmp_path
+        folder.mkdir(exist_ok=True)
+        config = load_config(write_config(folder, listen, extra, db_url, name=site or "central.test"))
         node = make_node(reactor, config, plugins)
         node.startService()
         started.append(node)

@@ -256,6 +256,8 @@ class ReceiverAPI:
         self.tls_private_key = config.tls_private_key
         self.tls_client_ca = config.tls_client_ca  # PEM of CAs whose client certificates the tls listener requires
         self._config = config
+        # HTTP resources the node adds to its HTTP listener ({b"name": Resource}).
+        self.web_resources: dict = {}
 
     def settings(self, section: str) -> dict[str, str]:
         """The raw keys of the config section a transport owns."""

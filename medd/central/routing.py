@@ -20,6 +20,7 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Connection
 from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from medd.central import directory
@@ -277,6 +278,9 @@ class RoutingService(Service):
             reactor, database, api.read_blob, plugins.senders, config.name,
             RetryPolicy.from_settings(settings), settings=config.section("push"), clock=clock,
         )
+        self.poll_interval = float(settings.get("poll_interval", 5))
+        self.clock = clock or reactor
+        self._poll = None
         plugins.manager.register(self, name="medd-central-routing")
 
     @hookimpl
@@ -296,9 +300,14 @@ class RoutingService(Service):
     def startService(self) -> None:
         super().startService()
         self.outbox._stopped = False
-        self.router.kick()
-        self.outbox.kick()
+        # The poll picks up what the CLI changed in the database (a released
+        # quarantine entry, a new viewer) and anything a missed kick left.
+        self._poll = LoopingCall(self.kick)
+        self._poll.clock = self.clock
+        self._poll.start(self.poll_interval, now=True)
 
     def stopService(self):
         super().stopService()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
         self.outbox.stop()

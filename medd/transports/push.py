@@ -40,7 +40,10 @@ class SmtpSender:
 
         parts = urlsplit(url)
         sender, recipient = _envelope(package)
-        return sendmail(parts.hostname, sender, [recipient], BytesIO(package), port=parts.port or 25,
+        # Twisted's SMTP client reads the message as LF-terminated lines and
+        # sends each with CRLF; CRLF input would arrive as "\r\r\n".
+        text = package.replace(b"\r\n", b"\n")
+        return sendmail(parts.hostname, sender, [recipient], BytesIO(text), port=parts.port or 25,
                         reactor=reactor, requireTransportSecurity=False)
 
 

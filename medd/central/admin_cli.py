@@ -1,0 +1,229 @@
+"""`medd viewers|centres|admins|routes|quarantine|track`: the administrator's commands.
+
+They work on the node's database directly (the daemon need not run); a
+running daemon picks changes up on its next routing/outbox poll.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+
+from medd.central import directory, routing, tracking
+from medd.config import load_config
+from medd.storage.database import Database
+
+DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/central.ini")
+
+
+def _db(args) -> Database:
+    config = load_config(args.config)
+    db = Database(None, config.database_url)
+    db.create_schema()
+    args.node_name = config.name
+    return db
+
+
+def _run(args, fn):
+    db = _db(args)
+    try:
+        return db.run_sync(fn)
+    finally:
+        db.stop()
+
+
+def _fail(message: str) -> int:
+    print(f"medd: {message}", file=sys.stderr)
+    return 2
+
+
+def _guard(fn):
+    def wrapper(args):
+        try:
+            return fn(args) or 0
+        except (directory.DirectoryError, routing.CorrectionError) as e:
+            return _fail(str(e))
+
+    return wrapper
+
+
+@_guard
+def viewers_add(args):
+    if bool(args.pull) == bool(args.push):
+        return _fail("give exactly one of --pull or --push URL")
+    viewer, token = _run(args, lambda c: directory.add_viewer(c, args.address, args.push, args.authorise or []))
+    print(token)
+    print(f"viewer {viewer.address} added ({viewer.mode}); the line above is its token, shown once", file=sys.stderr)
+
+
+@_guard
+def viewers_list(args):
+    for v in _run(args, directory.list_viewers):
+        print(f"{v.address:<36} {v.mode:<5} {v.push_url or '-':<40} {', '.join(v.authorisations) or '(no authorisation)'}")
+
+
+@_guard
+def viewers_remove(args):
+    _run(args, lambda c: directory.remove_viewer(c, args.address))
+
+
+@_guard
+def viewers_authorise(args):
+    _run(args, lambda c: directory.authorise(c, args.address, args.scope))
+
+
+@_guard
+def viewers_revoke(args):
+    _run(args, lambda c: directory.revoke(c, args.address, args.scope))
+
+
+@_guard
+def centres_add(args):
+    centre = _run(args, lambda c: directory.add_centre(c, args.name, args.ae or [], args.address or []))
+    print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases))
+
+
+@_guard
+def centres_list(args):
+    for c in _run(args, directory.list_centres):
+        print(f"{c.name:<24} " + ", ".join(f"{k} {v}" for k, v in c.aliases))
+
+
+@_guard
+def admins_add(args):
+    print(_run(args, lambda c: directory.add_admin(c, args.name)))
+
+
+@_guard
+def routes_list(args):
+    rules = _run(args, directory.list_rules)
+    for r in rules:
+        print(f"{r.id:>4}  centre={r.centre or '*':<16} modality={r.modality or '*':<6} type={r.object_type or '*':<8} -> {r.destination}")
+    if not rules:
+        print("(no routing rules)")
+
+
+@_guard
+def routes_add(args):
+    rule = _run(args, lambda c: directory.add_rule(c, args.to, args.centre or "", args.modality or "", args.type or ""))
+    print(f"rule {rule.id} added")
+
+
+@_guard
+def routes_remove(args):
+    _run(args, lambda c: directory.remove_rule(c, args.id))
+
+
+@_guard
+def quarantine_list(args):
+    entries = _run(args, lambda c: routing.list_quarantine(c, None if args.all else "held"))
+    if args.json:
+        print(json.dumps([{**e.__dict__, "created_at": e.created_at.isoformat()} for e in entries], indent=2))
+        return
+    for e in entries:
+        print(f"{e.id:>5}  {e.state:<8} {e.uid}  centre={e.centre or '?'} modality={e.modality or '-'} "
+              f"to={e.destination or '-'}\n       {e.reason}")
+    if not entries:
+        print("(quarantine is empty)")
+
+
+@_guard
+def quarantine_route(args):
+    _run(args, lambda c: routing.correct_route(c, args.id, args.to, args.admin))
+    print(f"entry {args.id} released to {args.to}")
+
+
+@_guard
+def quarantine_reject(args):
+    _run(args, lambda c: routing.reject(c, args.id, args.reason, args.admin))
+    print(f"entry {args.id} rejected")
+
+
+@_guard
+def track(args):
+    histories = _run(args, lambda c: tracking.track(c, args.uid))
+    if not histories:
+        return _fail(f"nothing known about {args.uid}")
+    if args.json:
+        print(json.dumps(histories, indent=2))
+        return
+    for h in histories:
+        o = h["object"]
+        print(f"{o['object_type']} {o['sop_instance_uid']}  study {o['study_instance_uid']}  {o['modality'] or ''} "
+              f"patient {o['patient_id'] or '-'}")
+        print(f"  received {o['received_at']} from {o['origin']} over {o['transport']}")
+        if h["routing"]:
+            print(f"  routing: {h['routing']['outcome']} (centre {h['routing']['centre'] or 'unknown'})")
+        for q in h["quarantine"]:
+            print(f"  quarantine #{q['id']} {q['state']}: {q['reason']}")
+            for c in q["corrections"]:
+                print(f"    {c['at']} {c['admin']} {c['action']} {c['old_route'] or '-'} -> {c['new_route'] or '-'} {c['reason'] or ''}")
+        for d in h["deliveries"]:
+            print(f"  -> {d['destination']}: {d['state']} (attempts {d['attempts']})")
+            for e in d["history"]:
+                print(f"     {e['at']} {e['state']:<9} {e['detail'] or ''}")
+        for kind in ("overlays", "reports"):
+            for a in h[kind]:
+                print(f"  {kind[:-1]} {a['uid']} from {a['origin']}")
+
+
+def add_admin_commands(sub) -> None:
+    def command(parent, name, func, help_):
+        p = parent.add_parser(name, help=help_)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="the central node's config (default: $MEDD_CONFIG or etc/central.ini)")
+        p.set_defaults(func=func)
+        return p
+
+    def group(name, help_):
+        p = sub.add_parser(name, help=help_)
+        return p.add_subparsers(dest=f"{name}_command", required=True)
+
+    g = group("viewers", "the directory of viewers")
+    p = command(g, "add", viewers_add, "register a viewer; prints its token")
+    p.add_argument("address")
+    p.add_argument("--pull", action="store_true", help="the viewer polls central (GET /outbox)")
+    p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p or http(s)://h/packages")
+    p.add_argument("--authorise", action="append", metavar="CENTRE[:MODALITY]")
+    command(g, "list", viewers_list, "list viewers")
+    command(g, "remove", viewers_remove, "remove a viewer").add_argument("address")
+    for name, func in (("authorise", viewers_authorise), ("revoke", viewers_revoke)):
+        p = command(g, name, func, f"{name} a viewer for CENTRE[:MODALITY]")
+        p.add_argument("address")
+        p.add_argument("scope", metavar="CENTRE[:MODALITY]")
+
+    g = group("centres", "imaging centres and how they are recognised")
+    p = command(g, "add", centres_add, "add a centre, or more ways to recognise it")
+    p.add_argument("name")
+    p.add_argument("--ae", action="append", help="calling AE title of its modalities or gateway")
+    p.add_argument("--address", action="append", help="package origin address")
+    command(g, "list", centres_list, "list centres")
+
+    g = group("admins", "administrators")
+    command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")
+
+    g = group("routes", "routing rules")
+    command(g, "list", routes_list, "list routing rules")
+    p = command(g, "add", routes_add, "route objects of a centre and/or modality to a viewer")
+    p.add_argument("--centre")
+    p.add_argument("--modality")
+    p.add_argument("--type", choices=["image", "overlay", "report"])
+    p.add_argument("--to", required=True)
+    command(g, "remove", routes_remove, "remove a rule").add_argument("id", type=int)
+
+    g = group("quarantine", "objects held for an administrator")
+    p = command(g, "list", quarantine_list, "list held objects")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="include released and rejected entries")
+    p = command(g, "route", quarantine_route, "re-verify with a new destination and release")
+    p.add_argument("id", type=int)
+    p.add_argument("--to", required=True)
+    p.add_argument("--admin", default=getpass.getuser())
+    p = command(g, "reject", quarantine_reject, "reject a held object")
+    p.add_argument("id", type=int)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--admin", default=getpass.getuser())
+
+    p = command(sub, "track", track, "history of an image, a study or a message")
+    p.add_argument("uid", help="SOP Instance UID, Study Instance UID or Message-ID")
+    p.add_argument("--json", action="store_true")

@@ -1,0 +1,235 @@
+"""Central routing end to end on loopback: directory, verification, quarantine,
+correction, push and pull delivery, tracking, status messages, restarts."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import pytest_twisted
+import requests
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from sqlalchemy import func, select
+from twisted.internet.threads import deferToThread
+
+from medd.central import directory, routing
+from medd.objects import parse_part10
+from medd.package import AttachmentId, build_package, read_package
+from medd.plugins.host import load_plugins
+from medd.plugins.objecttypes import ImageType, status_content
+from medd.storage import index
+from medd.storage.routing_tables import deliveries
+from tests.conftest import listener_port, testdata
+from tests.routing_helpers import eventually, free_port
+
+FAST = "[delivery]\nretry_base = 0.05\nretry_multiplier = 2\nretry_max_delay = 0.3\npoll_interval = 0.2\n"
+PUSH = "dr-push@viewers.example"
+PULL = "dr-pull@viewers.example"
+
+
+def _cstore(port: int, datasets, calling="MODALITY1"):
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _with_recipient(name: str, recipient: str | None = None, uid_suffix: str = ""):
+    ds = dcmread(get_testdata_file(name))
+    if recipient:
+        ds.NamesOfIntendedRecipientsOfResults = recipient
+    if uid_suffix:
+        ds.SOPInstanceUID = ds.SOPInstanceUID + uid_suffix
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _package(name: str, to: str, origin: str = "ct1@centre-a.example", uid_suffix: str = "") -> tuple[bytes, str]:
+    ds = _with_recipient(name, uid_suffix=uid_suffix)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    content = parse_part10(buf.getvalue())
+    return build_package(content, ImageType().identifier(content), origin=origin, destination=to), content.keyinfo.sop_instance_uid
+
+
+async def _setup_directory(node, push_port: int | None):
+    def setup(c):
+        directory.add_centre(c, "centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
+        directory.add_centre(c, "centre-b", aes=["MODALITY2"])
+        push_url = f"smtp://127.0.0.1:{push_port}" if push_port else "smtp://127.0.0.1:9"
+        _, push_token = directory.add_viewer(c, PUSH, push_url, ["centre-a"])
+        _, pull_token = directory.add_viewer(c, PULL, None, ["centre-a:CT"])
+        directory.add_rule(c, PUSH, centre="centre-a", modality="MR")
+        return pull_token, directory.add_admin(c, "alice")
+
+    return await node.database.run(setup)
+
+
+async def _state(node, uid, destination):
+    return await node.database.run(lambda c: c.execute(
+        select(deliveries.c.state).where(deliveries.c.uid == uid, deliveries.c.destination == destination)).scalar())
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_verify_quarantine_correct_deliver_and_open(make_central):
+    """Objects are routed by To, by (0040,1010) and by rule; unknown and unauthorised destinations are
+    quarantined with their reason, corrected by an administrator over the API, and delivered; the pull
+    viewer fetches and acknowledges; its status package moves the object to opened."""
+    viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"}, extra=FAST)
+    pull_token, admin_token = await _setup_directory(central, listener_port(viewer, "smtp"))
+    http = f"http://127.0.0.1:{listener_port(central, 'http')}"
+    dicom_port = listener_port(central, "dicom")
+
+    ct = _with_recipient("CT_small.dcm", recipient=PULL)  # by (0040,1010) to the pull viewer
+    mr = _with_recipient("MR_small.dcm")  # by rule centre-a MR -> push viewer
+    assert await deferToThread(_cstore, dicom_port, [ct, mr]) == [0, 0]
+
+    to_push, to_push_uid = _package("JPEG2000.dcm", PUSH)  # by To
+    unknown, unknown_uid = _package("SC_rgb_rle.dcm", "nobody@viewers.example")
+    unauthorised, unauth_uid = _package("MR_small.dcm", PULL, uid_suffix=".7")  # PULL may only see CT
+    for pkg in (to_push, unknown, unauthorised):
+        r = await deferToThread(requests.post, f"{http}/packages", data=pkg, headers={"Content-Type": "message/rfc822"})
+        assert r.status_code == 201, r.text
+
+    # push deliveries arrive in the push viewer's own store
+    for uid in (mr.SOPInstanceUID, to_push_uid):
+        await eventually(lambda uid=uid: viewer.database.run(lambda c: index.object_by_uid(c, uid)))
+        await eventually(lambda uid=uid: _state(central, uid, PUSH), timeout=10)
+        assert await _state(central, uid, PUSH) == "delivered"
+
+    # quarantine holds the two bad routes, with reasons
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    held = (await deferToThread(requests.get, f"{http}/api/quarantine", headers=headers)).json()
+    reasons = {e["uid"]: e["reason"] for e in held}
+    assert "unknown destination nobody@viewers.example" in reasons[unknown_uid]
+    assert f"viewer {PULL} is not authorised for centre centre-a modality MR" in reasons[unauth_uid]
+    assert await _state(central, unknown_uid, "nobody@viewers.example") is None
+
+    # the API is closed without a token, and a viewer token is not an admin token
+    assert (await deferToThread(requests.get, f"{http}/api/quarantine")).status_code == 401
+    assert (await deferToThread(requests.get, f"{http}/api/quarantine",
+                                headers={"Authorization": f"Bearer {pull_token}"})).status_code == 403
+
+    # correcting to another unauthorised viewer is refused and changes nothing
+    entry = {e["uid"]: e["id"] for e in held}
+    r = await deferToThread(requests.post, f"{http}/api/quarantine/{entry[unauth_uid]}/route", json={"to": PULL}, headers=headers)
+    assert r.status_code == 409 and "not authorised" in r.json()["detail"]
+    # correct both to the push viewer
+    for uid in (unknown_uid, unauth_uid):
+        r = await deferToThread(requests.post, f"{http}/api/quarantine/{entry[uid]}/route", json={"to": PUSH}, headers=headers)
+        assert r.status_code == 200, r.text
+    for uid in (unknown_uid, unauth_uid):
+        await eventually(lambda uid=uid: viewer.database.run(lambda c: index.object_by_uid(c, uid)))
+
+    # the pull viewer lists, fetches and acknowledges its CT
+    vh = {"Authorization": f"Bearer {pull_token}"}
+    waiting = (await deferToThread(requests.get, f"{http}/outbox", headers=vh)).json()
+    assert [w["uid"] for w in waiting] == [ct.SOPInstanceUID]
+    fetched = await deferToThread(requests.get, f"{http}{waiting[0]['url']}", headers=vh)
+    assert fetched.headers["Content-Type"] == "message/rfc822"
+    package = read_package(fetched.content, load_plugins().object_type)
+    assert package.content.keyinfo.sop_instance_uid == ct.SOPInstanceUID and package.destination == PULL
+    assert await _state(central, ct.SOPInstanceUID, PULL) == "sent"
+    r = await deferToThread(requests.post, f"{http}{waiting[0]['url']}/ack", headers=vh)
+    assert r.status_code == 200
+    assert await _state(central, ct.SOPInstanceUID, PULL) == "delivered"
+    assert (await deferToThread(requests.get, f"{http}/outbox", headers=vh)).json() == []
+
+    # the radiologist opens it: a status package from the viewer
+    status = build_package(status_content("opened", ct.SOPInstanceUID, "dr-pull"),
+                           AttachmentId.of("status", event="opened", uid=ct.SOPInstanceUID), origin=PULL, destination="central.test")
+    r = await deferToThread(requests.post, f"{http}/packages", data=status, headers={"Content-Type": "message/rfc822"})
+    assert r.status_code == 201, r.text
+    track = (await deferToThread(requests.get, f"{http}/api/objects/{ct.SOPInstanceUID}", headers=headers)).json()
+    (delivery,) = track["deliveries"]
+    assert delivery["state"] == "opened" and delivery["opened_by"] == "dr-pull"
+    assert [e["state"] for e in delivery["history"]] == ["queued", "sent", "delivered", "opened"]
+    assert track["object"]["modality"] == "CT" and track["routing"]["centre"] == "centre-a"
+
+    # corrections are recorded: who, old and new route
+    track = (await deferToThread(requests.get, f"{http}/api/objects/{unknown_uid}", headers=headers)).json()
+    (q,) = track["quarantine"]
+    assert q["state"] == "released"
+    assert q["corrections"][0]["admin"] == "alice" and q["corrections"][0]["old_route"] == "nobody@viewers.example"
+    assert q["corrections"][0]["new_route"] == PUSH
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_centre_is_quarantined(make_central):
+    """An object from a calling AE title that is no registered centre is quarantined, whatever its own
+    Institution Name says, and nothing is queued."""
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
+    await _setup_directory(central, None)
+    ds = _with_recipient("CT_small.dcm", recipient=PULL)
+    ds.InstitutionName = "centre-a"
+    assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds], "STRANGER") == [0]
+    entries = await eventually(lambda: central.database.run(routing.list_quarantine))
+    assert "unknown imaging centre" in entries[0].reason and "STRANGER" in entries[0].reason
+    assert await central.database.run(lambda c: c.execute(select(func.count()).select_from(deliveries)).scalar()) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_viewer_down_then_back_and_central_restart(make_central):
+    """A push viewer that is down while objects arrive, and a central restarted in the middle, end with
+    every object in the viewer's store exactly once, delivered in the order they were queued."""
+    port = free_port()
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST, site="central")
+    await _setup_directory(central, port)
+    names = ["MR_small.dcm"] * 5
+    datasets = [_with_recipient(n, recipient=PUSH, uid_suffix=f".{i}") for i, n in enumerate(names)]
+    assert await deferToThread(_cstore, listener_port(central, "dicom"), datasets) == [0] * 5
+    uids = [d.SOPInstanceUID for d in datasets]
+
+    async def failed_at_least_twice():
+        rows = await central.database.run(lambda c: c.execute(select(deliveries.c.attempts).where(deliveries.c.uid == uids[0])).all())
+        return rows and rows[0].attempts >= 2
+
+    await eventually(failed_at_least_twice)
+    await central.stopService()
+
+    viewer = await make_central({"smtp": f"tcp:{port}:interface=127.0.0.1"}, site="viewer-push")
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST, site="central")
+
+    async def all_delivered():
+        states = [await _state(central, u, PUSH) for u in uids]
+        return all(s == "delivered" for s in states)
+
+    await eventually(all_delivered)
+    assert await viewer.database.run(index.count_objects) == 5
+    received = await viewer.database.run(lambda c: index.search_instances(c, None, None, [], limit=10))
+    assert [r.sop_instance_uid for r in received] == uids  # in queue order
+    from medd.storage.schema import receipts
+
+    assert await viewer.database.run(lambda c: c.execute(select(func.count()).select_from(receipts)).scalar()) == 5
+
+
+def test_medd_cli_directory_and_quarantine(tmp_path):
+    """The admin CLI manages centres, viewers (printing a token), rules and shows an empty quarantine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import write_config
+
+    medd = str(Path(sys.executable).parent / "medd")
+    ini = str(write_config(tmp_path))
+
+    def run(*args):
+        return subprocess.run([medd, *args, "--config", ini], capture_output=True, text=True)
+
+    assert run("centres", "add", "centre-a", "--ae", "CT1").returncode == 0
+    added = run("viewers", "add", PULL, "--pull", "--authorise", "centre-a:CT")
+    assert added.returncode == 0 and len(added.stdout.strip()) >= 40
+    assert "centre-a:CT" in run("viewers", "list").stdout
+    assert run("viewers", "authorise", PULL, "nowhere").returncode == 2
+    assert run("routes", "add", "--centre", "centre-a", "--to", PULL).returncode == 0
+    assert "centre=centre-a" in run("routes", "list").stdout
+    assert "(quarantine is empty)" in run("quarantine", "list").stdout
+    assert run("viewers", "revoke", PULL, "centre-a:CT").returncode == 0
+    assert "(no authorisation)" in run("viewers", "list").stdout
