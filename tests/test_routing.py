@@ -233,3 +233,35 @@ def test_medd_cli_directory_and_quarantine(tmp_path):
     assert "(quarantine is empty)" in run("quarantine", "list").stdout
     assert run("viewers", "revoke", PULL, "centre-a:CT").returncode == 0
     assert "(no authorisation)" in run("viewers", "list").stdout
+
+
+@pytest.mark.parametrize("scheme", ["tls", "http"])
+@pytest_twisted.ensureDeferred
+async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
+    """A push viewer reached over the TLS socket transport (server certificate verified against
+    [push] tls_ca) or over HTTP POST /packages receives its object, and central records it delivered."""
+    from medd.tlscert import make_self_signed
+
+    cert, key = tmp_path / "v-cert.pem", tmp_path / "v-key.pem"
+    make_self_signed(cert, key, "127.0.0.1")
+    listen = {"tls": "tcp:0:interface=127.0.0.1"} if scheme == "tls" else {"http": "tcp:0:interface=127.0.0.1"}
+    viewer = await make_central(listen, extra=f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n", site="viewer-push")
+    port = listener_port(viewer, scheme)
+    url = f"tls://127.0.0.1:{port}" if scheme == "tls" else f"http://127.0.0.1:{port}/packages"
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST + f"[push]\ntls_ca = {cert}\n")
+
+    def setup(c):
+        directory.add_centre(c, "centre-a", aes=["MODALITY1"])
+        directory.add_viewer(c, PUSH, url, ["centre-a"])
+
+    await central.database.run(setup)
+    ds = _with_recipient("CT_small.dcm", recipient=PUSH)
+    assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds]) == [0]
+    await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID)))
+    record = await viewer.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID))
+    assert record.transport == scheme and record.origin == "central@central.test"
+
+    async def delivered():
+        return await _state(central, ds.SOPInstanceUID, PUSH) == "delivered"
+
+    await eventually(delivered)
