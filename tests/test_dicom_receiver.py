@@ -1,6 +1,13 @@
 """C-STORE into central with pynetdicom as the modality."""
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import pytest_twisted
 from pydicom import dcmread
@@ -116,3 +123,56 @@ async def test_cecho(make_central):
             assoc.release()
 
     assert await deferToThread(echo) == 0
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu is not installed (apt-get install dcmtk)")
+@pytest_twisted.ensureDeferred
+async def test_dcmtk_storescu(make_central):
+    """DCMTK's storescu, a modality-grade SCU, stores objects of several SOP classes and transfer syntaxes."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm", "test-SR.dcm"]
+    paths = [get_testdata_file(n) for n in names]
+    proc = await deferToThread(
+        subprocess.run,
+        ["storescu", "-v", "--required", "-aet", "STORESCU", "-aec", "MEDD", "127.0.0.1", str(port), *paths],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout + proc.stderr).count("Received Store Response (Success)") == len(paths)
+    for p in paths:
+        uid = dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        record = await node.database.run(lambda c, uid=uid: index.object_by_uid(c, uid))
+        assert record is not None and record.origin == "STORESCU"
+
+
+def test_twistd_runs_a_central_node(tmp_path):
+    """`twistd -n medd --config …` starts a central node that answers C-ECHO and stops cleanly on SIGTERM."""
+    from tests.conftest import write_config
+    from tests.routing_helpers import free_port
+
+    port = free_port()
+    ini = write_config(tmp_path, {"dicom": f"tcp:{port}:interface=127.0.0.1"})
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    proc = subprocess.Popen([twistd, "-n", "--pidfile=", "medd", "--config", str(ini)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        status = None
+        for _ in range(100):  # the daemon needs a moment to import and bind
+            assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+            if assoc.is_established:
+                status = assoc.send_c_echo().Status
+                assoc.release()
+                break
+            proc.poll()
+            assert proc.returncode is None, proc.stdout.read()
+            time.sleep(0.1)
+        assert status == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    # twistd re-raises the terminating signal at exit to report how it ended
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "medd central node central.test starting" in out
