@@ -21,6 +21,7 @@ from medd.plugins.objecttypes import ImageType, status_content
 from medd.storage import index
 from medd.storage.routing_tables import deliveries
 from tests.conftest import listener_port, testdata
+from tests.databases import db_url  # noqa: F401  (fixture: SQLite and PostgreSQL)
 from tests.routing_helpers import eventually, free_port
 
 FAST = "[delivery]\nretry_base = 0.05\nretry_multiplier = 2\nretry_max_delay = 0.3\npoll_interval = 0.2\n"
@@ -76,12 +77,13 @@ async def _state(node, uid, destination):
 
 
 @pytest_twisted.ensureDeferred
-async def test_route_verify_quarantine_correct_deliver_and_open(make_central):
+async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db_url):
     """Objects are routed by To, by (0040,1010) and by rule; unknown and unauthorised destinations are
     quarantined with their reason, corrected by an administrator over the API, and delivered; the pull
-    viewer fetches and acknowledges; its status package moves the object to opened."""
+    viewer fetches and acknowledges; its status package moves the object to opened. On SQLite and PostgreSQL."""
     viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
-    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"}, extra=FAST)
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"}, extra=FAST,
+                                 db_url=db_url)
     pull_token, admin_token = await _setup_directory(central, listener_port(viewer, "smtp"))
     http = f"http://127.0.0.1:{listener_port(central, 'http')}"
     dicom_port = listener_port(central, "dicom")
@@ -100,8 +102,11 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central):
     # push deliveries arrive in the push viewer's own store
     for uid in (mr.SOPInstanceUID, to_push_uid):
         await eventually(lambda uid=uid: viewer.database.run(lambda c: index.object_by_uid(c, uid)))
-        await eventually(lambda uid=uid: _state(central, uid, PUSH), timeout=10)
-        assert await _state(central, uid, PUSH) == "delivered"
+
+        async def delivered(uid=uid):
+            return await _state(central, uid, PUSH) == "delivered"
+
+        await eventually(delivered)
 
     # quarantine holds the two bad routes, with reasons
     headers = {"Authorization": f"Bearer {admin_token}"}
