@@ -13,7 +13,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from twisted.internet.threads import deferToThread
 
-from medd.central import directory, routing
+from medd.central import directory, routing, tracking
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package, read_package
 from medd.plugins.host import load_plugins
@@ -270,3 +270,32 @@ async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
         return await _state(central, ds.SOPInstanceUID, PUSH) == "delivered"
 
     await eventually(delivered)
+
+
+@pytest_twisted.ensureDeferred
+async def test_overlays_and_reports_attach_and_follow_rules(make_central):
+    """An overlay and a report sent back by a viewer are attached to their image and study; the report is
+    routed on because a rule for reports says so, the overlay (no rule) is only attached."""
+    from medd.plugins.objecttypes import OverlayType, ReportType, text_report_content
+    from tests.test_ingest import _gsps_for
+
+    viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
+    await _setup_directory(central, listener_port(viewer, "smtp"))
+    await central.database.run(lambda c: directory.add_rule(c, PUSH, centre="centre-a", object_type="report"))
+    ct = _with_recipient("CT_small.dcm", recipient=PULL)
+    assert await deferToThread(_cstore, listener_port(central, "dicom"), [ct]) == [0]
+
+    buf = io.BytesIO()
+    ct.save_as(buf, enforce_file_format=True)
+    overlay = parse_part10(_gsps_for(buf.getvalue()))
+    report = text_report_content("No acute findings.", "2.25.4242", ct.StudyInstanceUID)
+    for content, ident in ((overlay, OverlayType().identifier(overlay)), (report, ReportType().identifier(report))):
+        await central.api.receive_package(build_package(content, ident, origin=PULL, destination="central.test"), transport="http")
+
+    await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, "2.25.4242")))
+    history = await central.database.run(lambda c: tracking.object_history(c, ct.SOPInstanceUID))
+    assert [o["uid"] for o in history["overlays"]] == [overlay.keyinfo.sop_instance_uid]
+    assert [r["uid"] for r in history["reports"]] == ["2.25.4242"]
+    ov = await central.database.run(lambda c: tracking.object_history(c, overlay.keyinfo.sop_instance_uid))
+    assert ov["routing"]["outcome"] == "attached" and ov["deliveries"] == [] and ov["routing"]["centre"] == "centre-a"
