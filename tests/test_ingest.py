@@ -35,9 +35,12 @@ async def test_package_stored_and_idempotent(make_central, db_url):
     node = await make_central(db_url=db_url)
     content = parse_part10(testdata("MR_small.dcm"))
     pkg = build_package(content, ImageType().identifier(content), origin="ct1@centre-a.example", destination="dr-lee@viewers.example")
-    first = await node.api.receive_package(pkg, transport="test")
+    first = await node.api.receive_package(pkg, transport="test", peer="192.0.2.7")
     second = await node.api.receive_package(pkg, transport="test")
     assert first.created and not second.created
+    from sqlalchemy import select
+
+    assert await node.database.run(lambda c: c.execute(select(receipts.c.peer)).scalar_one()) == "192.0.2.7"
     assert first.uid == content.keyinfo.sop_instance_uid
     record = await node.database.run(lambda c: index.object_by_uid(c, first.uid))
     assert record.origin == "ct1@centre-a.example"

@@ -148,6 +148,7 @@ class Ingest:
             origin=package.origin,
             destination=package.destination,
             transport=transport,
+            peer=peer,
         )
         if package.attachment.type == "status":
             return await self._status(package, receipt)

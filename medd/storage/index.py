@@ -78,6 +78,7 @@ class Receipt:
     origin: str
     destination: str
     transport: str
+    peer: str | None = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ receipts = Table(
     Column("origin", String(255), nullable=False),
     Column("destination", String(255), nullable=False),
     Column("transport", String(16), nullable=False),
+    # The connection it came over: client IP, or a TLS client certificate's CN.
+    Column("peer", String(255)),
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 
