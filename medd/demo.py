@@ -32,6 +32,15 @@ def run_demo(config_path: Path, site: Path) -> int:
 
     from medd.service import make_node
 
+    # The demo starts empty every time (no migrations between versions yet);
+    # only a folder the demo itself made is wiped.
+    marker = site / ".medd-demo"
+    if marker.exists():
+        import shutil
+
+        shutil.rmtree(site)
+    site.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     _prepare(config_path)
     config = load_config(config_path)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)

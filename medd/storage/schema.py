@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    event,
     BigInteger,
     Column,
     DateTime,
@@ -133,3 +134,44 @@ archived_objects = Table(
 )
 
 Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_instance_uid)
+
+# -- schema version ---------------------------------------------------------------------------------
+# There are no migrations yet: a database made by another schema version is
+# refused at start-up with a clear message instead of failing on first use.
+
+SCHEMA_VERSION = 2
+
+schema_version = Table("medd_schema", metadata, Column("version", Integer, nullable=False))
+
+
+class SchemaMismatch(RuntimeError):
+    """The database was made by a medd with another schema."""
+
+
+def _check_version(target, connection, **kw) -> None:
+    from sqlalchemy import inspect, select
+
+    names = set(inspect(connection).get_table_names())
+    if "medd_schema" in names:
+        found = connection.execute(select(schema_version.c.version)).scalar()
+    elif "objects" in names:
+        found = 1  # made before versions were recorded
+    else:
+        return
+    if found != SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"the database at {connection.engine.url.render_as_string(hide_password=True)} has medd schema "
+            f"version {found}; this medd needs version {SCHEMA_VERSION} and has no migration for it yet "
+            f"(start from an empty database, or keep the older medd)"
+        )
+
+
+def _record_version(target, connection, **kw) -> None:
+    from sqlalchemy import select
+
+    if connection.execute(select(schema_version.c.version)).first() is None:
+        connection.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+
+
+event.listen(metadata, "before_create", _check_version)
+event.listen(metadata, "after_create", _record_version)
