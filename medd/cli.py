@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_admin_commands(sub)
 
+    from medd.viewer.users import add_user_commands
+
+    add_user_commands(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

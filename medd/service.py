@@ -11,7 +11,7 @@ from medd.config import Config, ConfigError, ConfigProblem
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.database import Database
 
-AVAILABLE_ROLES = ("central",)
+AVAILABLE_ROLES = ("central", "viewer")
 
 
 class NodeService(MultiService):
@@ -35,12 +35,20 @@ class NodeService(MultiService):
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
             self.api.restore_blob = self.archiving.restore_digest
-        self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
-        self.routing.setName("routing")
-        self.routing.setServiceParent(self)
-        from medd.central.webapi import central_resources
+        if config.role == "viewer":
+            from medd.viewer.node import ViewerServices
 
-        self.api.web_resources.update(central_resources(self))
+            self.viewer = ViewerServices(self)
+            self.viewer.setName("viewer")
+            self.viewer.setServiceParent(self)
+            self.reading_room = self.viewer.reading_room
+        else:
+            self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
+            self.routing.setName("routing")
+            self.routing.setServiceParent(self)
+            from medd.central.webapi import central_resources
+
+            self.api.web_resources.update(central_resources(self))
         for key, endpoint in sorted(config.listen.items()):
             listener = plugins.transports[key].listener(endpoint, self.api)
             listener.setName(f"listen-{key}")
@@ -92,6 +100,13 @@ def check_against_plugins(config: Config, plugins: Plugins) -> None:
     else:
         if archive is not None and ("archive", archive.backend) not in plugins.storage:
             problems.append(ConfigProblem(config.path, "archive", "backend", f"no archive plugin named {archive.backend!r}"))
+    if config.role == "viewer":
+        from medd.viewer.settings import central_settings
+
+        try:
+            central_settings(config)
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
 

@@ -25,13 +25,13 @@ def all_testdata_files() -> list[Path]:
 
 
 def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None,
-                 name: str = "central.test") -> Path:
+                 name: str = "central.test", role: str = "central") -> Path:
     listen = listen or {}
     lines = "\n".join(f"{k} = {v}" for k, v in listen.items())
     text = textwrap.dedent(
         f"""
         [node]
-        role = central
+        role = {role}
         name = {name}
 
         [database]
@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: st
         [listen]
         """
     ) + lines + "\n" + textwrap.dedent(extra)
-    path = tmp_path / "central.ini"
+    path = tmp_path / f"{role}.ini"
     path.write_text(text)
     return path
 
@@ -61,11 +61,11 @@ def make_central(tmp_path):
     started = []
 
     async def start(listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None, plugins=None,
-                    site: str | None = None):
+                    site: str | None = None, role: str = "central", name: str | None = None):
         # ``site`` puts a second node's config, database and store in their own folder.
         folder = tmp_path / site if site else tmp_path
         folder.mkdir(exist_ok=True)
-        config = load_config(write_config(folder, listen, extra, db_url, name=site or "central.test"))
+        config = load_config(write_config(folder, listen, extra, db_url, name=name or site or "central.test", role=role))
         node = make_node(reactor, config, plugins)
         node.startService()
         started.append(node)

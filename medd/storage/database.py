@@ -94,6 +94,7 @@ class Database:
     def create_schema(self) -> None:
         """Create missing tables (blocking; called once at start-up)."""
         import medd.storage.routing_tables  # noqa: F401  (registers central's tables)
+        import medd.storage.viewer_tables  # noqa: F401  (registers the viewer's tables)
 
         metadata.create_all(self.engine)
 

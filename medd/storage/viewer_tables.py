@@ -1,0 +1,60 @@
+"""Tables of the viewer node: reading-room users and their sessions, which
+images each user has opened, and the packages waiting to go to central."""
+from __future__ import annotations
+
+from sqlalchemy import Column, DateTime, Index, Integer, String, Table, Text, UniqueConstraint
+
+from medd.storage.schema import UID, metadata
+
+viewer_users = Table(
+    "viewer_users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    # "scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>": the parameters travel with the hash.
+    Column("password_hash", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+viewer_sessions = Table(
+    "viewer_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # SHA-256 of the session token; the token itself is only ever in the browser.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("user", String(64), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per (image, user) the first time the user opened it; later opens update opened_at.
+viewer_opened = Table(
+    "viewer_opened",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uid", UID, nullable=False, index=True),
+    Column("user", String(64), nullable=False),
+    Column("first_opened_at", DateTime(timezone=True), nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("uid", "user"),
+)
+
+# Packages waiting to go to central (bytes in the blob store, by digest).
+viewer_outgoing = Table(
+    "viewer_outgoing",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_id", String(255), nullable=False, unique=True),
+    Column("attachment", String(512), nullable=False),
+    Column("uid", UID, nullable=False, index=True),
+    Column("digest", String(64), nullable=False),
+    # waiting -> sent, or refused (central said the package is bad; retrying will not help)
+    Column("state", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+)
+
+Index("ix_viewer_outgoing_state", viewer_outgoing.c.state, viewer_outgoing.c.id)

@@ -1,0 +1,37 @@
+"""The viewer role's services: requestor and outgoing packages, plus the
+reading room the web UI is given (``node.reading_room``)."""
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+
+from medd.viewer.central_client import CentralClient
+from medd.viewer.outgoing import OutgoingService
+from medd.viewer.reading import ReadingRoom
+from medd.viewer.requestor import Requestor
+from medd.viewer.settings import central_settings
+
+
+class ViewerServices(MultiService):
+    """Children of a viewer node: the requestor and the sender of outgoing packages."""
+
+    def __init__(self, node, clock=None):
+        super().__init__()
+        self.settings = central_settings(node.config)
+        clock = clock or node.reactor
+        self.client = CentralClient(node.reactor, self.settings)
+        self.outgoing = OutgoingService(node.database, node.api, node.blobs, self.client, self.settings, clock)
+        self.outgoing.setName("outgoing")
+        self.outgoing.setServiceParent(self)
+        self.requestor = Requestor(self.client, node.api, self.settings, clock)
+        self.requestor.setName("requestor")
+        self.requestor.setServiceParent(self)
+        self.reading_room = ReadingRoom(node.database, node.api, self.outgoing, node.config, self.settings, clock)
+
+    def stopService(self):
+        d = super().stopService()
+
+        def close(result):
+            closed = self.client.close()
+            return closed.addCallback(lambda _: result) if closed is not None else result
+
+        return d.addBoth(close) if d is not None else close(None)

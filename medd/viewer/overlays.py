@@ -1,0 +1,269 @@
+"""Overlays: the radiologist's annotations as a DICOM Grayscale Softcopy
+Presentation State (highdicom), and read back from one.
+
+An annotation is a dict in image pixel coordinates (x = column, y = row,
+sub-pixel, the top-left corner of the image at 0,0, as DICOM's PIXEL units):
+
+    {"type": "arrow",   "points": [[x0, y0], [x1, y1]], "text": "optional"}   # head at the last point
+    {"type": "line",    "points": [[x0, y0], [x1, y1], ...], "text": "optional"}
+    {"type": "ellipse", "points": [[x0, y0], [x1, y1]]}   # bounding-box corners, or
+                        "points": 4 points: major-axis ends, then minor-axis ends (DICOM ELLIPSE)
+    {"type": "text",    "points": [[x, y]], "text": "..."}
+    optional "frame": 1-based frame number of a multi-frame image
+
+Each annotation is one Graphic Annotation item on a graphic layer named for
+its type (ARROW, LINE, ELLIPSE, TEXT), which is how it is told apart when
+read back (DICOM has no arrow graphic type: an arrow is a two-point
+polyline). A line gets its length in mm as its text when the image's pixel
+spacing is known. Blocking (numpy, pydicom); run on the parsing pool.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from medd import __version__
+
+TYPES = ("arrow", "line", "ellipse", "text")
+LAYER_OF = {"arrow": "ARROW", "line": "LINE", "ellipse": "ELLIPSE", "text": "TEXT"}
+TYPE_OF_LAYER = {v: k for k, v in LAYER_OF.items()}
+OVERLAY_SERIES_NUMBER = 900
+MAX_TEXT = 1024  # Unformatted Text Value is ST
+
+
+class AnnotationError(ValueError):
+    """An annotation that cannot be drawn as asked; the message says which and why."""
+
+
+def _pixel_spacing(image: Dataset) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm, from the image or its shared functional groups."""
+    spacing = image.get("PixelSpacing")
+    if spacing is None:
+        for group in image.get("SharedFunctionalGroupsSequence") or []:
+            for measures in group.get("PixelMeasuresSequence") or []:
+                spacing = measures.get("PixelSpacing")
+    try:
+        if spacing is not None and len(spacing) == 2 and float(spacing[0]) > 0 and float(spacing[1]) > 0:
+            return float(spacing[0]), float(spacing[1])
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def line_length_mm(points, spacing: tuple[float, float]) -> float:
+    dy, dx = spacing
+    return sum(math.hypot((x1 - x0) * dx, (y1 - y0) * dy) for (x0, y0), (x1, y1) in zip(points, points[1:]))
+
+
+def _points(annotation: dict, index: int) -> list[tuple[float, float]]:
+    raw = annotation.get("points")
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise AnnotationError(f"annotation {index}: points must be a list of [x, y]")
+    out = []
+    for p in raw:
+        try:
+            x, y = (float(v) for v in p)
+        except (TypeError, ValueError) as e:
+            raise AnnotationError(f"annotation {index}: {p!r} is not an [x, y] point") from e
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise AnnotationError(f"annotation {index}: {p!r} is not a finite point")
+        out.append((x, y))
+    return out
+
+
+def _ellipse_axes(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(points) == 4:
+        return points
+    (x0, y0), (x1, y1) = points
+    cx, cy, a, b = (x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2, abs(y1 - y0) / 2
+    if a >= b:
+        return [(cx - a, cy), (cx + a, cy), (cx, cy - b), (cx, cy + b)]
+    return [(cx, cy - b), (cx, cy + b), (cx - a, cy), (cx + a, cy)]
+
+
+def _graphic(kind: str, points) -> hd.pr.GraphicObject:
+    return hd.pr.GraphicObject(graphic_type=kind, graphic_data=np.array(points, dtype=float), units="PIXEL")
+
+
+def _label(text: str, anchor: tuple[float, float]) -> hd.pr.TextObject:
+    return hd.pr.TextObject(text_value=text[:MAX_TEXT], units="PIXEL", anchor_point=anchor, anchor_point_visible=False)
+
+
+def _annotation_content(annotation: dict, index: int, spacing) -> tuple[str, list, list]:
+    """(layer, graphic objects, text objects) of one annotation."""
+    if not isinstance(annotation, dict):
+        raise AnnotationError(f"annotation {index} is not an object")
+    kind = annotation.get("type")
+    if kind not in TYPES:
+        raise AnnotationError(f"annotation {index}: type must be one of {', '.join(TYPES)}, not {kind!r}")
+    points = _points(annotation, index)
+    text = str(annotation.get("text") or "").strip()
+    graphics, texts = [], []
+    if kind in ("arrow", "line"):
+        if len(points) < 2 or (kind == "arrow" and len(points) != 2):
+            raise AnnotationError(f"annotation {index}: an {kind} needs {'two' if kind == 'arrow' else 'two or more'} points")
+        graphics.append(_graphic("POLYLINE", points))
+        if kind == "line" and spacing is not None:
+            length = f"{line_length_mm(points, spacing):.1f} mm"
+            text = f"{text} {length}" if text else length
+        if text:
+            texts.append(_label(text, points[-1] if kind == "line" else points[0]))
+    elif kind == "ellipse":
+        if len(points) not in (2, 4):
+            raise AnnotationError(f"annotation {index}: an ellipse needs 2 bounding-box corners or 4 axis end points")
+        graphics.append(_graphic("ELLIPSE", _ellipse_axes(points)))
+        if text:
+            texts.append(_label(text, points[0]))
+    else:
+        if len(points) != 1 or not text:
+            raise AnnotationError(f"annotation {index}: a text annotation needs one point and some text")
+        texts.append(_label(text, points[0]))
+    return LAYER_OF[kind], graphics, texts
+
+
+def build_presentation_state(image_bytes: bytes, annotations: list[dict], *, user: str, overlay_uid: str,
+                             device: str, when: datetime | None = None) -> bytes:
+    """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``."""
+    if not isinstance(annotations, list) or not annotations:
+        raise AnnotationError("an overlay needs at least one annotation")
+    image = dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
+    reference = image
+    if int(image.get("SamplesPerPixel", 1) or 1) != 1:
+        # highdicom builds a *grayscale* presentation state only for grayscale
+        # images; the annotations reference a colour image just as well (by
+        # UID), so it is handed a grayscale-looking copy of the header.
+        reference = Dataset(image)
+        reference.SamplesPerPixel = 1
+        reference.PhotometricInterpretation = "MONOCHROME2"
+    frames = int(image.get("NumberOfFrames", 1) or 1)
+    spacing = _pixel_spacing(image)
+    layers: dict[str, hd.pr.GraphicLayer] = {}
+    items = []
+    for i, annotation in enumerate(annotations):
+        layer_name, graphics, texts = _annotation_content(annotation, i, spacing)
+        if layer_name not in layers:
+            layers[layer_name] = hd.pr.GraphicLayer(layer_name=layer_name, order=len(layers) + 1,
+                                                    description=f"{TYPE_OF_LAYER[layer_name]} annotations")
+        frame = annotation.get("frame")
+        if frame is not None:
+            try:
+                frame = int(frame)
+            except (TypeError, ValueError) as e:
+                raise AnnotationError(f"annotation {i}: frame {frame!r} is not a number") from e
+            if not 1 <= frame <= frames:
+                raise AnnotationError(f"annotation {i}: frame {frame} is outside 1..{frames}")
+        elif frames > 1:
+            frame = 1
+        try:
+            items.append(hd.pr.GraphicAnnotation(
+                referenced_images=[reference], graphic_layer=layers[layer_name],
+                referenced_frame_number=frame if frames > 1 else None,
+                graphic_objects=graphics or None, text_objects=texts or None,
+            ))
+        except (ValueError, TypeError) as e:
+            raise AnnotationError(f"annotation {i}: {e}") from e
+    creator = PersonName(user if "^" in user else f"{user}^")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # highdicom's advice on person-name components
+        gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+            referenced_images=[reference],
+            series_instance_uid=hd.UID(),
+            series_number=OVERLAY_SERIES_NUMBER,
+            sop_instance_uid=overlay_uid,
+            instance_number=1,
+            manufacturer="medd",
+            manufacturer_model_name="medd viewer",
+            software_versions=__version__,
+            device_serial_number=device[:64],
+            content_label="MEDD_OVERLAY",
+            content_description=f"annotations by {user}"[:64],
+            graphic_annotations=items,
+            graphic_layers=list(layers.values()),
+            content_creator_name=creator,
+        )
+    if when is not None:
+        gsps.PresentationCreationDate = when.strftime("%Y%m%d")
+        gsps.PresentationCreationTime = when.strftime("%H%M%S")
+    buf = io.BytesIO()
+    gsps.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _pairs(flat) -> list[list[float]]:
+    values = [float(v) for v in flat]
+    return [[values[i], values[i + 1]] for i in range(0, len(values) - 1, 2)]
+
+
+def _ellipse_points(axes: list[list[float]]) -> list[list[float]]:
+    """Bounding-box corners of an axis-aligned ellipse (as drawn); else its four axis end points."""
+    (ax0, ay0), (ax1, ay1), (bx0, by0), (bx1, by1) = axes
+    aligned = (ay0 == ay1 and bx0 == bx1) or (ax0 == ax1 and by0 == by1)
+    if not aligned:
+        return axes
+    xs = [ax0, ax1, bx0, bx1]
+    ys = [ay0, ay1, by0, by1]
+    return [[min(xs), min(ys)], [max(xs), max(ys)]]
+
+
+def read_presentation_state(data: bytes) -> dict:
+    """{uid, author, created, annotations} of a stored presentation state."""
+    ds = dcmread(io.BytesIO(data))
+    author = str(ds.get("ContentCreatorName") or "").rstrip("^") or None
+    created = None
+    if ds.get("PresentationCreationDate"):
+        t = str(ds.get("PresentationCreationTime") or "000000").split(".")[0].ljust(6, "0")
+        d = str(ds.PresentationCreationDate)
+        created = f"{d[:4]}-{d[4:6]}-{d[6:8]}T{t[:2]}:{t[2:4]}:{t[4:6]}"
+    annotations = []
+    for item in ds.get("GraphicAnnotationSequence") or []:
+        layer = str(item.get("GraphicLayer") or "")
+        frame = None
+        for ref in item.get("ReferencedImageSequence") or []:
+            if ref.get("ReferencedFrameNumber") is not None:
+                value = ref.ReferencedFrameNumber
+                frame = int(value[0]) if isinstance(value, (list, tuple, MultiValue)) else int(value)
+        texts = [str(t.get("UnformattedTextValue") or "") for t in item.get("TextObjectSequence") or []]
+        anchors = [
+            _pairs(t.AnchorPoint)[0] if t.get("AnchorPoint") is not None else
+            _pairs(t.BoundingBoxTopLeftHandCorner)[0] if t.get("BoundingBoxTopLeftHandCorner") is not None else None
+            for t in item.get("TextObjectSequence") or []
+        ]
+        graphics = list(item.get("GraphicObjectSequence") or [])
+        kind = TYPE_OF_LAYER.get(layer)
+        found = []
+        for g in graphics:
+            points = _pairs(g.GraphicData)
+            gtype = str(g.get("GraphicType") or "")
+            if kind in ("arrow", "line", "ellipse"):
+                t = kind
+            elif gtype in ("ELLIPSE", "CIRCLE"):
+                t = "ellipse"
+            elif gtype == "POINT":
+                t = "point"
+            else:
+                t = "line"
+            if t == "ellipse" and gtype == "ELLIPSE" and len(points) == 4:
+                points = _ellipse_points(points)
+            found.append({"type": t, "points": points})
+        if found:
+            # The item's text labels its graphic (a line's length, an arrow's note).
+            if texts:
+                found[0]["text"] = " ".join(t for t in texts if t)
+        else:
+            found = [{"type": "text", "points": [a] if a else [], "text": t} for t, a in zip(texts, anchors)]
+        for a in found:
+            a.setdefault("text", "")
+            if frame is not None:
+                a["frame"] = frame
+            a["layer"] = layer
+        annotations.extend(found)
+    return {"uid": str(ds.SOPInstanceUID), "author": author, "created": created, "annotations": annotations}

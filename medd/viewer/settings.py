@@ -1,0 +1,71 @@
+"""The viewer's ``[central]`` section: where central is and how to reach it.
+
+Validated whole at start-up like the rest of the config; every problem names
+the file, section and key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from medd.config import Config, ConfigError, ConfigProblem
+
+
+@dataclass(frozen=True)
+class CentralSettings:
+    url: str  # base URL, no trailing slash: http://central.example:8080
+    token: str  # the viewer's bearer token (``medd viewers add``)
+    poll_interval: float
+    # Backoff while central is unreachable (requestor and outgoing packages).
+    retry_base: float = 1.0
+    retry_max_delay: float = 300.0
+    # central's address, the To of status, overlay and report packages; when
+    # empty, the From of the packages central sent is answered.
+    address: str | None = None
+    timeout: float = 60.0
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (1, 2, ...)."""
+        return min(self.retry_base * 2 ** max(failures - 1, 0), self.retry_max_delay)
+
+
+def _positive(config: Config, key: str, default: str | None, problems: list) -> float | None:
+    text = config.section("central").get(key, default)
+    if text is None or not str(text).strip():
+        problems.append(ConfigProblem(config.path, "central", key, "is required"))
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(ConfigProblem(config.path, "central", key, f"not a number of seconds: {text!r}"))
+        return None
+    if value <= 0:
+        problems.append(ConfigProblem(config.path, "central", key, f"must be more than 0, not {text!r}"))
+        return None
+    return value
+
+
+def central_settings(config: Config) -> CentralSettings:
+    """The ``[central]`` settings of a viewer node, or :class:`ConfigError` naming every problem."""
+    problems: list[ConfigProblem] = []
+    section = config.section("central")
+    url = (section.get("url") or "").strip().rstrip("/")
+    if not url:
+        problems.append(ConfigProblem(config.path, "central", "url", "is required (e.g. http://central.example:8080)"))
+    else:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(ConfigProblem(config.path, "central", "url", f"must be an http:// or https:// URL, not {url!r}"))
+    token = (section.get("token") or "").strip()
+    if not token:
+        problems.append(ConfigProblem(config.path, "central", "token",
+                                      "is required: the viewer token printed by `medd viewers add` on central"))
+    poll = _positive(config, "poll_interval", None, problems)
+    base = _positive(config, "retry_base", "1", problems)
+    max_delay = _positive(config, "retry_max_delay", "300", problems)
+    timeout = _positive(config, "timeout", "60", problems)
+    address = (section.get("address") or "").strip() or None
+    if problems:
+        raise ConfigError(problems)
+    return CentralSettings(url=url, token=token, poll_interval=poll, retry_base=base, retry_max_delay=max_delay,
+                           address=address, timeout=timeout)
