@@ -22,6 +22,7 @@ from medd.objects import Content
 from medd.package import AttachmentId, build_package
 from medd.storage.index import ObjectRecord, object_by_uid
 from medd.storage.routing_tables import deliveries, delivery_events, viewers
+from medd.storage.schema import objects
 
 log = Logger()
 
@@ -111,7 +112,15 @@ def pull_waiting(conn: Connection, address: str) -> list[tuple[Delivery, ObjectR
         select(deliveries).where(and_(deliveries.c.destination == address, deliveries.c.state.in_(("queued", "sent"))))
         .order_by(deliveries.c.id)
     ).all()
-    return [(Delivery.from_row(r), object_by_uid(conn, r.uid)) for r in rows]
+    # The objects in one query per chunk, not one query per waiting row: a
+    # viewer that fell behind lists hundreds of rows on every poll.
+    records = {}
+    uids = [r.uid for r in rows]
+    for start in range(0, len(uids), 500):
+        chunk = uids[start:start + 500]
+        for o in conn.execute(select(objects).where(objects.c.sop_instance_uid.in_(chunk))):
+            records[o.sop_instance_uid] = ObjectRecord.from_row(o)
+    return [(Delivery.from_row(r), records[r.uid]) for r in rows]
 
 
 def delivery_for(conn: Connection, delivery_id: int, address: str) -> Delivery | None:

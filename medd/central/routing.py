@@ -155,6 +155,12 @@ def decide(conn: Connection, uid: str, node_name: str, at=None) -> str:
     return outcome
 
 
+def decide_all(conn: Connection, uids: list[str], node_name: str) -> list[str]:
+    """Route several objects in the caller's transaction; their outcomes."""
+    at = now()
+    return [decide(conn, uid, node_name, at) for uid in uids]
+
+
 def _hold(conn: Connection, uid: str, destination: str | None, reason: str, at) -> None:
     log.warn("quarantined {uid} for {destination}: {reason}", uid=uid, destination=destination or "-", reason=reason)
     conn.execute(quarantine.insert().values(uid=uid, destination=destination, reason=reason, state="held", created_at=at))
@@ -249,8 +255,11 @@ class Router:
             while True:
                 self._again = False
                 uids = await self.db.run(undecided)
-                for uid in uids:
-                    await self.db.run(lambda conn, uid=uid: decide(conn, uid, self.node_name))
+                if uids:
+                    # One transaction for the whole list: a commit (and an
+                    # fsync) per object made routing wait on the disk once per
+                    # object, behind ingest's own commits.
+                    await self.db.run(lambda conn, uids=uids: decide_all(conn, uids, self.node_name))
                 if uids and self.on_routed is not None:
                     self.on_routed()
                 if not uids and not self._again:

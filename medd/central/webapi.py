@@ -25,6 +25,11 @@ def bearer(request) -> str:
     return token.strip()
 
 
+def unknown_viewer_token() -> Problem:
+    return Problem(401, "unknown viewer token", kind="unauthorised",
+                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
 async def _json_body(request, node) -> dict:
     from medd.transports.http import read_body
 
@@ -47,7 +52,7 @@ class _Authenticated(ProblemResource):
         token = bearer(request)
         viewer = await self.node.database.run(lambda c: directory.viewer_by_token(c, token))
         if viewer is None:
-            raise Problem(401, "unknown viewer token", kind="unauthorised", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise unknown_viewer_token()
         return viewer
 
     async def admin(self, request) -> str:
@@ -104,16 +109,29 @@ class OutboxItem(_Authenticated):
     def render_GET(self, request):
         return render_async(request, self._fetch)
 
-    async def _delivery(self, request):
-        viewer = await self.viewer(request)
-        delivery = await self.node.database.run(lambda c: outbox.delivery_for(c, self.delivery_id, viewer.address))
+    async def _delivery(self, request, then=None):
+        """The viewer, its delivery and ``then(conn, viewer, delivery)``, in one
+        transaction: a pull viewer does this for every package, and each
+        separate database call waits its turn behind ingest's commits."""
+        token = bearer(request)
+
+        def lookup(c):
+            viewer = directory.viewer_by_token(c, token)
+            if viewer is None:
+                return None, None, None
+            delivery = outbox.delivery_for(c, self.delivery_id, viewer.address)
+            extra = then(c, viewer, delivery) if delivery is not None and then is not None else None
+            return viewer, delivery, extra
+
+        viewer, delivery, extra = await self.node.database.run(lookup)
+        if viewer is None:
+            raise unknown_viewer_token()
         if delivery is None:
             raise Problem(404, f"no delivery {self.delivery_id} for {viewer.address}")
-        return viewer, delivery
+        return viewer, delivery, extra
 
     async def _fetch(self, request) -> Response:
-        viewer, delivery = await self._delivery(request)
-        record = await self.node.database.run(lambda c: tracking.object_by_uid(c, delivery.uid))
+        viewer, delivery, record = await self._delivery(request, lambda c, v, d: tracking.object_by_uid(c, d.uid))
         data = await self.node.api.read_blob(record.digest)
         package = outbox.package_for(record, data, delivery, self.node.routing.outbox.origin)
         if delivery.state == "queued":
@@ -135,12 +153,13 @@ class OutboxAck(OutboxItem):
         raise Problem(405, "acknowledge with POST", headers={"Allow": "POST"})
 
     async def _ack(self, request) -> Response:
-        viewer, delivery = await self._delivery(request)
-        if delivery.state in ("queued", "sent", "failed"):
-            at = self.node.routing.outbox.now()
-            await self.node.database.run(
-                lambda c: outbox.set_state(c, delivery.id, "delivered", at, f"acknowledged by {viewer.address}",
-                                           next_attempt_at=None))
+        def acknowledge(c, viewer, delivery):
+            if delivery.state in ("queued", "sent", "failed"):
+                at = self.node.routing.outbox.now()
+                outbox.set_state(c, delivery.id, "delivered", at, f"acknowledged by {viewer.address}",
+                                 next_attempt_at=None)
+
+        viewer, delivery, _ = await self._delivery(request, acknowledge)
         return json_response(200, {"id": delivery.id, "state": "delivered" if delivery.state != "opened" else "opened"})
 
 
