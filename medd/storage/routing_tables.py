@@ -3,7 +3,7 @@ routing rules, quarantine with its corrections, and the outbox with its
 tracking history."""
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, ForeignKey, Integer, String, Table, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
 
 from medd.storage.schema import UID, metadata
 
@@ -130,3 +130,7 @@ delivery_events = Table(
     Column("detail", Text),
     Column("at", DateTime(timezone=True), nullable=False),
 )
+
+# A viewer's waiting deliveries (GET /outbox, the push head of line) without
+# scanning everything it ever received.
+Index("ix_deliveries_destination_state", deliveries.c.destination, deliveries.c.state, deliveries.c.id)
