@@ -295,3 +295,19 @@ async def test_registered_web_resources_are_mounted(make_central):
     response = await deferToThread(requests.get, f"http://127.0.0.1:{port}/hello", timeout=30)
     assert response.status_code == 200 and response.text == "hello"
     assert (await deferToThread(requests.get, f"http://127.0.0.1:{port}/nothello", timeout=30)).status_code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_node_closes_kept_alive_connections(make_central):
+    """A client holding a kept-alive connection is disconnected when the node stops, instead of being
+    answered by a node that has already shut its storage down."""
+    import pytest
+
+    node = await make_central({"http": "tcp:0:interface=127.0.0.1"})
+    url = f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb/studies"
+    session = requests.Session()
+    first = await deferToThread(session.get, url)
+    assert first.status_code in (200, 204)
+    await node.stopService()
+    with pytest.raises(requests.ConnectionError):
+        await deferToThread(session.get, url, timeout=10)

@@ -9,6 +9,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 
 
 class EndpointListener(Service):
@@ -17,7 +18,9 @@ class EndpointListener(Service):
     def __init__(self, reactor, description: str, factory, label: str):
         self.reactor = reactor
         self.description = description
-        self.factory = factory
+        # Wrapped to know the open connections: stopping a listener closes
+        # them too, or kept-alive clients would still talk to a stopped node.
+        self.factory = WrappingFactory(factory)
         self.label = label
         self.port = None
         self._waiting: list[Deferred] = []
@@ -53,6 +56,8 @@ class EndpointListener(Service):
 
     def stopService(self):
         super().stopService()
+        for protocol in list(self.factory.protocols):
+            protocol.transport.loseConnection()
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
