@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ venv: $(VENV)/.installed
 run: venv
 	$(BIN)/medd demo
 
-test: venv
+# The reading room's browser tests drive Debian's chromium; install it when
+# missing and we are root with apt-get, else those tests skip with the reason.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
+			|| echo "chromium not installed: the browser tests will skip"; \
+	fi
+
+test: venv chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

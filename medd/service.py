@@ -42,6 +42,9 @@ class NodeService(MultiService):
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
+            from medd.viewer.web import reading_room_resources
+
+            self.api.web_resources.update(reading_room_resources(self.reading_room, self.api))
         else:
             self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
             self.routing.setName("routing")

@@ -1,0 +1,225 @@
+"""Server-side rendering of stored DICOM images to PNG for the reading room.
+
+Decoding goes through pydicom's pixel handlers (pylibjpeg and its plugins
+for JPEG, JPEG 2000 and RLE); nothing here is a codec. Everything in this
+module is blocking CPU work and runs on a thread pool, never on the reactor.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+# Decoded frames kept so that window/level changes do not decode again.
+FRAME_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class RenderError(Exception):
+    """The image cannot be rendered as asked (bad frame, bad window, no pixels, unsupported)."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the image view needs to know about an image before showing it."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    photometric: str
+    transfer_syntax: str
+    modality: str
+    study_uid: str
+    series_uid: str
+    # (row spacing, column spacing) in mm, from PixelSpacing or ImagerPixelSpacing.
+    pixel_spacing: tuple[float, float] | None
+    # The window the image opens with: the object's own, else the first frame's min/max.
+    window_center: float | None
+    window_width: float | None
+
+
+def _first(value) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else None
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def number_of_frames(ds) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def pixel_spacing(ds) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            try:
+                row, column = float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                continue
+            if row > 0 and column > 0:
+                return row, column
+    return None
+
+
+def _read(data: bytes):
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except Exception as e:
+        raise RenderError(f"the stored object cannot be read as DICOM: {e}") from e
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise RenderError("the stored object has no pixel data")
+    return ds
+
+
+class FrameCache:
+    """Decoded frames (after the modality LUT), least recently used out first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = FRAME_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._frames: OrderedDict[tuple[str, int], tuple[np.ndarray, object]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            found = self._frames.get(key)
+            if found is not None:
+                self._frames.move_to_end(key)
+            return found
+
+    def put(self, key, array: np.ndarray, ds) -> None:
+        with self._lock:
+            if key in self._frames or array.nbytes > self.max_bytes:
+                return
+            self._frames[key] = (array, ds)
+            self._size += array.nbytes
+            while self._size > self.max_bytes:
+                _, (old, _) = self._frames.popitem(last=False)
+                self._size -= old.nbytes
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._frames
+
+
+def _decode(ds, frame: int) -> np.ndarray:
+    """One frame as an array: grayscale after the modality LUT (float), or RGB."""
+    frames = number_of_frames(ds)
+    if not 0 <= frame < frames:
+        raise RenderError(f"frame {frame + 1} does not exist; the image has {frames} frame(s)")
+    try:
+        # pydicom converts YBR to RGB; with index= only the asked frame is decoded.
+        array = pixel_array(ds, index=frame) if frames > 1 else ds.pixel_array
+    except Exception as e:
+        raise RenderError(
+            f"the pixel data ({ds.file_meta.get('TransferSyntaxUID', 'unknown transfer syntax')}) cannot be decoded: {e}"
+        ) from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return apply_color_lut(array, ds)
+    if array.ndim == 3:  # RGB (rows, columns, 3)
+        return array
+    return apply_modality_lut(array, ds).astype(np.float32, copy=False)
+
+
+def describe(data: bytes) -> ImageFacts:
+    """Blocking: the facts the image view shows, and its opening window."""
+    ds = _read(data)
+    center = _first(ds.get("WindowCenter"))
+    width = _first(ds.get("WindowWidth"))
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples == 1 and (center is None or not width or width < 1):
+        center, width = _minmax_window(_decode(ds, 0))
+    return ImageFacts(
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        frames=number_of_frames(ds),
+        samples_per_pixel=samples,
+        photometric=str(ds.get("PhotometricInterpretation", "")),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        modality=str(ds.get("Modality", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        pixel_spacing=pixel_spacing(ds),
+        window_center=center if samples == 1 else None,
+        window_width=width if samples == 1 else None,
+    )
+
+
+def _minmax_window(array: np.ndarray) -> tuple[float, float]:
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    width = max(high - low, 1.0)
+    return low + width / 2, width
+
+
+def _window(array: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM's linear VOI function (PS3.3 C.11.2.1.2) onto 0..255."""
+    if width < 1:
+        raise RenderError(f"window width must be at least 1, not {width:g}")
+    out = ((array.astype(np.float32) - (center - 0.5)) / max(width - 1, 1) + 0.5) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def render_png(data: bytes, *, frame: int = 0, center: float | None = None, width: float | None = None,
+               max_size: int | None = None, cache: FrameCache | None = None, cache_key: str | None = None) -> bytes:
+    """Blocking: frame ``frame`` (0-based) of a stored Part 10 image as a PNG.
+
+    Grayscale images use the given window, else the object's own
+    WindowCenter/Width, else the frame's min/max; MONOCHROME1 is inverted
+    so that it displays as the modality meant. Colour images are shown as
+    they are unless a window is given. ``max_size`` scales the PNG down to
+    fit a square of that many pixels (thumbnails).
+    """
+    from PIL import Image
+
+    key = (cache_key, frame) if cache is not None and cache_key else None
+    cached = cache.get(key) if key else None
+    if cached is not None:
+        array, ds = cached
+    else:
+        if data is None:
+            raise RenderError("no image data")
+        ds = _read(data)
+        array = _decode(ds, frame)
+        if key:
+            cache.put(key, array, ds)
+    if array.ndim == 3:
+        if array.dtype != np.uint8:
+            bits = int(ds.get("BitsStored", 8) or 8)
+            array = (array.astype(np.float32) * (255.0 / max((1 << bits) - 1, 1)))
+        if center is not None and width is not None:
+            pixels = _window(array, center, width)
+        else:
+            pixels = np.clip(array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    else:
+        if center is None or width is None:
+            own_center, own_width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+            if own_center is not None and own_width and own_width >= 1:
+                center, width = (own_center if center is None else center), (own_width if width is None else width)
+            else:
+                auto_center, auto_width = _minmax_window(array)
+                center, width = (auto_center if center is None else center), (auto_width if width is None else width)
+        pixels = _window(array, center, width)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            pixels = 255 - pixels
+        image = Image.fromarray(np.ascontiguousarray(pixels), "L")
+    if max_size:
+        image.thumbnail((max_size, max_size))
+    out = BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
