@@ -116,12 +116,18 @@ def test_render_refuses_what_it_cannot_do():
 
 
 def test_frame_cache_serves_window_changes_without_the_bytes():
-    """After one render, the decoded frame is cached: another window needs no stored bytes and no decode."""
+    """After one render, the decoded frame is cached: another window needs no stored bytes and no decode;
+    the cache stays within its byte budget, oldest frame out first."""
     cache = rendering.FrameCache()
     data = testdata("JPEG2000.dcm")
     rendering.render_png(data, cache=cache, cache_key="1.2.3")
     again = _png(rendering.render_png(None, center=100, width=50, cache=cache, cache_key="1.2.3"))
     assert again.size == (256, 1024)
+    small = rendering.FrameCache(max_bytes=100_000)  # one 128x128 float32 frame is 65,536 bytes
+    ct = testdata("CT_small.dcm")
+    rendering.render_png(ct, cache=small, cache_key="a")
+    rendering.render_png(ct, cache=small, cache_key="b")
+    assert ("b", 0) in small and ("a", 0) not in small
 
 
 def test_annotations_are_checked_before_they_reach_the_backend():

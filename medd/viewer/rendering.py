@@ -101,11 +101,11 @@ class FrameCache:
                 self._frames.move_to_end(key)
             return found
 
-    def put(self, key, array: np.ndarray, ds) -> None:
+    def put(self, key, array: np.ndarray, meta: "_Meta") -> None:
         with self._lock:
             if key in self._frames or array.nbytes > self.max_bytes:
                 return
-            self._frames[key] = (array, ds)
+            self._frames[key] = (array, meta)
             self._size += array.nbytes
             while self._size > self.max_bytes:
                 _, (old, _) = self._frames.popitem(last=False)
@@ -114,6 +114,21 @@ class FrameCache:
     def __contains__(self, key) -> bool:
         with self._lock:
             return key in self._frames
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """What rendering needs of the dataset once a frame is decoded (the cache keeps this, not the pixel data)."""
+
+    photometric: str
+    bits_stored: int
+    window_center: float | None
+    window_width: float | None
+
+    @classmethod
+    def of(cls, ds) -> "_Meta":
+        return cls(str(ds.get("PhotometricInterpretation", "")).upper(), int(ds.get("BitsStored", 8) or 8),
+                   _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth")))
 
 
 def _decode(ds, frame: int) -> np.ndarray:
@@ -189,17 +204,18 @@ def render_png(data: bytes, *, frame: int = 0, center: float | None = None, widt
     key = (cache_key, frame) if cache is not None and cache_key else None
     cached = cache.get(key) if key else None
     if cached is not None:
-        array, ds = cached
+        array, meta = cached
     else:
         if data is None:
             raise RenderError("no image data")
         ds = _read(data)
         array = _decode(ds, frame)
+        meta = _Meta.of(ds)
         if key:
-            cache.put(key, array, ds)
+            cache.put(key, array, meta)
     if array.ndim == 3:
         if array.dtype != np.uint8:
-            bits = int(ds.get("BitsStored", 8) or 8)
+            bits = meta.bits_stored
             array = (array.astype(np.float32) * (255.0 / max((1 << bits) - 1, 1)))
         if center is not None and width is not None:
             pixels = _window(array, center, width)
@@ -208,14 +224,14 @@ def render_png(data: bytes, *, frame: int = 0, center: float | None = None, widt
         image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     else:
         if center is None or width is None:
-            own_center, own_width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+            own_center, own_width = meta.window_center, meta.window_width
             if own_center is not None and own_width and own_width >= 1:
                 center, width = (own_center if center is None else center), (own_width if width is None else width)
             else:
                 auto_center, auto_width = _minmax_window(array)
                 center, width = (auto_center if center is None else center), (auto_width if width is None else width)
         pixels = _window(array, center, width)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        if meta.photometric == "MONOCHROME1":
             pixels = 255 - pixels
         image = Image.fromarray(np.ascontiguousarray(pixels), "L")
     if max_size:
