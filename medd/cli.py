@@ -65,7 +65,8 @@ def cmd_package(args) -> int:
 def cmd_demo(args) -> int:
     from medd.demo import run_demo
 
-    return run_demo(Path(args.config), Path(args.site))
+    viewer = Path(args.viewer_config) if args.viewer_config else None
+    return run_demo(Path(args.config), Path(args.site), viewer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the all-in-one demo site on loopback")
     p.add_argument("--config", default="etc/demo.ini")
     p.add_argument("--site", default="demo-site", help="folder for the demo's data")
+    p.add_argument("--viewer-config", default="etc/demo-viewer.ini", help="the demo viewer ('' for central only)")
     p.set_defaults(func=cmd_demo)
 
     from medd.central.archive_cli import add_archive_commands

@@ -1,15 +1,21 @@
-"""The all-in-one demo site: a central node on loopback, SQLite, sample data."""
+"""The all-in-one demo site: a central node and a viewer on loopback, SQLite,
+sample images from pydicom's test data that reach the reading room by
+themselves."""
 from __future__ import annotations
 
 import configparser
+import shutil
 import sys
 from pathlib import Path
 
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from medd.config import load_config
 
-SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm")
+SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "693_J2KI.dcm", "SC_rgb_jpeg_dcmtk.dcm")
+DEMO_CENTRE = "demo-centre"
+DEMO_AE = "DEMO_CT"
+DEMO_USER, DEMO_PASSWORD = "demo", "demo"
 
 
 def _prepare(config_path: Path) -> None:
@@ -26,7 +32,40 @@ def _prepare(config_path: Path) -> None:
             make_self_signed(cert, key)
 
 
-def run_demo(config_path: Path, site: Path) -> int:
+def _setup_directory(central_config, viewer_config):
+    """Blocking, before the nodes start: who the demo centre, viewer and administrator are."""
+    from medd.central import directory
+    from medd.storage.database import Database
+
+    db = Database(None, central_config.database_url)
+    db.create_schema()
+    viewer_token = viewer_config.section("central")["token"]
+
+    def setup(conn):
+        directory.add_centre(conn, DEMO_CENTRE, aes=[DEMO_AE], addresses=[f"modality@{DEMO_CENTRE}.localhost"])
+        directory.add_viewer(conn, viewer_config.name, None, [DEMO_CENTRE], token=viewer_token)
+        directory.add_rule(conn, viewer_config.name, centre=DEMO_CENTRE)
+        return directory.add_admin(conn, "demo-admin")
+
+    try:
+        return db.run_sync(setup)
+    finally:
+        db.stop()
+
+
+def _add_user(viewer_config) -> None:
+    from medd.storage.database import Database
+    from medd.viewer.users import add_user
+
+    db = Database(None, viewer_config.database_url)
+    db.create_schema()
+    try:
+        db.run_sync(lambda conn: add_user(conn, DEMO_USER, DEMO_PASSWORD))
+    finally:
+        db.stop()
+
+
+def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
@@ -36,44 +75,64 @@ def run_demo(config_path: Path, site: Path) -> int:
     # only a folder the demo itself made is wiped.
     marker = site / ".medd-demo"
     if marker.exists():
-        import shutil
-
         shutil.rmtree(site)
     site.mkdir(parents=True, exist_ok=True)
     marker.touch()
     _prepare(config_path)
     config = load_config(config_path)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    node = make_node(reactor, config)
+    viewer_config = load_config(viewer_config_path) if viewer_config_path else None
+    admin_token = _setup_directory(config, viewer_config) if viewer_config else None
+    if viewer_config:
+        _add_user(viewer_config)
+
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    central = make_node(reactor, config)
+    viewer = make_node(reactor, viewer_config) if viewer_config else None
 
     async def seed():
         import pydicom.data
 
         for name in SAMPLES:
             data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
-            await node.api.receive_dicom(data, transport="demo", origin="DEMO")
+            # As if the demo centre's modality had sent them over DICOM.
+            await central.api.receive_dicom(data, transport="dicom", origin=DEMO_AE)
         listen = config.listen
-        print("\nmedd demo site is up (Ctrl-C stops it). Sample images are indexed.", flush=True)
-        print(f"  node              {config.name} ({config.role}); data under {config.storage_path.parent}")
+        print("\nmedd demo site is up (Ctrl-C stops it).", flush=True)
+        print(f"  central           {config.name}; data under {config.storage_path.parent}")
+        if viewer:
+            print("  reading room      http://127.0.0.1:8081/   log in as demo / demo")
+            print("                    (sample images arrive in the worklist within a few seconds)")
+            print(f"  admin API token   {admin_token}")
+            print("                    e.g. curl -H 'Authorization: Bearer <token>' http://127.0.0.1:8080/api/quarantine")
         if "http" in listen:
             print("  DICOMweb (QIDO)   http://127.0.0.1:8080/dicomweb/studies")
             print("  packages          POST http://127.0.0.1:8080/packages  (Content-Type: message/rfc822)")
         if "dicom" in listen:
-            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {config.dicom_ae_title}"
-                  "   e.g. TCP_NODELAY=1 storescu -aec MEDD 127.0.0.1 11112 file.dcm")
+            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {config.dicom_ae_title}; calling AE {DEMO_AE} is the demo centre"
+                  f"\n                    e.g. TCP_NODELAY=1 storescu -aet {DEMO_AE} -aec MEDD 127.0.0.1 11112 file.dcm")
         if "smtp" in listen:
             print("  SMTP              127.0.0.1:2525   e.g. .venv/bin/medd package file.dcm --to central.demo.localhost"
-                  " | curl smtp://127.0.0.1:2525 --mail-from a@b --mail-rcpt central@demo.localhost -T -")
+                  f" --from modality@{DEMO_CENTRE}.localhost | curl smtp://127.0.0.1:2525"
+                  f" --mail-from modality@{DEMO_CENTRE}.localhost --mail-rcpt central@central.demo.localhost -T -")
         if "tls" in listen:
             print("  TLS packages      127.0.0.1:4443 (self-signed certificate under demo-site/tls)")
+        print(f"  track an object   .venv/bin/medd track <SOP Instance UID> --config {config_path}")
         sys.stdout.flush()
 
     def started():
-        node.startService()
+        central.startService()
+        if viewer:
+            viewer.startService()
         d = ensureDeferred(seed())
         d.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
 
+    def stop():
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        return DeferredList([maybeDeferred(n.stopService) for n in (viewer, central) if n is not None])
+
     reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
     return 0

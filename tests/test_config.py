@@ -21,12 +21,16 @@ def write(tmp_path, text):
 
 
 def test_example_configs_are_valid():
-    """etc/central.ini and etc/demo.ini load and pass the plugin checks as shipped (demo after its certificate exists)."""
+    """The example configs in etc/ load and pass the plugin checks as shipped (demo.ini before its certificate exists)."""
     config = load_config(ROOT / "etc" / "central.ini")
     check_against_plugins(config, load_plugins(config.disabled_plugins))
     assert config.role == "central" and set(config.listen) == {"dicom", "smtp", "http"}
     demo = load_config(ROOT / "etc" / "demo.ini", check_files=False)
     assert set(demo.listen) == {"dicom", "smtp", "http", "tls"}
+    for name in ("viewer.ini", "demo-viewer.ini"):
+        viewer = load_config(ROOT / "etc" / name)
+        check_against_plugins(viewer, load_plugins(viewer.disabled_plugins))
+        assert viewer.role == "viewer" and viewer.section("central")["url"] == "http://127.0.0.1:8080"
 
 
 def test_every_problem_is_reported_with_file_section_and_key(tmp_path):

@@ -124,8 +124,12 @@ def centre_of(conn: Connection, origin: str, transport: str) -> str | None:
 # -- viewers ---------------------------------------------------------------------------------------
 
 
-def add_viewer(conn: Connection, address: str, push_url: str | None = None, scopes: list[str] = ()) -> tuple[Viewer, str]:
-    """Register a viewer (pull if no push URL); returns it and its new token (shown once)."""
+def add_viewer(conn: Connection, address: str, push_url: str | None = None, scopes: list[str] = (),
+               token: str | None = None) -> tuple[Viewer, str]:
+    """Register a viewer (pull if no push URL); returns it and its new token (shown once).
+
+    ``token`` is for the demo site only, whose viewer config ships with a fixed token.
+    """
     address = address.strip().lower()
     if "@" not in address:
         raise DirectoryError(f"a viewer address looks like name@domain, not {address!r}")
@@ -133,7 +137,7 @@ def add_viewer(conn: Connection, address: str, push_url: str | None = None, scop
         raise DirectoryError(f"viewer {address} already exists")
     if push_url is not None:
         check_push_url(push_url)
-    token = new_token()
+    token = token or new_token()
     conn.execute(
         viewers.insert().values(
             address=address, mode="push" if push_url else "pull", push_url=push_url,

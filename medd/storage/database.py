@@ -10,6 +10,7 @@ commit that made its call durable.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, TypeVar
@@ -33,6 +34,9 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.drivername.startswith("sqlite"):
         memory = parsed.database in (None, "", ":memory:")
+        if not memory:
+            # SQLite creates the file but not its folder (etc/central.ini points into ../var).
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
