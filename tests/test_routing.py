@@ -299,3 +299,24 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     assert [r["uid"] for r in history["reports"]] == ["2.25.4242"]
     ov = await central.database.run(lambda c: tracking.object_history(c, overlay.keyinfo.sop_instance_uid))
     assert ov["routing"]["outcome"] == "attached" and ov["deliveries"] == [] and ov["routing"]["centre"] == "centre-a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_router_floor_and_full_pass(make_central):
+    """After a pass, the router only looks at newer objects; a full pass still finds an older object
+    left without a decision (as a transaction committed out of order would leave it)."""
+    from sqlalchemy import delete
+
+    from medd.storage.routing_tables import routing_decisions
+
+    central = await make_central()
+    router = central.routing.router
+    first = await central.api.receive_dicom(testdata("CT_small.dcm"), transport="dicom", origin="NOBODY")
+    await central.api.receive_dicom(testdata("MR_small.dcm"), transport="dicom", origin="NOBODY")
+    await router.kick(full=True)
+    assert await central.database.run(lambda c: routing.undecided(c)) == []
+    await central.database.run(lambda c: c.execute(delete(routing_decisions).where(routing_decisions.c.uid == first.uid)))
+    await router.kick()
+    assert [uid for _, uid in await central.database.run(lambda c: routing.undecided(c))] == [first.uid]
+    await router.kick(full=True)
+    assert await central.database.run(lambda c: routing.undecided(c)) == []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Connection
 from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -166,15 +166,16 @@ def _hold(conn: Connection, uid: str, destination: str | None, reason: str, at) 
     conn.execute(quarantine.insert().values(uid=uid, destination=destination, reason=reason, state="held", created_at=at))
 
 
-def undecided(conn: Connection, limit: int = 200) -> list[str]:
+def undecided(conn: Connection, after_id: int = 0, limit: int = 200) -> list[tuple[int, str]]:
+    """(id, uid) of objects with no routing decision, oldest first, with ids above ``after_id``."""
     q = (
-        select(objects.c.sop_instance_uid)
+        select(objects.c.id, objects.c.sop_instance_uid)
         .outerjoin(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
-        .where(routing_decisions.c.uid.is_(None))
+        .where(and_(routing_decisions.c.uid.is_(None), objects.c.id > after_id))
         .order_by(objects.c.id)
         .limit(limit)
     )
-    return list(conn.execute(q).scalars())
+    return [(r.id, r.sop_instance_uid) for r in conn.execute(q)]
 
 
 # -- administrator corrections ---------------------------------------------------------------------
@@ -242,11 +243,23 @@ class Router:
         self.on_routed = on_routed
         self._running = False
         self._again = False
+        # Every object with an id at or below the floor has a decision, so a
+        # pass after a new object looks at new rows only, not the whole
+        # table. A full pass (floor 0) runs at start and now and then, for
+        # ids that a concurrent transaction committed out of order.
+        self._floor = 0
+        self._full = True
+        self._waiters: list[Deferred] = []
 
-    def kick(self):
+    def kick(self, full: bool = False):
+        if full:
+            self._full = True
         if self._running:
+            # The pass under way runs once more; the caller hears when it ends.
             self._again = True
-            return None
+            waiter = Deferred()
+            self._waiters.append(waiter)
+            return waiter
         return ensureDeferred(self._run())
 
     async def _run(self) -> None:
@@ -254,12 +267,15 @@ class Router:
         try:
             while True:
                 self._again = False
-                uids = await self.db.run(undecided)
+                start, self._full = (0 if self._full else self._floor), False
+                rows = await self.db.run(lambda conn: undecided(conn, start))
+                uids = [uid for _, uid in rows]
                 if uids:
                     # One transaction for the whole list: a commit (and an
                     # fsync) per object made routing wait on the disk once per
                     # object, behind ingest's own commits.
                     await self.db.run(lambda conn, uids=uids: decide_all(conn, uids, self.node_name))
+                    self._floor = max(self._floor, rows[-1][0])
                 if uids and self.on_routed is not None:
                     self.on_routed()
                 if not uids and not self._again:
@@ -268,6 +284,9 @@ class Router:
             log.failure("routing failed; will retry on the next object")
         finally:
             self._running = False
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
 
 class RoutingService(Service):
@@ -306,12 +325,19 @@ class RoutingService(Service):
         self.router.kick()
         return self.outbox.kick()
 
+    def _tick(self):
+        # Every twelfth poll re-reads the whole table (see Router._floor).
+        self._ticks += 1
+        self.router.kick(full=self._ticks % 12 == 1)
+        return self.outbox.kick()
+
     def startService(self) -> None:
         super().startService()
         self.outbox._stopped = False
         # The poll picks up what the CLI changed in the database (a released
         # quarantine entry, a new viewer) and anything a missed kick left.
-        self._poll = LoopingCall(self.kick)
+        self._ticks = 0
+        self._poll = LoopingCall(self._tick)
         self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=True)
 
