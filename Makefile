@@ -1,11 +1,11 @@
 # Two commands set up everything on a fresh machine:
-#   make run    the all-in-one demo site (central on loopback, SQLite)
+#   make run    the all-in-one demo site (central + viewer on loopback, SQLite)
 #   make test   the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv clean chromium
+.PHONY: run test venv clean test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,20 @@ venv: $(VENV)/.installed
 run: venv
 	$(BIN)/medd demo
 
-# The reading room's browser tests drive Debian's chromium; install it when
-# missing and we are root with apt-get, else those tests skip with the reason.
-chromium:
-	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get install -y chromium || { apt-get update && apt-get install -y chromium; } \
-			|| echo "chromium not installed: the browser tests will skip"; \
+# System tools some tests drive: Debian's chromium (the reading room's browser
+# tests) and DCMTK's storescu (a modality-grade SCU). Installed when missing and
+# we are root with apt-get; otherwise those tests skip with the reason.
+test-tools:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; } \
+			|| echo "could not install$$missing: the tests that need them will skip"; \
 	fi
 
-test: venv chromium
+test: venv test-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

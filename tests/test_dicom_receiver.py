@@ -125,7 +125,14 @@ async def test_cecho(make_central):
     assert await deferToThread(echo) == 0
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu is not installed (apt-get install dcmtk)")
+def _dcmtk_storescu() -> str | None:
+    """DCMTK's storescu, not the one pynetdicom installs into the virtualenv's bin."""
+    venv_bin = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if os.path.abspath(p) != venv_bin)
+    return shutil.which("storescu", path=path)
+
+
+@pytest.mark.skipif(_dcmtk_storescu() is None, reason="DCMTK storescu is not installed (apt-get install dcmtk)")
 @pytest_twisted.ensureDeferred
 async def test_dcmtk_storescu(make_central):
     """DCMTK's storescu, a modality-grade SCU, stores objects of several SOP classes and transfer syntaxes."""
@@ -135,7 +142,7 @@ async def test_dcmtk_storescu(make_central):
     paths = [get_testdata_file(n) for n in names]
     proc = await deferToThread(
         subprocess.run,
-        ["storescu", "-v", "--required", "-aet", "STORESCU", "-aec", "MEDD", "127.0.0.1", str(port), *paths],
+        [_dcmtk_storescu(), "-v", "--required", "-aet", "STORESCU", "-aec", "MEDD", "127.0.0.1", str(port), *paths],
         capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"},
     )
     assert proc.returncode == 0, proc.stderr
