@@ -124,18 +124,36 @@ def queue_delivery(conn: Connection, uid: str, destination: str, at, detail: str
     return delivery_id
 
 
-def decide(conn: Connection, uid: str, node_name: str, at=None) -> str:
-    """Route one object (in the caller's transaction); returns the outcome."""
+def _memo(cache: dict | None, key, compute):
+    """``compute()``, remembered in ``cache`` under ``key`` for the rest of one routing pass."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def decide(conn: Connection, uid: str, node_name: str, at=None, cache: dict | None = None) -> str:
+    """Route one object (in the caller's transaction); returns the outcome.
+
+    ``cache`` lets a pass over many objects look the directory up once per
+    sender, rule set and destination rather than once per object; the pass
+    runs in one transaction, so the directory cannot change under it.
+    """
     at = at or now()
     record = object_by_uid(conn, uid)
-    centre = object_centre(conn, record)
+    if record.object_type in ("overlay", "report"):
+        centre = object_centre(conn, record)  # depends on the study, not only on the sender
+    else:
+        centre = _memo(cache, ("centre", record.origin, record.transport), lambda: object_centre(conn, record))
     to = package_destination(conn, uid)
     if to and to != node_name.lower() and to.partition("@")[2] != node_name.lower():
         destinations, source = [to], "package To"
     elif _addresses(record.intended_recipients):
         destinations, source = _addresses(record.intended_recipients), "(0040,1010) intended recipients"
     else:
-        destinations = directory.matching_rules(conn, centre, record.modality or "", record.object_type)
+        destinations = _memo(cache, ("rules", centre, record.modality or "", record.object_type),
+                             lambda: directory.matching_rules(conn, centre, record.modality or "", record.object_type))
         source = "routing rule"
     outcome = "routed"
     if not destinations:
@@ -145,7 +163,8 @@ def decide(conn: Connection, uid: str, node_name: str, at=None) -> str:
             _hold(conn, uid, None, "no route: no package To, no (0040,1010) recipients and no matching rule", at)
             outcome = "quarantined"
     for destination in destinations:
-        reason = verify(conn, destination, centre, record)
+        reason = _memo(cache, ("verify", destination, centre, record.modality or "", record.origin, record.transport),
+                       lambda: verify(conn, destination, centre, record))
         if reason is None:
             queue_delivery(conn, uid, destination, at, f"routed by {source}")
         else:
@@ -158,7 +177,8 @@ def decide(conn: Connection, uid: str, node_name: str, at=None) -> str:
 def decide_all(conn: Connection, uids: list[str], node_name: str) -> list[str]:
     """Route several objects in the caller's transaction; their outcomes."""
     at = now()
-    return [decide(conn, uid, node_name, at) for uid in uids]
+    cache: dict = {}
+    return [decide(conn, uid, node_name, at, cache) for uid in uids]
 
 
 def _hold(conn: Connection, uid: str, destination: str | None, reason: str, at) -> None:
