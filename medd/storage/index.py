@@ -185,6 +185,20 @@ def _where(matches: list[Match]):
     return and_(*[_condition(m) for m in matches]) if matches else None
 
 
+def study_columns() -> list:
+    """Study-level attributes aggregated over a study's objects (for a GROUP BY study)."""
+    c = objects.c
+    study_level = (
+        c.patient_id, c.patient_name, c.patient_birth_date, c.patient_sex, c.study_date, c.study_time,
+        c.study_description, c.study_id, c.accession_number, c.referring_physician_name, c.institution_name,
+    )
+    return [
+        c.study_instance_uid,
+        *(func.min(column).label(column.name) for column in study_level),
+        func.count(func.distinct(c.series_instance_uid)).label("series_count"),
+    ]
+
+
 def search_studies(conn: Connection, matches: list[Match], limit: int = 100, offset: int = 0) -> list[dict]:
     """Study-level rows: one dict of study attributes per matching study."""
     c = objects.c
@@ -193,21 +207,7 @@ def search_studies(conn: Connection, matches: list[Match], limit: int = 100, off
     if where is not None:
         inner = inner.where(where)
     q = (
-        select(
-            c.study_instance_uid,
-            func.min(c.patient_id).label("patient_id"),
-            func.min(c.patient_name).label("patient_name"),
-            func.min(c.patient_birth_date).label("patient_birth_date"),
-            func.min(c.patient_sex).label("patient_sex"),
-            func.min(c.study_date).label("study_date"),
-            func.min(c.study_time).label("study_time"),
-            func.min(c.study_description).label("study_description"),
-            func.min(c.study_id).label("study_id"),
-            func.min(c.accession_number).label("accession_number"),
-            func.min(c.referring_physician_name).label("referring_physician_name"),
-            func.count(func.distinct(c.series_instance_uid)).label("series_count"),
-            func.count().label("instance_count"),
-        )
+        select(*study_columns(), func.count().label("instance_count"))
         .where(c.study_instance_uid.in_(inner))
         .group_by(c.study_instance_uid)
         .order_by(func.min(c.study_date), c.study_instance_uid)

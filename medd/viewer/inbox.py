@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
-from medd.storage.index import now
+from medd.storage.index import now, study_columns
 from medd.storage.schema import objects, receipts
 from medd.storage.viewer_tables import viewer_opened
 
@@ -91,18 +91,8 @@ def worklist(conn: Connection, filters: dict | None = None) -> list[dict]:
     matching = select(c.study_instance_uid).where(and_(images, *_study_conditions(filters))).distinct()
     q = (
         select(
-            c.study_instance_uid,
-            func.min(c.patient_id).label("patient_id"),
-            func.min(c.patient_name).label("patient_name"),
-            func.min(c.patient_birth_date).label("patient_birth_date"),
-            func.min(c.patient_sex).label("patient_sex"),
-            func.min(c.study_date).label("study_date"),
-            func.min(c.study_time).label("study_time"),
-            func.min(c.study_description).label("study_description"),
-            func.min(c.accession_number).label("accession_number"),
-            func.min(c.institution_name).label("institution_name"),
+            *study_columns(),
             func.min(c.origin).label("origin"),
-            func.count(func.distinct(c.series_instance_uid)).label("series_count"),
             func.count().label("images"),
             func.max(c.received_at).label("received_at"),
         )
