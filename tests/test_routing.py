@@ -320,3 +320,29 @@ async def test_router_floor_and_full_pass(make_central):
     assert [uid for _, uid in await central.database.run(lambda c: routing.undecided(c))] == [first.uid]
     await router.kick(full=True)
     assert await central.database.run(lambda c: routing.undecided(c)) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_api_manages_viewers_and_routes(make_central):
+    """An administrator adds a viewer (getting its token once) and a routing rule over HTTP; a bad
+    rule is refused with problem JSON; a viewer token cannot use the admin API."""
+    central = await make_central({"http": "tcp:0:interface=127.0.0.1"})
+    admin = await central.database.run(lambda c: directory.add_admin(c, "alice"))
+    await central.database.run(lambda c: directory.add_centre(c, "centre-a", aes=["CT1"]))
+    http = f"http://127.0.0.1:{listener_port(central, 'http')}/api"
+    headers = {"Authorization": f"Bearer {admin}"}
+    r = await deferToThread(requests.post, f"{http}/viewers", json={"address": PULL, "authorise": ["centre-a:CT"]}, headers=headers)
+    assert r.status_code == 201 and r.json()["mode"] == "pull" and len(r.json()["token"]) >= 40
+    viewer_token = r.json()["token"]
+    r = await deferToThread(requests.post, f"{http}/viewers", json={"address": PULL}, headers=headers)
+    assert r.status_code == 409 and r.headers["Content-Type"] == "application/problem+json"
+    listed = (await deferToThread(requests.get, f"{http}/viewers", headers=headers)).json()
+    assert [(v["address"], v["authorisations"]) for v in listed] == [(PULL, ["centre-a:CT"])]
+    r = await deferToThread(requests.post, f"{http}/routes", json={"centre": "centre-a", "to": PULL}, headers=headers)
+    assert r.status_code == 201
+    r = await deferToThread(requests.post, f"{http}/routes", json={"to": PULL}, headers=headers)
+    assert r.status_code == 400 and "at least one of" in r.json()["detail"]
+    rules = (await deferToThread(requests.get, f"{http}/routes", headers=headers)).json()
+    assert [(x["centre"], x["destination"]) for x in rules] == [("centre-a", PULL)]
+    r = await deferToThread(requests.get, f"{http}/routes", headers={"Authorization": f"Bearer {viewer_token}"})
+    assert r.status_code == 403
