@@ -6,7 +6,7 @@ from twisted.logger import Logger
 
 from medd.central.archiving import archive_settings, make_archiving
 from medd.central.ingest import Ingest, ReceiverAPI
-from medd.central.routing import RoutingService
+from medd.central.routing import RoutingService, sender_check
 from medd.config import Config, ConfigError, ConfigProblem
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.database import Database
@@ -47,6 +47,7 @@ class NodeService(MultiService):
             self.api.web_resources.update(reading_room_resources(self.reading_room, self.api))
         else:
             self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
+            self.ingest.sender_check = sender_check(self.database)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             from medd.central.webapi import central_resources

@@ -149,7 +149,12 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
     # the radiologist opens it: a status package from the viewer
     status = build_package(status_content("opened", ct.SOPInstanceUID, "dr-pull"),
                            AttachmentId.of("status", event="opened", uid=ct.SOPInstanceUID), origin=PULL, destination="central.test")
+    # a status in the viewer's name but without its token is refused and changes nothing
     r = await deferToThread(requests.post, f"{http}/packages", data=status, headers={"Content-Type": "message/rfc822"})
+    assert r.status_code == 403 and "authenticated as that viewer" in r.json()["detail"]
+    assert await _state(central, ct.SOPInstanceUID, PULL) == "delivered"
+    r = await deferToThread(requests.post, f"{http}/packages", data=status,
+                            headers={"Content-Type": "message/rfc822", **vh})
     assert r.status_code == 201, r.text
     track = (await deferToThread(requests.get, f"{http}/api/objects/{ct.SOPInstanceUID}", headers=headers)).json()
     (delivery,) = track["deliveries"]
@@ -281,7 +286,7 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
 
     viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
     central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
-    await _setup_directory(central, listener_port(viewer, "smtp"))
+    pull_token, _ = await _setup_directory(central, listener_port(viewer, "smtp"))
     await central.database.run(lambda c: directory.add_rule(c, PUSH, centre="centre-a", object_type="report"))
     ct = _with_recipient("CT_small.dcm", recipient=PULL)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ct]) == [0]
@@ -291,7 +296,8 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     overlay = parse_part10(_gsps_for(buf.getvalue()))
     report = text_report_content("No acute findings.", "2.25.4242", ct.StudyInstanceUID)
     for content, ident in ((overlay, OverlayType().identifier(overlay)), (report, ReportType().identifier(report))):
-        await central.api.receive_package(build_package(content, ident, origin=PULL, destination="central.test"), transport="http")
+        await central.api.receive_package(build_package(content, ident, origin=PULL, destination="central.test"),
+                                          transport="http", credentials=pull_token)
 
     await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, "2.25.4242")))
     history = await central.database.run(lambda c: tracking.object_history(c, ct.SOPInstanceUID))
@@ -346,3 +352,31 @@ async def test_admin_api_manages_viewers_and_routes(make_central):
     assert [(x["centre"], x["destination"]) for x in rules] == [("centre-a", PULL)]
     r = await deferToThread(requests.get, f"{http}/routes", headers={"Authorization": f"Bearer {viewer_token}"})
     assert r.status_code == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_viewer_packages_need_the_viewer_authenticated(make_central):
+    """A report in a registered viewer's name is refused (and nothing stored) unless the sender proved to be
+    that viewer: its bearer token, or over TLS a client certificate naming it; another viewer's token does not do."""
+    from medd.central.ingest import Refused
+    from medd.plugins.objecttypes import ReportType, text_report_content
+
+    central = await make_central()
+    pull_token, _ = await _setup_directory(central, None)
+    other_token = await central.database.run(lambda c: directory.add_viewer(c, "other@viewers.example", None, [])[1])
+
+    def report(uid):
+        content = text_report_content("fine", uid, "1.2.3.4")
+        return build_package(content, ReportType().identifier(content), origin=PULL, destination="central.test")
+
+    for kwargs in ({"transport": "http"}, {"transport": "http", "credentials": other_token},
+                   {"transport": "tls", "peer": "other@viewers.example"}, {"transport": "smtp", "peer": "192.0.2.1"}):
+        with pytest.raises(Refused) as info:
+            await central.api.receive_package(report("2.25.1"), **kwargs)
+        assert info.value.kind == "unauthenticated"
+    assert await central.database.run(lambda c: index.object_by_uid(c, "2.25.1")) is None
+    assert not [p for p in (central.config.storage_path / "blobs").rglob("*") if p.is_file()]
+    await central.api.receive_package(report("2.25.2"), transport="http", credentials=pull_token)
+    await central.api.receive_package(report("2.25.3"), transport="tls", peer=PULL)
+    for uid in ("2.25.2", "2.25.3"):
+        assert await central.database.run(lambda c, uid=uid: index.object_by_uid(c, uid)) is not None

@@ -87,9 +87,15 @@ class Ingest:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder)."""
         return ensureDeferred(self._receive_dicom(data, transport, origin))
 
-    def receive_package(self, data: bytes, *, transport: str, peer: str | None = None) -> Deferred:
-        """A package (SMTP, TLS frame, HTTP POST /packages)."""
-        return ensureDeferred(self._receive_package(data, transport, peer))
+    def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
+                        credentials: str | None = None) -> Deferred:
+        """A package (SMTP, TLS frame, HTTP POST /packages).
+
+        ``credentials`` is what the sender authenticated with, if anything
+        (an HTTP bearer token); ``peer`` is the connection's identity (client
+        IP, or a TLS client certificate's CN).
+        """
+        return ensureDeferred(self._receive_package(data, transport, peer, credentials))
 
     # -- implementation -------------------------------------------------------------------------
 
@@ -127,20 +133,31 @@ class Ingest:
         outcome = await self._index(record, None, blob)
         return self._stored(outcome)
 
-    def _read_package(self, data: bytes):
+    def _read_package(self, data: bytes, store: bool):
         try:
             package = read_package(data, self.plugins.object_type, self.max_object_size)
         except PackageError as e:
             raise Refused(e.reason) from e
         except InvalidObject as e:
             raise Refused(e.reason) from e
-        if package.attachment.type == "status":
+        if package.attachment.type == "status" or not store:
             return package, None
         return package, self._put(package.content.data)
 
-    async def _receive_package(self, data: bytes, transport: str, peer: str | None) -> Stored:
+    # Set by the node's role: ``await sender_check(package, transport, peer,
+    # credentials)`` raises Refused for a sender that may not send this package.
+    sender_check = None
+
+    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
         self._check_size(data)
-        package, blob = await self._off_reactor(self._read_package, data)
+        check = self.sender_check
+        # With a check, the blob is written only after it passed: a refused
+        # package leaves nothing behind.
+        package, blob = await self._off_reactor(self._read_package, data, check is None)
+        if check is not None:
+            await check(package, transport, peer, credentials)
+            if package.attachment.type != "status":
+                blob = await self._off_reactor(self._put, package.content.data)
         receipt = Receipt(
             message_id=package.message_id,
             attachment=str(package.attachment),
@@ -267,8 +284,9 @@ class ReceiverAPI:
     def receive_dicom(self, data: bytes, *, transport: str, origin: str) -> Deferred:
         return self._ingest.receive_dicom(data, transport=transport, origin=origin)
 
-    def receive_package(self, data: bytes, *, transport: str, peer: str | None = None) -> Deferred:
-        return self._ingest.receive_package(data, transport=transport, peer=peer)
+    def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
+                        credentials: str | None = None) -> Deferred:
+        return self._ingest.receive_package(data, transport=transport, peer=peer, credentials=credentials)
 
     def query(self, fn, *args, **kw) -> Deferred:
         """Run an :mod:`medd.storage.index` query function on the database pool."""

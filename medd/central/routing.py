@@ -366,3 +366,42 @@ class RoutingService(Service):
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         self.outbox.stop()
+
+
+VIEWER_TYPES = ("status", "overlay", "report")
+
+
+def sender_check(database):
+    """Central's check of who sends what comes back from viewers.
+
+    A status, overlay or report package whose From is a registered viewer is
+    accepted only from that viewer authenticated: its bearer token (HTTP) or
+    a TLS client certificate whose CN is its address. Otherwise anyone could
+    mark an image opened in the viewer's name, or attach a report as it.
+    """
+    from medd.central.ingest import Refused
+
+    async def check(package, transport: str, peer: str | None, credentials: str | None) -> None:
+        if package.attachment.type not in VIEWER_TYPES:
+            return
+        origin = package.origin.strip().lower()
+
+        def lookup(conn):
+            named = directory.get_viewer(conn, origin)
+            by_token = directory.viewer_by_token(conn, credentials) if credentials else None
+            return named, by_token
+
+        named, by_token = await database.run(lookup)
+        if named is None:
+            return  # not a viewer's address: it matches no delivery and attaches only
+        if by_token is not None and by_token.address == origin:
+            return
+        if transport == "tls" and (peer or "").strip().lower() == origin:
+            return
+        raise Refused(
+            f"a {package.attachment.type} package from viewer {origin} must be sent authenticated as that viewer "
+            "(its bearer token over HTTP, or its client certificate over TLS)",
+            "unauthenticated",
+        )
+
+    return check

@@ -67,6 +67,8 @@ def problem_from_ingest(error: Exception) -> Problem:
     if isinstance(error, Refused):
         if error.kind == "too-large":
             return Problem(413, error.reason, kind="too-large", title="Object too large")
+        if error.kind == "unauthenticated":
+            return Problem(403, error.reason, kind="unauthenticated", title="Sender not authenticated")
         return Problem(400, error.reason, kind="invalid", title="Invalid object")
     if isinstance(error, StoreFailed):
         return Problem(503, str(error), kind="store-failed", title="Not stored, try again later",
@@ -91,6 +93,12 @@ def json_response(status: int, value, media_type: str = "application/json", **he
 def client_ip(request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", None) or str(address)
+
+
+def bearer_token(request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if there is one."""
+    scheme, _, token = (request.getHeader("authorization") or "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def media_type_of(request) -> tuple[str, dict[str, str]]:
@@ -219,7 +227,8 @@ class PackagesResource(ProblemResource):
                           headers={"Accept-Post": PACKAGE_MEDIA_TYPE})
         data = await self.api.run_blocking(read_body, request.content)
         try:
-            stored = await self.api.receive_package(data, transport="http", peer=client_ip(request))
+            stored = await self.api.receive_package(data, transport="http", peer=client_ip(request),
+                                                    credentials=bearer_token(request))
         except (Refused, StoreFailed) as e:
             raise problem_from_ingest(e) from e
         body = {
