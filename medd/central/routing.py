@@ -327,14 +327,18 @@ class RoutingService(Service):
             RetryPolicy.from_settings(settings), settings=config.section("push"), clock=clock,
         )
         self.poll_interval = float(settings.get("poll_interval", 5))
+        self.route_delay = float(settings.get("route_delay", 0.05))
+        self._pending = None
         self.clock = clock or reactor
         self._poll = None
         plugins.manager.register(self, name="medd-central-routing")
 
     @hookimpl
     def medd_object_stored(self, stored) -> None:
-        if self.running:
-            self.router.kick()
+        # Objects arriving close together are routed in one pass (one query
+        # and one commit for all of them) rather than one pass each.
+        if self.running and (self._pending is None or not self._pending.active()):
+            self._pending = self.clock.callLater(self.route_delay, self.router.kick)
 
     def _routed(self) -> None:
         if self.running:
@@ -365,6 +369,8 @@ class RoutingService(Service):
         super().stopService()
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
         self.outbox.stop()
 
 
