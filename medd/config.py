@@ -56,6 +56,7 @@ class Config:
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
+    tls_client_ca_key: str | None = None  # to issue viewers' client certificates (`medd viewers add --client-cert`)
     sections: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, str]:
@@ -158,13 +159,16 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     cert = get("tls", "certificate")
     key = get("tls", "private_key")
     client_ca = get("tls", "client_ca")
-    for k, v in (("certificate", cert), ("private_key", key), ("client_ca", client_ca)):
+    client_ca_key = get("tls", "client_ca_key")
+    for k, v in (("certificate", cert), ("private_key", key), ("client_ca", client_ca), ("client_ca_key", client_ca_key)):
         if v is not None and check_files and not (base / v).is_file():
             problem("tls", k, f"no such file: {base / v}")
     if (cert is None) != (key is None):
         problem("tls", "private_key" if key is None else "certificate", "certificate and private_key go together")
     if "tls" in listen and cert is None and not listen["tls"].startswith("ssl:"):
         problem("listen", "tls", "needs an ssl: endpoint, or [tls] certificate and private_key")
+    if client_ca_key is not None and client_ca is None:
+        problem("tls", "client_ca_key", "needs [tls] client_ca (the CA certificate it belongs to)")
     if client_ca is not None and listen.get("tls", "").startswith("ssl:"):
         problem("tls", "client_ca", "applies only to a tls listener on a tcp: endpoint; an ssl: endpoint string carries its own TLS settings")
 
@@ -184,6 +188,7 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         tls_certificate=str(base / cert) if cert else None,
         tls_private_key=str(base / key) if key else None,
         tls_client_ca=str(base / client_ca) if client_ca else None,
+        tls_client_ca_key=str(base / client_ca_key) if client_ca_key else None,
         sections={s: dict(parser.items(s)) for s in parser.sections()},
     )
 

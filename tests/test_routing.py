@@ -20,6 +20,7 @@ from medd.plugins.host import load_plugins
 from medd.plugins.objecttypes import ImageType, status_content
 from medd.storage import index
 from medd.storage.routing_tables import deliveries
+from medd.storage.routing_tables import viewers as routing_viewers
 from tests.conftest import listener_port, testdata
 from tests.databases import db_url  # noqa: F401  (fixture: SQLite and PostgreSQL)
 from tests.routing_helpers import eventually, free_port
@@ -380,3 +381,46 @@ async def test_viewer_packages_need_the_viewer_authenticated(make_central):
     await central.api.receive_package(report("2.25.3"), transport="tls", peer=PULL)
     for uid in ("2.25.2", "2.25.3"):
         assert await central.database.run(lambda c, uid=uid: index.object_by_uid(c, uid)) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_viewer_client_certificate_issued_and_accepted(make_central, tmp_path):
+    """`medd viewers add --client-cert` issues a certificate signed by central's client CA (its hash kept);
+    with it the viewer sends a report in its own name over the TLS transport and central accepts it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medd.plugins.objecttypes import ReportType, text_report_content
+    from medd.tlscert import make_self_signed
+    from medd.transports.tls import send_packages
+    from tests.conftest import write_config
+    from twisted.internet import reactor
+
+    ca_cert, ca_key = tmp_path / "ca.pem", tmp_path / "ca-key.pem"
+    make_self_signed(ca_cert, ca_key, "medd test client CA")
+    server_cert, server_key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    make_self_signed(server_cert, server_key, "127.0.0.1")
+    extra = (f"[tls]\ncertificate = {server_cert}\nprivate_key = {server_key}\n"
+             f"client_ca = {ca_cert}\nclient_ca_key = {ca_key}\n")
+    listen = {"tls": "tcp:0:interface=127.0.0.1"}
+    ini = write_config(tmp_path, listen, extra)
+    issued = tmp_path / "viewer" / "client.pem"
+    medd = str(Path(sys.executable).parent / "medd")
+    added = subprocess.run([medd, "viewers", "add", PULL, "--pull", "--client-cert", str(issued), "--config", str(ini)],
+                           capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    assert issued.read_bytes().count(b"BEGIN") == 2  # certificate and key
+
+    central = await make_central(listen, extra=extra)
+    viewer = await central.database.run(lambda c: c.execute(
+        select(routing_viewers.c.client_cert_sha256)).scalar())
+    assert viewer and len(viewer) == 64
+
+    content = text_report_content("Signed over mutual TLS.", "2.25.777", "1.2.3.4")
+    package = build_package(content, ReportType().identifier(content), origin=PULL, destination="central.test")
+    (reply,) = await send_packages(reactor, "127.0.0.1", listener_port(central, "tls"), [package],
+                                   ca_pem=server_cert.read_bytes(), client_cert=issued.read_bytes())
+    assert reply["status"] == "ok", reply
+    record = await central.database.run(lambda c: index.object_by_uid(c, "2.25.777"))
+    assert record.origin == PULL and record.transport == "tls"

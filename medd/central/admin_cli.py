@@ -52,7 +52,33 @@ def _guard(fn):
 def viewers_add(args):
     if bool(args.pull) == bool(args.push):
         return _fail("give exactly one of --pull or --push URL")
-    viewer, token = _run(args, lambda c: directory.add_viewer(c, args.address, args.push, args.authorise or []))
+    config = load_config(args.config)
+    if args.client_cert and not (config.tls_client_ca and config.tls_client_ca_key):
+        return _fail(f"{args.config}: --client-cert needs [tls] client_ca and client_ca_key (the CA that signs it)")
+    issued = None
+    if args.client_cert:
+        from pathlib import Path
+
+        from medd.tlscert import issue_client_certificate
+
+        issued = issue_client_certificate(Path(config.tls_client_ca).read_bytes(),
+                                          Path(config.tls_client_ca_key).read_bytes(), args.address.strip().lower())
+
+    def add(c):
+        viewer, token = directory.add_viewer(c, args.address, args.push, args.authorise or [])
+        if issued:
+            directory.record_client_certificate(c, viewer.address, issued[1])
+        return viewer, token
+
+    viewer, token = _run(args, add)
+    if issued:
+        from pathlib import Path
+
+        out = Path(args.client_cert)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(issued[0])
+        out.chmod(0o600)
+        print(f"client certificate and key for the TLS transport written to {out} (SHA-256 {issued[1]})", file=sys.stderr)
     print(token)
     print(f"viewer {viewer.address} added ({viewer.mode}); the line above is its token, shown once", file=sys.stderr)
 
@@ -185,6 +211,9 @@ def add_admin_commands(sub) -> None:
     p.add_argument("--pull", action="store_true", help="the viewer polls central (GET /outbox)")
     p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p or http(s)://h/packages")
     p.add_argument("--authorise", action="append", metavar="CENTRE[:MODALITY]")
+    p.add_argument("--client-cert", metavar="FILE",
+                   help="also issue a TLS client certificate (CN = the address) signed by [tls] client_ca_key; "
+                        "written to FILE with its key")
     command(g, "list", viewers_list, "list viewers")
     command(g, "remove", viewers_remove, "remove a viewer").add_argument("address")
     for name, func in (("authorise", viewers_authorise), ("revoke", viewers_revoke)):

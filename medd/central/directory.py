@@ -155,6 +155,12 @@ def check_push_url(url: str) -> None:
         raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port or http(s)://host[:port]/path, not {url!r}")
 
 
+def record_client_certificate(conn: Connection, address: str, fingerprint: str) -> None:
+    """Remember (hashed) the client certificate issued to a viewer."""
+    viewer = _viewer_row(conn, address)
+    conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(client_cert_sha256=fingerprint))
+
+
 def remove_viewer(conn: Connection, address: str) -> None:
     viewer = _viewer_row(conn, address)
     conn.execute(delete(authorisations).where(authorisations.c.viewer_id == viewer.id))

@@ -34,6 +34,8 @@ viewers = Table(
     Column("mode", String(8), nullable=False),  # "push" | "pull"
     Column("push_url", String(512)),
     Column("token_hash", String(64), nullable=False, unique=True),
+    # SHA-256 of the client certificate issued for the TLS transport, if any.
+    Column("client_cert_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 

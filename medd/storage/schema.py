@@ -139,7 +139,7 @@ Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_
 # There are no migrations yet: a database made by another schema version is
 # refused at start-up with a clear message instead of failing on first use.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 schema_version = Table("medd_schema", metadata, Column("version", Integer, nullable=False))
 
