@@ -11,6 +11,9 @@ import pytest_twisted
 
 from medd.config import load_config
 
+# The db_url fixture: each storage test on SQLite and PostgreSQL.
+pytest_plugins = ["tests.databases"]
+
 
 def testdata(name: str) -> bytes:
     """Bytes of one of pydicom's bundled test files."""

@@ -20,7 +20,6 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
-from medd.central.archiving import ArchivingService
 from medd.config import ConfigError, load_config
 from medd.plugins.interfaces import IArchive
 from medd.service import check_against_plugins, make_node

@@ -12,7 +12,6 @@ from medd.plugins.objecttypes import ImageType, OverlayType, ReportType, status_
 from medd.storage import index
 from medd.storage.schema import receipts, status_events
 from tests.conftest import testdata
-from tests.databases import db_url  # noqa: F401  (fixture)
 
 
 def _blob_files(node):

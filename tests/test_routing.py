@@ -22,7 +22,6 @@ from medd.storage import index
 from medd.storage.routing_tables import deliveries
 from medd.storage.routing_tables import viewers as routing_viewers
 from tests.conftest import listener_port, testdata
-from tests.databases import db_url  # noqa: F401  (fixture: SQLite and PostgreSQL)
 from tests.routing_helpers import eventually, free_port
 
 FAST = "[delivery]\nretry_base = 0.05\nretry_multiplier = 2\nretry_max_delay = 0.3\npoll_interval = 0.2\n"

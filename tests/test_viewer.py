@@ -12,7 +12,6 @@ import pytest
 import pytest_twisted
 import requests
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread

@@ -32,7 +32,6 @@ from medd.storage.routing_tables import (
     delivery_events,
     quarantine,
     routing_decisions,
-    viewers,
 )
 from medd.storage.schema import objects, receipts
 

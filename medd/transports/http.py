@@ -257,9 +257,6 @@ class RootResource(ProblemResource):
         registered = getattr(self.api, "web_resources", None) or {}
         resource = registered.get(path)
         return resource if resource is not None else super().getChild(path, request)
-        # Resources the node's role adds (central: /outbox and /api).
-        for name, resource in api.web_resources.items():
-            self.putChild(name, resource)
 
     def render_GET(self, request):
         return json_response(200, {"node": "medd", "services": ["/packages", "/dicomweb"]}).body

@@ -159,14 +159,16 @@ class OutgoingService(Service):
         except CentralRefused as e:
             self.log.error("central refused {attachment} ({message_id}): {detail}", attachment=pkg.attachment,
                            message_id=pkg.message_id, detail=e.detail)
+            error = str(e)
             await self.db.run(lambda c: c.execute(update(viewer_outgoing).where(viewer_outgoing.c.id == pkg.id).values(
-                state="refused", attempts=pkg.attempts + 1, last_error=str(e))))
+                state="refused", attempts=pkg.attempts + 1, last_error=error)))
             return
         except FileNotFoundError as e:
             self.log.error("the bytes of {attachment} ({message_id}) are gone from the blob store; not sent",
                            attachment=pkg.attachment, message_id=pkg.message_id)
+            error = f"package bytes missing: {e}"
             await self.db.run(lambda c: c.execute(update(viewer_outgoing).where(viewer_outgoing.c.id == pkg.id).values(
-                state="lost", attempts=pkg.attempts + 1, last_error=f"package bytes missing: {e}")))
+                state="lost", attempts=pkg.attempts + 1, last_error=error)))
             return
         except CentralUnavailable as e:
             attempts = pkg.attempts + 1
@@ -174,8 +176,9 @@ class OutgoingService(Service):
             self.log.warn("cannot send {attachment} to central ({error}); attempt {n}, next in {delay:.1f}s",
                           attachment=pkg.attachment, error=str(e), n=attempts, delay=delay)
             next_at = at + timedelta(seconds=delay)
+            error = f"{type(e).__name__}: {e}"
             await self.db.run(lambda c: c.execute(update(viewer_outgoing).where(viewer_outgoing.c.id == pkg.id).values(
-                attempts=attempts, next_attempt_at=next_at, last_error=f"{type(e).__name__}: {e}")))
+                attempts=attempts, next_attempt_at=next_at, last_error=error)))
             return
         await self.db.run(lambda c: c.execute(update(viewer_outgoing).where(viewer_outgoing.c.id == pkg.id).values(
             state="sent", attempts=pkg.attempts + 1, sent_at=at, last_error=None)))
