@@ -311,3 +311,23 @@ async def test_stopping_the_node_closes_kept_alive_connections(make_central):
     await node.stopService()
     with pytest.raises(requests.ConnectionError):
         await deferToThread(session.get, url, timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_report_is_no_dicom_instance_in_qido(make_central):
+    """A plain-text report attached to a study neither adds an instance to it in QIDO-RS nor makes a
+    report-only study appear there."""
+    node = await make_central(LISTEN)
+    port = listener_port(node, "http")
+    data, uid = _image_package()
+    assert (await _post(port, data)).status_code == 201
+    study = (await node.database.run(lambda c: index.object_by_uid(c, uid))).study_instance_uid
+    by_name = {t.name: t for t in BUILTIN_OBJECT_TYPES}
+    for report_uid, study_uid in (("1.2.826.0.1.3680043.8.498.11", study), ("1.2.826.0.1.3680043.8.498.12", "1.2.826.0.1.3680043.8.498.13")):
+        report = text_report_content("Seen.", uid=report_uid, study_uid=study_uid)
+        package = build_package(report, by_name["report"].identifier(report), origin="viewer@central.test",
+                                destination="central@central.test")
+        assert (await _post(port, package)).status_code == 201
+    studies = (await deferToThread(requests.get, f"http://127.0.0.1:{port}/dicomweb/studies")).json()
+    assert [s["0020000D"]["Value"][0] for s in studies] == [study]
+    assert studies[0]["00201208"]["Value"][0] == 1  # NumberOfStudyRelatedInstances

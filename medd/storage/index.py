@@ -200,15 +200,20 @@ def study_columns() -> list:
 
 
 def search_studies(conn: Connection, matches: list[Match], limit: int = 100, offset: int = 0) -> list[dict]:
-    """Study-level rows: one dict of study attributes per matching study."""
+    """Study-level rows: one dict of study attributes per matching study.
+
+    Only DICOM instances count: a plain-text report is attached to its study
+    but is no instance of it (QIDO-RS and WADO-RS know nothing of it).
+    """
     c = objects.c
-    inner = select(c.study_instance_uid).distinct()
+    dicom = c.media_type == "application/dicom"
+    inner = select(c.study_instance_uid).where(dicom).distinct()
     where = _where(matches)
     if where is not None:
         inner = inner.where(where)
     q = (
         select(*study_columns(), func.count().label("instance_count"))
-        .where(c.study_instance_uid.in_(inner))
+        .where(and_(dicom, c.study_instance_uid.in_(inner)))
         .group_by(c.study_instance_uid)
         .order_by(func.min(c.study_date), c.study_instance_uid)
         .limit(limit)
