@@ -146,16 +146,23 @@ def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: s
                          message_id=delivery.message_id)
 
 
+async def load_package(api, record: ObjectRecord, delivery: Delivery, origin: str) -> bytes:
+    """The stored object, read and wrapped into its package off the reactor
+    (base64 of an object of hundreds of megabytes is seconds of CPU)."""
+    data = await api.read_blob(record.digest)
+    return await api.run_blocking(package_for, record, data, delivery, origin)
+
+
 class DeliveryService:
     """Drives push deliveries; ``kick()`` when something was queued."""
 
-    def __init__(self, reactor, database, read_blob, senders: dict, node_name: str, policy: RetryPolicy,
+    def __init__(self, reactor, database, api, senders: dict, node_name: str, policy: RetryPolicy,
                  settings: dict | None = None, clock=None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.settings = settings or {}
         self.db = database
-        self.read_blob = read_blob  # digest -> Deferred[bytes]
+        self.api = api  # ReceiverAPI: read_blob, run_blocking
         self.senders = senders  # scheme -> ISender
         self.origin = node_name if "@" in node_name else f"central@{node_name}"
         self.policy = policy
@@ -222,8 +229,7 @@ class DeliveryService:
             if sender is None:
                 raise RuntimeError(f"no sender for {scheme}: URLs")
             record = await self.db.run(lambda conn: object_by_uid(conn, delivery.uid))
-            data = await self.read_blob(record.digest)
-            package = package_for(record, data, delivery, self.origin)
+            package = await load_package(self.api, record, delivery, self.origin)
             at = self.now()
             await self.db.run(lambda conn: set_state(conn, delivery.id, "sent", at, f"to {url}", attempts=delivery.attempts + 1))
             await sender.send(self.reactor, url, package, self.settings)

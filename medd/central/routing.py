@@ -322,7 +322,7 @@ class RoutingService(Service):
         self.router = Router(database, config.name, on_routed=self._routed)
         settings = config.section("delivery")
         self.outbox = DeliveryService(
-            reactor, database, api.read_blob, plugins.senders, config.name,
+            reactor, database, api, plugins.senders, config.name,
             RetryPolicy.from_settings(settings), settings=config.section("push"), clock=clock,
         )
         self.poll_interval = float(settings.get("poll_interval", 5))

@@ -132,8 +132,7 @@ class OutboxItem(_Authenticated):
 
     async def _fetch(self, request) -> Response:
         viewer, delivery, record = await self._delivery(request, lambda c, v, d: tracking.object_by_uid(c, d.uid))
-        data = await self.node.api.read_blob(record.digest)
-        package = outbox.package_for(record, data, delivery, self.node.routing.outbox.origin)
+        package = await outbox.load_package(self.node.api, record, delivery, self.node.routing.outbox.origin)
         if delivery.state == "queued":
             at = self.node.routing.outbox.now()
             await self.node.database.run(

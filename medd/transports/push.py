@@ -7,7 +7,6 @@ HTTP 2xx), which medd receivers give only once the object is durable.
 """
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,12 +22,44 @@ class PushRefused(Exception):
 
 
 def _envelope(package: bytes) -> tuple[str, str]:
+    """(From, To) addresses, read from the header block only."""
     import email
+    import email.utils
 
-    msg = email.message_from_bytes(package.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+    end = package.find(b"\r\n\r\n")
+    msg = email.message_from_bytes(package[: end + 4 if end >= 0 else len(package)])
     _, sender = email.utils.parseaddr(msg["From"])
     _, recipient = email.utils.parseaddr(msg["To"])
     return sender, recipient
+
+
+class _LFLines:
+    """The package as a file of LF-terminated lines, converted chunk by chunk.
+
+    Twisted's SMTP client reads the message in chunks on the reactor and
+    turns every LF into CRLF itself, so CRLF input would arrive as
+    "\r\r\n"; converting lazily avoids a second whole-package copy.
+    """
+
+    def __init__(self, package: bytes):
+        self.view = memoryview(package)
+        self.pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> None:
+        # Twisted rewinds the message before each connection attempt.
+        if (offset, whence) != (0, 0):
+            raise ValueError("only a rewind to the start is supported")
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= len(self.view):
+            return b""
+        end = len(self.view) if size is None or size < 0 else min(self.pos + size, len(self.view))
+        if end < len(self.view) and self.view[end - 1] == 0x0D:
+            end += 1  # never split a CRLF across two chunks
+        chunk = bytes(self.view[self.pos:end])
+        self.pos = end
+        return chunk.replace(b"\r\n", b"\n")
 
 
 @implementer(ISender)
@@ -40,10 +71,7 @@ class SmtpSender:
 
         parts = urlsplit(url)
         sender, recipient = _envelope(package)
-        # Twisted's SMTP client reads the message as LF-terminated lines and
-        # sends each with CRLF; CRLF input would arrive as "\r\r\n".
-        text = package.replace(b"\r\n", b"\n")
-        return sendmail(parts.hostname, sender, [recipient], BytesIO(text), port=parts.port or 25,
+        return sendmail(parts.hostname, sender, [recipient], _LFLines(package), port=parts.port or 25,
                         reactor=reactor, requireTransportSecurity=False)
 
 
