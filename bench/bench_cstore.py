@@ -20,108 +20,22 @@ import json
 import os
 import shutil
 import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST = "127.0.0.1"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def dcmtk_tool(name: str) -> str:
-    """The DCMTK binary, not pynetdicom's console script of the same name
-    (which a venv on PATH would put first)."""
-    for candidate in (f"/usr/bin/{name}", shutil.which(name)):
-        if candidate and os.path.exists(candidate):
-            out = subprocess.run([candidate, "--version"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT).stdout.decode(errors="replace")
-            if "dcmtk" in out.lower():
-                return candidate
-    raise SystemExit(f"DCMTK {name} not found (apt-get install dcmtk)")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class MeddCentral:
-    """A fresh central node (own folder, SQLite index, blob store) started with twistd."""
-
-    def __init__(self, work: str, port: int, twistd: str):
-        self.work, self.port, self.twistd = work, port, twistd
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        if os.path.exists(self.work):
-            shutil.rmtree(self.work)
-        os.makedirs(self.work)
-        if port_open(self.port):
-            raise SystemExit(f"port {self.port} is already in use; pass --medd-port")
-        self.db = os.path.join(self.work, "index.sqlite")
-        ini = os.path.join(self.work, "central.ini")
-        with open(ini, "w") as f:
-            f.write(textwrap.dedent(f"""\
-                [node]
-                role = central
-                name = central.bench
-                [database]
-                url = sqlite:///{self.db}
-                [storage]
-                path = {self.work}/store
-                [dicom]
-                ae_title = MEDD
-                [listen]
-                dicom = tcp:{self.port}:interface={HOST}
-                """))
-        with open(os.path.join(self.work, "twistd.log"), "ab") as logf:
-            self.proc = subprocess.Popen([self.twistd, "-n", "--pidfile=", "medd", "--config", ini],
-                                         cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        while not port_open(self.port):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"medd exited early (rc={self.proc.returncode}); see {self.work}/twistd.log")
-            if time.monotonic() - t0 > 60:
-                raise SystemExit("medd did not open its DICOM port within 60 s")
-            time.sleep(0.05)
-
-    def stored_count(self) -> int:
-        with sqlite3.connect(self.db) as conn:
-            return conn.execute("SELECT count(*) FROM objects").fetchone()[0]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # our own child, by PID
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from meddnode import HOST, REPO, MeddCentral, dcmtk_tool, log, proc_cpu_s  # noqa: E402
 
 
 def measure_medd(a, corpus: str, rep: int, storescu: str) -> dict:
     cdir = os.path.join(a.corpus, corpus)
     files = sorted(os.listdir(cdir))
     nbytes = sum(os.path.getsize(os.path.join(cdir, f)) for f in files)
-    node = MeddCentral(os.path.join(a.work, "medd"), a.medd_port, a.twistd)
+    node = MeddCentral(os.path.join(a.work, "medd"), {"dicom": a.medd_port}, bin_dir=os.path.dirname(a.twistd))
+    node.write_config()
     node.start()
     try:
         env = dict(os.environ, TCP_NODELAY="1")

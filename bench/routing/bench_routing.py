@@ -24,50 +24,20 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-HOST = "127.0.0.1"
+sys.path.insert(0, os.path.dirname(HERE))
+from meddnode import HOST, REPO, MeddCentral, dcmtk_tool, log, proc_cpu_s  # noqa: E402
+
 CALLING_AE = "BENCHSCU"
 CENTRE = "bench-centre"
 VIEWER = "dr-bench@viewers.example"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def dcmtk_storescu() -> str:
-    """DCMTK's storescu, not pynetdicom's console script of the same name."""
-    for candidate in ("/usr/bin/storescu", shutil.which("storescu")):
-        if candidate and os.path.exists(candidate):
-            out = subprocess.run([candidate, "--version"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT).stdout.decode(errors="replace")
-            if "dcmtk" in out.lower():
-                return candidate
-    raise SystemExit("DCMTK storescu not found (apt-get install dcmtk)")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _utc(dt: datetime) -> float:
@@ -81,77 +51,17 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))]
 
 
-class Central:
-    """A fresh central node in its own folder, run by twistd as a child process."""
-
-    def __init__(self, work: str, dicom_port: int, http_port: int, a):
-        self.work, self.dicom_port, self.http_port, self.a = work, dicom_port, http_port, a
-        self.proc: subprocess.Popen | None = None
-        self.db = os.path.join(work, "index.sqlite")
-        self.ini = os.path.join(work, "central.ini")
-
-    def write_config(self) -> None:
-        if os.path.exists(self.work):
-            shutil.rmtree(self.work)
-        os.makedirs(self.work)
-        with open(self.ini, "w") as f:
-            f.write(textwrap.dedent(f"""\
-                [node]
-                role = central
-                name = central.bench
-                [database]
-                url = sqlite:///{self.db}
-                [storage]
-                path = {self.work}/store
-                [dicom]
-                ae_title = MEDD
-                [listen]
-                dicom = tcp:{self.dicom_port}:interface={HOST}
-                http = tcp:{self.http_port}:interface={HOST}
-                [delivery]
-                poll_interval = {self.a.poll_interval}
-                """))
-
-    def cli(self, *args: str) -> str:
-        p = subprocess.run([self.a.medd, *args, "--config", self.ini], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"medd {' '.join(args)} failed: {p.stderr}")
-        return p.stdout
-
-    def start(self) -> None:
-        for port in (self.dicom_port, self.http_port):
-            if port_open(port):
-                raise SystemExit(f"port {port} is already in use; pass --dicom-port/--http-port")
-        with open(os.path.join(self.work, "twistd.log"), "ab") as logf:
-            self.proc = subprocess.Popen([self.a.twistd, "-n", "--pidfile=", "medd", "--config", self.ini],
-                                         cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        while not (port_open(self.dicom_port) and port_open(self.http_port)):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"medd exited early (rc={self.proc.returncode}); see {self.work}/twistd.log")
-            if time.monotonic() - t0 > 60:
-                raise SystemExit("medd did not open its ports within 60 s")
-            time.sleep(0.05)
-
-    def query(self, sql: str) -> list[tuple]:
-        with sqlite3.connect(self.db) as conn:
-            return conn.execute(sql).fetchall()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # our own child, by PID
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+def fresh_central(a, work: str) -> MeddCentral:
+    """A fresh central with DICOM and HTTP listeners and a short outbox poll."""
+    node = MeddCentral(work, {"dicom": a.dicom_port, "http": a.http_port},
+                       extra=f"[delivery]\npoll_interval = {a.poll_interval}\n", bin_dir=os.path.dirname(a.twistd))
+    node.write_config()
+    return node
 
 
-def run_storescu(a, central: Central, cdir: str, logpath: str) -> tuple[float, float, subprocess.CompletedProcess]:
+def run_storescu(a, central: MeddCentral, cdir: str, logpath: str) -> tuple[float, float, subprocess.CompletedProcess]:
     env = dict(os.environ, TCP_NODELAY="1")
-    cmd = [a.storescu, "-v", "-aet", CALLING_AE, "-aec", "MEDD", "+sd", "+r", HOST, str(central.dicom_port), cdir]
+    cmd = [a.storescu, "-v", "-aet", CALLING_AE, "-aec", "MEDD", "+sd", "+r", HOST, str(central.listen["dicom"]), cdir]
     subprocess.run(["sync"], check=False)
     t0 = time.time()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=a.run_timeout)
@@ -170,14 +80,13 @@ def run_storescu(a, central: Central, cdir: str, logpath: str) -> tuple[float, f
 def measure_ingest(a, corpus: str, rep: int) -> dict:
     cdir = os.path.join(a.corpus, corpus)
     n = len(os.listdir(cdir))
-    central = Central(os.path.join(a.work, f"ingest_{corpus}_{rep}"), a.dicom_port, a.http_port, a)
-    central.write_config()
+    central = fresh_central(a, os.path.join(a.work, f"ingest_{corpus}_{rep}"))
     central.start()
     try:
         cpu0 = proc_cpu_s(central.proc.pid)
         t0, t1, _ = run_storescu(a, central, cdir, os.path.join(central.work, "storescu.log"))
         cpu = proc_cpu_s(central.proc.pid) - cpu0
-        stored = central.query("SELECT count(*) FROM objects")[0][0]
+        stored = central.stored_count()
     finally:
         central.stop()
     if stored != n:
@@ -190,8 +99,7 @@ def measure_ingest(a, corpus: str, rep: int) -> dict:
 def measure_routing(a, corpus: str, rep: int) -> dict:
     cdir = os.path.join(a.corpus, corpus)
     n = len(os.listdir(cdir))
-    central = Central(os.path.join(a.work, f"routing_{corpus}_{rep}"), a.dicom_port, a.http_port, a)
-    central.write_config()
+    central = fresh_central(a, os.path.join(a.work, f"routing_{corpus}_{rep}"))
     # The directory, with the same CLI an administrator uses, before the node starts.
     central.cli("centres", "add", CENTRE, "--ae", CALLING_AE)
     token = central.cli("viewers", "add", VIEWER, "--pull", "--authorise", CENTRE).strip().splitlines()[0]
@@ -201,7 +109,7 @@ def measure_routing(a, corpus: str, rep: int) -> dict:
     viewer = None
     try:
         viewer = subprocess.Popen(
-            [a.python, os.path.join(HERE, "pull_viewer.py"), "--url", f"http://{HOST}:{central.http_port}",
+            [a.python, os.path.join(HERE, "pull_viewer.py"), "--url", f"http://{HOST}:{central.listen['http']}",
              "--token", token, "--expect", str(n), "--idle", str(a.idle), "--timeout", str(a.run_timeout),
              "--out", viewer_out],
             stdout=subprocess.PIPE, stderr=open(os.path.join(central.work, "viewer.log"), "wb"), text=True)
@@ -303,7 +211,7 @@ def main() -> int:
     a = p.parse_args()
     venv = os.path.join(REPO, ".venv", "bin")
     a.twistd, a.medd, a.python = (os.path.join(venv, x) for x in ("twistd", "medd", "python"))
-    a.storescu = dcmtk_storescu()
+    a.storescu = dcmtk_tool("storescu")
     corpora = a.corpora.split(",")
     for c in corpora:
         if not os.path.isdir(os.path.join(a.corpus, c)):
