@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import IArchive
+from medd.storage.blobstore import fsync_dir
 
 log = Logger()
 
@@ -136,14 +137,6 @@ class VolumeShort(OSError):
     """A volume holds fewer bytes than the catalogue says were committed to it."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @implementer(IArchive)
 class TapeArchive:
     """Volumes as files under ``root``, a folder that must already exist.
@@ -206,7 +199,7 @@ class TapeArchive:
             if not existed:
                 created_dirs.append(path)
             for d in created_dirs:
-                _fsync_dir(d.parent)
+                fsync_dir(d.parent)
         except BaseException:
             os.close(fd)
             raise

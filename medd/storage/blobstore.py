@@ -26,7 +26,8 @@ class BlobRef:
     created: bool  # False when identical content was already stored
 
 
-def _fsync_dir(path: str | Path) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (files renamed or created in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -93,7 +94,7 @@ class FileBlobStore:
         # An existing blob may have been renamed into place by another put
         # that has not fsync'd its directory yet: this caller must not
         # acknowledge before that either.
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if new_dirs:
             self._make_durable(top, parent)
         return BlobRef(digest, len(data), created=not existing)
@@ -105,9 +106,9 @@ class FileBlobStore:
         process has fsync'd its parent once, since another thread (or a run
         that crashed) may have made it without.
         """
-        _fsync_dir(top)
+        fsync_dir(top)
         if top not in self._durable_dirs:
-            _fsync_dir(self._blobs)
+            fsync_dir(self._blobs)
             self._durable_dirs.add(top)
         self._durable_dirs.add(parent)
 

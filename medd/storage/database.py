@@ -104,12 +104,18 @@ class Database:
 
     def run_sync(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a transaction on the calling thread, retrying transient errors."""
+        return self._retrying(self.engine.begin, fn)
+
+    def _retrying(self, begin, fn: Callable[[Connection], T], on_error=None) -> T:
+        """``fn`` in a transaction from ``begin()``, retried with backoff on OperationalError."""
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
-                with self.engine.begin() as conn:
+                with begin() as conn:
                     return fn(conn)
             except OperationalError as e:
+                if on_error is not None:
+                    on_error()
                 if attempt == self.retries:
                     raise
                 self.log.warn("database busy ({error}); retry {n}", error=e.orig, n=attempt + 1)
@@ -167,19 +173,8 @@ class Database:
         """Like :meth:`run_sync`, on the pool thread's kept connection."""
         if not self._keep_connection:
             return self.run_sync(fn)
-        delay = 0.05
-        for attempt in range(self.retries + 1):
-            try:
-                with self._begin() as conn:
-                    return fn(conn)
-            except OperationalError as e:
-                self._forget_connection()
-                if attempt == self.retries:
-                    raise
-                self.log.warn("database busy ({error}); retry {n}", error=e.orig, n=attempt + 1)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
+        # Only the pool thread may drop its kept connection, so only here.
+        return self._retrying(self._begin, fn, on_error=self._forget_connection)
 
     @contextmanager
     def _begin(self):
