@@ -35,10 +35,9 @@ def _prepare(config_path: Path) -> None:
 def _setup_directory(central_config, viewer_config):
     """Blocking, before the nodes start: who the demo centre, viewer and administrator are."""
     from medd.central import directory
-    from medd.storage.database import Database
+    from medd.storage.database import open_database
 
-    db = Database(None, central_config.database_url)
-    db.create_schema()
+    db = open_database(central_config)
     viewer_token = viewer_config.section("central")["token"]
 
     def setup(conn):
@@ -54,11 +53,10 @@ def _setup_directory(central_config, viewer_config):
 
 
 def _add_user(viewer_config) -> None:
-    from medd.storage.database import Database
+    from medd.storage.database import open_database
     from medd.viewer.users import add_user
 
-    db = Database(None, viewer_config.database_url)
-    db.create_schema()
+    db = open_database(viewer_config)
     try:
         db.run_sync(lambda conn: add_user(conn, DEMO_USER, DEMO_PASSWORD))
     finally:
@@ -96,7 +94,7 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
         for name in SAMPLES:
             data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
             # As if the demo centre's modality had sent them over DICOM.
-            await central.api.receive_dicom(data, transport="dicom", origin=DEMO_AE)
+            await central.ingest.receive_dicom(data, transport="dicom", origin=DEMO_AE)
         listen = config.listen
         print("\nmedd demo site is up (Ctrl-C stops it).", flush=True)
         print(f"  central           {config.name}; data under {config.storage_path.parent}")

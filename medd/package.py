@@ -26,14 +26,6 @@ ATTACHMENT_PARAMS = {
 }
 
 
-class PackageError(ValueError):
-    """A package medd refuses; ``reason`` says why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class AttachmentId:
     """The value of a ``Medd-Attachment`` header: a type and its parameters."""
@@ -61,11 +53,11 @@ class AttachmentId:
         msg[HEADER] = value
         params = msg.get_params(header=HEADER, unquote=True)
         if not params or not params[0][0] or params[0][1] != "":
-            raise PackageError(f"{HEADER} header {value!r} does not start with an object type")
+            raise InvalidObject(f"{HEADER} header {value!r} does not start with an object type")
         type_ = params[0][0].strip().lower()
         rest = tuple((k.strip().lower(), v.strip()) for k, v in params[1:])
         if any(v == "" for _, v in rest):
-            raise PackageError(f"{HEADER} header {value!r} has a parameter without a value")
+            raise InvalidObject(f"{HEADER} header {value!r} has a parameter without a value")
         return cls(type_, rest)
 
 
@@ -115,7 +107,7 @@ def _single_part(msg: Message) -> Message:
         return objects[0]
     if not objects and len(parts) == 1:
         return parts[0]
-    raise PackageError(f"a package carries exactly one object; this one has {len(objects) or len(parts)} parts")
+    raise InvalidObject(f"a package carries exactly one object; this one has {len(objects) or len(parts)} parts")
 
 
 def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Message]:
@@ -124,18 +116,18 @@ def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Me
     Blocking (CPU-bound on large packages).
     """
     if max_size is not None and len(data) > max_size:
-        raise PackageError(f"package of {len(data)} bytes exceeds the limit of {max_size} bytes")
+        raise InvalidObject(f"package of {len(data)} bytes exceeds the limit of {max_size} bytes")
     if not data.strip():
-        raise PackageError("empty package")
+        raise InvalidObject("empty package")
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
     if msg.defects:
-        raise PackageError(f"malformed MIME message: {msg.defects[0].__class__.__name__}")
+        raise InvalidObject(f"malformed MIME message: {msg.defects[0].__class__.__name__}")
     for name in ("From", "To", "Message-ID", HEADER):
         if not msg.get(name, "").strip():
-            raise PackageError(f"package has no {name} header")
+            raise InvalidObject(f"package has no {name} header")
     part = _single_part(msg)
     if part.defects:
-        raise PackageError(f"malformed MIME part: {part.defects[0].__class__.__name__}")
+        raise InvalidObject(f"malformed MIME part: {part.defects[0].__class__.__name__}")
     return msg, part
 
 
@@ -143,28 +135,28 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
     """Parse, decode and validate a package against its object type.
 
     ``object_types`` is the plugin host's ``object_type(name)`` lookup.
-    Raises :class:`PackageError` (envelope problems) or
+    Raises :class:`InvalidObject` (envelope problems) or
     :class:`InvalidObject` (content problems). Blocking.
     """
     msg, part = parse_package(data, max_size)
     attachment = AttachmentId.parse(msg[HEADER])
     object_type = object_types(attachment.type)
     if object_type is None:
-        raise PackageError(f"unknown object type {attachment.type!r} in {HEADER}")
+        raise InvalidObject(f"unknown object type {attachment.type!r} in {HEADER}")
     cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
     if cte not in ("base64", "quoted-printable", "7bit", "8bit", "binary"):
-        raise PackageError(f"unsupported Content-Transfer-Encoding {cte!r}")
+        raise InvalidObject(f"unsupported Content-Transfer-Encoding {cte!r}")
     payload = part.get_payload(decode=True)
     if payload is None:
-        raise PackageError("the object part has no body")
+        raise InvalidObject("the object part has no body")
     if part.defects:
-        raise PackageError(f"malformed object part: {part.defects[0].__class__.__name__}")
+        raise InvalidObject(f"malformed object part: {part.defects[0].__class__.__name__}")
     content = decode_content(part.get_content_type(), payload)
     object_type.validate(attachment, content)
     _, origin = email.utils.parseaddr(msg["From"])
     _, destination = email.utils.parseaddr(msg["To"])
     if not origin or not destination:
-        raise PackageError("From and To must each hold one address")
+        raise InvalidObject("From and To must each hold one address")
     return Package(
         message_id=msg["Message-ID"].strip(),
         origin=origin,

@@ -4,18 +4,21 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from medd.central import tracking
 from medd.central.archiving import archive_settings, make_archiving
-from medd.central.ingest import Ingest, ReceiverAPI
-from medd.central.routing import RoutingService, sender_check
+from medd.central.routing import RoutingService, SenderPolicy
 from medd.config import Config, ConfigError, ConfigProblem
+from medd.ingest import Ingest
+from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.database import Database
+from medd.storage.index import ObjectIndex
 
 AVAILABLE_ROLES = ("central", "viewer")
 
 
 class NodeService(MultiService):
-    """A node's storage and thread pools, parent of its listeners."""
+    """A node's storage and thread pools, parent of its role's services and its listeners."""
 
     log = Logger()
 
@@ -26,35 +29,50 @@ class NodeService(MultiService):
         self.plugins = plugins
         config.storage_path.mkdir(parents=True, exist_ok=True)
         self.database = Database(reactor, config.database_url)
-        blob_factory = plugins.storage[("blobstore", config.section("storage").get("backend", "file"))]
-        self.blobs = blob_factory(config)
-        check_storage(plugins, "blobstore", self.blobs, config.section("storage").get("backend", "file"))
-        self.ingest = Ingest(reactor, self.database, self.blobs, plugins, max_object_size=config.max_object_size)
-        self.api = ReceiverAPI(reactor, self.ingest, self.database, self.blobs, config)
+        backend = config.section("storage").get("backend", "file")
+        self.blobs = plugins.storage[("blobstore", backend)](config)
+        check_storage(plugins, "blobstore", self.blobs, backend)
+        self.index = ObjectIndex(self.database, reactor)
         self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
-            self.api.restore_blob = self.archiving.restore_digest
+        record_status = None
+        if config.role == "central":
+            plugins.manager.register(SenderPolicy(self.database), name="medd-central-sender-policy")
+            record_status = tracking.record_status(self.database, reactor)
+        self.ingest = Ingest(
+            reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
+            record_status=record_status,
+            restore=self.archiving.restore_digest if self.archiving is not None else None,
+        )
+        self.web = WebMounts()
         if config.role == "viewer":
             from medd.viewer.node import ViewerServices
+            from medd.viewer.web import reading_room_resources
 
             self.viewer = ViewerServices(self)
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
-            from medd.viewer.web import reading_room_resources
-
-            self.api.web_resources.update(reading_room_resources(self.reading_room, self.api))
+            for name, resource in reading_room_resources(self.reading_room, self.ingest).items():
+                self.web.mount(name, resource)
         else:
-            self.routing = RoutingService(reactor, config, plugins, self.database, self.api)
-            self.ingest.sender_check = sender_check(self.database)
-            self.routing.setName("routing")
-            self.routing.setServiceParent(self)
             from medd.central.webapi import central_resources
 
-            self.api.web_resources.update(central_resources(self))
+            self.routing = RoutingService(reactor, config, plugins, self.database, self.ingest)
+            self.routing.setName("routing")
+            self.routing.setServiceParent(self)
+            for name, resource in central_resources(self).items():
+                self.web.mount(name, resource)
+        web_resources = self.web.freeze()
+        tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
+        queries = IndexQueries(self.index, self.ingest)
         for key, endpoint in sorted(config.listen.items()):
-            listener = plugins.transports[key].listener(endpoint, self.api)
+            api = TransportAPI(
+                reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(key),
+                tls=tls, web_resources=web_resources, queries=queries,
+            )
+            listener = plugins.transports[key].listener(endpoint, api)
             listener.setName(f"listen-{key}")
             listener.setServiceParent(self)
 

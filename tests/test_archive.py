@@ -99,7 +99,7 @@ async def ingest_corpus(node, corpus=CORPUS, study_uid: str | None = None) -> di
     """Ingest each (origin, file); {uid: (origin, modality)}."""
     stored = {}
     for n, (origin, name) in enumerate(corpus):
-        result = await node.api.receive_dicom(variant(name, n, study_uid), transport="test", origin=origin)
+        result = await node.ingest.receive_dicom(variant(name, n, study_uid), transport="test", origin=origin)
         record = await node.database.run(lambda c: index.object_by_uid(c, result.uid))
         stored[result.uid] = (origin, record.modality)
     return stored
@@ -348,7 +348,7 @@ async def test_evict_then_restore(archive_node, tmp_path):
         assert node.blobs.exists(record.digest) == (uid not in archived)
 
     uid = sorted(archived)[0]
-    data = await node.api.read_blob(records[uid].digest)
+    data = await node.ingest.read_blob(records[uid].digest)
     assert data == variant_bytes_of(records[uid], data)
     assert node.blobs.exists(records[uid].digest)
     restored = await node.database.run(lambda c: catalogue.archived_by_uid(c, [uid]))

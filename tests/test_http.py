@@ -60,6 +60,7 @@ class _TCPStringTransport(StringTransport):
 
 class _FakeAPI:
     max_object_size = 1024
+    web_resources: dict = {}
 
 
 def test_accepted_connections_have_nagle_off():
@@ -276,9 +277,12 @@ async def test_refusals_are_logged(make_central):
 
 
 @pytest_twisted.ensureDeferred
-async def test_registered_web_resources_are_mounted(make_central):
-    """Resources a node registers in api.web_resources are served at /<name> beside /packages and /dicomweb."""
+async def test_mounted_web_resources_are_served(make_central):
+    """Resources mounted with WebMounts.mount are served at /<name> beside /packages and /dicomweb; others are 404."""
+    from twisted.internet import reactor
     from twisted.web.resource import Resource
+
+    from medd.plugins.api import TLSSettings, TransportAPI, WebMounts
 
     class Hello(Resource):
         isLeaf = True
@@ -287,14 +291,37 @@ async def test_registered_web_resources_are_mounted(make_central):
             request.setHeader("Content-Type", "text/plain")
             return b"hello"
 
-    node = await make_central(LISTEN)
-    port = listener_port(node, "http")
-    if not hasattr(node.api, "web_resources"):
-        node.api.web_resources = {}
-    node.api.web_resources[b"hello"] = Hello()
-    response = await deferToThread(requests.get, f"http://127.0.0.1:{port}/hello", timeout=30)
-    assert response.status_code == 200 and response.text == "hello"
-    assert (await deferToThread(requests.get, f"http://127.0.0.1:{port}/nothello", timeout=30)).status_code == 404
+    node = await make_central({})
+    mounts = WebMounts()
+    mounts.mount("hello", Hello())
+    api = TransportAPI(reactor, node.ingest, transport="http", node_name="central.test", settings={},
+                       tls=TLSSettings(), web_resources=mounts.freeze())
+    listener = HttpTransport().listener("tcp:0:interface=127.0.0.1", api)
+    listener.startService()
+    try:
+        port = (await listener.whenListening()).getHost().port
+        response = await deferToThread(requests.get, f"http://127.0.0.1:{port}/hello", timeout=30)
+        assert response.status_code == 200 and response.text == "hello"
+        assert (await deferToThread(requests.get, f"http://127.0.0.1:{port}/nothello", timeout=30)).status_code == 404
+    finally:
+        await listener.stopService()
+
+
+def test_mounts_are_frozen_once_the_listeners_are_built():
+    """A resource mounted after the listeners were built (and so never served) is an error, as is a name mounted twice."""
+    import pytest
+    from twisted.web.resource import Resource
+
+    from medd.plugins.api import WebMounts
+
+    mounts = WebMounts()
+    mounts.mount("a", Resource())
+    with pytest.raises(ValueError):
+        mounts.mount(b"a", Resource())
+    served = mounts.freeze()
+    with pytest.raises(RuntimeError):
+        mounts.mount("b", Resource())
+    assert list(served) == [b"a"]
 
 
 @pytest_twisted.ensureDeferred

@@ -5,7 +5,7 @@ import pytest
 import pytest_twisted
 from pydicom import dcmread
 
-from medd.central.ingest import Refused
+from medd.ingest import Refused
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
 from medd.plugins.objecttypes import ImageType, OverlayType, ReportType, status_content, text_report_content
@@ -34,8 +34,8 @@ async def test_package_stored_and_idempotent(make_central, db_url):
     node = await make_central(db_url=db_url)
     content = parse_part10(testdata("MR_small.dcm"))
     pkg = build_package(content, ImageType().identifier(content), origin="ct1@centre-a.example", destination="dr-lee@viewers.example")
-    first = await node.api.receive_package(pkg, transport="test", peer="192.0.2.7")
-    second = await node.api.receive_package(pkg, transport="test")
+    first = await node.ingest.receive_package(pkg, transport="test", peer="192.0.2.7")
+    second = await node.ingest.receive_package(pkg, transport="test")
     assert first.created and not second.created
     from sqlalchemy import select
 
@@ -57,7 +57,7 @@ async def test_same_object_in_new_package_is_not_duplicated(make_central, db_url
     content = parse_part10(testdata("CT_small.dcm"))
     for _ in range(2):
         pkg = build_package(content, ImageType().identifier(content), origin="a@b.example", destination="c@d.example")
-        await node.api.receive_package(pkg, transport="test")
+        await node.ingest.receive_package(pkg, transport="test")
     assert await node.database.run(index.count_objects) == 1
     assert await _count(node, receipts) == 2
     assert len(_blob_files(node)) == 1
@@ -103,7 +103,7 @@ async def test_overlay_report_and_status_packages(make_central, db_url):
     overlay = parse_part10(_gsps_for(image))
     ov_id = OverlayType().identifier(overlay)
     assert ov_id.get("image-uid") == image_uid
-    stored = await node.api.receive_package(
+    stored = await node.ingest.receive_package(
         build_package(overlay, ov_id, origin="dr-lee@viewers.example", destination="central.test"), transport="test"
     )
     assert stored.object_type == "overlay"
@@ -111,7 +111,7 @@ async def test_overlay_report_and_status_packages(make_central, db_url):
     assert record.referenced_image_uid == image_uid
 
     report = text_report_content("No acute findings.", "2.25.1234", overlay.keyinfo.study_instance_uid)
-    stored = await node.api.receive_package(
+    stored = await node.ingest.receive_package(
         build_package(report, ReportType().identifier(report), origin="dr-lee@viewers.example", destination="central.test"),
         transport="test",
     )
@@ -123,8 +123,8 @@ async def test_overlay_report_and_status_packages(make_central, db_url):
     status = status_content("opened", image_uid, "dr-lee")
     pkg = build_package(status, AttachmentId.of("status", event="opened", uid=image_uid),
                         origin="dr-lee@viewers.example", destination="central.test")
-    first = await node.api.receive_package(pkg, transport="test")
-    again = await node.api.receive_package(pkg, transport="test")
+    first = await node.ingest.receive_package(pkg, transport="test")
+    again = await node.ingest.receive_package(pkg, transport="test")
     assert first.created and not again.created
     assert await _count(node, status_events) == 1
 
@@ -156,7 +156,7 @@ async def test_bad_package_refused_changes_nothing(make_central, case):
     content = parse_part10(testdata("CT_small.dcm"))
     data = BAD_PACKAGES[case](content)
     with pytest.raises(Refused) as info:
-        await node.api.receive_package(data, transport="test")
+        await node.ingest.receive_package(data, transport="test")
     assert info.value.reason
     assert await node.database.run(index.count_objects) == 0
     assert await _count(node, receipts) == 0
@@ -169,7 +169,7 @@ async def test_bad_dicom_refused(make_central, name):
     """pydicom's broken test files are refused and leave nothing behind."""
     node = await make_central()
     with pytest.raises(Refused):
-        await node.api.receive_dicom(testdata(name), transport="test", origin="MOD")
+        await node.ingest.receive_dicom(testdata(name), transport="test", origin="MOD")
     assert await node.database.run(index.count_objects) == 0
     assert _blob_files(node) == []
 
@@ -180,7 +180,7 @@ async def test_nonzero_preamble_is_zeroed(make_central):
     node = await make_central()
     data = bytearray(testdata("CT_small.dcm"))
     data[:128] = b"MZ" + b"\x90" * 126
-    stored = await node.api.receive_dicom(bytes(data), transport="test", origin="MOD")
+    stored = await node.ingest.receive_dicom(bytes(data), transport="test", origin="MOD")
     kept = node.blobs.get(stored.digest)
     assert kept[:128] == b"\0" * 128
     assert kept[128:] == bytes(data[128:])
@@ -191,6 +191,6 @@ async def test_oversized_refused(make_central):
     """An object over [limits] max_object_size is refused as too large."""
     node = await make_central(extra="[limits]\nmax_object_size = 10K\n")
     with pytest.raises(Refused) as info:
-        await node.api.receive_dicom(testdata("CT_small.dcm"), transport="test", origin="MOD")
+        await node.ingest.receive_dicom(testdata("CT_small.dcm"), transport="test", origin="MOD")
     assert info.value.kind == "too-large"
     assert await node.database.run(index.count_objects) == 0

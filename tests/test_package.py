@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medd.objects import InvalidObject, parse_part10
-from medd.package import AttachmentId, PackageError, build_package, read_package
+from medd.package import AttachmentId, InvalidObject, build_package, read_package
 from medd.plugins.host import load_plugins
 from medd.plugins.objecttypes import ImageType, ReportType, StatusType, status_content, text_report_content
 from tests.conftest import testdata
@@ -29,7 +29,7 @@ def test_attachment_id_round_trip():
     assert str(a) == "overlay; uid=1.2.3; image-uid=1.2.4"
     assert AttachmentId.parse(str(a)) == a
     assert AttachmentId.parse('Report; UID="1.2.5"; study-uid=1.2.6').get("study-uid") == "1.2.6"
-    with pytest.raises(PackageError):
+    with pytest.raises(InvalidObject):
         AttachmentId.parse("; uid=1.2.3")
 
 

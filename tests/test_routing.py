@@ -296,7 +296,7 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     overlay = parse_part10(_gsps_for(buf.getvalue()))
     report = text_report_content("No acute findings.", "2.25.4242", ct.StudyInstanceUID)
     for content, ident in ((overlay, OverlayType().identifier(overlay)), (report, ReportType().identifier(report))):
-        await central.api.receive_package(build_package(content, ident, origin=PULL, destination="central.test"),
+        await central.ingest.receive_package(build_package(content, ident, origin=PULL, destination="central.test"),
                                           transport="http", credentials=pull_token)
 
     await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, "2.25.4242")))
@@ -317,8 +317,8 @@ async def test_router_floor_and_full_pass(make_central):
 
     central = await make_central()
     router = central.routing.router
-    first = await central.api.receive_dicom(testdata("CT_small.dcm"), transport="dicom", origin="NOBODY")
-    await central.api.receive_dicom(testdata("MR_small.dcm"), transport="dicom", origin="NOBODY")
+    first = await central.ingest.receive_dicom(testdata("CT_small.dcm"), transport="dicom", origin="NOBODY")
+    await central.ingest.receive_dicom(testdata("MR_small.dcm"), transport="dicom", origin="NOBODY")
     await router.kick(full=True)
     assert await central.database.run(lambda c: routing.undecided(c)) == []
     await central.database.run(lambda c: c.execute(delete(routing_decisions).where(routing_decisions.c.uid == first.uid)))
@@ -358,7 +358,7 @@ async def test_admin_api_manages_viewers_and_routes(make_central):
 async def test_viewer_packages_need_the_viewer_authenticated(make_central):
     """A report in a registered viewer's name is refused (and nothing stored) unless the sender proved to be
     that viewer: its bearer token, or over TLS a client certificate naming it; another viewer's token does not do."""
-    from medd.central.ingest import Refused
+    from medd.ingest import Refused
     from medd.plugins.objecttypes import ReportType, text_report_content
 
     central = await make_central()
@@ -372,12 +372,12 @@ async def test_viewer_packages_need_the_viewer_authenticated(make_central):
     for kwargs in ({"transport": "http"}, {"transport": "http", "credentials": other_token},
                    {"transport": "tls", "peer": "other@viewers.example"}, {"transport": "smtp", "peer": "192.0.2.1"}):
         with pytest.raises(Refused) as info:
-            await central.api.receive_package(report("2.25.1"), **kwargs)
+            await central.ingest.receive_package(report("2.25.1"), **kwargs)
         assert info.value.kind == "unauthenticated"
     assert await central.database.run(lambda c: index.object_by_uid(c, "2.25.1")) is None
     assert not [p for p in (central.config.storage_path / "blobs").rglob("*") if p.is_file()]
-    await central.api.receive_package(report("2.25.2"), transport="http", credentials=pull_token)
-    await central.api.receive_package(report("2.25.3"), transport="tls", peer=PULL)
+    await central.ingest.receive_package(report("2.25.2"), transport="http", credentials=pull_token)
+    await central.ingest.receive_package(report("2.25.3"), transport="tls", peer=PULL)
     for uid in ("2.25.2", "2.25.3"):
         assert await central.database.run(lambda c, uid=uid: index.object_by_uid(c, uid)) is not None
 

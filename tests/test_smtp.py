@@ -15,7 +15,7 @@ from twisted.internet.interfaces import ITLSTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from medd.central.ingest import StoreFailed
+from medd.ingest import StoreFailed
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
 from medd.plugins.interfaces import ITransport
@@ -95,18 +95,18 @@ async def test_many_recipients_ingest_once(make_central):
     """A message for several recipients is handed to ingest once and answered with one 250."""
     node = await make_central(LISTEN)
     calls = []
-    receive = node.api.receive_package
+    receive = node.ingest.receive_package
 
     def counting(data, **kw):
         calls.append(kw)
         return receive(data, **kw)
 
-    node.api.receive_package = counting
+    node.ingest.receive_package = counting
     package, uid = image_package()
     recipients = [RECIPIENT, "viewer1@central.test", "viewer2@central.test"]
     code, reply = await deferToThread(send, listener_port(node, "smtp"), package, recipients)
     assert code == 250, reply
-    assert calls == [{"transport": "smtp", "peer": "127.0.0.1"}]
+    assert calls == [{"transport": "smtp", "peer": "127.0.0.1", "credentials": None}]
     assert await node.database.run(index.count_objects) == 1
 
 
@@ -258,7 +258,7 @@ async def test_status_package_accepted(make_central):
 async def test_store_failure_asks_for_retry(make_central):
     """When medd cannot make the package durable, the sender gets 451 4.3.0 (try again), not a 5xx."""
     node = await make_central(LISTEN)
-    node.api.receive_package = lambda data, **kw: fail(StoreFailed("cannot write to the blob store: disk full"))
+    node.ingest.receive_package = lambda data, **kw: fail(StoreFailed("cannot write to the blob store: disk full"))
     package, _ = image_package()
     code, reply = await deferToThread(send, listener_port(node, "smtp"), package)
     assert code == 451

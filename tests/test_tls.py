@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
-from medd.central.ingest import Refused, StoreFailed, Stored
+from medd.ingest import Refused, StoreFailed, Stored
 from medd.config import ConfigError, load_config
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
@@ -324,7 +324,7 @@ async def test_ssl_endpoint_string_used_as_is(make_central, server_tls, tmp_path
 
 
 class FakeReceiver:
-    """The two things PackageFrameReceiver uses of ReceiverAPI, with ingest outcomes the test settles by hand."""
+    """The two things PackageFrameReceiver uses of its TransportAPI, with ingest outcomes the test settles by hand."""
 
     def __init__(self, max_object_size: int = 1000):
         self.reactor = Clock()

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
 from medd.central import directory
-from medd.central.ingest import Stored, StoreFailed
+from medd.ingest import Stored, StoreFailed
 from medd.config import ConfigError, load_config
 from medd.plugins.host import load_plugins
 from medd.service import check_against_plugins

@@ -162,7 +162,7 @@ class DeliveryService:
         self.clock = clock or reactor
         self.settings = settings or {}
         self.db = database
-        self.api = api  # ReceiverAPI: read_blob, run_blocking
+        self.api = api  # the node's Ingest: read_blob, run_blocking
         self.senders = senders  # scheme -> ISender
         self.origin = node_name if "@" in node_name else f"central@{node_name}"
         self.policy = policy

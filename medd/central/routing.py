@@ -376,37 +376,41 @@ class RoutingService(Service):
 VIEWER_TYPES = ("status", "overlay", "report")
 
 
-def sender_check(database):
-    """Central's check of who sends what comes back from viewers.
+class SenderPolicy:
+    """Central's answer to ``medd_check_sender``: who sends what back from viewers.
 
     A status, overlay or report package whose From is a registered viewer is
     accepted only from that viewer authenticated: its bearer token (HTTP) or
     a TLS client certificate whose CN is its address. Otherwise anyone could
     mark an image opened in the viewer's name, or attach a report as it.
+    Registered with the node's plugin manager by central's assembly.
     """
-    from medd.central.ingest import Refused
 
-    async def check(package, transport: str, peer: str | None, credentials: str | None) -> None:
-        if package.attachment.type not in VIEWER_TYPES:
-            return
-        origin = package.origin.strip().lower()
+    def __init__(self, database):
+        self.db = database
+
+    @hookimpl
+    def medd_check_sender(self, claim):
+        if claim.object_type not in VIEWER_TYPES:
+            return None
+        return ensureDeferred(self._check(claim))
+
+    async def _check(self, claim) -> str | None:
+        origin, credentials = claim.origin, claim.credentials
 
         def lookup(conn):
             named = directory.get_viewer(conn, origin)
             by_token = directory.viewer_by_token(conn, credentials) if credentials else None
             return named, by_token
 
-        named, by_token = await database.run(lookup)
+        named, by_token = await self.db.run(lookup)
         if named is None:
-            return  # not a viewer's address: it matches no delivery and attaches only
+            return None  # not a viewer's address: it matches no delivery and attaches only
         if by_token is not None and by_token.address == origin:
-            return
-        if transport == "tls" and (peer or "").strip().lower() == origin:
-            return
-        raise Refused(
-            f"a {package.attachment.type} package from viewer {origin} must be sent authenticated as that viewer "
-            "(its bearer token over HTTP, or its client certificate over TLS)",
-            "unauthenticated",
+            return None
+        if claim.transport == "tls" and (claim.peer or "").strip().lower() == origin:
+            return None
+        return (
+            f"a {claim.object_type} package from viewer {origin} must be sent authenticated as that viewer "
+            "(its bearer token over HTTP, or its client certificate over TLS)"
         )
-
-    return check

@@ -29,6 +29,26 @@ def mark_opened(conn: Connection, uid: str, viewer: str, user: str | None, when:
     return len(rows)
 
 
+def record_status(database, clock):
+    """``record_status(status)`` for central's ingest: store a status message and,
+    for "opened", move the delivery to opened, in one transaction."""
+    from medd.storage.connector import utc
+    from medd.storage.index import store_status
+
+    def record(status):
+        at = utc(clock.seconds())
+
+        def thd(conn) -> bool:
+            created = store_status(conn, status, at)
+            if created and status.event in ("opened", "viewed"):
+                mark_opened(conn, status.uid, status.receipt.origin, status.user, status.time)
+            return created
+
+        return database.run(thd)
+
+    return record
+
+
 def _iso(value):
     return value.isoformat() if isinstance(value, datetime) else value
 

@@ -11,7 +11,7 @@ import json
 from twisted.web.resource import Resource
 
 from medd.central import directory, outbox, routing, tracking
-from medd.transports.http import Problem, ProblemResource, Response, json_response, render_async
+from medd.webresource import Problem, ProblemResource, Response, json_response, render_async
 
 RFC822 = "message/rfc822"
 
@@ -31,9 +31,9 @@ def unknown_viewer_token() -> Problem:
 
 
 async def _json_body(request, node) -> dict:
-    from medd.transports.http import read_body
+    from medd.webresource import read_body
 
-    raw = await node.api.run_blocking(read_body, request.content)
+    raw = await node.ingest.run_blocking(read_body, request.content)
     try:
         value = json.loads(raw or b"{}")
     except ValueError as e:
@@ -132,7 +132,7 @@ class OutboxItem(_Authenticated):
 
     async def _fetch(self, request) -> Response:
         viewer, delivery, record = await self._delivery(request, lambda c, v, d: tracking.object_by_uid(c, d.uid))
-        package = await outbox.load_package(self.node.api, record, delivery, self.node.routing.outbox.origin)
+        package = await outbox.load_package(self.node.ingest, record, delivery, self.node.routing.outbox.origin)
         if delivery.state == "queued":
             at = self.node.routing.outbox.now()
             await self.node.database.run(

@@ -2,19 +2,47 @@
 
 Every plugin, built-in or third-party, is a module or object registered under
 the ``medd`` entry-point group that implements some of these hooks. Each
-registration hook receives a small ``register`` object, never the
+registration hook receives a small ``register`` callable, never the
 application: a plugin says what it provides, and medd decides when to use it.
+An implementation whose name starts with ``medd_`` but matches no hook here
+is an error when the plugins are loaded (a misspelt hook never loads
+silently).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Union
+
 import pluggy
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from medd.storage.index import ObjectRecord
 
 hookspec = pluggy.HookspecMarker("medd")
 hookimpl = pluggy.HookimplMarker("medd")
 
 
+@dataclass(frozen=True)
+class SenderClaim:
+    """Who a received package says it is from, and how it came.
+
+    ``origin`` is the package's From (lower case), a claim; ``peer`` is the
+    connection's identity (client IP, or the CN of a verified TLS client
+    certificate); ``credentials`` is what the sender authenticated with
+    (an HTTP bearer token), if anything.
+    """
+
+    object_type: str
+    origin: str
+    transport: str
+    peer: Optional[str] = None
+    credentials: Optional[str] = None
+
+
 @hookspec
-def medd_register_object_types(register) -> None:
+def medd_register_object_types(register: Callable[[Any], None]) -> None:
     """Register object types with ``register(object_type)``.
 
     Each object type provides :class:`medd.plugins.interfaces.IObjectType`.
@@ -22,16 +50,18 @@ def medd_register_object_types(register) -> None:
 
 
 @hookspec
-def medd_register_transports(register) -> None:
+def medd_register_transports(register: Callable[[Any], None]) -> None:
     """Register transports with ``register(transport)``.
 
     Each transport provides :class:`medd.plugins.interfaces.ITransport`; its
-    ``name`` is the key under ``[listen]`` that configures its listener.
+    ``name`` is the key under ``[listen]`` that configures its listener, and
+    the config section of the same name is its own
+    (:attr:`medd.plugins.api.TransportAPI.settings`).
     """
 
 
 @hookspec
-def medd_register_senders(register) -> None:
+def medd_register_senders(register: Callable[[Any], None]) -> None:
     """Register push senders with ``register(sender)``.
 
     Each sender provides :class:`medd.plugins.interfaces.ISender` and handles
@@ -40,18 +70,33 @@ def medd_register_senders(register) -> None:
 
 
 @hookspec
-def medd_register_storage(register) -> None:
+def medd_register_storage(register: Callable[[str, str, Callable[[Any], Any]], None]) -> None:
     """Register storage backends with ``register(kind, name, factory)``.
 
-    ``kind`` is ``"blobstore"`` or ``"archive"``; ``factory(config)``
-    returns an object providing the matching interface.
+    ``kind`` is ``"blobstore"`` (:class:`~medd.plugins.interfaces.IBlobStore`,
+    picked by ``[storage] backend``) or ``"archive"``
+    (:class:`~medd.plugins.interfaces.IArchive`, picked by ``[archive]
+    backend``); ``factory(config)`` returns an object providing it.
+    """
+
+
+@hookspec(firstresult=True)
+def medd_check_sender(claim: SenderClaim) -> "Union[None, str, Deferred, Awaitable[Optional[str]]]":
+    """Decision: may this sender send this package in this name?
+
+    Return None (or a Deferred/coroutine of None) to accept, or the reason
+    for refusing it as a string: the package is then refused as
+    unauthenticated (HTTP 403, SMTP 554, TLS ``refused``) and nothing of it
+    is stored. The first implementation that answers decides; a node with no
+    implementation accepts every sender. Central implements it for the
+    packages viewers send back (status, overlay, report).
     """
 
 
 @hookspec
-def medd_object_stored(stored) -> None:
-    """Notification: an object was stored and indexed (a :class:`StoredObject`).
+def medd_object_stored(stored: "ObjectRecord") -> "Union[None, Deferred, Awaitable[None]]":
+    """Notification: an object was stored and indexed for the first time.
 
-    May return a Deferred or coroutine; the host waits for it but a failure
-    is only logged, never un-acknowledges the object.
+    May return a Deferred or coroutine; the ingest waits for it, but a
+    failure is only logged, never un-acknowledges the object.
     """

@@ -65,6 +65,12 @@ def load_plugins(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> 
     pm.load_setuptools_entrypoints("medd")
     for obj in extra:
         pm.register(obj)
+    try:
+        # A medd_* function that matches no hookspec (a misspelt hook) would
+        # otherwise load silently and never be called.
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"{pm.get_name(e.plugin) or e.plugin!r}: {e}") from e
     plugins = Plugins(manager=pm)
 
     # Registration runs plugin by plugin so that every registered item is

@@ -34,9 +34,33 @@ class ITransport(Interface):
     def listener(endpoint, api):
         """An ``IService`` listening on ``endpoint`` (an endpoint string).
 
-        ``api`` is a :class:`medd.central.ingest.ReceiverAPI`: the narrow
+        ``api`` is a :class:`medd.plugins.api.TransportAPI`: the narrow
         facade through which received data enters the node.
         """
+
+
+class IObjectQueries(Interface):
+    """The read-only queries a transport may run on the node's index (DICOMweb).
+
+    Every method returns a Deferred. Matches are
+    :class:`medd.storage.index.Match` values; records are
+    :class:`medd.storage.index.ObjectRecord`.
+    """
+
+    def search_studies(matches, limit, offset):
+        """Study-level rows (dicts of study attributes, ``modalities``, counts)."""
+
+    def search_series(study_uid, matches, limit, offset):
+        """Series-level rows (dicts) of one study, or of all when ``study_uid`` is None."""
+
+    def search_instances(study_uid, series_uid, matches, limit, offset):
+        """Instance records (DICOM objects only)."""
+
+    def object_by_uid(uid):
+        """The record of one object, or None."""
+
+    def read_blob(digest):
+        """The stored bytes of an object (restored from the archive if evicted)."""
 
 
 class IBlobStore(Interface):

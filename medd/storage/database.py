@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -63,8 +63,11 @@ class Database:
 
     log = Logger()
 
-    def __init__(self, reactor, url: str, *, threads: int | None = None, retries: int = 5):
+    def __init__(self, reactor, url: str, *, threads: int | None = None, retries: int = 5, inline: bool = False):
         self.reactor = reactor
+        # Inline: run() runs on the calling thread and returns a fired
+        # Deferred (command-line tools, which have no reactor running).
+        self.inline = inline
         self.engine = make_engine(url)
         is_sqlite = self.engine.dialect.name == "sqlite"
         # SQLite has one writer; more threads would only queue on its lock.
@@ -133,6 +136,11 @@ class Database:
         batch run again one call at a time), and must be safe to re-run after
         a rollback, as the retries of :meth:`run_sync` already require.
         """
+        if self.inline:
+            try:
+                return succeed(self.run_sync(fn))
+            except Exception:
+                return fail()
         self.start()
         d = Deferred()
         self._queue.append((fn, d))
@@ -203,3 +211,35 @@ class Database:
                 d.callback(value)
             else:
                 d.errback(value)
+
+
+class WallClock:
+    """The clock of a command-line tool, which has no reactor: ``time.time()``."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+
+def open_database(config, *, reactor=None) -> Database:
+    """The database of the node ``config`` describes, schema brought up to date.
+
+    With a ``reactor`` its calls run on the database pool (a running node);
+    without one they run inline on the calling thread, which is what every
+    command-line tool uses (see :func:`resolved`).
+    """
+    database = Database(reactor, config.database_url, inline=reactor is None)
+    database.create_schema()
+    return database
+
+
+def resolved(d: Deferred):
+    """The result of a Deferred that has already fired (an inline database's), or its exception."""
+    results: list = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("the Deferred has not fired; resolved() is for an inline database")
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result

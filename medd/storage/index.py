@@ -1,7 +1,6 @@
-"""Operations on the relational index, as blocking functions of a connection.
-
-Each function takes a SQLAlchemy ``Connection`` (inside a transaction opened
-by :meth:`medd.storage.database.Database.run`) and returns dataclasses.
+"""The object index (objects, received packages, status events): the
+:class:`ObjectIndex` connector every role uses, over blocking functions of a
+connection that other connectors reuse inside their own transactions.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
 
 from medd.objects import KeyInformation
+from medd.storage.connector import Connector
 from medd.storage.schema import objects, receipts, status_events
 
 
@@ -82,6 +82,17 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class StatusEvent:
+    """A status message as received: its package's receipt and what it says."""
+
+    receipt: Receipt
+    event: str
+    uid: str
+    user: str | None = None
+    time: str | None = None  # as the viewer stated it
+
+
+@dataclass(frozen=True)
 class StoreOutcome:
     """What storing did: ``created`` False means the object was already indexed."""
 
@@ -122,16 +133,16 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
     return StoreOutcome(record, created=True)
 
 
-def store_status(conn: Connection, receipt: Receipt, event: str, uid: str, user: str | None, when: str | None) -> bool:
+def store_status(conn: Connection, status: StatusEvent, at: datetime) -> bool:
     """Record a status event; False if this package was already recorded."""
+    receipt = status.receipt
     if conn.execute(select(status_events.c.id).where(status_events.c.message_id == receipt.message_id)).first():
         return False
-    t = now()
-    conn.execute(receipts.insert().values(**receipt.__dict__, received_at=t))
+    conn.execute(receipts.insert().values(**receipt.__dict__, received_at=at))
     conn.execute(
         status_events.insert().values(
-            message_id=receipt.message_id, event=event, uid=uid, user=user, event_time=when,
-            origin=receipt.origin, received_at=t,
+            message_id=receipt.message_id, event=status.event, uid=status.uid, user=status.user,
+            event_time=status.time, origin=receipt.origin, received_at=at,
         )
     )
     return True
@@ -270,3 +281,33 @@ def search_instances(
 
 def count_objects(conn: Connection) -> int:
     return conn.execute(select(func.count()).select_from(objects)).scalar_one()
+
+
+class ObjectIndex(Connector):
+    """The object index of a node, whatever its role. Every method returns a Deferred."""
+
+    def store_object(self, record: ObjectRecord, receipt: Receipt | None = None):
+        """Deferred :class:`StoreOutcome`; see :func:`store_object`."""
+        return self.db.run(lambda conn: store_object(conn, record, receipt))
+
+    def store_status(self, status: StatusEvent):
+        """Deferred bool: whether the status message was new."""
+        at = self.now()
+        return self.db.run(lambda conn: store_status(conn, status, at))
+
+    def object_by_uid(self, uid: str):
+        """Deferred :class:`ObjectRecord` or None."""
+        return self.db.run(lambda conn: object_by_uid(conn, uid))
+
+    def search_studies(self, matches: list[Match], limit: int = 100, offset: int = 0):
+        return self.db.run(lambda conn: search_studies(conn, matches, limit, offset))
+
+    def search_series(self, study_uid: str | None, matches: list[Match], limit: int = 100, offset: int = 0):
+        return self.db.run(lambda conn: search_series(conn, study_uid, matches, limit, offset))
+
+    def search_instances(self, study_uid: str | None, series_uid: str | None, matches: list[Match],
+                         limit: int | None = 100, offset: int = 0):
+        return self.db.run(lambda conn: search_instances(conn, study_uid, series_uid, matches, limit, offset))
+
+    def count_objects(self):
+        return self.db.run(count_objects)

@@ -23,7 +23,7 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from medd.central.ingest import Refused, StoreFailed
+from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 
@@ -160,6 +160,9 @@ def _failure(status: int, reason: str) -> Dataset:
     return ds
 
 
+DEFAULT_AE_TITLE = "MEDD"
+
+
 class DicomListener(Service):
     """A pynetdicom Storage SCP feeding the node's ingest path."""
 
@@ -169,6 +172,8 @@ class DicomListener(Service):
         self.reactor = reactor
         self.description = description
         self.api = api
+        # [dicom] ae_title, validated with the rest of the config at start.
+        self.ae_title = api.settings.get("ae_title") or DEFAULT_AE_TITLE
         self.server = None
         self.address = endpoint_address(reactor, description)
 
@@ -192,7 +197,7 @@ class DicomListener(Service):
 
     def startService(self) -> None:
         super().startService()
-        ae = AE(ae_title=self.api.ae_title)
+        ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -200,7 +205,7 @@ class DicomListener(Service):
         self.ae = ae
         self.server = ae.make_server(
             self.address,
-            ae_title=self.api.ae_title,
+            ae_title=self.ae_title,
             evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
             server_class=_NoDelayServer,
             request_handler=_PromptRequestHandler,
@@ -210,7 +215,7 @@ class DicomListener(Service):
         thread = threading.Thread(target=self.server.serve_forever, name="medd-dicom-acceptor", daemon=True)
         thread.start()
         self.log.info("dicom listening on {host}:{port} as {ae}", host=self.server.server_address[0],
-                      port=self.server.server_address[1], ae=self.api.ae_title)
+                      port=self.server.server_address[1], ae=self.ae_title)
 
     @property
     def port(self) -> int:

@@ -20,11 +20,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from medd.central.ingest import Refused, StoreFailed
+from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
-from medd.storage import index
-from medd.storage.index import Match
-from medd.transports.http import (
+from medd.storage.index import STUDY_FILTERS, Match, ObjectRecord
+from medd.webresource import (
     RETRY_AFTER,
     Problem,
     ProblemResource,
@@ -49,7 +48,7 @@ FAILURE_OUT_OF_RESOURCES = 0xA700
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
 QIDO_CONTROL_KEYS = ("limit", "offset", "includefield", "fuzzymatching")
-QUERY_KEYWORDS = frozenset(index.STUDY_FILTERS)
+QUERY_KEYWORDS = frozenset(STUDY_FILTERS)
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _DATE = re.compile(r"^\d{8}$")
 _CHUNK = 64 * 1024
@@ -195,7 +194,7 @@ def instance_url(base: str, study: str, series: str, sop: str) -> str:
     return f"{base}/studies/{study}/series/{series}/instances/{sop}"
 
 
-def instance_dataset(record: index.ObjectRecord, base: str) -> Dataset:
+def instance_dataset(record: ObjectRecord, base: str) -> Dataset:
     ds = Dataset()
     _set(ds, "SOPClassUID", record.sop_class_uid)
     ds.SOPInstanceUID = record.sop_instance_uid
@@ -399,19 +398,17 @@ class DicomWebResource(ProblemResource):
 
     async def _search_studies(self, request) -> Response:
         query = parse_query(request)
-        rows = await self.api.query(index.search_studies, query.matches, limit=query.limit + 1, offset=query.offset)
+        rows = await self.api.queries.search_studies(query.matches, query.limit + 1, query.offset)
         return await self._results(request, query, study_dataset, rows)
 
     async def _search_series(self, request, study: str | None = None) -> Response:
         query = parse_query(request)
-        rows = await self.api.query(index.search_series, study, query.matches, limit=query.limit + 1, offset=query.offset)
+        rows = await self.api.queries.search_series(study, query.matches, query.limit + 1, query.offset)
         return await self._results(request, query, series_dataset, rows)
 
     async def _search_instances(self, request, study: str | None = None, series: str | None = None) -> Response:
         query = parse_query(request)
-        records = await self.api.query(
-            index.search_instances, study, series, query.matches, limit=query.limit + 1, offset=query.offset
-        )
+        records = await self.api.queries.search_instances(study, series, query.matches, query.limit + 1, query.offset)
         return await self._results(request, query, instance_dataset, records)
 
     async def _results(self, request, query: Query, to_dataset, rows: list) -> Response:
@@ -427,9 +424,9 @@ class DicomWebResource(ProblemResource):
 
     # -- WADO-RS --
 
-    async def _instances(self, study: str, series: str | None, sop: str | None) -> list[index.ObjectRecord]:
+    async def _instances(self, study: str, series: str | None, sop: str | None) -> list[ObjectRecord]:
         if sop is not None:
-            record = await self.api.query(index.object_by_uid, sop)
+            record = await self.api.queries.object_by_uid(sop)
             found = (
                 [record]
                 if record is not None and record.media_type == DICOM
@@ -437,7 +434,7 @@ class DicomWebResource(ProblemResource):
                 else []
             )
         else:
-            found = await self.api.query(index.search_instances, study, series, [], limit=None)
+            found = await self.api.queries.search_instances(study, series, [], None)
         if not found:
             what = "instance" if sop else "series" if series else "study"
             raise Problem(404, f"no such {what} is stored here", kind="not-found")
@@ -460,7 +457,7 @@ class DicomWebResource(ProblemResource):
                 await flow.ready()
                 if gone or flow.stopped:
                     return None
-                data = await self.api.read_blob(record.digest)
+                data = await self.api.queries.read_blob(record.digest)
                 if gone:
                     return None
                 head = (
@@ -486,7 +483,7 @@ class DicomWebResource(ProblemResource):
         records = await self._instances(study, series, sop)
         documents = []
         for record in records:
-            data = await self.api.read_blob(record.digest)
+            data = await self.api.queries.read_blob(record.digest)
             documents.append(await self.api.run_blocking(metadata_of, data))
         return json_response(200, documents, DICOM_JSON)
 
@@ -518,7 +515,7 @@ class DicomWebResource(ProblemResource):
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
             else:
                 try:
-                    result = await self.api.receive_dicom(part.data, transport="http", origin=peer)
+                    result = await self.api.receive_dicom(part.data, origin=peer)
                 except Refused as e:
                     code = FAILURE_OUT_OF_RESOURCES if e.kind == "too-large" else FAILURE_CANNOT_UNDERSTAND
                     failure = (code, e.reason)

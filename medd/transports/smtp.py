@@ -23,7 +23,7 @@ from twisted.mail.smtp import (
 )
 from zope.interface import implementer
 
-from medd.central.ingest import Refused, StoreFailed
+from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.listener import EndpointListener
@@ -301,8 +301,8 @@ class SMTPTransport:
 
     def listener(self, endpoint: str, api):
         context = None
-        if api.tls_certificate and api.tls_private_key:
-            context = starttls_context(api.tls_certificate, api.tls_private_key)
+        if api.tls.certificate and api.tls.private_key:
+            context = starttls_context(api.tls.certificate, api.tls.private_key)
         return EndpointListener(api.reactor, endpoint, PackageSMTPFactory(api, context), "smtp")
 
 

@@ -49,7 +49,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from medd.central.ingest import Refused, StoreFailed
+from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.listener import EndpointListener
@@ -230,15 +230,15 @@ def tls_listener(endpoint: str, api) -> EndpointListener:
     endpoint wrapped in TLS from ``[tls] certificate`` / ``private_key``."""
     if endpoint.startswith("ssl:"):
         return EndpointListener(api.reactor, endpoint, PackageFrameFactory(api), "tls")
-    if not (api.tls_certificate and api.tls_private_key):
+    if not (api.tls.certificate and api.tls.private_key):
         raise ValueError(f"the tls listener on {endpoint!r} needs [tls] certificate and private_key")
-    with open(api.tls_certificate, "rb") as f:
+    with open(api.tls.certificate, "rb") as f:
         certificate_pem = f.read()
-    with open(api.tls_private_key, "rb") as f:
+    with open(api.tls.private_key, "rb") as f:
         key_pem = f.read()
     client_ca_pem = None
-    if api.tls_client_ca:
-        with open(api.tls_client_ca, "rb") as f:
+    if api.tls.client_ca:
+        with open(api.tls.client_ca, "rb") as f:
             client_ca_pem = f.read()
     options = server_tls_options(certificate_pem, key_pem, client_ca_pem)
     frames = PackageFrameFactory(api, identify_by_certificate=client_ca_pem is not None)

@@ -19,13 +19,13 @@ class ViewerServices(MultiService):
         self.settings = central_settings(node.config)
         clock = clock or node.reactor
         self.client = CentralClient(node.reactor, self.settings)
-        self.outgoing = OutgoingService(node.database, node.api, node.blobs, self.client, self.settings, clock)
+        self.outgoing = OutgoingService(node.database, node.ingest, node.blobs, self.client, self.settings, clock)
         self.outgoing.setName("outgoing")
         self.outgoing.setServiceParent(self)
-        self.requestor = Requestor(self.client, node.api, self.settings, clock)
+        self.requestor = Requestor(self.client, node.ingest, self.settings, clock)
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
-        self.reading_room = ReadingRoom(node.database, node.api, self.outgoing, node.config, self.settings, clock)
+        self.reading_room = ReadingRoom(node.database, node.ingest, self.outgoing, node.config, self.settings, clock)
 
     def stopService(self):
         d = super().stopService()

@@ -79,7 +79,7 @@ class OutgoingService(Service):
 
     def __init__(self, database, api, blobs, client, settings: CentralSettings, clock):
         self.db = database
-        self.api = api  # ReceiverAPI: read_blob, run_blocking
+        self.api = api  # the node's Ingest: read_blob, run_blocking
         self.blobs = blobs
         self.client = client
         self.settings = settings

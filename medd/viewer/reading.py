@@ -72,7 +72,7 @@ class ReadingRoom:
 
     def __init__(self, database, api, outgoing, config, settings, clock):
         self.db = database
-        self.api = api  # ReceiverAPI: read_blob, receive_package, run_blocking
+        self.api = api  # the node's Ingest: read_blob, receive_package, run_blocking
         self.outgoing = outgoing
         self.node_name = config.name
         self.settings = settings

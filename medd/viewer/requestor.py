@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from medd.central.ingest import Refused
+from medd.ingest import Refused
 from medd.viewer.central_client import CentralUnavailable
 from medd.viewer.settings import CentralSettings
 
@@ -37,7 +37,7 @@ class Requestor(Service):
 
     def __init__(self, client, api, settings: CentralSettings, clock):
         self.client = client  # CentralClient, or a fake with the same coroutines
-        self.api = api  # ReceiverAPI: receive_package(data, transport=, peer=)
+        self.api = api  # the node's Ingest: receive_package(data, transport=, peer=)
         self.settings = settings
         self.clock = clock
         self.peer = urlsplit(settings.url).hostname or settings.url

@@ -1,7 +1,7 @@
 """Reading-room users: password hashes (scrypt, per-user salt) and sessions.
 
 Functions take a SQLAlchemy connection (run them through ``Database.run``);
-``add_user_commands`` adds ``medd users add NAME [--password-file FILE]``.
+``medd users`` (:mod:`medd.cli.users`) manages them from the shell.
 A session token is 256 random bits handed to the browser once; the database
 keeps only its SHA-256, so a copy of the database logs nobody in.
 """
@@ -138,64 +138,3 @@ def user_for_session(conn: Connection, token: str | None, *, now: datetime | Non
 def end_session(conn: Connection, token: str | None) -> None:
     if token:
         conn.execute(delete(viewer_sessions).where(viewer_sessions.c.token_hash == _token_hash(token)))
-
-
-# -- medd users ----------------------------------------------------------------------------------------
-
-DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/viewer.ini")
-
-
-def _read_password(args) -> str:
-    if args.password_file:
-        with open(args.password_file, encoding="utf-8") as f:
-            # The first line: a trailing newline from an editor is not part of the password.
-            return f.readline().rstrip("\r\n")
-    first = getpass.getpass(f"password for {args.name}: ")
-    if getpass.getpass("again: ") != first:
-        raise UserError("the passwords differ")
-    return first
-
-
-def _with_database(args, fn):
-    from medd.config import load_config
-    from medd.storage.database import Database
-
-    config = load_config(args.config)
-    db = Database(None, config.database_url)
-    try:
-        db.create_schema()
-        return db.run_sync(fn)
-    finally:
-        db.stop()
-
-
-def users_add(args) -> int:
-    try:
-        password = _read_password(args)
-        _with_database(args, lambda c: add_user(c, args.name, password, replace=args.replace))
-    except (UserError, OSError) as e:
-        print(f"medd: {e}", file=sys.stderr)
-        return 2
-    print(f"user {args.name} {'updated' if args.replace else 'added'}", file=sys.stderr)
-    return 0
-
-
-def users_list(args) -> int:
-    for name in _with_database(args, list_users):
-        print(name)
-    return 0
-
-
-def add_user_commands(sub) -> None:
-    """``medd users add|list`` on a viewer node's database."""
-    group = sub.add_parser("users", help="reading-room users of a viewer node").add_subparsers(
-        dest="users_command", required=True)
-    p = group.add_parser("add", help="add a reading-room user (asks for the password unless --password-file)")
-    p.add_argument("name")
-    p.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
-    p.add_argument("--replace", action="store_true", help="set a new password for an existing user")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="the viewer's config (default: $MEDD_CONFIG or etc/viewer.ini)")
-    p.set_defaults(func=users_add)
-    p = group.add_parser("list", help="list reading-room users")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.set_defaults(func=users_list)

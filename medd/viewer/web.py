@@ -41,7 +41,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 from twisted.web.template import Tag, flattenString, tags
 
-from medd.transports.http import Response, read_body, write_response
+from medd.webresource import Response, read_body, write_response
 from medd.viewer.rendering import FrameCache, ImageFacts, RenderError, describe, render_png
 
 log = Logger()

@@ -46,15 +46,14 @@ def _open(config_path: str, reactor):
     from medd.central.archiving import archive_settings, make_archiving
     from medd.plugins.host import check_storage, load_plugins
     from medd.service import check_against_plugins
-    from medd.storage.database import Database
+    from medd.storage.database import open_database
 
     config = load_config(config_path)
     plugins = load_plugins(config.disabled_plugins)
     check_against_plugins(config, plugins)
     if archive_settings(config) is None:
         raise ConfigError([ConfigProblem(config.path, "archive", "backend", "no archive is configured")])
-    database = Database(reactor, config.database_url)
-    database.create_schema()
+    database = open_database(config, reactor=reactor)
     backend = config.section("storage").get("backend", "file")
     blobs = plugins.storage[("blobstore", backend)](config)
     check_storage(plugins, "blobstore", blobs, backend)
@@ -96,7 +95,7 @@ def _when(value) -> str:
 def cmd_list(args) -> int:
     from medd.central.archiving import utc
     from medd.storage import catalogue
-    from medd.storage.database import Database
+    from medd.storage.database import open_database
 
     config = load_config(args.config)
     try:
@@ -104,9 +103,8 @@ def cmd_list(args) -> int:
     except ValueError:
         print(f"medd archive list: --since: not a date: {args.since!r}", file=sys.stderr)
         return 2
-    db = Database(None, config.database_url)
+    db = open_database(config)
     try:
-        db.create_schema()
         if args.objects:
             rows = db.run_sync(lambda c: catalogue.find_archived(c, centre=args.centre, modality=args.modality, since=since))
             print(f"{'SOP Instance UID':<64}  {'centre':<24} {'mod':<5} {'size':>10}  {'archived':<16}  {'state':<8}  volume")
@@ -184,10 +182,10 @@ def cmd_restore(args) -> int:
 
 def cmd_offsite(args) -> int:
     from medd.storage import catalogue
-    from medd.storage.database import Database
+    from medd.storage.database import open_database
 
     config = load_config(args.config)
-    db = Database(None, config.database_url)
+    db = open_database(config)
     status = 0
     try:
         for path in args.volume:

@@ -96,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--viewer-config", default="etc/demo-viewer.ini", help="the demo viewer ('' for central only)")
     p.set_defaults(func=cmd_demo)
 
-    from medd.central.archive_cli import add_archive_commands
+    from medd.cli.archive import add_archive_commands
 
     add_archive_commands(sub)
 
-    from medd.central.admin_cli import add_admin_commands
+    from medd.cli.admin import add_admin_commands
 
     add_admin_commands(sub)
 
-    from medd.viewer.users import add_user_commands
+    from medd.cli.users import add_user_commands
 
     add_user_commands(sub)
 

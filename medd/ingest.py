@@ -1,4 +1,4 @@
-"""The one ingest path every receiver feeds.
+"""The one ingest path every receiver feeds, on every role.
 
 Received bytes are parsed and checked on the parsing thread pool, written to
 the blob store (fsync'd), indexed in the database, and only then does the
@@ -6,10 +6,17 @@ returned Deferred fire, so a transport acknowledges what is durable and
 nothing else. Refusals raise :class:`Refused`; failures of medd itself
 (disk full, database down) raise :class:`StoreFailed` so that the sender is
 told to try again rather than that its data is bad.
+
+This module belongs to no role: central, viewer and gateway each build one
+:class:`Ingest` and hand transports a :class:`medd.plugins.api.TransportAPI`
+over it. What differs by role comes in through the constructor (how a status
+message is recorded, where an evicted blob is restored from) or through the
+``medd_check_sender`` hook (who may send in whose name).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -17,9 +24,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from medd.objects import Content, InvalidObject, classify, parse_part10
-from medd.package import Package, PackageError, read_package
-from medd.storage import index
-from medd.storage.index import ObjectRecord, Receipt, StoreOutcome
+from medd.package import Package, read_package
+from medd.plugins.hookspecs import SenderClaim
+from medd.storage.index import ObjectIndex, ObjectRecord, Receipt, StatusEvent, StoreOutcome
 
 log = Logger()
 
@@ -27,8 +34,9 @@ log = Logger()
 class Refused(Exception):
     """The data is refused; resending it unchanged will not help.
 
-    ``kind`` is ``"invalid"`` or ``"too-large"``; transports map it to their
-    own status (DICOM failure status, SMTP 5xx, HTTP 4xx, TLS refusal).
+    ``kind`` is ``"invalid"``, ``"too-large"`` or ``"unauthenticated"``;
+    transports map it to their own status (DICOM failure status, SMTP 5xx,
+    HTTP 4xx, TLS refusal).
     """
 
     def __init__(self, reason: str, kind: str = "invalid"):
@@ -56,14 +64,25 @@ class Stored:
 
 
 class Ingest:
-    """Parse, check, store, index. Every method returns a Deferred."""
+    """Parse, check, store, index. Every method returns a Deferred.
 
-    def __init__(self, reactor, database, blobs, plugins, *, parse_threads: int = 2, max_object_size: int):
+    ``record_status(event)`` records a status message (a
+    :class:`~medd.storage.index.StatusEvent`) and returns a Deferred of
+    whether it was new; central passes one that also moves the delivery to
+    ``opened`` in the same transaction. ``restore(digest)`` brings an evicted
+    blob back from the archive (a Deferred of its bytes).
+    """
+
+    def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
+                 record_status: Callable[[StatusEvent], Deferred] | None = None,
+                 restore: Callable[[str], Deferred] | None = None):
         self.reactor = reactor
-        self.db = database
+        self.index = index
         self.blobs = blobs
         self.plugins = plugins
         self.max_object_size = max_object_size
+        self._record_status = record_status or index.store_status
+        self._restore = restore
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -77,9 +96,24 @@ class Ingest:
             self.pool.stop()
             self._started = False
 
-    def _off_reactor(self, fn, *args) -> Deferred:
+    def run_blocking(self, fn, *args) -> Deferred:
+        """Run a short blocking call (parsing, reading a request body, a blob) on the parsing pool."""
         self.start()
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    _off_reactor = run_blocking
+
+    def read_blob(self, digest: str) -> Deferred:
+        """The stored bytes of a blob, read on the parsing pool; an evicted blob comes back from the archive."""
+        d = self.run_blocking(self.blobs.get, digest)
+        if self._restore is not None:
+
+            def from_archive(failure):
+                failure.trap(FileNotFoundError)
+                return self._restore(digest)
+
+            d.addErrback(from_archive)
+        return d
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -128,7 +162,7 @@ class Ingest:
             size=blob.size,
             origin=origin,
             transport=transport,
-            received_at=index.now(),
+            received_at=self.index.now(),
         )
         outcome = await self._index(record, None, blob)
         return self._stored(outcome)
@@ -136,26 +170,34 @@ class Ingest:
     def _read_package(self, data: bytes, store: bool):
         try:
             package = read_package(data, self.plugins.object_type, self.max_object_size)
-        except PackageError as e:
-            raise Refused(e.reason) from e
         except InvalidObject as e:
             raise Refused(e.reason) from e
         if package.attachment.type == "status" or not store:
             return package, None
         return package, self._put(package.content.data)
 
-    # Set by the node's role: ``await sender_check(package, transport, peer,
-    # credentials)`` raises Refused for a sender that may not send this package.
-    sender_check = None
+    def _has_sender_policy(self) -> bool:
+        return bool(self.plugins.manager.hook.medd_check_sender.get_hookimpls())
+
+    async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None) -> None:
+        claim = SenderClaim(
+            object_type=package.attachment.type, origin=package.origin.strip().lower(), transport=transport,
+            peer=peer, credentials=credentials,
+        )
+        verdict = self.plugins.manager.hook.medd_check_sender(claim=claim)
+        if verdict is not None and not isinstance(verdict, str):
+            verdict = await ensureDeferred(verdict) if not isinstance(verdict, Deferred) else await verdict
+        if verdict:
+            raise Refused(verdict, "unauthenticated")
 
     async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
         self._check_size(data)
-        check = self.sender_check
-        # With a check, the blob is written only after it passed: a refused
-        # package leaves nothing behind.
-        package, blob = await self._off_reactor(self._read_package, data, check is None)
-        if check is not None:
-            await check(package, transport, peer, credentials)
+        policy = self._has_sender_policy()
+        # With a sender policy, the blob is written only after it passed: a
+        # refused package leaves nothing behind.
+        package, blob = await self._off_reactor(self._read_package, data, not policy)
+        if policy:
+            await self._check_sender(package, transport, peer, credentials)
             if package.attachment.type != "status":
                 blob = await self._off_reactor(self._put, package.content.data)
         receipt = Receipt(
@@ -188,7 +230,7 @@ class Ingest:
             size=blob.size,
             origin=package.origin,
             transport=transport,
-            received_at=index.now(),
+            received_at=self.index.now(),
         )
         if content.keyinfo is not None:
             # The package's To is kept in its receipt; intended_recipients
@@ -203,15 +245,17 @@ class Ingest:
 
     async def _status(self, package: Package, receipt: Receipt) -> Stored:
         params = package.content.params
+        event = StatusEvent(receipt=receipt, event=params["event"], uid=params["uid"], user=params.get("user"),
+                            time=params.get("time"))
         try:
-            created = await self.db.run(lambda conn: _store_status(conn, receipt, params))
+            created = await self._record_status(event)
         except Exception as e:
             raise StoreFailed(f"cannot index the status message: {e}") from e
         return Stored(uid=params["uid"], object_type="status", digest=None, created=created, message_id=package.message_id)
 
     async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob) -> StoreOutcome:
         try:
-            outcome = await self.db.run(lambda conn: index.store_object(conn, record, receipt))
+            outcome = await self.index.store_object(record, receipt)
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e
@@ -246,68 +290,3 @@ class Ingest:
             series_instance_uid=r.series_instance_uid,
             sop_class_uid=r.sop_class_uid,
         )
-
-
-def _store_status(conn, receipt: Receipt, params: dict) -> bool:
-    """Record a status message and, for "opened", move the delivery to opened (one transaction)."""
-    from medd.central.tracking import mark_opened
-
-    created = index.store_status(conn, receipt, params["event"], params["uid"], params.get("user"), params.get("time"))
-    if created and params["event"] in ("opened", "viewed"):
-        mark_opened(conn, params["uid"], receipt.origin, params.get("user"), params.get("time"))
-    return created
-
-
-class ReceiverAPI:
-    """The narrow facade a transport plugin receives: how data enters the node,
-    and the read-only queries the HTTP transport needs for DICOMweb."""
-
-    def __init__(self, reactor, ingest: Ingest, database, blobs, config):
-        self.reactor = reactor
-        self._ingest = ingest
-        self._db = database
-        self._blobs = blobs
-        self.node_name = config.name
-        self.ae_title = config.dicom_ae_title
-        self.max_object_size = config.max_object_size
-        self.tls_certificate = config.tls_certificate
-        self.tls_private_key = config.tls_private_key
-        self.tls_client_ca = config.tls_client_ca  # PEM of CAs whose client certificates the tls listener requires
-        self._config = config
-        # HTTP resources the node adds to its HTTP listener ({b"name": Resource}).
-        self.web_resources: dict = {}
-
-    def settings(self, section: str) -> dict[str, str]:
-        """The raw keys of the config section a transport owns."""
-        return self._config.section(section)
-
-    def receive_dicom(self, data: bytes, *, transport: str, origin: str) -> Deferred:
-        return self._ingest.receive_dicom(data, transport=transport, origin=origin)
-
-    def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
-                        credentials: str | None = None) -> Deferred:
-        return self._ingest.receive_package(data, transport=transport, peer=peer, credentials=credentials)
-
-    def query(self, fn, *args, **kw) -> Deferred:
-        """Run an :mod:`medd.storage.index` query function on the database pool."""
-        return self._db.run(lambda conn: fn(conn, *args, **kw))
-
-    # Set by the node when an archive is configured: ``restore_blob(digest)``
-    # returns a Deferred of the bytes, put back into the working store.
-    restore_blob = None
-
-    def read_blob(self, digest: str) -> Deferred:
-        """The stored bytes of a blob, read on the parsing pool; an evicted blob comes back from the archive."""
-        d = self._ingest._off_reactor(self._blobs.get, digest)
-        if self.restore_blob is not None:
-
-            def from_archive(failure):
-                failure.trap(FileNotFoundError)
-                return self.restore_blob(digest)
-
-            d.addErrback(from_archive)
-        return d
-
-    def run_blocking(self, fn, *args) -> Deferred:
-        """Run a short blocking call (reading a request body, parsing) off the reactor."""
-        return self._ingest._off_reactor(fn, *args)

@@ -12,15 +12,14 @@ import sys
 
 from medd.central import directory, routing, tracking
 from medd.config import load_config
-from medd.storage.database import Database
+from medd.storage.database import Database, open_database
 
 DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/central.ini")
 
 
 def _db(args) -> Database:
     config = load_config(args.config)
-    db = Database(None, config.database_url)
-    db.create_schema()
+    db = open_database(config)
     args.node_name = config.name
     return db
 

@@ -1,0 +1,5 @@
+import sys
+
+from medd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""What a transport plugin may do on a node: the narrow API it is handed.
+
+A transport receives one :class:`TransportAPI` per listener. Through it, and
+nothing else, it may hand received data to the node's ingest path, run a
+short blocking call off the reactor, read its own config section and the
+node's TLS settings (both frozen), know the size limit, serve the HTTP
+resources the node mounted, and answer DICOMweb queries through the typed
+:class:`~medd.plugins.interfaces.IObjectQueries`. It never sees the database,
+the role's services or the rest of the configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from medd.plugins.interfaces import IObjectQueries
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """The node's ``[tls]`` section, paths resolved (None where not configured)."""
+
+    certificate: str | None = None
+    private_key: str | None = None
+    # PEM of the CAs whose client certificates a TLS listener requires.
+    client_ca: str | None = None
+
+
+class WebMounts:
+    """The HTTP resources a node mounts beside ``/packages`` and ``/dicomweb``.
+
+    The node's role (or a plugin it hosts) calls :meth:`mount` while the node
+    is being assembled; the HTTP transport serves every mount at
+    ``/<name>``. Once the listeners are built the set is frozen.
+    """
+
+    def __init__(self):
+        self._resources: dict[bytes, object] = {}
+        self._frozen = False
+
+    def mount(self, name: str | bytes, resource) -> None:
+        """Serve ``resource`` (a ``twisted.web`` resource) at ``/<name>``."""
+        key = name.encode("ascii") if isinstance(name, str) else name
+        if self._frozen:
+            raise RuntimeError(f"/{key.decode()} mounted after the listeners were built")
+        if key in self._resources:
+            raise ValueError(f"/{key.decode()} is mounted twice")
+        self._resources[key] = resource
+
+    def freeze(self) -> Mapping[bytes, object]:
+        self._frozen = True
+        return MappingProxyType(self._resources)
+
+
+class TransportAPI:
+    """The node as one transport's listener sees it. See the module docstring."""
+
+    def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
+                 tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None):
+        self.reactor = reactor
+        self._ingest = ingest
+        self.transport = transport
+        self.node_name = node_name
+        #: The transport's own config section (``[<transport name>]``), read-only.
+        self.settings: Mapping[str, str] = MappingProxyType(dict(settings))
+        self.tls = tls
+        #: Largest object or package the node accepts, in bytes.
+        self.max_object_size: int = ingest.max_object_size
+        #: The HTTP resources the node mounted, ``{b"name": resource}``, read-only.
+        self.web_resources: Mapping[bytes, object] = web_resources
+        #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).
+        self.queries = queries
+
+    def receive_dicom(self, data: bytes, *, origin: str, transport: str | None = None) -> Deferred:
+        """Ingest a bare DICOM Part 10 object; Deferred :class:`medd.ingest.Stored`.
+
+        Fails with :class:`medd.ingest.Refused` (bad data: refuse for good)
+        or :class:`medd.ingest.StoreFailed` (medd could not store it: the
+        sender should retry). ``origin`` is who sent it (a calling AE title,
+        a client address).
+        """
+        return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin)
+
+    def receive_package(self, data: bytes, *, peer: str | None = None, credentials: str | None = None,
+                        transport: str | None = None) -> Deferred:
+        """Ingest a package; as :meth:`receive_dicom`.
+
+        ``peer`` is the connection's identity (client IP, or a verified TLS
+        client certificate's CN); ``credentials`` what the sender
+        authenticated with (an HTTP bearer token).
+        """
+        return self._ingest.receive_package(data, transport=transport or self.transport, peer=peer,
+                                            credentials=credentials)
+
+    def run_blocking(self, fn, *args) -> Deferred:
+        """Run a short blocking call (reading a request body, parsing) off the reactor."""
+        return self._ingest.run_blocking(fn, *args)
+
+
+@implementer(IObjectQueries)
+class IndexQueries:
+    """:class:`~medd.plugins.interfaces.IObjectQueries` over a node's object index and ingest."""
+
+    def __init__(self, index, ingest):
+        self._index = index
+        self._ingest = ingest
+
+    def search_studies(self, matches, limit=100, offset=0) -> Deferred:
+        return self._index.search_studies(matches, limit, offset)
+
+    def search_series(self, study_uid, matches, limit=100, offset=0) -> Deferred:
+        return self._index.search_series(study_uid, matches, limit, offset)
+
+    def search_instances(self, study_uid, series_uid, matches, limit=100, offset=0) -> Deferred:
+        return self._index.search_instances(study_uid, series_uid, matches, limit, offset)
+
+    def object_by_uid(self, uid) -> Deferred:
+        return self._index.object_by_uid(uid)
+
+    def read_blob(self, digest) -> Deferred:
+        return self._ingest.read_blob(digest)
