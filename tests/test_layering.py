@@ -19,6 +19,7 @@ FORBIDDEN = [
     ("medd.plugins", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.ingest", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.webresource", ROLES + ASSEMBLY + ("medd.transports",)),
+    ("medd.scheduling", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.package", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.objects", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.central", ("medd.viewer", "medd.gateway") + ASSEMBLY),

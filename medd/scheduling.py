@@ -1,0 +1,72 @@
+"""The two shapes every background loop in medd takes, whatever the role:
+exponential backoff between failed attempts, and a pass that is re-run (once)
+when it is kicked while already running. Time comes from the clock each user
+injects, never from the wall."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Seconds to wait after ``failures`` consecutive failures: ``base``,
+    then multiplied by ``multiplier`` each time, never above ``max_delay``."""
+
+    base: float
+    max_delay: float
+    multiplier: float = 2.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.base * self.multiplier ** max(failures - 1, 0), self.max_delay)
+
+
+class CoalescingPass(Generic[T]):
+    """Runs ``await work()`` on :meth:`kick`; kicks during a pass make one more pass.
+
+    A caller of :meth:`kick` gets a Deferred that fires with the result of a
+    pass that *began after* the kick (so what it wrote is seen), however
+    many kicks came meanwhile. A failing pass is logged and fires its
+    waiters with None; the next kick runs again.
+    """
+
+    log = Logger()
+
+    def __init__(self, work: Callable[[], Awaitable[T]], name: str):
+        self._work = work
+        self.name = name
+        self.running = False
+        self._again = False
+        self._waiters: list[Deferred] = []
+
+    def kick(self) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        if self.running:
+            self._again = True
+        else:
+            ensureDeferred(self._run())
+        return d
+
+    async def _run(self) -> None:
+        self.running = True
+        try:
+            while True:
+                self._again = False
+                waiters, self._waiters = self._waiters, []
+                try:
+                    result = await self._work()
+                except Exception:
+                    self.log.failure("{name} failed; it runs again on the next kick", name=self.name)
+                    result = None
+                for d in waiters:
+                    d.callback(result)
+                if not self._again:
+                    break
+        finally:
+            self.running = False
