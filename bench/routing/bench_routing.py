@@ -215,7 +215,7 @@ def main() -> int:
     corpora = a.corpora.split(",")
     for c in corpora:
         if not os.path.isdir(os.path.join(a.corpus, c)):
-            raise SystemExit(f"no corpus {a.corpus}/{c}: run bash /work/shared/baselines/run_baselines.sh "
+            raise SystemExit(f"no corpus {a.corpus}/{c}: build it with the baselines harness (bench/README.md) "
                              f"(or its make_corpus.py) first")
     keep = bool(a.work)
     a.work = a.work or tempfile.mkdtemp(prefix="medd-routing-bench-")
