@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -126,3 +127,57 @@ def test_out_of_tree_transport_is_loaded_through_its_entry_point(pigeon_site, tm
     check = subprocess.run([str(BIN / "medd"), "check-config", str(ini)], capture_output=True, text=True, env=env)
     assert check.returncode == 2
     assert "[listen] pigeon: no transport plugin named 'pigeon'" in check.stderr
+
+
+def test_misspelt_hook_is_refused_at_load():
+    """An implementation named like a hook that does not exist (medd_register_transport) is an error, not silently ignored."""
+
+    class Typo:
+        @hookimpl
+        def medd_register_transport(self, register):  # the hook is medd_register_transports
+            raise AssertionError("never called")
+
+    with pytest.raises(PluginError, match="medd_register_transport"):
+        load_plugins(extra=[Typo()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_policy_hook_decides_and_refuses_nothing_stored(tmp_path):
+    """A third-party medd_check_sender refuses a package as unauthenticated; no blob or row is left behind."""
+    from twisted.internet import reactor
+
+    from medd.ingest import Ingest, Refused
+    from medd.package import build_package
+    from medd.objects import parse_part10
+    from medd.storage.blobstore import FileBlobStore
+    from medd.storage.database import Database
+    from medd.storage.index import ObjectIndex
+    from tests.conftest import testdata
+
+    class OnlyAlice:
+        @hookimpl
+        def medd_check_sender(self, claim):
+            return None if claim.origin == "alice@example.org" else f"{claim.origin} is not alice"
+
+    plugins = load_plugins(extra=[OnlyAlice()])
+    database = Database(reactor, f"sqlite:///{tmp_path / 'index.sqlite'}")
+    database.create_schema()
+    blobs = FileBlobStore(tmp_path / "store")
+    ingest = Ingest(reactor, ObjectIndex(database, reactor), blobs, plugins, max_object_size=1 << 24)
+    content = parse_part10(testdata("CT_small.dcm"))
+    image = plugins.object_type("image")
+
+    def package(origin):
+        return build_package(content, image.identifier(content), origin=origin, destination="central.test")
+
+    try:
+        with pytest.raises(Refused) as refused:
+            await ingest.receive_package(package("mallory@example.org"), transport="test")
+        assert refused.value.kind == "unauthenticated" and "mallory" in refused.value.reason
+        assert list((tmp_path / "store" / "blobs").rglob("*")) == []
+        assert await ingest.index.count_objects() == 0
+        stored = await ingest.receive_package(package("alice@example.org"), transport="test")
+        assert stored.created and await ingest.index.count_objects() == 1
+    finally:
+        ingest.stop()
+        database.stop()
