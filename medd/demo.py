@@ -53,12 +53,13 @@ def _setup_directory(central_config, viewer_config):
 
 
 def _add_user(viewer_config) -> None:
-    from medd.storage.database import open_database
+    from medd.storage.accounts import Accounts
+    from medd.storage.database import WallClock, open_database, resolved
     from medd.viewer.users import add_user
 
     db = open_database(viewer_config)
     try:
-        db.run_sync(lambda conn: add_user(conn, DEMO_USER, DEMO_PASSWORD))
+        resolved(add_user(Accounts(db, WallClock()), DEMO_USER, DEMO_PASSWORD))
     finally:
         db.stop()
 

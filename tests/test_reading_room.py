@@ -21,12 +21,27 @@ import pytest_twisted
 import requests
 from PIL import Image
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.threads import deferToThread
+from zope.interface.verify import verifyObject
 
+from medd.ingest import Ingest
+from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI
+from medd.plugins.host import load_plugins
+from medd.storage.accounts import Accounts
+from medd.storage.blobstore import FileBlobStore
+from medd.storage.database import Database
+from medd.storage.inbox import Inbox
+from medd.storage.index import ObjectIndex
 from medd.transports.http import MeddSite
 from medd.viewer import rendering
-from medd.viewer.web import CSRF_HEADER, check_annotations, csrf_token, reading_room_resources, WebError
+from medd.viewer.annotations import check_annotations
+from medd.viewer.contract import IReadingRoom, WorklistQuery
+from medd.viewer.outgoing import OutgoingService, outgoing_packages
+from medd.viewer.reading import ReadingRoom
+from medd.viewer.settings import CentralSettings
+from medd.viewer.users import add_user
+from medd.viewer.web import CSRF_HEADER, csrf_token, reading_room_resources
 from tests.conftest import testdata
 
 CHROMIUM = "/usr/bin/chromium"
@@ -130,152 +145,96 @@ def test_frame_cache_serves_window_changes_without_the_bytes():
     assert ("b", 0) in small and ("a", 0) not in small
 
 
-def test_annotations_are_checked_before_they_reach_the_backend():
-    """Wrong types, wrong point counts, non-numbers and empty texts are refused with a message naming the annotation."""
-    good = check_annotations({"annotations": [
-        {"type": "arrow", "points": [[1, 2], [30.123, 40]]},
-        {"type": "text", "points": [[5, 5]], "text": " hi ", "frame": 2},
-    ]})
-    assert good == [{"type": "arrow", "points": [[1.0, 2.0], [30.12, 40.0]]},
-                    {"type": "text", "points": [[5.0, 5.0]], "text": "hi", "frame": 2}]
-    for bad, message in [
-        ({"annotations": [{"type": "polygon", "points": [[1, 1]]}]}, "type must be one of"),
-        ({"annotations": [{"type": "line", "points": [[1, 1]]}]}, "a line has 2 point"),
-        ({"annotations": [{"type": "line", "points": [[1, "x"], [2, 2]]}]}, "a point is"),
-        ({"annotations": [{"type": "text", "points": [[1, 1]], "text": " "}]}, "needs its text"),
-        ({"annotations": []}, "nothing to save"),
-        ([], "send"),
-    ]:
-        with pytest.raises(WebError, match=message):
-            check_annotations(bad)
+# --- pages over a real reading room: temporary SQLite, blob store, the real Ingest ------------------------
 
 
-# --- pages over an in-memory reading room -------------------------------------------------------------
-
+VIEWER_NAME = "dr-lee@viewers.example"
+CENTRAL_ORIGIN = "central@central"
 
 STUDIES = {
-    # study uid -> (patient name, patient id, date, centre, [(series uid, modality, [file names])])
-    "1.2.826.0.1.1": ("DOE^JANE", "P001", "20240105", "ct1@centre-a.example",
-                      [("1.2.826.0.1.1.1", "CT", ["CT_small.dcm"])]),
-    "1.2.826.0.1.2": ("ROE^RICHARD", "P002", "20230611", "mr1@centre-b.example",
-                      [("1.2.826.0.1.2.1", "MR", ["MR_small_RLE.dcm"]),
-                       ("1.2.826.0.1.2.2", "OT", ["examples_ybr_color.dcm"])]),
+    # study uid -> (patient name, patient id, study date, institution, [(series uid, [file names])])
+    "1.2.826.0.1.1": ("DOE^JANE", "P001", "20240105", "Centre A", [("1.2.826.0.1.1.1", ["CT_small.dcm"])]),
+    "1.2.826.0.1.2": ("ROE^RICHARD", "P002", "20230611", "Centre B",
+                      [("1.2.826.0.1.2.1", ["MR_small_RLE.dcm"]), ("1.2.826.0.1.2.2", ["examples_ybr_color.dcm"])]),
 }
 
 
-class FakeReadingRoom:
-    """The ReadingRoom contract over dicts, recording what the web layer asked of it."""
+def study_object(name: str, study_uid: str, series_uid: str, patient: tuple[str, str], date: str, institution: str,
+                 series_number: int) -> bytes:
+    """One of pydicom's test files, made part of the given study and series."""
+    ds = pydicom.dcmread(BytesIO(_testfile(name)))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, series_number
+    ds.PatientName, ds.PatientID = patient
+    ds.StudyDate, ds.InstitutionName = date, institution
+    out = BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+class RecordingCentral:
+    """Central's end of the viewer's outgoing packages (the network peer, faked): records each package posted."""
 
     def __init__(self):
-        self.images: dict[str, tuple[str, bytes]] = {}
-        self.users = {"alice": "s3cret"}
-        self.sessions: dict[str, str] = {}
-        self.opened_by: list[tuple[str, str]] = []
-        self.saved_overlays: dict[str, list[dict]] = {}
-        self.saved_reports: dict[str, list[dict]] = {}
-        self.worklist_filters: list[dict] = []
+        self.posted: list[bytes] = []
+
+    async def post_package(self, data: bytes) -> int:
+        self.posted.append(data)
+        return 201
+
+
+class Backend:
+    """A viewer's reading room over a temporary SQLite database and blob store, objects ingested through
+    the real Ingest, served on a loopback HTTP site."""
+
+    async def start(self, tmp_path: Path) -> "Backend":
+        self.database = Database(reactor, f"sqlite:///{tmp_path / 'viewer.sqlite'}")
+        self.database.create_schema()
+        self.database.start()
+        self.blobs = FileBlobStore(tmp_path / "store")
+        index = ObjectIndex(self.database, reactor)
+        self.ingest = Ingest(reactor, index, self.blobs, load_plugins(), max_object_size=64 * 1024 * 1024)
+        settings = CentralSettings(url="http://central.invalid", token="t", poll_interval=60)
+        self.central = RecordingCentral()
+        self.outgoing = OutgoingService(self.database, self.ingest, self.blobs, self.central, settings, reactor)
+        self.room = ReadingRoom(Inbox(self.database, reactor), Accounts(self.database, reactor), self.ingest,
+                                self.outgoing, VIEWER_NAME, settings, reactor)
+        await add_user(self.room.accounts, "alice", "s3cret")
         self.by_name: dict[str, str] = {}
-        for study_uid, (_, _, _, _, series) in STUDIES.items():
-            for _, _, names in series:
+        for study_uid, (patient, pid, date, institution, series) in STUDIES.items():
+            for number, (series_uid, names) in enumerate(series, 1):
                 for name in names:
-                    data = _testfile(name)
-                    uid = str(pydicom.dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
-                    self.images[uid] = (study_uid, data)
-                    self.by_name[name] = uid
+                    data = study_object(name, study_uid, series_uid, (patient, pid), date, institution, number)
+                    stored = await self.ingest.receive_dicom(data, transport="pull", origin=CENTRAL_ORIGIN)
+                    self.by_name[name] = stored.uid
+        api = TransportAPI(reactor, self.ingest, transport="http", node_name=VIEWER_NAME, settings={},
+                           tls=TLSSettings(), web_resources=reading_room_resources(self.room, self.ingest),
+                           queries=IndexQueries(index, self.ingest))
+        self.port = reactor.listenTCP(0, MeddSite(api), interface="127.0.0.1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        return self
 
-    def uids_of(self, study_uid):
-        return [uid for uid, (s, _) in self.images.items() if s == study_uid]
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        await maybeDeferred(self.outgoing.stopService)
+        self.ingest.stop()
+        self.database.stop()
 
-    async def worklist(self, filters):
-        self.worklist_filters.append(filters)
-        out = []
-        for uid, (name, pid, when, centre, series) in STUDIES.items():
-            out.append({"study_uid": uid, "patient_name": name, "patient_id": pid, "study_date": when,
-                        "modalities": [m for _, m, _ in series], "centre": centre,
-                        "images": sum(len(n) for _, _, n in series),
-                        "unread": not any(u in self.uids_of(uid) for u, _ in self.opened_by),
-                        "has_report": bool(self.saved_reports.get(uid))})
-        return out
-
-    async def study(self, study_uid, user=None):
-        if study_uid not in STUDIES:
-            raise KeyError(study_uid)
-        name, pid, when, centre, series = STUDIES[study_uid]
-        out = {"study_uid": study_uid, "patient_name": name, "patient_id": pid, "study_date": when, "centre": centre,
-               "series": []}
-        for series_uid, modality, names in series:
-            instances = []
-            for uid in self.uids_of(study_uid):
-                ds = pydicom.dcmread(BytesIO(self.images[uid][1]), stop_before_pixels=True)
-                if ds.Modality == modality or (modality == "OT" and ds.get("NumberOfFrames")):
-                    instances.append({"uid": uid, "instance_number": ds.get("InstanceNumber", 1), "rows": ds.Rows,
-                                      "columns": ds.Columns, "frames": int(ds.get("NumberOfFrames", 1) or 1),
-                                      "transfer_syntax": str(ds.file_meta.TransferSyntaxUID)})
-            out["series"].append({"series_uid": series_uid, "modality": modality, "instances": instances})
-        return out
-
-    async def instance_bytes(self, uid):
-        return self.images[uid][1]
-
-    async def header(self, uid):
-        ds = pydicom.dcmread(BytesIO(self.images[uid][1]), stop_before_pixels=True)
-        return [(str(e.tag), e.keyword, e.VR, str(e.value)[:80]) for e in ds if e.VR != "SQ"]
-
-    async def opened(self, uid, user):
-        self.opened_by.append((uid, user))
-
-    async def save_overlay(self, image_uid, user, annotations):
-        self.images[image_uid]  # KeyError for an unknown image, as the real one
-        self.saved_overlays.setdefault(image_uid, []).extend(annotations)
-        return f"2.25.{len(self.saved_overlays)}"
-
-    async def overlays(self, image_uid):
-        return [{"uid": "2.25.1", "annotations": self.saved_overlays[image_uid]}] if image_uid in self.saved_overlays else []
-
-    async def save_report(self, study_uid, user, text):
-        self.saved_reports.setdefault(study_uid, []).append({"author": user, "time": "2024-01-05T10:00:00", "text": text})
-        return f"2.25.9{len(self.saved_reports[study_uid])}"
-
-    async def reports(self, study_uid):
-        return list(self.saved_reports.get(study_uid, []))
-
-    async def check_password(self, name, password):
-        return self.users.get(name) == password
-
-    async def create_session(self, user):
-        token = f"token-{len(self.sessions)}-{user}"
-        self.sessions[token] = user
-        return token
-
-    async def user_for_session(self, token):
-        return self.sessions.get(token)
-
-    async def end_session(self, token):
-        self.sessions.pop(token, None)
-
-
-class FakeAPI:
-    """The two things the reading room uses of a ReceiverAPI, recording the blocking calls."""
-
-    max_object_size = 10 * 1024 * 1024
-
-    def __init__(self):
-        self.web_resources = {}
-        self.blocking_calls = 0
-
-    def run_blocking(self, fn, *args):
-        self.blocking_calls += 1
-        return deferToThread(fn, *args)
+    async def queued(self):
+        """The packages queued for central (status messages, overlays, reports), oldest first."""
+        return await self.database.run(outgoing_packages)
 
 
 @pytest.fixture
-def room_site():
-    """A reading room over FakeReadingRoom on a loopback HTTP site: (base URL, fake room, fake api)."""
-    room, api = FakeReadingRoom(), FakeAPI()
-    api.web_resources.update(reading_room_resources(room, api))
-    port = reactor.listenTCP(0, MeddSite(api), interface="127.0.0.1")
-    yield f"http://127.0.0.1:{port.getHost().port}", room, api
-    pytest_twisted.blockon(maybeDeferred(port.stopListening))
+def room_site(tmp_path):
+    """A real reading room with two studies (three images) and the user alice, served on loopback."""
+    backend = pytest_twisted.blockon(ensureDeferred(Backend().start(tmp_path)))
+    yield backend
+    pytest_twisted.blockon(ensureDeferred(backend.stop()))
+
+
+def test_the_reading_room_provides_its_contract(room_site):
+    """The viewer's ReadingRoom provides IReadingRoom, every method and attribute of it."""
+    assert verifyObject(IReadingRoom, room_site.room)
 
 
 def _thread(fn, *args, **kw):
@@ -297,9 +256,9 @@ def _csrf(html: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_every_page_needs_a_session(room_site):
-    """Without a session, pages redirect to the login form (keeping where to go next) and the JSON API answers 401."""
-    base, room, _ = room_site
-    uid = next(iter(room.images))
+    """Without a session, pages redirect to the login form (keeping where to go next), the JSON API answers 401,
+    and nothing is recorded or sent."""
+    base, uid = room_site.base, room_site.by_name["CT_small.dcm"]
 
     def check():
         for path in ("/worklist", "/studies/1.2.826.0.1.1", f"/images/{uid}", f"/images/{uid}/render.png"):
@@ -307,20 +266,24 @@ async def test_every_page_needs_a_session(room_site):
             assert r.status_code == 303 and r.headers["Location"].startswith("/?next="), path
         r = requests.get(f"{base}/images/{uid}/overlays", allow_redirects=False)
         assert r.status_code == 401 and "log in" in r.json()["error"]
+        r = requests.post(f"{base}/images/{uid}/opened", allow_redirects=False)
+        assert r.status_code == 401
         r = requests.post(f"{base}/studies/1.2.826.0.1.1/report", data={"text": "x"}, allow_redirects=False)
         assert r.status_code == 401
         r = requests.get(base + "/worklist", cookies={"medd_session": "forged"}, allow_redirects=False)
         assert r.status_code == 303
 
     await _thread(check)
-    assert room.opened_by == [] and room.worklist_filters == []
+    assert await room_site.queued() == []
+    assert (await room_site.room.study("1.2.826.0.1.1", "alice")).series[0].instances[0].opened is False
 
 
 @pytest_twisted.ensureDeferred
 async def test_login_form_cookie_rules_and_logout(room_site):
     """/ is a login form (username, password); a good login sets an HttpOnly SameSite=Strict session cookie;
     a wrong password or a form without its login cookie is refused; logout ends the session."""
-    base, room, _ = room_site
+    base = room_site.base
+    ended = []
 
     def check():
         s = requests.Session()
@@ -354,10 +317,11 @@ async def test_login_form_cookie_rules_and_logout(room_site):
         assert s.post(base + "/logout", data={"csrf": "wrong"}, allow_redirects=False).status_code == 403
         out = s.post(base + "/logout", data={"csrf": csrf_token(token)}, allow_redirects=False)
         assert out.status_code == 303
-        assert token not in room.sessions
+        ended.append(token)
         assert requests.get(base + "/worklist", cookies={"medd_session": token}, allow_redirects=False).status_code == 303
 
     await _thread(check)
+    assert await room_site.room.user_for_session(ended[0]) is None
 
 
 def _login_next(base: str, next_path: str) -> str:
@@ -370,11 +334,12 @@ def _login_next(base: str, next_path: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_state_changing_posts_need_the_csrf_token(room_site):
-    """A report or overlay POST without the session's CSRF token, or from another origin, changes nothing."""
-    base, room, _ = room_site
-    uid = next(u for u, (s, _) in room.images.items() if s == "1.2.826.0.1.1")
+    """A report, overlay or opened POST without the session's CSRF token, or from another origin, changes nothing;
+    with it, the overlay and the signed report are stored in the inbox and queued for central."""
+    base, room = room_site.base, room_site.room
+    uid = room_site.by_name["CT_small.dcm"]
 
-    def check():
+    def refused():
         s = _login(base)
         token = csrf_token(s.cookies["medd_session"])
         report = f"{base}/studies/1.2.826.0.1.1/report"
@@ -386,39 +351,64 @@ async def test_state_changing_posts_need_the_csrf_token(room_site):
         body = {"annotations": [{"type": "arrow", "points": [[1, 1], [20, 20]]}]}
         r = s.post(f"{base}/images/{uid}/overlays", json=body)
         assert r.status_code == 403 and "reload" in r.json()["error"]
-        assert room.saved_reports == {} and room.saved_overlays == {}
+        assert s.post(f"{base}/images/{uid}/opened").status_code == 403
+        r = s.post(f"{base}/images/{uid}/opened", headers={CSRF_HEADER: token, "Origin": "http://evil.example"})
+        assert r.status_code == 403
+        return s, token
+
+    s, token = await _thread(refused)
+    assert await room_site.queued() == [] and await room.overlays(uid) == [] and await room.reports("1.2.826.0.1.1") == []
+
+    def accepted():
+        body = {"annotations": [{"type": "arrow", "points": [[1, 1], [20, 20]]}]}
         r = s.post(f"{base}/images/{uid}/overlays", json=body, headers={CSRF_HEADER: token})
-        assert r.status_code == 201 and r.json()["uid"].startswith("2.25.")
+        assert r.status_code == 201, r.text
+        overlay_uid = r.json()["uid"]
+        r = s.post(f"{base}/images/{uid}/overlays", json={"annotations": [{"type": "ellipse", "points": [[1, 1]]}]},
+                   headers={CSRF_HEADER: token})
+        assert r.status_code == 400 and "an ellipse has 2 points" in r.json()["error"]
+        report = f"{base}/studies/1.2.826.0.1.1/report"
         r = s.post(report, data={"text": "No acute findings.", "csrf": token, "action": "sign"}, allow_redirects=False)
         assert r.status_code == 303 and "saved=signed" in r.headers["Location"]
         r = s.post(report, data={"text": "  ", "csrf": token}, allow_redirects=False)
         assert r.status_code == 400 and "empty" in r.text
+        return overlay_uid
 
-    await _thread(check)
-    assert room.saved_overlays[uid] == [{"type": "arrow", "points": [[1.0, 1.0], [20.0, 20.0]]}]
-    assert [r["text"] for r in room.saved_reports["1.2.826.0.1.1"]] == ["No acute findings."]
+    overlay_uid = await _thread(accepted)
+    (overlay,) = await room.overlays(uid)
+    assert overlay.uid == overlay_uid and overlay.author == "alice"
+    assert [a.as_json() for a in overlay.annotations] == [{"type": "arrow", "points": [[1.0, 1.0], [20.0, 20.0]]}]
+    (report,) = await room.reports("1.2.826.0.1.1")
+    assert (report.author, report.text, report.verified) == ("alice", "No acute findings.", True)
+    assert [p.attachment.split(";")[0] for p in await room_site.queued()] == ["overlay", "report"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_worklist_filters_and_study_page(room_site):
-    """The worklist shows every column and filters by patient, modality and date on the server;
-    a study lists its series with thumbnails, and its reports."""
-    base, room, _ = room_site
+    """The worklist shows every column, newest study first, and filters by patient, modality, date and read
+    status in the database; a study lists its series with thumbnails, and its reports."""
+    base = room_site.base
 
     def check():
         s = _login(base)
         page = s.get(base + "/worklist").text
         assert "DOE, JANE" in page and "ROE, RICHARD" in page and "2024-01-05" in page
-        assert "ct1@centre-a.example" in page and "unread" in page
+        assert page.index("DOE, JANE") < page.index("ROE, RICHARD")
+        assert "Centre A" in page and "unread" in page
+        assert re.search(r'data-study-uid="1.2.826.0.1.2".*?<td class="num">2</td>', page, re.S)
         assert "ROE" not in s.get(base + "/worklist", params={"patient": "doe"}).text
-        assert "DOE" not in s.get(base + "/worklist", params={"modality": "MR"}).text
+        assert "ROE" not in s.get(base + "/worklist", params={"patient": "p00?1"}).text
+        assert "DOE" not in s.get(base + "/worklist", params={"modality": "mr"}).text
+        assert re.findall(r'<option value="([A-Z]+)">', page) == ["CT", "MR", "US"]
         dated = s.get(base + "/worklist", params={"date_from": "2024-01-01", "date_to": "2024-12-31"}).text
         assert "DOE" in dated and "ROE, RICHARD" not in dated
         assert "No studies match" in s.get(base + "/worklist", params={"patient": "nobody"}).text
+        assert "No studies match" in s.get(base + "/worklist", params={"status": "read"}).text
         bad = s.get(base + "/worklist", params={"date_from": "yesterday"})
         assert bad.status_code == 400 and "YYYY-MM-DD" in bad.text
+        assert s.get(base + "/worklist", params={"offset": "-1"}).status_code == 400
         study = s.get(base + "/studies/1.2.826.0.1.2")
-        assert study.status_code == 200 and "examples" not in study.text
+        assert study.status_code == 200 and "Centre B" in study.text
         assert study.text.count('class="thumbnail"') == 2 and "30 frames" in study.text
         thumb = re.search(r'src="(/images/[0-9.]+/render.png\?size=160)"', study.text).group(1)
         image = _png(s.get(base + thumb).content)
@@ -428,30 +418,59 @@ async def test_worklist_filters_and_study_page(room_site):
         assert s.get(base + "/studies/not-a-uid").status_code == 404
 
     await _thread(check)
-    assert {"patient": "doe", "user": "alice"} in room.worklist_filters
-    assert {"study_date": "20240101-20241231", "user": "alice"} in room.worklist_filters
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_of_the_image_page_changes_nothing_and_opened_is_its_own_post(room_site):
+    """GET /images/{uid} records no opening and sends no status message; POST /images/{uid}/opened (with the
+    CSRF token) marks the image opened for the user, once, and queues one status package for central per POST."""
+    base, room = room_site.base, room_site.room
+    ct = room_site.by_name["CT_small.dcm"]
+
+    def view():
+        s = _login(base)
+        for _ in range(2):
+            assert s.get(f"{base}/images/{ct}").status_code == 200
+        return s
+
+    s = await _thread(view)
+    assert await room_site.queued() == []
+    (row, _) = (await room.worklist(WorklistQuery(user="alice"))).studies
+    assert row.study_uid == "1.2.826.0.1.1" and row.unread
+
+    def open_it():
+        token = csrf_token(s.cookies["medd_session"])
+        first = s.post(f"{base}/images/{ct}/opened", headers={CSRF_HEADER: token})
+        assert first.status_code == 200 and first.json()["first"] is True and first.json()["user"] == "alice"
+        assert s.post(f"{base}/images/{ct}/opened", headers={CSRF_HEADER: token}).json()["first"] is False
+        assert s.post(f"{base}/images/9.9.9/opened", headers={CSRF_HEADER: token}).status_code == 404
+
+    await _thread(open_it)
+    queued = await room_site.queued()
+    assert [p.attachment for p in queued] == [f"status; event=opened; uid={ct}"] * 2
+    (row, _) = (await room.worklist(WorklistQuery(user="alice"))).studies
+    assert not row.unread and row.opened_images == 1
+    assert (await room.worklist(WorklistQuery(user="bob"))).studies[0].unread
+    assert (await room.study("1.2.826.0.1.1", "alice")).series[0].instances[0].opened
 
 
 @pytest_twisted.ensureDeferred
 async def test_image_page_render_endpoint_and_static_files(room_site):
-    """The image page records the opening, carries size, spacing and saved overlays, and the header;
-    render.png honours frame and window and runs off the reactor; bad parameters are 400; static files have
-    their media types."""
-    base, room, api = room_site
-    ct, multi = room.by_name["CT_small.dcm"], room.by_name["examples_ybr_color.dcm"]
-    room.saved_overlays[ct] = [{"type": "line", "points": [[0, 0], [10, 0]]}]
+    """The image page carries size, spacing, saved overlays and the header; render.png honours frame and window
+    and runs off the reactor; bad parameters are 400; static files have their media types."""
+    base, room = room_site.base, room_site.room
+    ct, multi = room_site.by_name["CT_small.dcm"], room_site.by_name["examples_ybr_color.dcm"]
+    await room.save_overlay(ct, "alice", check_annotations([{"type": "line", "points": [[0, 0], [10, 0]]}]))
 
     def check():
         s = _login(base)
         page = s.get(f"{base}/images/{ct}").text
         assert 'data-rows="128"' in page and 'data-spacing="0.661468,0.661468"' in page
         assert "&quot;line&quot;" in page and "PatientName" in page and "(0010,0010)" in page
-        calls = api.blocking_calls
         default = s.get(f"{base}/images/{ct}/render.png")
         assert default.headers["Content-Type"] == "image/png" and default.headers["Cache-Control"] == "no-store"
         windowed = s.get(f"{base}/images/{ct}/render.png", params={"wc": 40, "ww": 400})
         assert _png(windowed.content).size == (128, 128) and windowed.content != default.content
-        assert api.blocking_calls >= calls + 2
         f1 = s.get(f"{base}/images/{multi}/render.png", params={"frame": 1}).content
         f30 = s.get(f"{base}/images/{multi}/render.png", params={"frame": 30}).content
         assert f1 != f30
@@ -459,7 +478,8 @@ async def test_image_page_render_endpoint_and_static_files(room_site):
         assert s.get(f"{base}/images/{ct}/render.png", params={"wc": 40}).status_code == 400
         assert s.get(f"{base}/images/{ct}/render.png", params={"frame": "x"}).status_code == 400
         assert s.get(f"{base}/images/9.9.9").status_code == 404
-        assert s.get(f"{base}/images/{ct}/overlays").json() == {"annotations": room.saved_overlays[ct]}
+        (line,) = s.get(f"{base}/images/{ct}/overlays").json()["annotations"]
+        assert line["type"] == "line" and line["points"] == [[0.0, 0.0], [10.0, 0.0]] and line["text"] == "6.6 mm"
         js = s.get(base + "/static/reading-room.js")
         css = requests.get(base + "/static/reading-room.css")
         assert js.headers["Content-Type"].startswith("text/javascript")
@@ -467,7 +487,7 @@ async def test_image_page_render_endpoint_and_static_files(room_site):
         assert requests.get(base + "/static/").status_code == 404
 
     await _thread(check)
-    assert (ct, "alice") in room.opened_by
+    assert [p.attachment.split(";")[0] for p in await room_site.queued()] == ["overlay"]
 
 
 # --- in the browser ----------------------------------------------------------------------------------
@@ -520,16 +540,17 @@ def _drag(page, selector: str, start: tuple[float, float], end: tuple[float, flo
 
 @pytest_twisted.ensureDeferred
 async def test_browser_draws_in_image_pixels_and_scrolls_frames(room_site):
-    """In Chromium, whatever the zoom, a drawn arrow is saved in image pixel coordinates; a line shows mm;
-    the wheel scrolls frames of a multi-frame image."""
+    """In Chromium, the image page says "opened" once the image is shown; whatever the zoom, a drawn arrow is
+    saved in image pixel coordinates; a line shows mm; the wheel scrolls frames of a multi-frame image."""
     _browser_or_skip()
-    base, room, _ = room_site
-    ct, multi = room.by_name["CT_small.dcm"], room.by_name["examples_ybr_color.dcm"]
+    base, room = room_site.base, room_site.room
+    ct, multi = room_site.by_name["CT_small.dcm"], room_site.by_name["examples_ybr_color.dcm"]
 
     def scenario(page):
         _browser_login(page, "alice", "s3cret")
         page.goto(f"/images/{ct}")
         page.wait_for_selector("#viewport[data-ready=true]")
+        page.wait_for_selector("#viewport[data-opened=true]")
         page.click("#zoom-in")
         page.click("#tool-line")
         _drag(page, "#image", (0.25, 0.5), (0.75, 0.5))
@@ -549,10 +570,13 @@ async def test_browser_draws_in_image_pixels_and_scrolls_frames(room_site):
     label = await _thread(_drive, base, scenario)
     # 64 pixels across at 0.661468 mm per pixel.
     assert re.fullmatch(r"4[12]\.\d mm", label), label
-    line, arrow = room.saved_overlays[ct]
-    assert line["type"] == "line" and arrow["type"] == "arrow"
-    (x0, y0), (x1, y1) = arrow["points"]
+    (overlay,) = await room.overlays(ct)
+    line, arrow = overlay.annotations
+    assert line.type == "line" and arrow.type == "arrow"
+    (x0, y0), (x1, y1) = arrow.points
     assert abs(x0 - 12.8) < 2 and abs(y0 - 12.8) < 2 and abs(x1 - 64) < 2 and abs(y1 - 64) < 2
+    opened = [p.attachment for p in await room_site.queued() if p.attachment.startswith("status")]
+    assert opened == [f"status; event=opened; uid={ct}", f"status; event=opened; uid={multi}"]
 
 
 # --- end to end: a real central and a real viewer ---------------------------------------------------
@@ -564,21 +588,26 @@ async def test_reading_room_end_to_end_in_chromium(make_central):
     report; central's GET /api/objects/{uid} then shows the image opened by that user, with the overlay and the
     report attached. With MEDD_SCREENSHOTS=DIR, the worklist and the image view are saved as PNGs there."""
     _browser_or_skip()
-    from medd.viewer import users
+    from medd.viewer.outgoing import count_waiting
+    from tests.conftest import listener_port
     from tests.routing_helpers import eventually
     from tests.test_routing import _cstore, _with_recipient
     from tests.test_viewer import VIEWER, _central_and_viewer, _history, _is, _local
-    from tests.conftest import listener_port
 
     central, viewer, admin = await _central_and_viewer(make_central)
-    await viewer.database.run(lambda c: users.add_user(c, "dr-lee", "correct horse"))
+    await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
     images = [_with_recipient(name, recipient=VIEWER) for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm")]
     assert await deferToThread(_cstore, listener_port(central, "dicom"), images) == [0, 0, 0]
+    # A routing pass that began after the C-STOREs, then a pull that began after it: the images are in the
+    # viewer's inbox and acknowledged.
+    await central.routing.router.kick()
+    pulled = await viewer.viewer.requestor.kick()
+    assert pulled.error is None
     for ds in images:
-        await eventually(lambda uid=ds.SOPInstanceUID: _local(viewer, uid))
+        assert await _local(viewer, ds.SOPInstanceUID)
     ct = images[0]
     uid, study_uid = ct.SOPInstanceUID, ct.StudyInstanceUID
-    await eventually(lambda: _is(central, uid, "delivered"))
+    assert await _is(central, uid, "delivered")
     base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
     shots = os.environ.get("MEDD_SCREENSHOTS")
 
@@ -593,6 +622,7 @@ async def test_reading_room_end_to_end_in_chromium(make_central):
         page.wait_for_url(f"**/images/{uid}")
         page.wait_for_selector("#viewport[data-ready=true]")
         page.wait_for_function("document.getElementById('image').complete")
+        page.wait_for_selector("#viewport[data-opened=true]")
         page.click("#tool-arrow")
         _drag(page, "#image", (0.2, 0.2), (0.45, 0.45))
         page.click("#save-overlay")
@@ -631,13 +661,11 @@ async def test_reading_room_end_to_end_in_chromium(make_central):
 
     overlay_uid = await deferToThread(_drive, base, scenario)
 
-    await eventually(lambda: _is(central, uid, "opened"))
-
-    async def attached():
-        history = await _history(central, admin, uid)
-        return history if history["overlays"] and history["reports"] else None
-
-    history = await eventually(attached)
+    # The viewer's outgoing sender has no Deferred to await while it is busy: wait until nothing is waiting.
+    await eventually(lambda: viewer.database.run(count_waiting).addCallback(lambda n: n == 0))
+    await central.routing.router.kick()
+    assert await _is(central, uid, "opened")
+    history = await _history(central, admin, uid)
     (delivery,) = history["deliveries"]
     assert delivery["state"] == "opened" and delivery["opened_by"] == "dr-lee"
     assert [o["uid"] for o in history["overlays"]] == [overlay_uid]

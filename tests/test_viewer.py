@@ -3,9 +3,6 @@ reading room's status messages, overlays and reports reach central; users, sessi
 the requestor's backoff on a fake clock."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,9 @@ from medd.ingest import Stored, StoreFailed
 from medd.config import ConfigError, load_config
 from medd.plugins.host import load_plugins
 from medd.service import check_against_plugins
-from medd.storage import database as database_module
 from medd.storage.index import object_by_uid
-from medd.viewer import users
+from medd.storage.inbox import WorklistQuery
+from medd.viewer.annotations import check_annotations
 from medd.viewer.central_client import CentralUnavailable
 from medd.viewer.outgoing import count_waiting, outgoing_packages
 from medd.viewer.requestor import Requestor
@@ -85,17 +82,17 @@ async def test_pulled_image_reaches_the_inbox_and_is_acknowledged(make_central):
     await eventually(lambda: _is(central, uid, "delivered"))
 
     room = viewer.reading_room
-    (study,) = await room.worklist({"user": "dr-lee"})
-    assert study["study_uid"] == ct.StudyInstanceUID and study["patient_id"] == ct.PatientID
-    assert study["modalities"] == ["CT"] and study["images"] == 1 and study["unread"] and not study["has_report"]
-    assert await room.worklist({"modality": "MR"}) == []
+    (study,) = (await room.worklist(WorklistQuery(user="dr-lee"))).studies
+    assert study.study_uid == ct.StudyInstanceUID and study.patient_id == ct.PatientID
+    assert study.modalities == ("CT",) and study.images == 1 and study.unread and not study.has_report
+    assert (await room.worklist(WorklistQuery(user="dr-lee", modality="MR"))).studies == ()
     detail = await room.study(ct.StudyInstanceUID)
-    (instance,) = detail["series"][0]["instances"]
-    assert (instance["uid"], instance["rows"], instance["columns"], instance["frames"]) == (uid, 128, 128, 1)
-    assert instance["transfer_syntax"] == str(ct.file_meta.TransferSyntaxUID)
+    (instance,) = detail.series[0].instances
+    assert (instance.uid, instance.rows, instance.columns, instance.frames) == (uid, 128, 128, 1)
+    assert instance.transfer_syntax_uid == str(ct.file_meta.TransferSyntaxUID)
     data = await room.instance_bytes(uid)
     assert dcmread(__import__("io").BytesIO(data)).SOPInstanceUID == uid
-    header = {keyword: value for _, keyword, _, value in await room.header(uid)}
+    header = {e.keyword: e.value for e in await room.header(uid)}
     assert header["PatientID"] == ct.PatientID and header["TransferSyntaxUID"] == str(ct.file_meta.TransferSyntaxUID)
 
     # A kick after everything was acknowledged finds nothing more to do.
@@ -123,9 +120,10 @@ async def test_opened_overlay_and_report_reach_central(make_central):
     await eventually(lambda: _is(central, uid, "opened"))
     (delivery,) = (await _history(central, admin, uid))["deliveries"]
     assert delivery["opened_by"] == "dr-lee"
-    (study,) = await room.worklist({"user": "dr-lee"})
-    assert study["read"] and not study["unread"]
-    assert (await room.worklist({"user": "dr-other", "status": "unread"}))[0]["study_uid"] == ct.StudyInstanceUID
+    (study,) = (await room.worklist(WorklistQuery(user="dr-lee"))).studies
+    assert not study.unread
+    (study,) = (await room.worklist(WorklistQuery(user="dr-other", status="unread"))).studies
+    assert study.study_uid == ct.StudyInstanceUID
 
     annotations = [
         {"type": "arrow", "points": [[10, 10], [40, 40]]},
@@ -133,14 +131,15 @@ async def test_opened_overlay_and_report_reach_central(make_central):
         {"type": "ellipse", "points": [[20, 30], [60, 50]], "text": "lesion"},
         {"type": "text", "points": [[5, 120]], "text": "compare with prior"},
     ]
-    overlay_uid = await room.save_overlay(uid, "dr-lee", annotations)
+    overlay_uid = await room.save_overlay(uid, "dr-lee", check_annotations(annotations))
     local = await _local(viewer, overlay_uid)
     assert local.object_type == "overlay" and local.referenced_image_uid == uid
-    shown = await room.overlays(uid)
-    assert [a["type"] for a in shown] == ["arrow", "line", "ellipse", "text"]
-    assert shown[1]["text"] == "66.1 mm"  # 100 px at 0.661468 mm
-    assert shown[2]["points"] == [[20.0, 30.0], [60.0, 50.0]] and shown[2]["text"] == "lesion"
-    assert {a["overlay_uid"] for a in shown} == {overlay_uid} and shown[0]["author"] == "dr-lee"
+    (overlay,) = await room.overlays(uid)
+    shown = overlay.annotations
+    assert [a.type for a in shown] == ["arrow", "line", "ellipse", "text"]
+    assert shown[1].text == "66.1 mm"  # 100 px at 0.661468 mm
+    assert shown[2].points == ((20.0, 30.0), (60.0, 50.0)) and shown[2].text == "lesion"
+    assert overlay.uid == overlay_uid and overlay.author == "dr-lee"
 
     async def overlay_attached():
         return [o["uid"] for o in (await _history(central, admin, uid))["overlays"]] == [overlay_uid]
@@ -149,8 +148,8 @@ async def test_opened_overlay_and_report_reach_central(make_central):
 
     report_uid = await room.save_report(ct.StudyInstanceUID, "dr-lee", "No acute findings.\nFollow-up in 6 months.")
     (report,) = await room.reports(ct.StudyInstanceUID)
-    assert (report["uid"], report["author"], report["text"]) == (report_uid, "dr-lee", "No acute findings.\nFollow-up in 6 months.")
-    assert (await room.worklist({"user": "dr-lee", "has_report": True}))[0]["has_report"]
+    assert (report.uid, report.author, report.text) == (report_uid, "dr-lee", "No acute findings.\nFollow-up in 6 months.")
+    assert (await room.worklist(WorklistQuery(user="dr-lee", has_report=True))).studies[0].has_report
 
     async def report_attached():
         return [r["uid"] for r in (await _history(central, admin, uid))["reports"]] == [report_uid]
@@ -309,73 +308,6 @@ def test_kick_during_a_pass_runs_another():
 
 
 # -- users, sessions, config -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def conn():
-    from sqlalchemy import create_engine
-
-    import medd.storage.viewer_tables  # noqa: F401
-    from medd.storage.schema import metadata
-
-    engine = create_engine("sqlite://")
-    metadata.create_all(engine)
-    with engine.begin() as c:
-        yield c
-
-
-def test_users_and_passwords(conn):
-    """A user's password checks right and fails wrong (and for unknown users); the hash is salted per
-    user; adding a user twice is refused unless replacing."""
-    users.add_user(conn, "dr-lee", "correct horse")
-    users.add_user(conn, "dr-kim", "correct horse")
-    assert users.check_password(conn, "dr-lee", "correct horse")
-    assert not users.check_password(conn, "dr-lee", "wrong")
-    assert not users.check_password(conn, "nobody", "correct horse")
-    assert users.password_hash(conn, "dr-lee") != users.password_hash(conn, "dr-kim")
-    assert users.password_hash(conn, "dr-lee").startswith("scrypt$")
-    with pytest.raises(users.UserError):
-        users.add_user(conn, "dr-lee", "other")
-    users.add_user(conn, "dr-lee", "new one", replace=True)
-    assert users.check_password(conn, "dr-lee", "new one") and not users.check_password(conn, "dr-lee", "correct horse")
-    with pytest.raises(users.UserError):
-        users.add_user(conn, "has space", "x")
-
-
-def test_sessions(conn):
-    """A session token names its user until it ends or expires; only its hash is stored."""
-    from sqlalchemy import select
-
-    from medd.storage.viewer_tables import viewer_sessions
-
-    users.add_user(conn, "dr-lee", "pw")
-    token = users.create_session(conn, "dr-lee")
-    assert users.user_for_session(conn, token) == "dr-lee"
-    assert users.user_for_session(conn, token + "x") is None and users.user_for_session(conn, None) is None
-    assert token not in {r.token_hash for r in conn.execute(select(viewer_sessions))}
-    later = users._now() + users.SESSION_LIFETIME + timedelta(seconds=1)
-    assert users.user_for_session(conn, token, now=later) is None
-    users.end_session(conn, token)
-    assert users.user_for_session(conn, token) is None
-
-
-def test_medd_users_add_cli(tmp_path):
-    """`medd users add NAME --password-file FILE` stores a user whose password then checks."""
-    ini = write_config(tmp_path, role="viewer", name=VIEWER, extra=_viewer_extra(8080, "t"))
-    (tmp_path / "pw").write_text("s3cret\n")
-    medd = str(Path(sys.executable).parent / "medd")
-    run = subprocess.run([medd, "users", "add", "dr-lee", "--password-file", str(tmp_path / "pw"), "--config", str(ini)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    again = subprocess.run([medd, "users", "add", "dr-lee", "--password-file", str(tmp_path / "pw"), "--config", str(ini)],
-                           capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists" in again.stderr
-    db = database_module.Database(None, load_config(ini).database_url)
-    try:
-        assert db.run_sync(lambda c: users.check_password(c, "dr-lee", "s3cret"))
-        assert not db.run_sync(lambda c: users.check_password(c, "dr-lee", "s3cret\n"))
-    finally:
-        db.stop()
 
 
 def test_viewer_config_is_checked(tmp_path):

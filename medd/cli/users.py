@@ -6,8 +6,9 @@ import os
 import sys
 
 from medd.config import load_config
-from medd.storage.database import open_database
-from medd.viewer.users import UserError, add_user, list_users
+from medd.storage.accounts import Accounts
+from medd.storage.database import WallClock, open_database, resolved
+from medd.viewer.users import UserError, add_user
 
 DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/viewer.ini")
 
@@ -23,10 +24,10 @@ def _read_password(args) -> str:
     return first
 
 
-def _with_database(args, fn):
+def _with_accounts(args, fn):
     db = open_database(load_config(args.config))
     try:
-        return db.run_sync(fn)
+        return resolved(fn(Accounts(db, WallClock())))
     finally:
         db.stop()
 
@@ -34,7 +35,7 @@ def _with_database(args, fn):
 def users_add(args) -> int:
     try:
         password = _read_password(args)
-        _with_database(args, lambda c: add_user(c, args.name, password, replace=args.replace))
+        _with_accounts(args, lambda accounts: add_user(accounts, args.name, password, replace=args.replace))
     except (UserError, OSError) as e:
         print(f"medd: {e}", file=sys.stderr)
         return 2
@@ -43,8 +44,8 @@ def users_add(args) -> int:
 
 
 def users_list(args) -> int:
-    for name in _with_database(args, list_users):
-        print(name)
+    for user in _with_accounts(args, lambda accounts: accounts.users()):
+        print(user.name)
     return 0
 
 

@@ -173,6 +173,22 @@ class Match:
     value: str
 
 
+def wildcard_match(column, value: str, *, substring: bool = False, ignore_case: bool = False):
+    """``column`` LIKE a DICOM wildcard pattern (``*`` any run, ``?`` one character).
+
+    SQL's own wildcards and the escape character in ``value`` match
+    themselves. With ``substring``, a value without wildcards matches
+    anywhere in the column (the worklist's search boxes); ``ignore_case``
+    compares lower-cased.
+    """
+    if ignore_case:
+        column, value = func.lower(column), value.lower()
+    pattern = value.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+    if substring and "*" not in value and "?" not in value:
+        pattern = f"%{pattern}%"
+    return column.like(pattern.replace("*", "%").replace("?", "_"), escape="\\")
+
+
 def _condition(match: Match):
     column = STUDY_FILTERS[match.keyword]
     value = match.value
@@ -187,8 +203,7 @@ def _condition(match: Match):
     if (match.keyword.endswith("UID") or match.keyword == "ModalitiesInStudy") and "\\" in value:
         return column.in_(value.split("\\"))
     if "*" in value or "?" in value:
-        pattern = value.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
-        return column.like(pattern, escape="\\")
+        return wildcard_match(column, value)
     return column == value
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 
+from medd.storage.accounts import Accounts
+from medd.storage.inbox import Inbox
 from medd.viewer.central_client import CentralClient
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
@@ -25,7 +27,8 @@ class ViewerServices(MultiService):
         self.requestor = Requestor(self.client, node.ingest, self.settings, clock)
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
-        self.reading_room = ReadingRoom(node.database, node.ingest, self.outgoing, node.config, self.settings, clock)
+        self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
+                                        self.outgoing, node.config.name, self.settings, clock)
 
     def stopService(self):
         d = super().stopService()

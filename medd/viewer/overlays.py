@@ -1,15 +1,9 @@
 """Overlays: the radiologist's annotations as a DICOM Grayscale Softcopy
 Presentation State (highdicom), and read back from one.
 
-An annotation is a dict in image pixel coordinates (x = column, y = row,
-sub-pixel, the top-left corner of the image at 0,0, as DICOM's PIXEL units):
-
-    {"type": "arrow",   "points": [[x0, y0], [x1, y1]], "text": "optional"}   # head at the last point
-    {"type": "line",    "points": [[x0, y0], [x1, y1], ...], "text": "optional"}
-    {"type": "ellipse", "points": [[x0, y0], [x1, y1]]}   # bounding-box corners, or
-                        "points": 4 points: major-axis ends, then minor-axis ends (DICOM ELLIPSE)
-    {"type": "text",    "points": [[x, y]], "text": "..."}
-    optional "frame": 1-based frame number of a multi-frame image
+Annotations are :class:`~medd.viewer.annotations.Annotation` objects, checked
+by :func:`~medd.viewer.annotations.check_annotations` here as in the overlay
+API, and read back as such.
 
 Each annotation is one Graphic Annotation item on a graphic layer named for
 its type (ARROW, LINE, ELLIPSE, TEXT), which is how it is told apart when
@@ -32,16 +26,14 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from medd import __version__
+from medd.viewer.annotations import MAX_TEXT, Annotation, AnnotationError, check_annotation, check_annotations
+from medd.viewer.contract import OverlayView
 
-TYPES = ("arrow", "line", "ellipse", "text")
+__all__ = ["AnnotationError", "build_presentation_state", "line_length_mm", "read_presentation_state"]
+
 LAYER_OF = {"arrow": "ARROW", "line": "LINE", "ellipse": "ELLIPSE", "text": "TEXT"}
 TYPE_OF_LAYER = {v: k for k, v in LAYER_OF.items()}
 OVERLAY_SERIES_NUMBER = 900
-MAX_TEXT = 1024  # Unformatted Text Value is ST
-
-
-class AnnotationError(ValueError):
-    """An annotation that cannot be drawn as asked; the message says which and why."""
 
 
 def _pixel_spacing(image: Dataset) -> tuple[float, float] | None:
@@ -64,22 +56,6 @@ def line_length_mm(points, spacing: tuple[float, float]) -> float:
     return sum(math.hypot((x1 - x0) * dx, (y1 - y0) * dy) for (x0, y0), (x1, y1) in zip(points, points[1:]))
 
 
-def _points(annotation: dict, index: int) -> list[tuple[float, float]]:
-    raw = annotation.get("points")
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise AnnotationError(f"annotation {index}: points must be a list of [x, y]")
-    out = []
-    for p in raw:
-        try:
-            x, y = (float(v) for v in p)
-        except (TypeError, ValueError) as e:
-            raise AnnotationError(f"annotation {index}: {p!r} is not an [x, y] point") from e
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise AnnotationError(f"annotation {index}: {p!r} is not a finite point")
-        out.append((x, y))
-    return out
-
-
 def _ellipse_axes(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     if len(points) == 4:
         return points
@@ -98,19 +74,11 @@ def _label(text: str, anchor: tuple[float, float]) -> hd.pr.TextObject:
     return hd.pr.TextObject(text_value=text[:MAX_TEXT], units="PIXEL", anchor_point=anchor, anchor_point_visible=False)
 
 
-def _annotation_content(annotation: dict, index: int, spacing) -> tuple[str, list, list]:
-    """(layer, graphic objects, text objects) of one annotation."""
-    if not isinstance(annotation, dict):
-        raise AnnotationError(f"annotation {index} is not an object")
-    kind = annotation.get("type")
-    if kind not in TYPES:
-        raise AnnotationError(f"annotation {index}: type must be one of {', '.join(TYPES)}, not {kind!r}")
-    points = _points(annotation, index)
-    text = str(annotation.get("text") or "").strip()
+def _annotation_content(annotation: Annotation, spacing) -> tuple[str, list, list]:
+    """(layer, graphic objects, text objects) of one checked annotation."""
+    kind, points, text = annotation.type, list(annotation.points), annotation.text
     graphics, texts = [], []
     if kind in ("arrow", "line"):
-        if len(points) < 2 or (kind == "arrow" and len(points) != 2):
-            raise AnnotationError(f"annotation {index}: an {kind} needs {'two' if kind == 'arrow' else 'two or more'} points")
         graphics.append(_graphic("POLYLINE", points))
         if kind == "line" and spacing is not None:
             length = f"{line_length_mm(points, spacing):.1f} mm"
@@ -118,23 +86,19 @@ def _annotation_content(annotation: dict, index: int, spacing) -> tuple[str, lis
         if text:
             texts.append(_label(text, points[-1] if kind == "line" else points[0]))
     elif kind == "ellipse":
-        if len(points) not in (2, 4):
-            raise AnnotationError(f"annotation {index}: an ellipse needs 2 bounding-box corners or 4 axis end points")
         graphics.append(_graphic("ELLIPSE", _ellipse_axes(points)))
         if text:
             texts.append(_label(text, points[0]))
     else:
-        if len(points) != 1 or not text:
-            raise AnnotationError(f"annotation {index}: a text annotation needs one point and some text")
         texts.append(_label(text, points[0]))
     return LAYER_OF[kind], graphics, texts
 
 
-def build_presentation_state(image_bytes: bytes, annotations: list[dict], *, user: str, overlay_uid: str,
+def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], *, user: str, overlay_uid: str,
                              device: str, when: datetime | None = None) -> bytes:
-    """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``."""
-    if not isinstance(annotations, list) or not annotations:
-        raise AnnotationError("an overlay needs at least one annotation")
+    """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``; :class:`AnnotationError` for
+    annotations that :func:`check_annotations` refuses or that name a frame the image does not have."""
+    annotations = check_annotations(annotations)
     image = dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
     reference = image
     if int(image.get("SamplesPerPixel", 1) or 1) != 1:
@@ -148,18 +112,14 @@ def build_presentation_state(image_bytes: bytes, annotations: list[dict], *, use
     spacing = _pixel_spacing(image)
     layers: dict[str, hd.pr.GraphicLayer] = {}
     items = []
-    for i, annotation in enumerate(annotations):
-        layer_name, graphics, texts = _annotation_content(annotation, i, spacing)
+    for i, annotation in enumerate(annotations, 1):
+        layer_name, graphics, texts = _annotation_content(annotation, spacing)
         if layer_name not in layers:
             layers[layer_name] = hd.pr.GraphicLayer(layer_name=layer_name, order=len(layers) + 1,
                                                     description=f"{TYPE_OF_LAYER[layer_name]} annotations")
-        frame = annotation.get("frame")
+        frame = annotation.frame
         if frame is not None:
-            try:
-                frame = int(frame)
-            except (TypeError, ValueError) as e:
-                raise AnnotationError(f"annotation {i}: frame {frame!r} is not a number") from e
-            if not 1 <= frame <= frames:
+            if frame > frames:
                 raise AnnotationError(f"annotation {i}: frame {frame} is outside 1..{frames}")
         elif frames > 1:
             frame = 1
@@ -214,8 +174,8 @@ def _ellipse_points(axes: list[list[float]]) -> list[list[float]]:
     return [[min(xs), min(ys)], [max(xs), max(ys)]]
 
 
-def read_presentation_state(data: bytes) -> dict:
-    """{uid, author, created, annotations} of a stored presentation state."""
+def read_presentation_state(data: bytes) -> OverlayView:
+    """A stored presentation state's author, creation time and the annotations this viewer can draw."""
     ds = dcmread(io.BytesIO(data))
     author = str(ds.get("ContentCreatorName") or "").rstrip("^") or None
     created = None
@@ -261,9 +221,12 @@ def read_presentation_state(data: bytes) -> dict:
         else:
             found = [{"type": "text", "points": [a] if a else [], "text": t} for t, a in zip(texts, anchors)]
         for a in found:
-            a.setdefault("text", "")
+            a["text"] = a.get("text", "")[:MAX_TEXT]
             if frame is not None:
                 a["frame"] = frame
-            a["layer"] = layer
-        annotations.extend(found)
-    return {"uid": str(ds.SOPInstanceUID), "author": author, "created": created, "annotations": annotations}
+            try:
+                annotations.append(check_annotation(a, len(annotations) + 1))
+            except AnnotationError:
+                # Another system's graphic (a point, a polyline of many points) that this viewer cannot draw.
+                continue
+    return OverlayView(str(ds.SOPInstanceUID), author, created, tuple(annotations))

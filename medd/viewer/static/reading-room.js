@@ -44,7 +44,24 @@
       pending = { next: null };
       image.src = url;
     }
+    // "Opened" is its own request, sent once, when the image has been shown: loading the page changes nothing.
+    let opened = false;
+    async function markOpened() {
+      if (opened) return;
+      opened = true;
+      try {
+        const r = await fetch("/images/" + encodeURIComponent(uid) + "/opened", {
+          method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf },
+        });
+        if (!r.ok) throw new Error("the viewer answered " + r.status);
+        viewport.dataset.opened = "true";
+      } catch (err) {
+        opened = false;  // the next frame shown tries again
+        say("Could not record that this image was opened: " + err.message, true);
+      }
+    }
     image.addEventListener("load", () => {
+      markOpened();
       image.classList.remove("failed");
       const next = pending && pending.next; pending = null;
       if (next && next !== image.getAttribute("src")) { pending = { next: null }; image.src = next; }
@@ -281,6 +298,7 @@
     fit();
     // Until the radiologist zooms or pans, the image keeps fitting the viewport (window resized, header opened).
     new ResizeObserver(() => { if (state.fitted) fit(); }).observe(viewport);
+    if (image.complete && image.naturalWidth) markOpened();  // shown before this script ran
     viewport.dataset.ready = "true";
   }
 

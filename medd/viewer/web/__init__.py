@@ -1,0 +1,44 @@
+"""The reading room: the radiologist's web UI, served by the viewer node.
+
+Server-rendered pages (twisted.web.template, so every value is escaped) over
+the viewer's :class:`~medd.viewer.contract.IReadingRoom`: login, the
+worklist, a study with its series and report, and an image view whose pixels
+are rendered to PNG on the server (:mod:`medd.viewer.rendering`, on the
+node's blocking pool). Zoom, pan, frame scrolling and drawing run in the
+browser (``static/reading-room.js``), with annotations kept in image pixel
+coordinates (:mod:`medd.viewer.annotations`).
+
+The modules, by concern: :mod:`.session` (cookies, CSRF, forms),
+:mod:`.serving` and :mod:`.layout` (answering, the page skeleton),
+:mod:`.pages` (the HTML pages), :mod:`.resources` (rendered frames, static
+files) and :mod:`.api` (the browser's JSON calls: overlays, opened).
+"""
+from __future__ import annotations
+
+from twisted.web.resource import Resource
+
+from medd.viewer.web.pages import (HomePage, ImagesResource, LoginAction, LogoutAction, StudiesResource,
+                                   WorklistResource)
+from medd.viewer.web.resources import STATIC, StaticFiles
+from medd.viewer.web.serving import Room
+from medd.viewer.web.session import CSRF_HEADER, csrf_token
+
+__all__ = ["CSRF_HEADER", "csrf_token", "reading_room_resources"]
+
+
+def reading_room_resources(reading_room, api) -> dict[bytes, Resource]:
+    """The reading room's resources, by first path segment, for the viewer's HTTP listener.
+
+    ``reading_room`` provides :class:`~medd.viewer.contract.IReadingRoom`;
+    ``api`` provides ``run_blocking`` for reading bodies and rendering.
+    """
+    room = Room(reading_room, api)
+    return {
+        b"": HomePage(room),
+        b"login": LoginAction(room),
+        b"logout": LogoutAction(room),
+        b"worklist": WorklistResource(room),
+        b"studies": StudiesResource(room),
+        b"images": ImagesResource(room),
+        b"static": StaticFiles(str(STATIC)),
+    }

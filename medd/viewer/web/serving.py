@@ -1,0 +1,169 @@
+"""Answering a reading-room request: the state every resource shares, running
+an async handler and turning its errors into pages (or JSON for the
+browser's API calls), with the security headers every answer carries."""
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import urlencode
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from medd.viewer.contract import UnknownObject
+from medd.viewer.rendering import FrameCache, ImageFacts, RenderError, describe
+from medd.viewer.web.errors import NotLoggedIn, WebError
+from medd.viewer.web.layout import error_page
+from medd.viewer.web.session import Session, session_of
+from medd.webresource import Response, write_response
+
+log = Logger()
+
+# DICOM UIDs: digits and dots, at most 64 characters (PS3.5 9.1).
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class Room:
+    """What every resource shares: the reading room, the blocking pool, the decoded-frame cache."""
+
+    def __init__(self, reading_room, api):
+        self.reading_room = reading_room
+        self.api = api
+        self.frames = FrameCache()
+        self._facts: dict[str, ImageFacts] = {}
+
+    async def session(self, request) -> Session:
+        """The request's session (:class:`NotLoggedIn` without one), kept on the request for its error page."""
+        session = await session_of(self.reading_room, request)
+        request.medd_session = session
+        return session
+
+    async def facts(self, uid: str) -> ImageFacts:
+        facts = self._facts.get(uid)
+        if facts is None:
+            data = await self.instance_bytes(uid)
+            try:
+                facts = await self.api.run_blocking(describe, data)
+            except RenderError as e:
+                raise WebError(422, f"image {uid} cannot be shown: {e}") from e
+            if len(self._facts) > 10_000:
+                self._facts.clear()
+            self._facts[uid] = facts
+        return facts
+
+    async def instance_bytes(self, uid: str) -> bytes:
+        try:
+            return await self.reading_room.instance_bytes(uid)
+        except (UnknownObject, FileNotFoundError) as e:
+            raise WebError(404, f"there is no image {uid} in this viewer") from e
+
+
+def security_headers(request) -> None:
+    request.setHeader("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    request.setHeader("X-Content-Type-Options", "nosniff")
+    request.setHeader("X-Frame-Options", "DENY")
+    request.setHeader("Referrer-Policy", "no-referrer")
+    # Pages and images carry patient data: never in a shared cache or on disk.
+    request.setHeader("Cache-Control", "no-store")
+
+
+def serve(request, handler, *, api: bool = False):
+    """Run ``await handler(request)``; errors become an error page, or JSON for the browser's API calls."""
+    gone = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    async def run():
+        try:
+            response = await handler(request)
+        except NotLoggedIn:
+            if api:
+                response = json_response(401, {"error": "your session has ended; log in again"})
+            elif request.method in (b"GET", b"HEAD"):
+                response = redirect("/?" + urlencode({"next": request.uri.decode("latin-1")}))
+            else:
+                response = await error_page(401, "your session has ended; log in again", None)
+        except WebError as e:
+            log.warn("{method} {uri} refused with {status}: {message}", method=request.method.decode("latin-1"),
+                     uri=request.uri.decode("latin-1", "replace"), status=e.status, message=e.message)
+            if api:
+                response = json_response(e.status, {"error": e.message})
+            else:
+                response = await error_page(e.status, e.message, getattr(request, "medd_session", None))
+        except Exception:
+            log.failure("{method} {uri} failed", method=request.method.decode("latin-1"),
+                        uri=request.uri.decode("latin-1", "replace"))
+            message = "something went wrong in the viewer; the node's log has the details"
+            response = json_response(500, {"error": message}) if api else await error_page(500, message, None)
+        if not gone:
+            security_headers(request)
+            write_response(request, response)
+
+    ensureDeferred(run())
+    return NOT_DONE_YET
+
+
+def redirect(location: str, status: int = 303) -> Response:
+    return Response(status, "text/plain; charset=utf-8", b"", {"Location": location})
+
+
+def json_response(status: int, value) -> Response:
+    return Response(status, "application/json", json.dumps(value).encode("utf-8"))
+
+
+def uid_child(path: bytes) -> str | None:
+    """A path segment that is a DICOM UID, or None."""
+    try:
+        uid = path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return uid if len(uid) <= 64 and UID.match(uid) else None
+
+
+class RoomResource(Resource):
+    """A reading-room resource: knows the :class:`Room`; an unknown child is a 404 page."""
+
+    def __init__(self, room: Room):
+        super().__init__()
+        self.room = room
+
+    def getChild(self, path, request):
+        return ErrorResource(404, "there is no such page in the reading room")
+
+
+class UidResource(RoomResource):
+    """A resource of one study or image (``uid``); ``below`` maps child names to the resources under it."""
+
+    below: dict = {}
+
+    def __init__(self, room: Room, uid: str):
+        super().__init__(room)
+        self.uid = uid
+
+    def getChild(self, path, request):
+        if not request.postpath:
+            if path in self.below:
+                return self.below[path](self.room, self.uid)
+            if path == b"":
+                return self
+        return super().getChild(path, request)
+
+
+class ErrorResource(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, message: str):
+        super().__init__()
+        self.status, self.message = status, message
+
+    def render(self, request):
+        async def fail(request):
+            raise WebError(self.status, self.message)
+
+        return serve(request, fail)
