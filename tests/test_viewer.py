@@ -155,6 +155,8 @@ async def test_opened_overlay_and_report_reach_central(make_central):
         return [r["uid"] for r in (await _history(central, admin, uid))["reports"]] == [report_uid]
 
     await eventually(report_attached)
+    # The report is attached on ingest; its routing decision is the router's next pass.
+    await central.routing.router.kick()
     history = await _history(central, admin, report_uid)
     assert history["object"]["object_type"] == "report" and history["object"]["study_instance_uid"] == ct.StudyInstanceUID
     assert history["routing"]["outcome"] == "attached"  # addressed to central itself: kept, not quarantined
