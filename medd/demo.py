@@ -107,7 +107,8 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
             print("  DICOMweb (QIDO)   http://127.0.0.1:8080/dicomweb/studies")
             print("  packages          POST http://127.0.0.1:8080/packages  (Content-Type: message/rfc822)")
         if "dicom" in listen:
-            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {config.dicom_ae_title}; calling AE {DEMO_AE} is the demo centre"
+            ae_title = config.section("dicom").get("ae_title") or "MEDD"
+            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {ae_title}; calling AE {DEMO_AE} is the demo centre"
                   f"\n                    e.g. TCP_NODELAY=1 storescu -aet {DEMO_AE} -aec MEDD 127.0.0.1 11112 file.dcm")
         if "smtp" in listen:
             print("  SMTP              127.0.0.1:2525   e.g. .venv/bin/medd package file.dcm --to central.demo.localhost"

@@ -3,31 +3,31 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from medd.config import ConfigError, load_config
+from medd.config import ConfigError
+from medd.plugins.host import PluginError
 
 
 class Options(usage.Options):
     optParameters = [["config", "c", None, "The node's INI configuration file."]]
 
     def postOptions(self) -> None:
+        # The whole validation, the same one `medd check-config` runs: twistd
+        # refuses to start on any problem, before a port is bound.
+        from medd.validation import validate_file
+
         if not self["config"]:
             raise usage.UsageError("--config is required")
         try:
-            self["loaded"] = load_config(self["config"])
+            self["validated"] = validate_file(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration:\n{e}") from e
+        except PluginError as e:
+            raise usage.UsageError(f"cannot load the plugins: {e}") from e
 
 
 def makeService(options):
     from twisted.internet import reactor
 
-    from medd.plugins.host import load_plugins
-    from medd.service import check_against_plugins, make_node
+    from medd.service import NodeService
 
-    config = options["loaded"]
-    plugins = load_plugins(config.disabled_plugins)
-    try:
-        check_against_plugins(config, plugins)
-    except ConfigError as e:
-        raise usage.UsageError(f"invalid configuration:\n{e}") from e
-    return make_node(reactor, config, plugins)
+    return NodeService(reactor, options["validated"])

@@ -250,3 +250,28 @@ class DicomTransport:
 @hookimpl
 def medd_register_transports(register) -> None:
     register(DicomTransport())
+
+
+def check_dicom_section(section) -> None:
+    ae = section.get("ae_title")
+    if ae is not None and not (len(ae) <= 16 and ae.isascii() and "\\" not in ae):
+        section.problem("ae_title", "must be 1 to 16 ASCII characters without backslash")
+
+
+def check_dicom_endpoint(section) -> None:
+    description = section.get("dicom")
+    if description is None:
+        return
+    try:
+        endpoint_address(None, description)
+    except ValueError as e:  # the endpoint string itself is checked by the core
+        if "needs a tcp:" in str(e):
+            section.problem("dicom", str(e))
+
+
+@hookimpl
+def medd_register_config(register) -> None:
+    # [dicom] ae_title: the called AE title the listener answers to.
+    register("dicom", ["ae_title"], check_dicom_section)
+    # pynetdicom binds its own socket: only tcp:/tcp6: endpoints will do.
+    register("listen", ["dicom"], check_dicom_endpoint)
