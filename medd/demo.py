@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from medd.config import load_config
+from medd.plugins.api import CannotListen
 
 SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "693_J2KI.dcm", "SC_rgb_jpeg_dcmtk.dcm")
 DEMO_CENTRE = "demo-centre"
@@ -118,6 +119,16 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
             print("  TLS packages      127.0.0.1:4443 (self-signed certificate under demo-site/tls)")
         print(f"  track an object   .venv/bin/medd track <SOP Instance UID> --config {config_path}")
         sys.stdout.flush()
+
+    # Bind every listener before anything starts, as twistd does: a port
+    # already taken ends the demo at once, in one line, with nothing to undo.
+    try:
+        for node in (central, viewer):
+            if node is not None:
+                node.privilegedStartService()
+    except CannotListen as e:
+        print(f"medd: {e}", file=sys.stderr)
+        return 2
 
     def started():
         central.startService()

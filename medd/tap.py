@@ -1,9 +1,11 @@
 """twistd support: ``twistd -n medd --config etc/central.ini``."""
 from __future__ import annotations
 
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 from medd.config import ConfigError
+from medd.plugins.api import CannotListen
 from medd.plugins.host import PluginError
 
 
@@ -25,9 +27,39 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot load the plugins: {e}") from e
 
 
+class TwistdNode(MultiService):
+    """The service twistd runs: the node, and a listener that cannot bind ends twistd in one line.
+
+    twistd calls ``privilegedStartService`` before the reactor runs, and the
+    node's listeners bind there (as Twisted's own ``strports`` services do
+    with ``_raiseSynchronously``); an exception from it ends twistd. In the
+    foreground it would be a traceback, so it becomes ``sys.exit(line)``,
+    twistd's own way out for start-up errors; a daemonised twistd passes the
+    exception's text to the waiting parent through its status pipe, which
+    prints it and exits 1.
+    """
+
+    def __init__(self, node, *, foreground: bool):
+        super().__init__()
+        self.node = node
+        self.foreground = foreground
+        node.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListen as e:
+            if self.foreground:
+                raise SystemExit(f"medd: {e}") from None
+            raise
+
+
 def makeService(options):
     from twisted.internet import reactor
 
     from medd.service import NodeService
 
-    return NodeService(reactor, options["validated"])
+    # options.parent is twistd's own ServerOptions (absent when a test parses ours alone).
+    parent = getattr(options, "parent", None)
+    foreground = bool(parent["nodaemon"]) if parent is not None else True
+    return TwistdNode(NodeService(reactor, options["validated"]), foreground=foreground)

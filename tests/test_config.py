@@ -155,7 +155,7 @@ def test_a_config_check_config_accepts_starts_under_twistd(tmp_path, capsys, rol
     status, out = _check_config(path, capsys)
     assert status == 0, out
     service, _ = _twistd(path)
-    node = service
+    node = service.node
     if role == "central":
         assert node.routing.poll_interval == 1.0 and node.routing.route_delay == 0.0
         assert node.routing.outbox.policy.delay(3) == 0.5 * 1.5**2

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
+from medd.plugins.api import CannotListen
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 
@@ -195,23 +196,36 @@ class DicomListener(Service):
             return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(e).__name__}")
         return STATUS_SUCCESS
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Bind before the reactor runs (twistd calls this first): a port
+        # that cannot be had raises CannotListen and the node does not start.
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 32
         self.ae = ae
-        self.server = ae.make_server(
-            self.address,
-            ae_title=self.ae_title,
-            evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
-            server_class=_NoDelayServer,
-            request_handler=_PromptRequestHandler,
-        )
+        try:
+            self.server = ae.make_server(
+                self.address,
+                ae_title=self.ae_title,
+                evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+                server_class=_NoDelayServer,
+                request_handler=_PromptRequestHandler,
+            )
+        except OSError as e:
+            raise CannotListen.from_error("dicom", self.description, e) from e
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.server is None:
+            self._bind()
         thread = threading.Thread(target=self.server.serve_forever, name="medd-dicom-acceptor", daemon=True)
         thread.start()
         self.log.info("dicom listening on {host}:{port} as {ae}", host=self.server.server_address[0],
