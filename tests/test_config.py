@@ -243,3 +243,21 @@ def test_shipped_configs_pass_check_config(capsys):
     for name in ("central.ini", "viewer.ini", "demo-viewer.ini"):
         status, out = _check_config(ROOT / "etc" / name, capsys)
         assert status == 0, out
+
+
+def test_a_sender_plugin_declares_and_receives_its_own_push_key(tmp_path):
+    """A push sender plugin's own [push] key is accepted once it declares it, and reaches every sender with the rest."""
+    from medd.validation import validate
+
+    class CarrierSettings:
+        @hookimpl
+        def medd_register_config(self, register):
+            register("push", ["carrier_pigeon"])
+
+    path = write(tmp_path, BASE.format(role="central", store=tmp_path / "store")
+                 + "[push]\nhttp_token = t\ncarrier_pigeon = yes\n")
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(path), load_plugins())
+    assert [(p.section, p.key) for p in info.value.problems] == [("push", "carrier_pigeon")]
+    settings = validate(load_config(path), load_plugins(extra=[CarrierSettings()]))
+    assert settings.central.push.for_senders() == {"http_token": "t", "carrier_pigeon": "yes"}

@@ -36,11 +36,13 @@ class PushSettings:
     tls_ca: str | None = None  # PEM of the CAs that sign push viewers' TLS certificates
     tls_client_cert: str | None = None  # central's certificate and key (PEM), for mutual TLS
     http_token: str | None = None  # bearer token for http(s):// push viewers
+    # Keys a sender plugin declared for itself (medd_register_config) and checks itself.
+    plugin_keys: tuple[tuple[str, str], ...] = ()
 
     def for_senders(self) -> dict[str, str]:
         """The ``settings`` every :class:`~medd.plugins.interfaces.ISender` receives."""
-        return {k: v for k, v in (("tls_ca", self.tls_ca), ("tls_client_cert", self.tls_client_cert),
-                                  ("http_token", self.http_token)) if v is not None}
+        own = (("tls_ca", self.tls_ca), ("tls_client_cert", self.tls_client_cert), ("http_token", self.http_token))
+        return {k: v for k, v in self.plugin_keys + own if v is not None}
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def central_node_settings(config: Config, *, check_files: bool = True) -> Centra
     token = section.get("http_token", "").strip()
     if token:
         push["http_token"] = token
+    # Any other key was declared by a sender plugin, or the validation refuses it as unknown.
+    push["plugin_keys"] = tuple((k, v.strip()) for k, v in sorted(section.items()) if k not in PUSH_KEYS and v.strip())
 
     if problems:
         raise ConfigError(problems)
