@@ -17,6 +17,18 @@ from sqlalchemy.exc import ArgumentError
 ROLES = ("central", "viewer", "gateway")
 LISTENER_KEYS = ("dicom", "smtp", "http", "tls")
 
+#: The keys of the sections every node reads, whatever its role and plugins.
+#: ``[listen]`` is absent: its keys are transport names, checked against the
+#: loaded transports (medd/validation.py).
+CORE_KEYS: dict[str, tuple[str, ...]] = {
+    "node": ("role", "name"),
+    "database": ("url",),
+    "storage": ("path", "backend"),
+    "limits": ("max_object_size",),
+    "tls": ("certificate", "private_key", "client_ca", "client_ca_key"),
+    "plugins": ("disabled",),
+}
+
 DEFAULT_MAX_OBJECT_SIZE = 512 * 1024 * 1024
 
 
@@ -52,7 +64,6 @@ class Config:
     listen: dict[str, str]
     disabled_plugins: tuple[str, ...] = ()
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
-    dicom_ae_title: str = "MEDD"
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
@@ -76,7 +87,25 @@ def _parse_size(text: str) -> int:
 
 
 def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
-    """Read and validate ``path``; raise :class:`ConfigError` naming every problem."""
+    """Read and validate the core sections of ``path``; raise :class:`ConfigError` naming every problem.
+
+    This is the part of the validation that needs no plugin; a node is
+    started only after the whole of it (:func:`medd.validation.validate_file`).
+    """
+    config, problems = read_config(path, check_files=check_files)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[Config, list[ConfigProblem]]:
+    """The config in ``path`` and the problems of its core sections.
+
+    The Config is returned even when there are problems (with None where a
+    value was unusable), so that the rest of the validation can still run
+    and every problem be reported at once. Only a file that cannot be read
+    or parsed at all raises :class:`ConfigError`.
+    """
     path = str(path)
     problems: list[ConfigProblem] = []
 
@@ -152,10 +181,6 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         n.strip() for n in (get("plugins", "disabled", "") or "").replace(",", " ").split() if n.strip()
     )
 
-    ae = get("dicom", "ae_title", "MEDD")
-    if ae is not None and not (0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae):
-        problem("dicom", "ae_title", "must be 1 to 16 ASCII characters without backslash")
-
     cert = get("tls", "certificate")
     key = get("tls", "private_key")
     client_ca = get("tls", "client_ca")
@@ -172,10 +197,10 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     if client_ca is not None and listen.get("tls", "").startswith("ssl:"):
         problem("tls", "client_ca", "applies only to a tls listener on a tcp: endpoint; an ssl: endpoint string carries its own TLS settings")
 
-    if problems:
-        raise ConfigError(problems)
-
-    return Config(
+    if parser.defaults():
+        problem("DEFAULT", None, "medd reads no [DEFAULT] section; put each key in its own section")
+    defaults = set(parser.defaults())
+    config = Config(
         path=path,
         role=role,
         name=name,
@@ -184,13 +209,13 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         listen=listen,
         disabled_plugins=disabled,
         max_object_size=max_size,
-        dicom_ae_title=ae,
         tls_certificate=str(base / cert) if cert else None,
         tls_private_key=str(base / key) if key else None,
         tls_client_ca=str(base / client_ca) if client_ca else None,
         tls_client_ca_key=str(base / client_ca_key) if client_ca_key else None,
-        sections={s: dict(parser.items(s)) for s in parser.sections()},
+        sections={s: {k: v for k, v in parser.items(s) if k not in defaults} for s in parser.sections()},
     )
+    return config, problems
 
 
 def _check_endpoint(description: str) -> None:

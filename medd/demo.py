@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from medd.config import load_config
+from medd.plugins.api import CannotListen
 
 SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "693_J2KI.dcm", "SC_rgb_jpeg_dcmtk.dcm")
 DEMO_CENTRE = "demo-centre"
@@ -108,7 +109,8 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
             print("  DICOMweb (QIDO)   http://127.0.0.1:8080/dicomweb/studies")
             print("  packages          POST http://127.0.0.1:8080/packages  (Content-Type: message/rfc822)")
         if "dicom" in listen:
-            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {config.dicom_ae_title}; calling AE {DEMO_AE} is the demo centre"
+            ae_title = config.section("dicom").get("ae_title") or "MEDD"
+            print(f"  DICOM C-STORE     127.0.0.1:11112, called AE {ae_title}; calling AE {DEMO_AE} is the demo centre"
                   f"\n                    e.g. TCP_NODELAY=1 storescu -aet {DEMO_AE} -aec MEDD 127.0.0.1 11112 file.dcm")
         if "smtp" in listen:
             print("  SMTP              127.0.0.1:2525   e.g. .venv/bin/medd package file.dcm --to central.demo.localhost"
@@ -118,6 +120,16 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
             print("  TLS packages      127.0.0.1:4443 (self-signed certificate under demo-site/tls)")
         print(f"  track an object   .venv/bin/medd track <SOP Instance UID> --config {config_path}")
         sys.stdout.flush()
+
+    # Bind every listener before anything starts, as twistd does: a port
+    # already taken ends the demo at once, in one line, with nothing to undo.
+    try:
+        for node in (central, viewer):
+            if node is not None:
+                node.privilegedStartService()
+    except CannotListen as e:
+        print(f"medd: {e}", file=sys.stderr)
+        return 2
 
     def started():
         central.startService()

@@ -5,16 +5,15 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from medd.central import tracking
-from medd.central.archiving import archive_settings, make_archiving
+from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
-from medd.config import Config, ConfigError, ConfigProblem
+from medd.config import Config
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.database import Database
 from medd.storage.index import ObjectIndex
-
-AVAILABLE_ROLES = ("central", "viewer")
+from medd.validation import NodeSettings, validate
 
 
 class NodeService(MultiService):
@@ -22,8 +21,9 @@ class NodeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, config: Config, plugins: Plugins):
+    def __init__(self, reactor, settings: NodeSettings):
         super().__init__()
+        config, plugins = settings.config, settings.plugins
         self.reactor = reactor
         self.config = config
         self.plugins = plugins
@@ -59,7 +59,7 @@ class NodeService(MultiService):
         else:
             from medd.central.webapi import central_resources
 
-            self.routing = RoutingService(reactor, config, plugins, self.database, self.ingest)
+            self.routing = RoutingService(reactor, config, plugins, self.database, self.ingest, settings=settings.central)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             for name, resource in central_resources(self).items():
@@ -100,40 +100,11 @@ class NodeService(MultiService):
 
 
 def check_against_plugins(config: Config, plugins: Plugins) -> None:
-    """The part of config validation that needs to know the loaded plugins."""
-    problems = []
-    if config.role not in AVAILABLE_ROLES:
-        problems.append(ConfigProblem(config.path, "node", "role", f"the {config.role} role is not available in this version"))
-    for key in config.listen:
-        if key not in plugins.transports:
-            problems.append(
-                ConfigProblem(
-                    config.path, "listen", key,
-                    f"no transport plugin named {key!r} is loaded (loaded: {', '.join(sorted(plugins.transports)) or 'none'})",
-                )
-            )
-    backend = config.section("storage").get("backend", "file")
-    if ("blobstore", backend) not in plugins.storage:
-        problems.append(ConfigProblem(config.path, "storage", "backend", f"no blob store plugin named {backend!r}"))
-    try:
-        archive = archive_settings(config)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    else:
-        if archive is not None and ("archive", archive.backend) not in plugins.storage:
-            problems.append(ConfigProblem(config.path, "archive", "backend", f"no archive plugin named {archive.backend!r}"))
-    if config.role == "viewer":
-        from medd.viewer.settings import central_settings
-
-        try:
-            central_settings(config)
-        except ConfigError as e:
-            problems.extend(e.problems)
-    if problems:
-        raise ConfigError(problems)
+    """The part of config validation that needs to know the loaded plugins (see medd/validation.py)."""
+    validate(config, plugins)
 
 
 def make_node(reactor, config: Config, plugins: Plugins | None = None) -> NodeService:
+    """A node for ``config``, validated whole first (:class:`ConfigError` lists every problem)."""
     plugins = plugins or load_plugins(config.disabled_plugins)
-    check_against_plugins(config, plugins)
-    return NodeService(reactor, config, plugins)
+    return NodeService(reactor, validate(config, plugins))

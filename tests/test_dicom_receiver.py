@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -153,33 +155,45 @@ async def test_dcmtk_storescu(make_central):
         assert record is not None and record.origin == "STORESCU"
 
 
+def _read_until(proc, needle: str, timeout: float = 60) -> tuple[str, str]:
+    """Blocking: read ``proc``'s output until a line holds ``needle``; (that line, everything read)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            break  # timed out, or the process closed its output
+        seen.append(line)
+        if needle in line:
+            return line, "".join(seen)
+    raise AssertionError(f"no {needle!r} within {timeout}s:\n" + "".join(seen))
+
+
 def test_twistd_runs_a_central_node(tmp_path):
     """`twistd -n medd --config …` starts a central node that answers C-ECHO and stops cleanly on SIGTERM."""
     from tests.conftest import write_config
-    from tests.routing_helpers import free_port
 
-    port = free_port()
-    ini = write_config(tmp_path, {"dicom": f"tcp:{port}:interface=127.0.0.1"})
+    # Port 0: the node binds a free port itself and logs it, so no port is picked here and bound later (a race).
+    ini = write_config(tmp_path, {"dicom": "tcp:0:interface=127.0.0.1"})
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     proc = subprocess.Popen([twistd, "-n", "--pidfile=", "medd", "--config", str(ini)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ""
     try:
+        line, out = _read_until(proc, "dicom listening on 127.0.0.1:")
+        port = int(re.search(r"dicom listening on 127\.0\.0\.1:(\d+)", line).group(1))
         ae = AE(ae_title="MODALITY1")
         ae.add_requested_context(Verification)
-        status = None
-        for _ in range(100):  # the daemon needs a moment to import and bind
-            assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
-            if assoc.is_established:
-                status = assoc.send_c_echo().Status
-                assoc.release()
-                break
-            proc.poll()
-            assert proc.returncode is None, proc.stdout.read()
-            time.sleep(0.1)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
+        assert assoc.is_established
+        status = assoc.send_c_echo().Status
+        assoc.release()
         assert status == 0
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        rest, _ = proc.communicate(timeout=30)
+        out += rest
     # twistd re-raises the terminating signal at exit to report how it ended
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "medd central node central.test starting" in out

@@ -10,7 +10,7 @@ import medd
 PACKAGE = Path(medd.__file__).parent
 
 ROLES = ("medd.central", "medd.viewer", "medd.gateway")
-ASSEMBLY = ("medd.service", "medd.cli", "medd.demo", "medd.tap")
+ASSEMBLY = ("medd.service", "medd.validation", "medd.cli", "medd.demo", "medd.tap")
 
 # (modules under this prefix, may not import these prefixes)
 FORBIDDEN = [

@@ -40,15 +40,6 @@ class RetryPolicy:
         """Seconds before the next attempt after ``attempts`` failures."""
         return min(self.base * self.multiplier ** max(attempts - 1, 0), self.max_delay)
 
-    @classmethod
-    def from_settings(cls, settings: dict[str, str]) -> "RetryPolicy":
-        return cls(
-            base=float(settings.get("retry_base", cls.base)),
-            multiplier=float(settings.get("retry_multiplier", cls.multiplier)),
-            max_delay=float(settings.get("retry_max_delay", cls.max_delay)),
-            max_attempts=int(settings.get("max_attempts", cls.max_attempts)),
-        )
-
 
 @dataclass(frozen=True)
 class Delivery:

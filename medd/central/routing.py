@@ -316,17 +316,19 @@ class RoutingService(Service):
     undecided and resumes pending deliveries.
     """
 
-    def __init__(self, reactor, config, plugins, database, api, clock=None):
-        from medd.central.outbox import DeliveryService, RetryPolicy
+    def __init__(self, reactor, config, plugins, database, api, clock=None, settings=None):
+        from medd.central.outbox import DeliveryService
+        from medd.central.settings import central_node_settings
 
+        # ``settings``: [delivery] and [push] as the node's validation parsed them.
+        settings = settings or central_node_settings(config)
         self.router = Router(database, config.name, on_routed=self._routed)
-        settings = config.section("delivery")
         self.outbox = DeliveryService(
             reactor, database, api, plugins.senders, config.name,
-            RetryPolicy.from_settings(settings), settings=config.section("push"), clock=clock,
+            settings.delivery.retry, settings=settings.push.for_senders(), clock=clock,
         )
-        self.poll_interval = float(settings.get("poll_interval", 5))
-        self.route_delay = float(settings.get("route_delay", 0.05))
+        self.poll_interval = settings.delivery.poll_interval
+        self.route_delay = settings.delivery.route_delay
         self._pending = None
         self.clock = clock or reactor
         self._poll = None

@@ -25,11 +25,10 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from medd.plugins.host import load_plugins
-    from medd.service import check_against_plugins
+    # The same validation twistd runs before it starts a node.
+    from medd.validation import validate_file
 
-    config = load_config(args.config)
-    check_against_plugins(config, load_plugins(config.disabled_plugins))
+    config = validate_file(args.config).config
     print(f"{args.config}: ok ({config.role} node {config.name})")
     return 0
 

@@ -20,6 +20,26 @@ from zope.interface import implementer
 from medd.plugins.interfaces import IObjectQueries
 
 
+class CannotListen(Exception):
+    """A listener could not bind its endpoint; the node must not run without it.
+
+    A transport's listener raises it from ``privilegedStartService`` (or from
+    ``startService`` when that was not called first), before the reactor
+    runs, so twistd and ``medd demo`` stop at once with its one line.
+    """
+
+    def __init__(self, transport: str, endpoint: str, reason: str):
+        self.transport, self.endpoint, self.reason = transport, endpoint, reason
+        super().__init__(f"cannot listen for {transport} on {endpoint}: {reason}")
+
+    @classmethod
+    def from_error(cls, transport: str, endpoint: str, error: BaseException) -> "CannotListen":
+        """From the OSError (or Twisted's CannotListenError wrapping one) that the bind raised."""
+        cause = getattr(error, "socketError", None) or error
+        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        return cls(transport, endpoint, reason[:1].lower() + reason[1:])
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """The node's ``[tls]`` section, paths resolved (None where not configured)."""

@@ -11,13 +11,14 @@ silently).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional, Union
 
 import pluggy
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from medd.plugins.settings import SectionCheck
     from medd.storage.index import ObjectRecord
 
 hookspec = pluggy.HookspecMarker("medd")
@@ -99,4 +100,21 @@ def medd_object_stored(stored: "ObjectRecord") -> "Union[None, Deferred, Awaitab
 
     May return a Deferred or coroutine; the ingest waits for it, but a
     failure is only logged, never un-acknowledges the object.
+    """
+
+
+@hookspec
+def medd_register_config(
+    register: "Callable[[str, Iterable[str], Optional[Callable[[SectionCheck], None]]], None]",
+) -> None:
+    """Declare the config keys this plugin reads with ``register(section, keys, check=None)``.
+
+    A key no core section, role or plugin declares is refused at start as a
+    likely typo, so a plugin declares every key it reads, in its own section
+    (a transport's is ``[<transport name>]``) or beside the node's (a storage
+    backend's keys in ``[storage]`` or ``[archive]``). ``check``, if given, is
+    called once per validation (``medd check-config`` and twistd alike) with
+    a :class:`medd.plugins.settings.SectionCheck` of that section, present or
+    not, and reports each unusable value with ``check.problem(key, message)``.
+    It must not raise, block or touch the network.
     """

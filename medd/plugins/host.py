@@ -31,6 +31,10 @@ class Plugins:
     storage: dict = field(default_factory=dict)  # (kind, name) -> factory
     senders: dict = field(default_factory=dict)  # URL scheme -> ISender
     sources: dict = field(default_factory=dict)  # (kind, name) -> plugin name
+    # Declared with medd_register_config: section -> {key: plugin name}, and
+    # [(section, check, plugin name)] to run at validation.
+    config_keys: dict = field(default_factory=dict)
+    config_checks: list = field(default_factory=list)
 
     def object_type(self, name: str):
         for t in self.object_types:
@@ -108,6 +112,15 @@ def load_plugins(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> 
         plugins.storage[(kind, name)] = factory
         plugins.sources[("storage", f"{kind}:{name}")] = caller()
 
+    def register_config(section: str, keys: Iterable[str], check: Callable | None = None) -> None:
+        if isinstance(keys, str):
+            raise PluginError(f"{caller()} registered [{section}] keys as one string; pass a list of key names")
+        declared = plugins.config_keys.setdefault(section, {})
+        for key in keys:
+            declared.setdefault(key.lower(), caller())
+        if check is not None:
+            plugins.config_checks.append((section, check, caller()))
+
     for plugin in pm.get_plugins():
         _current[0] = pm.get_name(plugin) or repr(plugin)
         for hookname, register in (
@@ -115,6 +128,7 @@ def load_plugins(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> 
             ("medd_register_transports", register_transport),
             ("medd_register_storage", register_storage),
             ("medd_register_senders", register_sender),
+            ("medd_register_config", register_config),
         ):
             impls = [i for i in getattr(pm.hook, hookname).get_hookimpls() if i.plugin is plugin]
             for impl in impls:

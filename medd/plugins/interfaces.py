@@ -127,5 +127,8 @@ class ISender(Interface):
         """Deferred that fires when the receiver has acknowledged ``package``
         (bytes) as durable, and fails with the reason otherwise.
 
-        ``settings`` is the node's ``[push]`` section (e.g. ``tls_ca``).
+        ``settings`` is the node's ``[push]`` section as validated at start
+        (``tls_ca`` and ``tls_client_cert`` resolved against the config
+        file's folder, ``http_token``); a sender that reads other ``[push]``
+        keys declares them with ``medd_register_config``.
         """

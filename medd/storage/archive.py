@@ -157,16 +157,10 @@ class TapeArchive:
         from medd.config import ConfigError, ConfigProblem
 
         raw = config.section("archive").get("path", "").strip()
-        if not raw:
-            raise ConfigError([ConfigProblem(config.path, "archive", "path", "is required by the tape backend")])
-        root = Path(raw)
-        if not root.is_absolute():
-            root = Path(config.path).resolve().parent / root
-        if root.exists() and not root.is_dir():
-            kind = "a device" if stat.S_ISCHR(root.stat().st_mode) or stat.S_ISBLK(root.stat().st_mode) else "not a folder"
-            raise ConfigError([
-                ConfigProblem(config.path, "archive", "path", f"{root} is {kind}; this version writes volumes into a folder")
-            ])
+        root = Path(raw) if Path(raw).is_absolute() else Path(config.path).resolve().parent / raw
+        problem = _root_problem(raw, root)
+        if problem:
+            raise ConfigError([ConfigProblem(config.path, "archive", "path", problem)])
         return cls(root)
 
     # -- paths ---------------------------------------------------------------------------------
@@ -321,6 +315,30 @@ class TapeArchive:
                     )
 
 
+def _root_problem(raw: str, root: Path) -> str | None:
+    """Why ``[archive] path`` cannot be the tape backend's root, or None."""
+    if not raw:
+        return "is required by the tape backend"
+    if root.exists() and not root.is_dir():
+        kind = "a device" if stat.S_ISCHR(root.stat().st_mode) or stat.S_ISBLK(root.stat().st_mode) else "not a folder"
+        return f"{root} is {kind}; this version writes volumes into a folder"
+    return None
+
+
+def check_archive_section(section) -> None:
+    if section.get("backend") != "tape":
+        return
+    problem = _root_problem(section.get("path", ""), section.path("path") or Path())
+    if problem:
+        section.problem("path", problem)
+
+
 @hookimpl
 def medd_register_storage(register) -> None:
     register("archive", "tape", TapeArchive.from_config)
+
+
+@hookimpl
+def medd_register_config(register) -> None:
+    # [archive] path: the folder (an archive mount) the tape backend writes volumes into.
+    register("archive", ["path"], check_archive_section)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
+from medd.plugins.api import CannotListen
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 
@@ -195,23 +196,36 @@ class DicomListener(Service):
             return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(e).__name__}")
         return STATUS_SUCCESS
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Bind before the reactor runs (twistd calls this first): a port
+        # that cannot be had raises CannotListen and the node does not start.
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 32
         self.ae = ae
-        self.server = ae.make_server(
-            self.address,
-            ae_title=self.ae_title,
-            evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
-            server_class=_NoDelayServer,
-            request_handler=_PromptRequestHandler,
-        )
+        try:
+            self.server = ae.make_server(
+                self.address,
+                ae_title=self.ae_title,
+                evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+                server_class=_NoDelayServer,
+                request_handler=_PromptRequestHandler,
+            )
+        except OSError as e:
+            raise CannotListen.from_error("dicom", self.description, e) from e
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.server is None:
+            self._bind()
         thread = threading.Thread(target=self.server.serve_forever, name="medd-dicom-acceptor", daemon=True)
         thread.start()
         self.log.info("dicom listening on {host}:{port} as {ae}", host=self.server.server_address[0],
@@ -250,3 +264,28 @@ class DicomTransport:
 @hookimpl
 def medd_register_transports(register) -> None:
     register(DicomTransport())
+
+
+def check_dicom_section(section) -> None:
+    ae = section.get("ae_title")
+    if ae is not None and not (len(ae) <= 16 and ae.isascii() and "\\" not in ae):
+        section.problem("ae_title", "must be 1 to 16 ASCII characters without backslash")
+
+
+def check_dicom_endpoint(section) -> None:
+    description = section.get("dicom")
+    if description is None:
+        return
+    try:
+        endpoint_address(None, description)
+    except ValueError as e:  # the endpoint string itself is checked by the core
+        if "needs a tcp:" in str(e):
+            section.problem("dicom", str(e))
+
+
+@hookimpl
+def medd_register_config(register) -> None:
+    # [dicom] ae_title: the called AE title the listener answers to.
+    register("dicom", ["ae_title"], check_dicom_section)
+    # pynetdicom binds its own socket: only tcp:/tcp6: endpoints will do.
+    register("listen", ["dicom"], check_dicom_endpoint)

@@ -1,7 +1,9 @@
 """A service that listens on a Twisted endpoint string.
 
-Like Twisted's ``StreamServerEndpointService``, plus a public way to learn
-the bound address (tests and the demo listen on port 0).
+Like Twisted's ``StreamServerEndpointService`` with ``_raiseSynchronously``
+(what ``strports.service`` builds for twistd), plus a public way to learn the
+bound address (tests and the demo listen on port 0) and one clear
+:class:`~medd.plugins.api.CannotListen` when the endpoint cannot be bound.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+
+from medd.plugins.api import CannotListen
 
 
 class EndpointListener(Service):
@@ -23,11 +27,24 @@ class EndpointListener(Service):
         self.factory = WrappingFactory(factory)
         self.label = label
         self.port = None
+        self._listening: Deferred | None = None
         self._waiting: list[Deferred] = []
+
+    def privilegedStartService(self) -> None:
+        # Bind here, before the reactor runs (twistd calls this first, as
+        # root if it must): a port that cannot be had raises CannotListen
+        # and the node does not start without its listener.
+        super().privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self.reactor, self.description).listen(self.factory)
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        binding = True  # while listen() runs: a failure now is raised to whoever started us
+        failed_now: list[CannotListen] = []
 
         def listening(port):
             self.port = port
@@ -38,12 +55,22 @@ class EndpointListener(Service):
                 w.callback(port)
 
         def failed(failure):
-            self.log.failure("{label} cannot listen on {description}", failure, label=self.label, description=self.description)
+            error = CannotListen.from_error(self.label, self.description, failure.value)
             waiting, self._waiting = self._waiting, []
             for w in waiting:
-                w.errback(failure)
+                w.errback(error)
+            if binding:
+                failed_now.append(error)  # tcp:, ssl: and unix: endpoints all bind at once
+            else:
+                # An endpoint that binds later (none of the built-in ones) can
+                # only say so: the reactor is running and the node is started.
+                self.log.critical("medd: {error}", error=str(error))
 
-        d.addCallbacks(listening, failed)
+        self._listening = serverFromString(self.reactor, self.description).listen(self.factory)
+        self._listening.addCallbacks(listening, failed)
+        binding = False
+        if failed_now:
+            raise failed_now[0]
 
     def whenListening(self) -> Deferred:
         """Fires with the listening port (at once if already listening)."""
@@ -56,6 +83,7 @@ class EndpointListener(Service):
 
     def stopService(self):
         super().stopService()
+        self._listening = None
         for protocol in list(self.factory.protocols):
             protocol.transport.loseConnection()
         if self.port is not None:
