@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 T = TypeVar("T")
@@ -43,6 +43,7 @@ class CoalescingPass(Generic[T]):
         self.running = False
         self._again = False
         self._waiters: list[Deferred] = []
+        self._idle: list[Deferred] = []
 
     def kick(self) -> Deferred:
         d: Deferred = Deferred()
@@ -70,3 +71,15 @@ class CoalescingPass(Generic[T]):
                     break
         finally:
             self.running = False
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def idle(self) -> Deferred:
+        """A Deferred that fires once no pass is running (at once if none is): what a
+        stopping service waits for, without starting another pass."""
+        if not self.running:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d

@@ -51,3 +51,21 @@ def test_a_failing_pass_fires_its_waiters_and_runs_again_on_the_next_kick():
     assert loop.kick().result is None
     assert loop.kick().result == "ok"
     assert len(calls) == 2
+
+
+def test_idle_waits_for_the_pass_under_way_without_starting_another():
+    """idle() fires at once when no pass runs, else when the pass under way ends; it never starts a pass."""
+    gates: list[Deferred] = []
+
+    async def work():
+        gate = Deferred()
+        gates.append(gate)
+        await gate
+
+    loop = CoalescingPass(work, "test")
+    assert loop.idle().called and not gates
+    loop.kick()
+    idle = loop.idle()
+    assert not idle.called
+    gates[0].callback(None)
+    assert idle.called and len(gates) == 1 and not loop.running
