@@ -22,9 +22,11 @@ class NodeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, config: Config, plugins: Plugins):
+    def __init__(self, reactor, config: Config, plugins: Plugins, *, clock=None):
         super().__init__()
         self.reactor = reactor
+        # The node's one time source (the reactor; a test's Clock).
+        self.clock = clock or reactor
         self.config = config
         self.plugins = plugins
         config.storage_path.mkdir(parents=True, exist_ok=True)
@@ -32,8 +34,8 @@ class NodeService(MultiService):
         backend = config.section("storage").get("backend", "file")
         self.blobs = plugins.storage[("blobstore", backend)](config)
         check_storage(plugins, "blobstore", self.blobs, backend)
-        self.index = ObjectIndex(self.database, reactor)
-        self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs)
+        self.index = ObjectIndex(self.database, self.clock)
+        self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs, clock=self.clock)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
         record_status = None
@@ -133,7 +135,7 @@ def check_against_plugins(config: Config, plugins: Plugins) -> None:
         raise ConfigError(problems)
 
 
-def make_node(reactor, config: Config, plugins: Plugins | None = None) -> NodeService:
+def make_node(reactor, config: Config, plugins: Plugins | None = None, *, clock=None) -> NodeService:
     plugins = plugins or load_plugins(config.disabled_plugins)
     check_against_plugins(config, plugins)
-    return NodeService(reactor, config, plugins)
+    return NodeService(reactor, config, plugins, clock=clock)
