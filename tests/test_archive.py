@@ -86,7 +86,7 @@ def archive_node(tmp_path):
 
     started = []
 
-    def start(extra: str = "", archive_dir: Path | None = None, create_dir: bool = True, volume_size: str = "64K"):
+    async def start(extra: str = "", archive_dir: Path | None = None, create_dir: bool = True, volume_size: str = "64K"):
         if create_dir:
             (archive_dir or tmp_path / "archive").mkdir(exist_ok=True)
         config = load_config(archive_config(tmp_path, archive_dir, extra, volume_size))
@@ -95,6 +95,8 @@ def archive_node(tmp_path):
         node = make_node(reactor, config, clock=clock)
         node.startService()
         started.append(node)
+        # The pass at start is over before a test ingests: what it reports is the test's own.
+        await node.archiving.idle()
         return node
 
     yield start
@@ -216,7 +218,7 @@ def test_config_errors_name_section_and_key(tmp_path):
 async def test_mixed_corpus_layout_and_tar_listing(archive_node, tmp_path):
     """Objects from several centres and modalities land in <centre>/<modality>/vol-NNNNNN.tar,
     volumes close at the configured size, and plain tar lists exactly the catalogue."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     report = await node.archiving.run_once()
     assert report.paused is None and report.archived == len(stored)
@@ -257,7 +259,7 @@ async def test_offsite_moves_closed_volumes_only(archive_node, tmp_path, capsys)
 
     from medd.cli.archive import cmd_offsite
 
-    node = archive_node()
+    node = await archive_node()
     await ingest_corpus(node, CORPUS[:2])  # two CT objects: the first volume closes
     await node.archiving.run_once()
     closed, open_ = sorted(await node.archiving.catalogue.find_volumes(), key=lambda v: v.sequence)
@@ -274,9 +276,8 @@ async def test_offsite_moves_closed_volumes_only(archive_node, tmp_path, capsys)
 async def test_interval_archives_new_objects(archive_node):
     """The background pass runs on the injected clock, ``interval`` seconds after the last
     one ended, and picks up objects ingested since; stamps come from that clock."""
-    node = archive_node()
+    node = await archive_node()
     clock, archiving = node.clock, node.archiving
-    await archiving.idle()  # the pass at start
     stored = await ingest_corpus(node, CORPUS[:2])
     clock.advance(599)
     await archiving.idle()
@@ -291,7 +292,7 @@ async def test_interval_archives_new_objects(archive_node):
 @pytest_twisted.ensureDeferred
 async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
     """A flipped byte inside a member makes `medd archive verify` name that object and exit non-zero."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     await node.archiving.run_once()
     volumes, members = await catalogue_state(node)
@@ -322,7 +323,7 @@ async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
 async def test_offline_target_pauses_and_resumes(archive_node, tmp_path):
     """A missing archive target pauses archiving with a clear error; once it is back, everything is archived."""
     target = tmp_path / "not-mounted"
-    node = archive_node(archive_dir=target, create_dir=False)
+    node = await archive_node(archive_dir=target, create_dir=False)
     stored = await ingest_corpus(node)
     report = await node.archiving.run_once()
     assert report.paused and "not there" in report.paused and str(target) in report.paused
@@ -341,7 +342,7 @@ async def test_offline_target_pauses_and_resumes(archive_node, tmp_path):
 async def test_full_target_pauses_loses_nothing_and_resumes(archive_node, tmp_path):
     """A disk-full error in the middle of an append pauses archiving; the torn tail is
     dropped on the next pass and every object ends up archived once."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     archive = node.archiving.archive
     real_write = archive._write
@@ -402,7 +403,7 @@ async def test_kill_during_append_recovers(archive_node, tmp_path, mode):
         with pytest.raises(subprocess.CalledProcessError):
             subprocess.run(["tar", "-tf", str(volume)], capture_output=True, check=True)
 
-    node = archive_node(volume_size="1M")  # the restart: recovery runs before the first pass
+    node = await archive_node(volume_size="1M")  # the restart: recovery runs before the first pass
     report = await node.archiving.run_once()
     assert report.paused is None
     volumes, members = await catalogue_state(node)
@@ -428,7 +429,7 @@ async def test_evict_then_restore(archive_node, tmp_path):
     """Retention evicts only verified-archived objects, and only once they are older (on the
     node's clock) than evict_after_days; a viewer's read brings an evicted blob back by itself,
     and `medd archive restore --study` brings back a study."""
-    node = archive_node(extra="modalities = CT MR\n[retention]\nevict_after_days = 30\n")
+    node = await archive_node(extra="modalities = CT MR\n[retention]\nevict_after_days = 30\n")
     study = generate_uid()
     stored = await ingest_corpus(node, study_uid=study)
     report = await node.archiving.run_once()
@@ -476,7 +477,7 @@ def variant_bytes_of(record, data: bytes) -> bytes:
 async def test_corrupt_working_copy_is_not_archived(archive_node, tmp_path):
     """A working copy that no longer hashes to its digest is reported and left out; the rest
     of its batch is archived and the volume lists exactly the catalogue."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node, CORPUS[:3])
     victim = sorted(stored)[0]
     record = await node.database.run(lambda c: index.object_by_uid(c, victim))

@@ -69,3 +69,28 @@ def test_idle_waits_for_the_pass_under_way_without_starting_another():
     assert not idle.called
     gates[0].callback(None)
     assert idle.called and len(gates) == 1 and not loop.running
+
+
+def test_schedule_kicks_on_the_clock_and_a_kick_or_a_new_schedule_replaces_it():
+    """schedule(delay) runs a pass when the clock reaches it; a later schedule() replaces the earlier
+    one, a kick() drops it, and unschedule() leaves nothing pending."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    passes: list[float] = []
+
+    async def work():
+        passes.append(clock.seconds())
+
+    loop = CoalescingPass(work, "test", clock)
+    loop.schedule(5)
+    loop.schedule(3)
+    clock.advance(3)
+    assert passes == [3] and not clock.getDelayedCalls()
+    loop.schedule(10)
+    loop.kick()
+    clock.advance(20)
+    assert passes == [3, 3]
+    loop.schedule(1)
+    loop.unschedule()
+    assert not clock.getDelayedCalls()

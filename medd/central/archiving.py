@@ -174,8 +174,7 @@ class ArchivingService(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="medd-archive")
         self.paused: str | None = None
         self._recovered = False
-        self._pass = CoalescingPass(self._scheduled_pass, "archiving")
-        self._next_pass = None
+        self._pass = CoalescingPass(self._scheduled_pass, "archiving", self.clock)
         # Set on stop: a pass under way ends after its current batch.
         self._stopping = False
         # Objects whose working copy is missing or corrupt: reported once, not retried until restart.
@@ -193,7 +192,7 @@ class ArchivingService(Service):
         """Stop the interval; the Deferred fires once a pass under way has finished its batch."""
         super().stopService()
         self._stopping = True
-        self._cancel_next_pass()
+        self._pass.unschedule()
 
         def stop_pool(_):
             if self.pool.started:
@@ -208,28 +207,21 @@ class ArchivingService(Service):
         Never fails: a broken target pauses archiving until a later pass. A
         call while a pass runs waits for it and then gets a fresh pass.
         """
-        self._cancel_next_pass()
         return self._pass.kick()
 
     def idle(self) -> Deferred:
         """A Deferred that fires once no pass is under way (one the clock started, say)."""
         return self._pass.idle()
 
-    def _cancel_next_pass(self) -> None:
-        if self._next_pass is not None and self._next_pass.active():
-            self._next_pass.cancel()
-        self._next_pass = None
-
     async def _scheduled_pass(self) -> RunReport:
         """One pass, then the next one ``interval`` seconds on the clock after it ends."""
-        self._cancel_next_pass()
         try:
             report = await self._run_once()
         except Exception as e:
             self.log.failure("archiving pass failed; it will be retried")
             report = RunReport(paused=str(e))
         if self.running:
-            self._next_pass = self.clock.callLater(self.settings.interval, self.run_once)
+            self._pass.schedule(self.settings.interval)
         return report
 
     async def _run_once(self) -> RunReport:

@@ -31,8 +31,7 @@ class OutgoingService(Service):
         self.client = client  # CentralClient, or a fake with the same coroutines
         self.backoff = backoff
         self.clock = clock
-        self._pass = CoalescingPass(self._drain, "sending packages to central")
-        self._wakeup = None
+        self._pass = CoalescingPass(self._drain, "sending packages to central", clock)
         self._stopped = False
 
     def startService(self) -> None:
@@ -44,7 +43,7 @@ class OutgoingService(Service):
         """Stop sending; the Deferred fires once a send in progress has finished."""
         super().stopService()
         self._stopped = True
-        self._cancel_wakeup()
+        self._pass.unschedule()
         return self._pass.idle()
 
     async def queue(self, package: bytes, *, message_id: str, attachment: str, uid: str) -> int:
@@ -63,14 +62,8 @@ class OutgoingService(Service):
         """A Deferred that fires once no pass is under way (one the clock started, say)."""
         return self._pass.idle()
 
-    def _cancel_wakeup(self) -> None:
-        if self._wakeup is not None and self._wakeup.active():
-            self._wakeup.cancel()
-        self._wakeup = None
-
     async def _drain(self) -> int:
         """Send waiting packages in order until none is left or the head of the line is not due yet."""
-        self._cancel_wakeup()
         sent = 0
         while not self._stopped:
             head = await self.packages.head_of_line()
@@ -79,7 +72,7 @@ class OutgoingService(Service):
             wait = head.next_attempt_at.timestamp() - self.clock.seconds()
             if wait > 0:
                 # Anything queued meanwhile is behind the head; it waits with it.
-                self._wakeup = self.clock.callLater(wait, self.kick)
+                self._pass.schedule(wait)
                 break
             sent += await self._send(head)
         return sent

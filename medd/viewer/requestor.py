@@ -47,8 +47,7 @@ class Requestor(Service):
         self.peer = urlsplit(settings.url).hostname or settings.url
         self.failures = 0  # consecutive passes that failed
         self.last_result: PollResult | None = None
-        self._pass = CoalescingPass(self._poll, "requesting from central")
-        self._next_poll = None
+        self._pass = CoalescingPass(self._poll, "requesting from central", clock)
         # Message-IDs this node refused: not downloaded again on every pass.
         self._refused: set[str] = set()
         self._stopped = False
@@ -64,28 +63,21 @@ class Requestor(Service):
         """Stop polling; the Deferred fires once a pass in progress has finished."""
         super().stopService()
         self._stopped = True
-        self._cancel_next_poll()
+        self._pass.unschedule()
         return self._pass.idle()
 
     # -- polling -------------------------------------------------------------------------------------
 
     def kick(self) -> Deferred:
         """Poll now; the Deferred fires with the :class:`PollResult` of a pass that began after this call."""
-        self._cancel_next_poll()
         return self._pass.kick()
 
     def idle(self) -> Deferred:
         """A Deferred that fires once no pass is under way (one the clock started, say)."""
         return self._pass.idle()
 
-    def _cancel_next_poll(self) -> None:
-        if self._next_poll is not None and self._next_poll.active():
-            self._next_poll.cancel()
-        self._next_poll = None
-
     async def _poll(self) -> PollResult:
         """One pass; then the next one is due after the interval, or after the backoff if it failed."""
-        self._cancel_next_poll()
         if self._stopped:
             return PollResult()
         result = await self._pass_over_outbox()
@@ -99,7 +91,7 @@ class Requestor(Service):
             self.log.warn("central {url} unavailable ({error}); retrying in {delay:.1f}s (failure {n})",
                           url=self.settings.url, error=result.error, delay=delay, n=self.failures)
         if self.running and not self._stopped:
-            self._next_poll = self.clock.callLater(delay, self.kick)
+            self._pass.schedule(delay)
         return result
 
     async def _pass_over_outbox(self) -> PollResult:
