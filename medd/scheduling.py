@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 T = TypeVar("T")
@@ -29,6 +29,10 @@ class Backoff:
 class CoalescingPass(Generic[T]):
     """Runs ``await work()`` on :meth:`kick`; kicks during a pass make one more pass.
 
+    With a ``clock``, :meth:`schedule` kicks it later on that clock (the next
+    poll, a retry after backoff); a pass scheduled that way is replaced by the
+    next :meth:`schedule` and dropped by any :meth:`kick` before it.
+
     A caller of :meth:`kick` gets a Deferred that fires with the result of a
     pass that *began after* the kick (so what it wrote is seen), however
     many kicks came meanwhile. A failing pass is logged and fires its
@@ -37,14 +41,18 @@ class CoalescingPass(Generic[T]):
 
     log = Logger()
 
-    def __init__(self, work: Callable[[], Awaitable[T]], name: str):
+    def __init__(self, work: Callable[[], Awaitable[T]], name: str, clock=None):
         self._work = work
         self.name = name
+        self.clock = clock
+        self._scheduled = None
         self.running = False
         self._again = False
         self._waiters: list[Deferred] = []
+        self._idle: list[Deferred] = []
 
     def kick(self) -> Deferred:
+        self.unschedule()
         d: Deferred = Deferred()
         self._waiters.append(d)
         if self.running:
@@ -70,3 +78,26 @@ class CoalescingPass(Generic[T]):
                     break
         finally:
             self.running = False
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def schedule(self, delay: float) -> None:
+        """Kick ``delay`` seconds from now on the clock, instead of when scheduled before."""
+        self.unschedule()
+        self._scheduled = self.clock.callLater(delay, self.kick)
+
+    def unschedule(self) -> None:
+        """Drop the scheduled kick, if any (a stopping service; a kick that came first)."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+
+    def idle(self) -> Deferred:
+        """A Deferred that fires once no pass is running (at once if none is): what a
+        stopping service waits for, without starting another pass."""
+        if not self.running:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d

@@ -21,10 +21,12 @@ class NodeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, settings: NodeSettings):
+    def __init__(self, reactor, settings: NodeSettings, *, clock=None):
         super().__init__()
         config, plugins = settings.config, settings.plugins
         self.reactor = reactor
+        # The node's one time source (the reactor; a test's Clock).
+        self.clock = clock or reactor
         self.config = config
         self.plugins = plugins
         config.storage_path.mkdir(parents=True, exist_ok=True)
@@ -32,8 +34,8 @@ class NodeService(MultiService):
         backend = config.section("storage").get("backend", "file")
         self.blobs = plugins.storage[("blobstore", backend)](config)
         check_storage(plugins, "blobstore", self.blobs, backend)
-        self.index = ObjectIndex(self.database, reactor)
-        self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs)
+        self.index = ObjectIndex(self.database, self.clock)
+        self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs, clock=self.clock)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
         record_status = None
@@ -104,7 +106,10 @@ def check_against_plugins(config: Config, plugins: Plugins) -> None:
     validate(config, plugins)
 
 
-def make_node(reactor, config: Config, plugins: Plugins | None = None) -> NodeService:
-    """A node for ``config``, validated whole first (:class:`ConfigError` lists every problem)."""
+def make_node(reactor, config: Config, plugins: Plugins | None = None, *, clock=None) -> NodeService:
+    """A node for ``config``, validated whole first (:class:`ConfigError` lists every problem).
+
+    ``clock`` is the node's one time source (default: the reactor).
+    """
     plugins = plugins or load_plugins(config.disabled_plugins)
-    return NodeService(reactor, validate(config, plugins))
+    return NodeService(reactor, validate(config, plugins), clock=clock)

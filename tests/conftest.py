@@ -55,7 +55,8 @@ def write_config(tmp_path: Path, listen: dict[str, str] | None = None, extra: st
 def make_central(tmp_path):
     """Factory: start a central node with the given listeners; stopped after the test.
 
-    Listeners bound to port 0 report their port through ``node.port(key)``.
+    Listeners bound to port 0 report their port through ``listener_port(node, key)``.
+    ``clock`` (a ``twisted.internet.task.Clock``) becomes the node's one clock.
     """
     from twisted.internet import reactor
 
@@ -64,12 +65,12 @@ def make_central(tmp_path):
     started = []
 
     async def start(listen: dict[str, str] | None = None, extra: str = "", db_url: str | None = None, plugins=None,
-                    site: str | None = None, role: str = "central", name: str | None = None):
+                    site: str | None = None, role: str = "central", name: str | None = None, clock=None):
         # ``site`` puts a second node's config, database and store in their own folder.
         folder = tmp_path / site if site else tmp_path
         folder.mkdir(exist_ok=True)
         config = load_config(write_config(folder, listen, extra, db_url, name=name or site or "central.test", role=role))
-        node = make_node(reactor, config, plugins)
+        node = make_node(reactor, config, plugins, clock=clock)
         node.startService()
         started.append(node)
         for key in config.listen:

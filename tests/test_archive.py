@@ -25,7 +25,10 @@ from medd.plugins.interfaces import IArchive
 from medd.service import check_against_plugins, make_node
 from medd.plugins.host import load_plugins
 from medd.storage import catalogue, index
-from medd.storage.archive import TapeArchive, slug
+from medd.storage.archive import Placement, TapeArchive, slug
+from medd.storage.catalogue import Catalogue
+from medd.storage.database import open_database, resolved
+from medd.storage.index import ObjectIndex, ObjectRecord
 from tests.conftest import testdata, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,23 +74,29 @@ interval = 600
     )
 
 
+# 2026-01-01 00:00 UTC: where the fake clocks start, so stamps look like stamps.
+START = 1_767_225_600
+
+
 @pytest.fixture
 def archive_node(tmp_path):
-    """Factory: a central node with a tape archive whose interval runs on a fake clock."""
+    """Factory: a central node with a tape archive whose stamps, interval and retention
+    run on a fake clock (``node.clock``)."""
     from twisted.internet import reactor
 
     started = []
 
-    def start(extra: str = "", archive_dir: Path | None = None, now=None, create_dir: bool = True, volume_size: str = "64K"):
+    async def start(extra: str = "", archive_dir: Path | None = None, create_dir: bool = True, volume_size: str = "64K"):
         if create_dir:
             (archive_dir or tmp_path / "archive").mkdir(exist_ok=True)
         config = load_config(archive_config(tmp_path, archive_dir, extra, volume_size))
-        node = make_node(reactor, config)
-        node.archiving.clock = Clock()
-        if now is not None:
-            node.archiving.now = now
+        clock = Clock()
+        clock.advance(START)
+        node = make_node(reactor, config, clock=clock)
         node.startService()
         started.append(node)
+        # The pass at start is over before a test ingests: what it reports is the test's own.
+        await node.archiving.idle()
         return node
 
     yield start
@@ -116,9 +125,68 @@ def medd_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 async def catalogue_state(node):
-    volumes = await node.database.run(lambda c: catalogue.find_volumes(c))
-    members = {v.path: await node.database.run(lambda c: catalogue.volume_members(c, v.id)) for v in volumes}
+    volumes = await node.archiving.catalogue.find_volumes()
+    members = {v.path: await node.archiving.catalogue.volume_members(v.id) for v in volumes}
     return volumes, members
+
+
+def test_catalogue_connector_stamps_from_its_clock(tmp_path, db_url):
+    """The Catalogue connector, on SQLite and PostgreSQL: volumes and members are stamped by the
+    injected clock, minimum age and retention are measured on it, only a closed volume moves
+    off site, and a blob is evictable only once verified-archived and old enough."""
+    config = load_config(write_config(tmp_path, db_url=db_url))
+    database = open_database(config)
+    clock = Clock()
+    clock.advance(START)
+    cat, objects = Catalogue(database, clock), ObjectIndex(database, clock)
+    try:
+        for n in (1, 2):
+            record = ObjectRecord(
+                sop_instance_uid=f"1.2.3.{n}", object_type="image", media_type="application/dicom",
+                study_instance_uid="1.2.3", digest=f"{n:064x}", size=100, origin="ct1@centre-a.example",
+                transport="test", received_at=objects.now(), modality="CT",
+            )
+            resolved(objects.store_object(record))
+        assert resolved(cat.pending_objects(0, 10, min_age=timedelta(hours=1))) == []
+        clock.advance(3600)
+        pending = resolved(cat.pending_objects(0, 10, min_age=timedelta(hours=1), modalities=("CT",)))
+        assert [p.sop_instance_uid for p in pending] == ["1.2.3.1", "1.2.3.2"]
+
+        volume = resolved(cat.open_volume("ct1@centre-a.example", "CT"))
+        assert volume.created_at.timestamp() == START + 3600 and volume.state == catalogue.OPEN
+        clock.advance(5)
+        placed = [
+            (p.sop_instance_uid, p.digest, Placement(f"{p.sop_instance_uid}.dcm", 1536 * i, 1536 * i + 512, 100, p.digest, 1536 * (i + 1)))
+            for i, p in enumerate(pending)
+        ]
+        resolved(cat.record_append(volume, placed[:1], verified=True))
+        with pytest.raises(catalogue.CatalogueConflict):  # stale volume: its size moved on
+            resolved(cat.record_append(volume, placed[1:], verified=False))
+        assert not resolved(cat.move_offsite(volume.path))  # still open
+        (volume,) = resolved(cat.open_volumes())
+        resolved(cat.record_append(volume, placed[1:], verified=False))
+        (volume,) = resolved(cat.find_volumes(path=volume.path))
+        resolved(cat.record_close(volume, 4096, "c" * 64))
+        (closed,) = resolved(cat.find_volumes(centre="ct1@centre-a.example"))
+        assert closed.state == catalogue.CLOSED and closed.closed_at.timestamp() == START + 3605
+
+        first, second = sorted(resolved(cat.archived_by_uid(["1.2.3.1", "1.2.3.2"])), key=lambda a: a.sop_instance_uid)
+        assert first.archived_at.timestamp() == START + 3605 and first.verified_at is not None
+        assert second.verified_at is None
+        assert resolved(cat.evictable(timedelta(days=1), 10)) == []
+        clock.advance(86400)
+        assert [a.sop_instance_uid for a in resolved(cat.evictable(timedelta(days=1), 10))] == ["1.2.3.1"]
+        resolved(cat.mark_evicted([first.digest]))
+        (evicted,) = resolved(cat.archived_by_uid(["1.2.3.1"]))
+        assert evicted.evicted_at.timestamp() == clock.seconds()
+        assert resolved(cat.archived_by_digest(first.digest)).sop_instance_uid == "1.2.3.1"
+        assert resolved(cat.study_uids("1.2.3")) == ["1.2.3.1", "1.2.3.2"]
+
+        assert resolved(cat.move_offsite(closed.path))
+        assert resolved(cat.find_volumes(path=closed.path))[0].state == catalogue.OFFSITE
+        assert not resolved(cat.move_offsite("no/such/vol-000001.tar"))
+    finally:
+        database.stop()
 
 
 def test_tape_backend_provides_iarchive(tmp_path):
@@ -150,7 +218,7 @@ def test_config_errors_name_section_and_key(tmp_path):
 async def test_mixed_corpus_layout_and_tar_listing(archive_node, tmp_path):
     """Objects from several centres and modalities land in <centre>/<modality>/vol-NNNNNN.tar,
     volumes close at the configured size, and plain tar lists exactly the catalogue."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     report = await node.archiving.run_once()
     assert report.paused is None and report.archived == len(stored)
@@ -184,22 +252,47 @@ async def test_mixed_corpus_layout_and_tar_listing(archive_node, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_interval_archives_new_objects(archive_node):
-    """The background pass runs on the injected clock and picks up objects ingested since."""
-    node = archive_node()
-    clock = node.archiving.clock
+async def test_offsite_moves_closed_volumes_only(archive_node, tmp_path, capsys):
+    """`medd archive offsite` records a closed volume as off site and refuses an open one
+    (exit 1, naming it); verify then leaves the off-site volume alone."""
+    from argparse import Namespace
+
+    from medd.cli.archive import cmd_offsite
+
+    node = await archive_node()
+    await ingest_corpus(node, CORPUS[:2])  # two CT objects: the first volume closes
     await node.archiving.run_once()
+    closed, open_ = sorted(await node.archiving.catalogue.find_volumes(), key=lambda v: v.sequence)
+    config = str(tmp_path / "central.ini")
+    status = await deferToThread(cmd_offsite, Namespace(config=config, volume=[closed.path, open_.path]))
+    out = capsys.readouterr()
+    assert status == 1 and f"{closed.path}: offsite" in out.out and f"{open_.path}: not a closed volume" in out.err
+    states = {v.path: v.state for v in await node.archiving.catalogue.find_volumes()}
+    assert states == {closed.path: catalogue.OFFSITE, open_.path: catalogue.OPEN}
+    assert [r.volume for r in await node.archiving.verify()] == [open_.path]
+
+
+@pytest_twisted.ensureDeferred
+async def test_interval_archives_new_objects(archive_node):
+    """The background pass runs on the injected clock, ``interval`` seconds after the last
+    one ended, and picks up objects ingested since; stamps come from that clock."""
+    node = await archive_node()
+    clock, archiving = node.clock, node.archiving
     stored = await ingest_corpus(node, CORPUS[:2])
-    assert await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored))) == []
-    clock.advance(600)
-    await node.archiving.run_once()  # waits for the pass the clock started
-    assert len(await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored)))) == 2
+    clock.advance(599)
+    await archiving.idle()
+    assert await archiving.catalogue.archived_by_uid(list(stored)) == []
+    clock.advance(1)
+    await archiving.idle()  # the pass the clock started
+    archived = await archiving.catalogue.archived_by_uid(list(stored))
+    assert len(archived) == 2
+    assert {a.archived_at.timestamp() for a in archived} == {START + 600}
 
 
 @pytest_twisted.ensureDeferred
 async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
     """A flipped byte inside a member makes `medd archive verify` name that object and exit non-zero."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     await node.archiving.run_once()
     volumes, members = await catalogue_state(node)
@@ -218,10 +311,10 @@ async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
     assert f"bad object {victim.sop_instance_uid}" in out.stdout
     bad_lines = [line for line in out.stdout.splitlines() if "bad object" in line]
     assert len(bad_lines) == 1
-    damaged = await node.database.run(lambda c: catalogue.find_volumes(c, path=volumes[0].path))
+    damaged = await node.archiving.catalogue.find_volumes(path=volumes[0].path)
     assert damaged[0].state == catalogue.DAMAGED
     # The damaged copy no longer counts as verified, so retention keeps the working copy.
-    again = await node.database.run(lambda c: catalogue.archived_by_uid(c, [victim.sop_instance_uid]))
+    again = await node.archiving.catalogue.archived_by_uid([victim.sop_instance_uid])
     assert again[0].verified_at is None
     assert len(stored) == len(CORPUS)
 
@@ -230,26 +323,26 @@ async def test_verify_names_the_corrupted_object(archive_node, tmp_path):
 async def test_offline_target_pauses_and_resumes(archive_node, tmp_path):
     """A missing archive target pauses archiving with a clear error; once it is back, everything is archived."""
     target = tmp_path / "not-mounted"
-    node = archive_node(archive_dir=target, create_dir=False)
+    node = await archive_node(archive_dir=target, create_dir=False)
     stored = await ingest_corpus(node)
     report = await node.archiving.run_once()
     assert report.paused and "not there" in report.paused and str(target) in report.paused
     assert node.archiving.paused
-    assert await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored))) == []
+    assert await node.archiving.catalogue.archived_by_uid(list(stored)) == []
     assert not target.exists()  # never created beneath a missing mount
 
     target.mkdir()
-    node.archiving.clock.advance(600)
-    report = await node.archiving.run_once()
+    node.clock.advance(600)  # the next interval tries again
+    await node.archiving.idle()
     assert node.archiving.paused is None
-    assert len(await node.database.run(lambda c: catalogue.archived_by_uid(c, list(stored)))) == len(stored)
+    assert len(await node.archiving.catalogue.archived_by_uid(list(stored))) == len(stored)
 
 
 @pytest_twisted.ensureDeferred
 async def test_full_target_pauses_loses_nothing_and_resumes(archive_node, tmp_path):
     """A disk-full error in the middle of an append pauses archiving; the torn tail is
     dropped on the next pass and every object ends up archived once."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node)
     archive = node.archiving.archive
     real_write = archive._write
@@ -310,7 +403,7 @@ async def test_kill_during_append_recovers(archive_node, tmp_path, mode):
         with pytest.raises(subprocess.CalledProcessError):
             subprocess.run(["tar", "-tf", str(volume)], capture_output=True, check=True)
 
-    node = archive_node(volume_size="1M")  # the restart: recovery runs before the first pass
+    node = await archive_node(volume_size="1M")  # the restart: recovery runs before the first pass
     report = await node.archiving.run_once()
     assert report.paused is None
     volumes, members = await catalogue_state(node)
@@ -333,16 +426,24 @@ def _read_until(stream, want: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_evict_then_restore(archive_node, tmp_path):
-    """Retention evicts only verified-archived objects from the working store; a viewer's read
-    brings an evicted blob back by itself, and `medd archive restore --study` brings back a study."""
-    later = lambda: index.now() + timedelta(days=31)  # noqa: E731
-    node = archive_node(extra="modalities = CT MR\n[retention]\nevict_after_days = 30\n", now=later)
+    """Retention evicts only verified-archived objects, and only once they are older (on the
+    node's clock) than evict_after_days; a viewer's read brings an evicted blob back by itself,
+    and `medd archive restore --study` brings back a study."""
+    node = await archive_node(extra="modalities = CT MR\n[retention]\nevict_after_days = 30\n")
     study = generate_uid()
     stored = await ingest_corpus(node, study_uid=study)
     report = await node.archiving.run_once()
     records = {uid: await node.database.run(lambda c: index.object_by_uid(c, uid)) for uid in stored}
     archived = {uid for uid, (_, modality) in stored.items() if modality in ("CT", "MR")}
-    assert report.archived == len(archived) and report.evicted == len(archived)
+    assert report.archived == len(archived) and report.evicted == 0
+
+    node.clock.advance(timedelta(days=30).total_seconds() - 1)  # interval passes, none old enough yet
+    await node.archiving.idle()
+    assert all(node.blobs.exists(r.digest) for r in records.values())
+    node.clock.advance(600)
+    await node.archiving.idle()
+    evicted = await node.archiving.catalogue.archived_by_uid(sorted(archived))
+    assert {a.evicted_at.timestamp() for a in evicted} == {node.clock.seconds()}
     for uid, record in records.items():
         # Not archived (rule: CT and MR only) means never evicted.
         assert node.blobs.exists(record.digest) == (uid not in archived)
@@ -351,7 +452,7 @@ async def test_evict_then_restore(archive_node, tmp_path):
     data = await node.ingest.read_blob(records[uid].digest)
     assert data == variant_bytes_of(records[uid], data)
     assert node.blobs.exists(records[uid].digest)
-    restored = await node.database.run(lambda c: catalogue.archived_by_uid(c, [uid]))
+    restored = await node.archiving.catalogue.archived_by_uid([uid])
     assert restored[0].evicted_at is None
 
     out = await deferToThread(medd_cli, "archive", "restore", "--study", study, "--config", str(tmp_path / "central.ini"))
@@ -376,7 +477,7 @@ def variant_bytes_of(record, data: bytes) -> bytes:
 async def test_corrupt_working_copy_is_not_archived(archive_node, tmp_path):
     """A working copy that no longer hashes to its digest is reported and left out; the rest
     of its batch is archived and the volume lists exactly the catalogue."""
-    node = archive_node()
+    node = await archive_node()
     stored = await ingest_corpus(node, CORPUS[:3])
     victim = sorted(stored)[0]
     record = await node.database.run(lambda c: index.object_by_uid(c, victim))

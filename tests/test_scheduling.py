@@ -51,3 +51,46 @@ def test_a_failing_pass_fires_its_waiters_and_runs_again_on_the_next_kick():
     assert loop.kick().result is None
     assert loop.kick().result == "ok"
     assert len(calls) == 2
+
+
+def test_idle_waits_for_the_pass_under_way_without_starting_another():
+    """idle() fires at once when no pass runs, else when the pass under way ends; it never starts a pass."""
+    gates: list[Deferred] = []
+
+    async def work():
+        gate = Deferred()
+        gates.append(gate)
+        await gate
+
+    loop = CoalescingPass(work, "test")
+    assert loop.idle().called and not gates
+    loop.kick()
+    idle = loop.idle()
+    assert not idle.called
+    gates[0].callback(None)
+    assert idle.called and len(gates) == 1 and not loop.running
+
+
+def test_schedule_kicks_on_the_clock_and_a_kick_or_a_new_schedule_replaces_it():
+    """schedule(delay) runs a pass when the clock reaches it; a later schedule() replaces the earlier
+    one, a kick() drops it, and unschedule() leaves nothing pending."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    passes: list[float] = []
+
+    async def work():
+        passes.append(clock.seconds())
+
+    loop = CoalescingPass(work, "test", clock)
+    loop.schedule(5)
+    loop.schedule(3)
+    clock.advance(3)
+    assert passes == [3] and not clock.getDelayedCalls()
+    loop.schedule(10)
+    loop.kick()
+    clock.advance(20)
+    assert passes == [3, 3]
+    loop.schedule(1)
+    loop.unschedule()
+    assert not clock.getDelayedCalls()

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 from medd.config import load_config  # noqa: E402
 from medd.service import make_node  # noqa: E402
-from medd.storage import catalogue  # noqa: E402
 
 
 def corpus(small: int, large: int):
@@ -100,7 +99,7 @@ async def bench(reactor, args) -> None:
     report = await archiving.archive_pending()
     t_medd = time.perf_counter() - t0
     assert report.archived == len(digests), report
-    volumes = await node.database.run(lambda c: catalogue.find_volumes(c))
+    volumes = await archiving.catalogue.find_volumes()
     archiving.pool.stop()
     node.database.stop()
     node.ingest.stop()

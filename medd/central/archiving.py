@@ -3,9 +3,10 @@ applies retention to the working store.
 
 Work comes from the database (objects without a catalogue entry), never
 from memory, so a restart resumes where a crash stopped. Volume I/O runs on
-the ``medd-archive`` thread pool, catalogue updates on the database pool.
-A full or offline target pauses archiving with one clear error; the next
-interval tries again.
+the ``medd-archive`` thread pool, catalogue updates on the database pool
+through the :class:`~medd.storage.catalogue.Catalogue` connector. Passes,
+stamps and retention all run on the one injected clock. A full or offline
+target pauses archiving with one clear error; the next interval tries again.
 """
 from __future__ import annotations
 
@@ -17,17 +18,16 @@ from datetime import datetime, timedelta, timezone
 from itertools import groupby
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from medd.config import ConfigError, ConfigProblem, _parse_size
+from medd.scheduling import CoalescingPass
 from medd.storage import catalogue
 from medd.storage.archive import END_OF_ARCHIVE, Member
-from medd.storage.catalogue import PendingObject, Volume
-from medd.storage.index import now as wall_clock_now
+from medd.storage.catalogue import Catalogue, PendingObject, Volume
 
 DEFAULT_VOLUME_SIZE = 4 * 1024**3
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -163,11 +163,10 @@ class ArchivingService(Service):
     name = "archiving"
     log = Logger()
 
-    def __init__(self, reactor, database, blobs, archive, settings: ArchiveSettings, *, clock=None, now=None):
+    def __init__(self, reactor, database, blobs, archive, settings: ArchiveSettings, *, clock=None):
         self.reactor = reactor
         self.clock = clock or reactor
-        self.now = now or wall_clock_now
-        self.db = database
+        self.catalogue = Catalogue(database, self.clock)
         self.blobs = blobs
         self.archive = archive
         self.settings = settings
@@ -175,8 +174,9 @@ class ArchivingService(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="medd-archive")
         self.paused: str | None = None
         self._recovered = False
-        self._loop: LoopingCall | None = None
-        self._lock = DeferredLock()
+        self._pass = CoalescingPass(self._scheduled_pass, "archiving", self.clock)
+        # Set on stop: a pass under way ends after its current batch.
+        self._stopping = False
         # Objects whose working copy is missing or corrupt: reported once, not retried until restart.
         self._unarchivable: set[str] = set()
 
@@ -184,41 +184,45 @@ class ArchivingService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
         self.log.info("archiving to {target} every {interval} s", target=self.archive.description, interval=self.settings.interval)
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.settings.interval, now=True)
+        self.run_once()
 
     def stopService(self):
+        """Stop the interval; the Deferred fires once a pass under way has finished its batch."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._stopping = True
+        self._pass.unschedule()
 
         def stop_pool(_):
-            self._lock.release()
             if self.pool.started:
                 self.pool.stop()
 
-        # Wait for a pass in progress to finish its current step.
-        return self._lock.acquire().addCallback(stop_pool)
-
-    def _tick(self) -> Deferred | None:
-        if self._lock.locked:
-            return None
-        return self.run_once()
+        return self._pass.idle().addCallback(stop_pool)
 
     def run_once(self) -> Deferred:
-        """One pass: recover, archive what is pending, evict what retention allows.
+        """Deferred :class:`RunReport` of a pass (recover, archive what is pending, evict what
+        retention allows) that begins after this call.
 
         Never fails: a broken target pauses archiving until a later pass. A
-        call while a pass runs waits for it and then makes a fresh pass.
+        call while a pass runs waits for it and then gets a fresh pass.
         """
+        return self._pass.kick()
 
-        def failed(failure):
-            self.log.failure("archiving pass failed; it will be retried", failure)
-            return RunReport(paused=str(failure.value))
+    def idle(self) -> Deferred:
+        """A Deferred that fires once no pass is under way (one the clock started, say)."""
+        return self._pass.idle()
 
-        return self._lock.run(lambda: ensureDeferred(self._run_once())).addErrback(failed)
+    async def _scheduled_pass(self) -> RunReport:
+        """One pass, then the next one ``interval`` seconds on the clock after it ends."""
+        try:
+            report = await self._run_once()
+        except Exception as e:
+            self.log.failure("archiving pass failed; it will be retried")
+            report = RunReport(paused=str(e))
+        if self.running:
+            self._pass.schedule(self.settings.interval)
+        return report
 
     async def _run_once(self) -> RunReport:
         report = RunReport()
@@ -262,7 +266,7 @@ class ArchivingService(Service):
     async def recover(self) -> int:
         """Drop the half-written tails an interrupted append left on open volumes."""
         dropped = 0
-        for volume in await self.db.run(catalogue.open_volumes):
+        for volume in await self.catalogue.open_volumes():
             n = await self._io(self.archive.recover, volume.path, volume.size)
             if n:
                 self.log.warn(
@@ -278,12 +282,9 @@ class ArchivingService(Service):
         report = report or RunReport()
         s = self.settings
         cursor = 0
-        received_before = self.now() - s.min_age if s.min_age else None
-        while True:
-            page = await self.db.run(
-                lambda conn: catalogue.pending_objects(
-                    conn, cursor, s.batch_objects, centres=s.centres, modalities=s.modalities, received_before=received_before,
-                )
+        while not self._stopping:
+            page = await self.catalogue.pending_objects(
+                cursor, s.batch_objects, centres=s.centres, modalities=s.modalities, min_age=s.min_age,
             )
             if not page:
                 return report
@@ -293,6 +294,7 @@ class ArchivingService(Service):
                 group = list(group)
                 for batch in self._batches(group):
                     await self._archive_batch(batch, report)
+        return report
 
     def _batches(self, group: list[PendingObject]):
         batch, size = [], 0
@@ -335,7 +337,7 @@ class ArchivingService(Service):
             return
         centre, modality = loaded[0][0].origin, loaded[0][0].modality
         while loaded:
-            volume = await self.db.run(lambda conn: catalogue.open_volume(conn, centre, modality, self.now()))
+            volume = await self.catalogue.open_volume(centre, modality)
             fitting = self._fitting(volume, [m for _, m in loaded])
             if not fitting:
                 await self._close(volume)
@@ -355,7 +357,7 @@ class ArchivingService(Service):
                 continue
             loaded = loaded[fitting:]
             appended = [(p.sop_instance_uid, p.digest, pl) for (p, _), pl in zip(batch, placements)]
-            await self.db.run(lambda conn: catalogue.record_append(conn, volume, appended, self.now(), verified=True))
+            await self.catalogue.record_append(volume, appended, verified=True)
             report.archived += len(batch)
             report.bytes += sum(pl.size for pl in placements)
 
@@ -391,25 +393,26 @@ class ArchivingService(Service):
 
     async def _close(self, volume: Volume) -> None:
         size, checksum = await self._io(self.archive.close, volume.path, volume.size)
-        await self.db.run(lambda conn: catalogue.record_close(conn, volume, size, checksum, self.now()))
+        await self.catalogue.record_close(volume, size, checksum)
         self.log.info("volume {volume} closed: {size} bytes, {n} objects", volume=volume.path, size=size, n=volume.members)
 
     # -- retention --------------------------------------------------------------------------------
 
     async def evict(self) -> int:
-        """Remove from the working store the verified-archived objects older than the retention period."""
-        cutoff = self.now() - self.settings.evict_after
+        """Remove from the working store the verified-archived objects received longer ago (on
+        the clock) than the retention period."""
         evicted = 0
-        while True:
-            batch = await self.db.run(lambda conn: catalogue.evictable(conn, cutoff, 500))
+        while not self._stopping:
+            batch = await self.catalogue.evictable(self.settings.evict_after, 500)
             if not batch:
                 return evicted
             digests = sorted({a.digest for a in batch})
             # Marked first: a crash before the delete leaves a blob that is
             # merely still there, never one the catalogue thinks is present.
-            await self.db.run(lambda conn: catalogue.mark_evicted(conn, digests, self.now()))
+            await self.catalogue.mark_evicted(digests)
             await self._io(lambda: [self.blobs.delete(d) for d in digests])
             evicted += len(batch)
+        return evicted
 
     # -- restore ----------------------------------------------------------------------------------
 
@@ -426,17 +429,17 @@ class ArchivingService(Service):
 
     async def restore(self, uids: list[str]) -> list[str]:
         """Bring ``uids`` back into the working store; the UIDs restored (absent from the archive are skipped)."""
-        found = await self.db.run(lambda conn: catalogue.archived_by_uid(conn, uids))
+        found = await self.catalogue.archived_by_uid(uids)
         restored = []
         for archived in found:
             await self._io(self._restore_blocking, archived)
-            await self.db.run(lambda conn: catalogue.mark_restored(conn, archived.digest))
+            await self.catalogue.mark_restored(archived.digest)
             restored.append(archived.sop_instance_uid)
             self.log.info("{uid} restored from {volume}", uid=archived.sop_instance_uid, volume=archived.volume)
         return restored
 
     async def restore_study(self, study_uid: str) -> list[str]:
-        uids = await self.db.run(lambda conn: catalogue.study_uids(conn, study_uid))
+        uids = await self.catalogue.study_uids(study_uid)
         return await self.restore(uids)
 
     def restore_digest(self, digest: str) -> Deferred:
@@ -444,11 +447,11 @@ class ArchivingService(Service):
         return ensureDeferred(self._restore_digest(digest))
 
     async def _restore_digest(self, digest: str) -> bytes:
-        archived = await self.db.run(lambda conn: catalogue.archived_by_digest(conn, digest))
+        archived = await self.catalogue.archived_by_digest(digest)
         if archived is None:
             raise FileNotFoundError(f"blob {digest} is neither in the working store nor in the archive")
         data = await self._io(self._restore_blocking, archived)
-        await self.db.run(lambda conn: catalogue.mark_restored(conn, digest))
+        await self.catalogue.mark_restored(digest)
         self.log.info("{uid} restored from {volume} on demand", uid=archived.sop_instance_uid, volume=archived.volume)
         return data
 
@@ -456,7 +459,7 @@ class ArchivingService(Service):
 
     async def verify(self, path: str | None = None) -> list[VerifyResult]:
         """Re-read volumes (all, or the one at ``path``) and check every member against the catalogue."""
-        volumes = await self.db.run(lambda conn: catalogue.find_volumes(conn, path=path))
+        volumes = await self.catalogue.find_volumes(path=path)
         if path is not None and not volumes:
             raise KeyError(f"no volume {path} in the catalogue")
         if path is None:
@@ -464,11 +467,9 @@ class ArchivingService(Service):
             volumes = [v for v in volumes if v.state != catalogue.OFFSITE]
         results = []
         for volume in volumes:
-            entries = await self.db.run(lambda conn: catalogue.volume_members(conn, volume.id))
+            entries = await self.catalogue.volume_members(volume.id)
             bad, problems = await self._io(self._verify_volume, volume, entries)
-            state = await self.db.run(
-                lambda conn: catalogue.record_verify(conn, volume, [b.uid for b in bad], bool(bad or problems), self.now())
-            )
+            state = await self.catalogue.record_verify(volume, [b.uid for b in bad], bool(bad or problems))
             results.append(VerifyResult(volume.path, state, len(entries), bad, problems))
             if bad or problems:
                 for b in bad:
@@ -523,8 +524,8 @@ def _timestamp(when: datetime) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def make_archiving(reactor, config, plugins, database, blobs) -> ArchivingService | None:
-    """The archiving service a config asks for, or None."""
+def make_archiving(reactor, config, plugins, database, blobs, *, clock=None) -> ArchivingService | None:
+    """The archiving service a config asks for, or None; ``clock`` (the reactor by default) drives it."""
     from medd.plugins.host import check_storage
 
     settings = archive_settings(config)
@@ -532,7 +533,7 @@ def make_archiving(reactor, config, plugins, database, blobs) -> ArchivingServic
         return None
     archive = plugins.storage[("archive", settings.backend)](config)
     check_storage(plugins, "archive", archive, settings.backend)
-    return ArchivingService(reactor, database, blobs, archive, settings)
+    return ArchivingService(reactor, database, blobs, archive, settings, clock=clock)
 
 
 def utc(text: str) -> datetime:

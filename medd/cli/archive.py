@@ -41,8 +41,17 @@ def add_archive_commands(sub) -> None:
     q.set_defaults(func=cmd_offsite)
 
 
+def _catalogue(config):
+    """The catalogue connector over the node's database, inline (no reactor), and that database."""
+    from medd.storage.catalogue import Catalogue
+    from medd.storage.database import WallClock, open_database
+
+    database = open_database(config)
+    return Catalogue(database, WallClock()), database
+
+
 def _open(config_path: str, reactor):
-    """The archiving service of a config, not started: its methods are used directly."""
+    """The archiving service of a config, not started (its methods are used directly), and its database."""
     from medd.central.archiving import archive_settings, make_archiving
     from medd.plugins.host import check_storage, load_plugins
     from medd.service import check_against_plugins
@@ -57,7 +66,7 @@ def _open(config_path: str, reactor):
     backend = config.section("storage").get("backend", "file")
     blobs = plugins.storage[("blobstore", backend)](config)
     check_storage(plugins, "blobstore", blobs, backend)
-    return make_archiving(reactor, config, plugins, database, blobs)
+    return make_archiving(reactor, config, plugins, database, blobs), database
 
 
 def _run(config_path: str, work) -> int:
@@ -68,7 +77,7 @@ def _run(config_path: str, work) -> int:
     status = []
 
     def main(reactor):
-        service = _open(config_path, reactor)
+        service, database = _open(config_path, reactor)
 
         async def go():
             try:
@@ -76,7 +85,7 @@ def _run(config_path: str, work) -> int:
             finally:
                 if service.pool.started:
                     service.pool.stop()
-                service.db.stop()
+                database.stop()
 
         return ensureDeferred(go())
 
@@ -94,8 +103,7 @@ def _when(value) -> str:
 
 def cmd_list(args) -> int:
     from medd.central.archiving import utc
-    from medd.storage import catalogue
-    from medd.storage.database import open_database
+    from medd.storage.database import resolved
 
     config = load_config(args.config)
     try:
@@ -103,10 +111,10 @@ def cmd_list(args) -> int:
     except ValueError:
         print(f"medd archive list: --since: not a date: {args.since!r}", file=sys.stderr)
         return 2
-    db = open_database(config)
+    catalogue, db = _catalogue(config)
     try:
         if args.objects:
-            rows = db.run_sync(lambda c: catalogue.find_archived(c, centre=args.centre, modality=args.modality, since=since))
+            rows = resolved(catalogue.find_archived(centre=args.centre, modality=args.modality, since=since))
             print(f"{'SOP Instance UID':<64}  {'centre':<24} {'mod':<5} {'size':>10}  {'archived':<16}  {'state':<8}  volume")
             for a in rows:
                 state = "evicted" if a.evicted_at else ("verified" if a.verified_at else "archived")
@@ -115,7 +123,7 @@ def cmd_list(args) -> int:
                     f"{_when(a.archived_at):<16}  {state:<8}  {a.volume}"
                 )
         else:
-            rows = db.run_sync(lambda c: catalogue.find_volumes(c, centre=args.centre, modality=args.modality, since=since))
+            rows = resolved(catalogue.find_volumes(centre=args.centre, modality=args.modality, since=since))
             print(f"{'volume':<48} {'centre':<24} {'mod':<5} {'state':<8} {'objects':>7} {'bytes':>12}  {'created':<16}  {'closed':<16}")
             for v in rows:
                 print(
@@ -181,20 +189,17 @@ def cmd_restore(args) -> int:
 
 
 def cmd_offsite(args) -> int:
-    from medd.storage import catalogue
-    from medd.storage.database import open_database
+    from medd.storage.database import resolved
 
     config = load_config(args.config)
-    db = open_database(config)
+    catalogue, db = _catalogue(config)
     status = 0
     try:
         for path in args.volume:
-            volume = db.run_sync(lambda c: catalogue.find_volumes(c, path=path))
-            if not volume or volume[0].state not in (catalogue.CLOSED, catalogue.VERIFIED):
+            if not resolved(catalogue.move_offsite(path)):
                 print(f"medd archive offsite: {path}: not a closed volume", file=sys.stderr)
                 status = 1
                 continue
-            db.run_sync(lambda c: catalogue.set_state(c, path, catalogue.OFFSITE))
             print(f"{path}: offsite")
     finally:
         db.stop()

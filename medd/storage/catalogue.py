@@ -1,17 +1,19 @@
 """The archive catalogue: which volume holds each archived object, and each volume's state.
 
-Blocking functions of a connection, run inside a transaction by
-:meth:`medd.storage.database.Database.run`; they return dataclasses.
+:class:`Catalogue` is the connector the archiving service and ``medd archive``
+hold; the functions of a connection above it are its internals (each runs
+inside the connector's transaction and returns dataclasses).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.archive import Placement, slug, volume_path
+from medd.storage.connector import Connector, aware
 from medd.storage.schema import archive_volumes, archived_objects, objects
 
 OPEN, CLOSED, VERIFIED, OFFSITE, DAMAGED = "open", "closed", "verified", "offsite", "damaged"
@@ -23,7 +25,8 @@ class CatalogueConflict(Exception):
 
 def _from_row(cls, row):
     m = row._mapping
-    return cls(**{f.name: m[f.name] for f in fields(cls)})
+    # Stamps come back aware (UTC) whatever the backend: SQLite drops the zone.
+    return cls(**{f.name: aware(m[f.name]) if isinstance(m[f.name], datetime) else m[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,12 @@ def record_verify(conn: Connection, volume: Volume, bad_uids: list[str], problem
     return state
 
 
-def set_state(conn: Connection, path: str, state: str) -> bool:
-    done = conn.execute(update(archive_volumes).where(archive_volumes.c.path == path).values(state=state))
+def move_offsite(conn: Connection, path: str) -> bool:
+    """Record that the closed (or verified) volume at ``path`` left the site; False if it is no such volume."""
+    v = archive_volumes.c
+    done = conn.execute(
+        update(archive_volumes).where(v.path == path, v.state.in_((CLOSED, VERIFIED))).values(state=OFFSITE)
+    )
     return done.rowcount == 1
 
 
@@ -288,3 +295,84 @@ def mark_evicted(conn: Connection, digests: list[str], now: datetime) -> None:
 
 def mark_restored(conn: Connection, digest: str) -> None:
     conn.execute(update(archived_objects).where(archived_objects.c.digest == digest).values(evicted_at=None))
+
+
+class Catalogue(Connector):
+    """The archive catalogue of a central node. Every method returns a Deferred;
+    every stamp (created, appended, closed, verified, evicted) and every age
+    (minimum age to archive, retention) is measured on the injected clock."""
+
+    # -- archiving --
+
+    def pending_objects(
+        self, after_id: int, limit: int, *, centres=(), modalities=(), min_age: timedelta | None = None,
+    ):
+        """Deferred list of :class:`PendingObject` after ``after_id``, received at least ``min_age`` ago."""
+        received_before = self.now() - min_age if min_age else None
+        return self.db.run(lambda conn: pending_objects(
+            conn, after_id, limit, centres=centres, modalities=modalities, received_before=received_before))
+
+    def open_volume(self, centre: str, modality: str | None):
+        """Deferred :class:`Volume`: the open one for ``centre`` and ``modality``, started if there is none."""
+        at = self.now()
+        return self.db.run(lambda conn: open_volume(conn, centre, modality, at))
+
+    def record_append(self, volume: Volume, appended: list[tuple[str, str, Placement]], *, verified: bool):
+        """Deferred None once the members are catalogued; fails with :class:`CatalogueConflict`."""
+        at = self.now()
+        return self.db.run(lambda conn: record_append(conn, volume, appended, at, verified))
+
+    def record_close(self, volume: Volume, size: int, checksum: str):
+        at = self.now()
+        return self.db.run(lambda conn: record_close(conn, volume, size, checksum, at))
+
+    def open_volumes(self):
+        """Deferred list of the open :class:`Volume` s (the ones an interrupted append may have torn)."""
+        return self.db.run(open_volumes)
+
+    # -- inspecting and verifying --
+
+    def find_volumes(self, *, path: str | None = None, centre: str | None = None, modality: str | None = None,
+                     since: datetime | None = None):
+        """Deferred list of :class:`Volume`; see :func:`find_volumes`."""
+        return self.db.run(lambda conn: find_volumes(conn, path=path, centre=centre, modality=modality, since=since))
+
+    def find_archived(self, *, centre: str | None = None, modality: str | None = None, since: datetime | None = None):
+        """Deferred list of :class:`ArchivedObject`; see :func:`find_archived`."""
+        return self.db.run(lambda conn: find_archived(conn, centre=centre, modality=modality, since=since))
+
+    def volume_members(self, volume_id: int):
+        return self.db.run(lambda conn: volume_members(conn, volume_id))
+
+    def record_verify(self, volume: Volume, bad_uids: list[str], problems: bool):
+        """Deferred new state of ``volume`` after a verify pass."""
+        at = self.now()
+        return self.db.run(lambda conn: record_verify(conn, volume, bad_uids, problems, at))
+
+    def move_offsite(self, path: str):
+        """Deferred True if the closed (or verified) volume at ``path`` is now recorded as off site."""
+        return self.db.run(lambda conn: move_offsite(conn, path))
+
+    # -- retention and restore --
+
+    def archived_by_uid(self, uids: list[str]):
+        return self.db.run(lambda conn: archived_by_uid(conn, uids))
+
+    def archived_by_digest(self, digest: str):
+        """Deferred :class:`ArchivedObject` holding ``digest`` (a verified copy first), or None."""
+        return self.db.run(lambda conn: archived_by_digest(conn, digest))
+
+    def study_uids(self, study_uid: str):
+        return self.db.run(lambda conn: study_uids(conn, study_uid))
+
+    def evictable(self, retention: timedelta, limit: int):
+        """Deferred list of verified-archived objects received more than ``retention`` ago; see :func:`evictable`."""
+        received_before = self.now() - retention
+        return self.db.run(lambda conn: evictable(conn, received_before, limit))
+
+    def mark_evicted(self, digests: list[str]):
+        at = self.now()
+        return self.db.run(lambda conn: mark_evicted(conn, digests, at))
+
+    def mark_restored(self, digest: str):
+        return self.db.run(lambda conn: mark_restored(conn, digest))

@@ -6,6 +6,7 @@ from twisted.application.service import MultiService
 
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
+from medd.storage.outgoing import OutgoingPackages
 from medd.viewer.central_client import CentralClient
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
@@ -16,12 +17,14 @@ from medd.viewer.settings import central_settings
 class ViewerServices(MultiService):
     """Children of a viewer node: the requestor and the sender of outgoing packages."""
 
-    def __init__(self, node, clock=None):
+    def __init__(self, node):
         super().__init__()
         self.settings = central_settings(node.config)
-        clock = clock or node.reactor
+        clock = node.clock
         self.client = CentralClient(node.reactor, self.settings)
-        self.outgoing = OutgoingService(node.database, node.ingest, node.blobs, self.client, self.settings, clock)
+        self.outgoing = OutgoingService(
+            OutgoingPackages(node.database, clock), node.ingest, node.blobs, self.client, self.settings.backoff, clock,
+        )
         self.outgoing.setName("outgoing")
         self.outgoing.setServiceParent(self)
         self.requestor = Requestor(self.client, node.ingest, self.settings, clock)

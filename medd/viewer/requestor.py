@@ -1,6 +1,6 @@
 """The requestor: fetches the packages central holds for this viewer.
 
-On an interval (and at once on ``kick()``) it lists central's ``/outbox``,
+On an interval of the injected clock (and at once on ``kick()``) it lists central's ``/outbox``,
 downloads each package, hands it to the node's own ingest, and acknowledges
 it only once the ingest has made it durable. A crash between storing and
 acknowledging means central offers the package again; the ingest is
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from medd.ingest import Refused
+from medd.scheduling import CoalescingPass
 from medd.viewer.central_client import CentralUnavailable
 from medd.viewer.settings import CentralSettings
 
@@ -33,24 +34,23 @@ class PollResult:
 
 
 class Requestor(Service):
+    """Polls central's outbox every ``poll_interval`` on the clock, backing off while central is
+    unavailable; ``kick()`` polls now."""
+
     log = Logger()
 
-    def __init__(self, client, api, settings: CentralSettings, clock):
+    def __init__(self, client, ingest, settings: CentralSettings, clock):
         self.client = client  # CentralClient, or a fake with the same coroutines
-        self.api = api  # the node's Ingest: receive_package(data, transport=, peer=)
+        self.ingest = ingest  # the node's Ingest: receive_package(data, transport=, peer=)
         self.settings = settings
         self.clock = clock
         self.peer = urlsplit(settings.url).hostname or settings.url
         self.failures = 0  # consecutive passes that failed
         self.last_result: PollResult | None = None
-        self._next_call = None
-        self._running = False
-        self._again = False
-        self._waiters: list[Deferred] = []
+        self._pass = CoalescingPass(self._poll, "requesting from central", clock)
         # Message-IDs this node refused: not downloaded again on every pass.
         self._refused: set[str] = set()
         self._stopped = False
-        self._idle: list[Deferred] = []
 
     # -- service -------------------------------------------------------------------------------------
 
@@ -63,65 +63,38 @@ class Requestor(Service):
         """Stop polling; the Deferred fires once a pass in progress has finished."""
         super().stopService()
         self._stopped = True
-        self._cancel_next()
-        if self._running:
-            d = Deferred()
-            self._idle.append(d)
-            return d
-        return None
+        self._pass.unschedule()
+        return self._pass.idle()
 
     # -- polling -------------------------------------------------------------------------------------
 
     def kick(self) -> Deferred:
         """Poll now; the Deferred fires with the :class:`PollResult` of a pass that began after this call."""
-        d = Deferred()
-        self._waiters.append(d)
-        if self._running:
-            self._again = True
+        return self._pass.kick()
+
+    def idle(self) -> Deferred:
+        """A Deferred that fires once no pass is under way (one the clock started, say)."""
+        return self._pass.idle()
+
+    async def _poll(self) -> PollResult:
+        """One pass; then the next one is due after the interval, or after the backoff if it failed."""
+        if self._stopped:
+            return PollResult()
+        result = await self._pass_over_outbox()
+        self.last_result = result
+        if result.error is None:
+            self.failures = 0
+            delay = self.settings.poll_interval
         else:
-            self._cancel_next()
-            ensureDeferred(self._run())
-        return d
-
-    def _cancel_next(self) -> None:
-        if self._next_call is not None and self._next_call.active():
-            self._next_call.cancel()
-        self._next_call = None
-
-    def _schedule(self, delay: float) -> None:
-        self._cancel_next()
+            self.failures += 1
+            delay = self.settings.backoff.delay(self.failures)
+            self.log.warn("central {url} unavailable ({error}); retrying in {delay:.1f}s (failure {n})",
+                          url=self.settings.url, error=result.error, delay=delay, n=self.failures)
         if self.running and not self._stopped:
-            self._next_call = self.clock.callLater(delay, self.kick)
+            self._pass.schedule(delay)
+        return result
 
-    async def _run(self) -> None:
-        self._running = True
-        delay = self.settings.poll_interval
-        try:
-            while True:
-                self._again = False
-                waiters, self._waiters = self._waiters, []
-                result = await self._pass()
-                self.last_result = result
-                if result.error is None:
-                    self.failures = 0
-                    delay = self.settings.poll_interval
-                else:
-                    self.failures += 1
-                    delay = self.settings.backoff(self.failures)
-                    self.log.warn("central {url} unavailable ({error}); retrying in {delay:.1f}s (failure {n})",
-                                  url=self.settings.url, error=result.error, delay=delay, n=self.failures)
-                for d in waiters:
-                    d.callback(result)
-                if not self._again or self._stopped:
-                    break
-        finally:
-            self._running = False
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-        self._schedule(delay)
-
-    async def _pass(self) -> PollResult:
+    async def _pass_over_outbox(self) -> PollResult:
         listed = stored = acknowledged = refused = 0
         try:
             items = await self.client.list_outbox()
@@ -133,7 +106,7 @@ class Requestor(Service):
                     continue
                 data = await self.client.fetch(item["id"])
                 try:
-                    outcome = await self.api.receive_package(data, transport="pull", peer=self.peer)
+                    outcome = await self.ingest.receive_package(data, transport="pull", peer=self.peer)
                 except Refused as e:
                     # Not acknowledged: it stays on central, in state "sent", for its administrator.
                     refused += 1

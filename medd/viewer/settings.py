@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem
+from medd.scheduling import Backoff
 
 
 @dataclass(frozen=True)
@@ -16,17 +17,13 @@ class CentralSettings:
     url: str  # base URL, no trailing slash: http://central.example:8080
     token: str  # the viewer's bearer token (``medd viewers add``)
     poll_interval: float
-    # Backoff while central is unreachable (requestor and outgoing packages).
-    retry_base: float = 1.0
-    retry_max_delay: float = 300.0
+    # Between attempts while central is unreachable (requestor and outgoing
+    # packages): retry_base seconds, doubling up to retry_max_delay.
+    backoff: Backoff = Backoff(base=1.0, max_delay=300.0)
     # central's address, the To of status, overlay and report packages; when
     # empty, the From of the packages central sent is answered.
     address: str | None = None
     timeout: float = 60.0
-
-    def backoff(self, failures: int) -> float:
-        """Seconds to wait after ``failures`` consecutive failures (1, 2, ...)."""
-        return min(self.retry_base * 2 ** max(failures - 1, 0), self.retry_max_delay)
 
 
 def _positive(config: Config, key: str, default: str | None, problems: list) -> float | None:
@@ -67,5 +64,5 @@ def central_settings(config: Config) -> CentralSettings:
     address = (section.get("address") or "").strip() or None
     if problems:
         raise ConfigError(problems)
-    return CentralSettings(url=url, token=token, poll_interval=poll, retry_base=base, retry_max_delay=max_delay,
+    return CentralSettings(url=url, token=token, poll_interval=poll, backoff=Backoff(base=base, max_delay=max_delay),
                            address=address, timeout=timeout)
