@@ -35,20 +35,17 @@ def _prepare(config_path: Path) -> None:
 
 def _setup_directory(central_config, viewer_config):
     """Blocking, before the nodes start: who the demo centre, viewer and administrator are."""
-    from medd.central import directory
-    from medd.storage.database import open_database
+    from medd.storage.database import WallClock, open_database, resolved
+    from medd.storage.directory import Directory
 
     db = open_database(central_config)
+    directory = Directory(db, WallClock())
     viewer_token = viewer_config.section("central")["token"]
-
-    def setup(conn):
-        directory.add_centre(conn, DEMO_CENTRE, aes=[DEMO_AE], addresses=[f"modality@{DEMO_CENTRE}.localhost"])
-        directory.add_viewer(conn, viewer_config.name, None, [DEMO_CENTRE], token=viewer_token)
-        directory.add_rule(conn, viewer_config.name, centre=DEMO_CENTRE)
-        return directory.add_admin(conn, "demo-admin")
-
     try:
-        return db.run_sync(setup)
+        resolved(directory.add_centre(DEMO_CENTRE, aes=[DEMO_AE], addresses=[f"modality@{DEMO_CENTRE}.localhost"]))
+        resolved(directory.add_viewer(viewer_config.name, None, [DEMO_CENTRE], token=viewer_token))
+        resolved(directory.add_rule(viewer_config.name, centre=DEMO_CENTRE))
+        return resolved(directory.add_admin("demo-admin"))
     finally:
         db.stop()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from medd.central import tracking
 from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
+from medd.central.storage import CentralStorage
 from medd.config import Config
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
@@ -40,8 +40,9 @@ class NodeService(MultiService):
             self.archiving.setServiceParent(self)
         record_status = None
         if config.role == "central":
-            plugins.manager.register(SenderPolicy(self.database), name="medd-central-sender-policy")
-            record_status = tracking.record_status(self.database, reactor)
+            self.central_storage = CentralStorage.over(self.database, self.clock)
+            plugins.manager.register(SenderPolicy(self.central_storage.directory), name="medd-central-sender-policy")
+            record_status = self.central_storage.deliveries.record_status
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status,
@@ -61,10 +62,11 @@ class NodeService(MultiService):
         else:
             from medd.central.webapi import central_resources
 
-            self.routing = RoutingService(reactor, config, plugins, self.database, self.ingest, settings=settings.central)
+            self.routing = RoutingService(reactor, config, plugins, self.central_storage, self.ingest,
+                                          settings=settings.central)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
-            for name, resource in central_resources(self).items():
+            for name, resource in central_resources(self.central_storage, self.routing, self.ingest).items():
                 self.web.mount(name, resource)
         web_resources = self.web.freeze()
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)

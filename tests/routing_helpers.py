@@ -1,4 +1,8 @@
-"""Helpers for the routing tests: waiting on the real reactor, free ports, CLI-free setup."""
+"""Polling the real reactor and guessing a free port: what the tests did before
+the clock was injected. No routing or delivery test uses them any more (they
+await the services' own Deferreds, drive a ``Clock`` and bind to port 0); they
+stay importable only for the tests that still call them (test_viewer,
+test_reading_room, test_dicom_receiver) until those are rewritten."""
 from __future__ import annotations
 
 import socket

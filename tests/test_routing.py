@@ -13,16 +13,12 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from twisted.internet.threads import deferToThread
 
-from medd.central import directory, routing, tracking
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package, read_package
 from medd.plugins.host import load_plugins
 from medd.plugins.objecttypes import ImageType, status_content
-from medd.storage import index
 from medd.storage.routing_tables import deliveries
-from medd.storage.routing_tables import viewers as routing_viewers
 from tests.conftest import listener_port, testdata
-from tests.routing_helpers import eventually, free_port
 
 FAST = "[delivery]\nretry_base = 0.05\nretry_multiplier = 2\nretry_max_delay = 0.3\npoll_interval = 0.2\n"
 PUSH = "dr-push@viewers.example"
@@ -59,21 +55,27 @@ def _package(name: str, to: str, origin: str = "ct1@centre-a.example", uid_suffi
 
 
 async def _setup_directory(node, push_port: int | None):
-    def setup(c):
-        directory.add_centre(c, "centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
-        directory.add_centre(c, "centre-b", aes=["MODALITY2"])
-        push_url = f"smtp://127.0.0.1:{push_port}" if push_port else "smtp://127.0.0.1:9"
-        _, push_token = directory.add_viewer(c, PUSH, push_url, ["centre-a"])
-        _, pull_token = directory.add_viewer(c, PULL, None, ["centre-a:CT"])
-        directory.add_rule(c, PUSH, centre="centre-a", modality="MR")
-        return pull_token, directory.add_admin(c, "alice")
-
-    return await node.database.run(setup)
+    directory = node.central_storage.directory
+    await directory.add_centre("centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
+    await directory.add_centre("centre-b", aes=["MODALITY2"])
+    push_url = f"smtp://127.0.0.1:{push_port}" if push_port else "smtp://127.0.0.1:9"
+    await directory.add_viewer(PUSH, push_url, ["centre-a"])
+    pull = await directory.add_viewer(PULL, None, ["centre-a:CT"])
+    await directory.add_rule(PUSH, centre="centre-a", modality="MR")
+    return pull.token, await directory.add_admin("alice")
 
 
 async def _state(node, uid, destination):
-    return await node.database.run(lambda c: c.execute(
-        select(deliveries.c.state).where(deliveries.c.uid == uid, deliveries.c.destination == destination)).scalar())
+    """The state of the delivery of ``uid`` to ``destination``, or None if there is none."""
+    rows = await node.central_storage.deliveries.of_object(uid)
+    return next((d.state for d in rows if d.destination == destination), None)
+
+
+async def _delivered(central) -> None:
+    """Route what is stored, then wait until every push worker has done what is due: a push to a
+    real viewer on loopback ends when the viewer has acknowledged the package as durable."""
+    await central.routing.kick()
+    await central.routing.outbox.settled()
 
 
 @pytest_twisted.ensureDeferred
@@ -100,13 +102,10 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
         assert r.status_code == 201, r.text
 
     # push deliveries arrive in the push viewer's own store
+    await _delivered(central)
     for uid in (mr.SOPInstanceUID, to_push_uid):
-        await eventually(lambda uid=uid: viewer.database.run(lambda c: index.object_by_uid(c, uid)))
-
-        async def delivered(uid=uid):
-            return await _state(central, uid, PUSH) == "delivered"
-
-        await eventually(delivered)
+        assert await viewer.index.object_by_uid(uid) is not None
+        assert await _state(central, uid, PUSH) == "delivered"
 
     # quarantine holds the two bad routes, with reasons
     headers = {"Authorization": f"Bearer {admin_token}"}
@@ -129,8 +128,9 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
     for uid in (unknown_uid, unauth_uid):
         r = await deferToThread(requests.post, f"{http}/api/quarantine/{entry[uid]}/route", json={"to": PUSH}, headers=headers)
         assert r.status_code == 200, r.text
+    await _delivered(central)
     for uid in (unknown_uid, unauth_uid):
-        await eventually(lambda uid=uid: viewer.database.run(lambda c: index.object_by_uid(c, uid)))
+        assert await viewer.index.object_by_uid(uid) is not None
 
     # the pull viewer lists, fetches and acknowledges its CT
     vh = {"Authorization": f"Bearer {pull_token}"}
@@ -179,44 +179,10 @@ async def test_unknown_centre_is_quarantined(make_central):
     ds = _with_recipient("CT_small.dcm", recipient=PULL)
     ds.InstitutionName = "centre-a"
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds], "STRANGER") == [0]
-    entries = await eventually(lambda: central.database.run(routing.list_quarantine))
+    await central.routing.kick()
+    entries = await central.central_storage.routing.quarantined()
     assert "unknown imaging centre" in entries[0].reason and "STRANGER" in entries[0].reason
     assert await central.database.run(lambda c: c.execute(select(func.count()).select_from(deliveries)).scalar()) == 0
-
-
-@pytest_twisted.ensureDeferred
-async def test_viewer_down_then_back_and_central_restart(make_central):
-    """A push viewer that is down while objects arrive, and a central restarted in the middle, end with
-    every object in the viewer's store exactly once, delivered in the order they were queued."""
-    port = free_port()
-    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST, site="central")
-    await _setup_directory(central, port)
-    names = ["MR_small.dcm"] * 5
-    datasets = [_with_recipient(n, recipient=PUSH, uid_suffix=f".{i}") for i, n in enumerate(names)]
-    assert await deferToThread(_cstore, listener_port(central, "dicom"), datasets) == [0] * 5
-    uids = [d.SOPInstanceUID for d in datasets]
-
-    async def failed_at_least_twice():
-        rows = await central.database.run(lambda c: c.execute(select(deliveries.c.attempts).where(deliveries.c.uid == uids[0])).all())
-        return rows and rows[0].attempts >= 2
-
-    await eventually(failed_at_least_twice)
-    await central.stopService()
-
-    viewer = await make_central({"smtp": f"tcp:{port}:interface=127.0.0.1"}, site="viewer-push")
-    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST, site="central")
-
-    async def all_delivered():
-        states = [await _state(central, u, PUSH) for u in uids]
-        return all(s == "delivered" for s in states)
-
-    await eventually(all_delivered)
-    assert await viewer.database.run(index.count_objects) == 5
-    received = await viewer.database.run(lambda c: index.search_instances(c, None, None, [], limit=10))
-    assert [r.sop_instance_uid for r in received] == uids  # in queue order
-    from medd.storage.schema import receipts
-
-    assert await viewer.database.run(lambda c: c.execute(select(func.count()).select_from(receipts)).scalar()) == 5
 
 
 def test_medd_cli_directory_and_quarantine(tmp_path):
@@ -260,21 +226,14 @@ async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
     url = f"tls://127.0.0.1:{port}" if scheme == "tls" else f"http://127.0.0.1:{port}/packages"
     central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST + f"[push]\ntls_ca = {cert}\n")
 
-    def setup(c):
-        directory.add_centre(c, "centre-a", aes=["MODALITY1"])
-        directory.add_viewer(c, PUSH, url, ["centre-a"])
-
-    await central.database.run(setup)
+    await central.central_storage.directory.add_centre("centre-a", aes=["MODALITY1"])
+    await central.central_storage.directory.add_viewer(PUSH, url, ["centre-a"])
     ds = _with_recipient("CT_small.dcm", recipient=PUSH)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds]) == [0]
-    await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID)))
-    record = await viewer.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID))
+    await _delivered(central)
+    record = await viewer.index.object_by_uid(ds.SOPInstanceUID)
     assert record.transport == scheme and record.origin == "central@central.test"
-
-    async def delivered():
-        return await _state(central, ds.SOPInstanceUID, PUSH) == "delivered"
-
-    await eventually(delivered)
+    assert await _state(central, ds.SOPInstanceUID, PUSH) == "delivered"
 
 
 @pytest_twisted.ensureDeferred
@@ -287,7 +246,7 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
     central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
     pull_token, _ = await _setup_directory(central, listener_port(viewer, "smtp"))
-    await central.database.run(lambda c: directory.add_rule(c, PUSH, centre="centre-a", object_type="report"))
+    await central.central_storage.directory.add_rule(PUSH, centre="centre-a", object_type="report")
     ct = _with_recipient("CT_small.dcm", recipient=PULL)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ct]) == [0]
 
@@ -299,12 +258,13 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
         await central.ingest.receive_package(build_package(content, ident, origin=PULL, destination="central.test"),
                                           transport="http", credentials=pull_token)
 
-    await eventually(lambda: viewer.database.run(lambda c: index.object_by_uid(c, "2.25.4242")))
-    history = await central.database.run(lambda c: tracking.object_history(c, ct.SOPInstanceUID))
-    assert [o["uid"] for o in history["overlays"]] == [overlay.keyinfo.sop_instance_uid]
-    assert [r["uid"] for r in history["reports"]] == ["2.25.4242"]
-    ov = await central.database.run(lambda c: tracking.object_history(c, overlay.keyinfo.sop_instance_uid))
-    assert ov["routing"]["outcome"] == "attached" and ov["deliveries"] == [] and ov["routing"]["centre"] == "centre-a"
+    await _delivered(central)
+    assert await viewer.index.object_by_uid("2.25.4242") is not None
+    history = await central.central_storage.tracking.object_history(ct.SOPInstanceUID)
+    assert [o.uid for o in history.overlays] == [overlay.keyinfo.sop_instance_uid]
+    assert [r.uid for r in history.reports] == ["2.25.4242"]
+    ov = await central.central_storage.tracking.object_history(overlay.keyinfo.sop_instance_uid)
+    assert ov.routing.outcome == "attached" and ov.deliveries == () and ov.routing.centre == "centre-a"
 
 
 @pytest_twisted.ensureDeferred
@@ -320,12 +280,13 @@ async def test_router_floor_and_full_pass(make_central):
     first = await central.ingest.receive_dicom(testdata("CT_small.dcm"), transport="dicom", origin="NOBODY")
     await central.ingest.receive_dicom(testdata("MR_small.dcm"), transport="dicom", origin="NOBODY")
     await router.kick(full=True)
-    assert await central.database.run(lambda c: routing.undecided(c)) == []
+    decisions = central.central_storage.routing
+    assert await decisions.undecided() == []
     await central.database.run(lambda c: c.execute(delete(routing_decisions).where(routing_decisions.c.uid == first.uid)))
     await router.kick()
-    assert [uid for _, uid in await central.database.run(lambda c: routing.undecided(c))] == [first.uid]
+    assert await decisions.undecided() == [first.uid]
     await router.kick(full=True)
-    assert await central.database.run(lambda c: routing.undecided(c)) == []
+    assert await decisions.undecided() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -333,8 +294,8 @@ async def test_admin_api_manages_viewers_and_routes(make_central):
     """An administrator adds a viewer (getting its token once) and a routing rule over HTTP; a bad
     rule is refused with problem JSON; a viewer token cannot use the admin API."""
     central = await make_central({"http": "tcp:0:interface=127.0.0.1"})
-    admin = await central.database.run(lambda c: directory.add_admin(c, "alice"))
-    await central.database.run(lambda c: directory.add_centre(c, "centre-a", aes=["CT1"]))
+    admin = await central.central_storage.directory.add_admin("alice")
+    await central.central_storage.directory.add_centre("centre-a", aes=["CT1"])
     http = f"http://127.0.0.1:{listener_port(central, 'http')}/api"
     headers = {"Authorization": f"Bearer {admin}"}
     r = await deferToThread(requests.post, f"{http}/viewers", json={"address": PULL, "authorise": ["centre-a:CT"]}, headers=headers)
@@ -363,7 +324,7 @@ async def test_viewer_packages_need_the_viewer_authenticated(make_central):
 
     central = await make_central()
     pull_token, _ = await _setup_directory(central, None)
-    other_token = await central.database.run(lambda c: directory.add_viewer(c, "other@viewers.example", None, [])[1])
+    other_token = (await central.central_storage.directory.add_viewer("other@viewers.example", None, [])).token
 
     def report(uid):
         content = text_report_content("fine", uid, "1.2.3.4")
@@ -374,12 +335,12 @@ async def test_viewer_packages_need_the_viewer_authenticated(make_central):
         with pytest.raises(Refused) as info:
             await central.ingest.receive_package(report("2.25.1"), **kwargs)
         assert info.value.kind == "unauthenticated"
-    assert await central.database.run(lambda c: index.object_by_uid(c, "2.25.1")) is None
+    assert await central.index.object_by_uid("2.25.1") is None
     assert not [p for p in (central.config.storage_path / "blobs").rglob("*") if p.is_file()]
     await central.ingest.receive_package(report("2.25.2"), transport="http", credentials=pull_token)
     await central.ingest.receive_package(report("2.25.3"), transport="tls", peer=PULL)
     for uid in ("2.25.2", "2.25.3"):
-        assert await central.database.run(lambda c, uid=uid: index.object_by_uid(c, uid)) is not None
+        assert await central.index.object_by_uid(uid) is not None
 
 
 @pytest_twisted.ensureDeferred
@@ -412,16 +373,15 @@ async def test_viewer_client_certificate_issued_and_accepted(make_central, tmp_p
     assert issued.read_bytes().count(b"BEGIN") == 2  # certificate and key
 
     central = await make_central(listen, extra=extra)
-    viewer = await central.database.run(lambda c: c.execute(
-        select(routing_viewers.c.client_cert_sha256)).scalar())
-    assert viewer and len(viewer) == 64
+    fingerprint = await central.central_storage.directory.client_certificate(PULL)
+    assert fingerprint and len(fingerprint) == 64
 
     content = text_report_content("Signed over mutual TLS.", "2.25.777", "1.2.3.4")
     package = build_package(content, ReportType().identifier(content), origin=PULL, destination="central.test")
     (reply,) = await send_packages(reactor, "127.0.0.1", listener_port(central, "tls"), [package],
                                    ca_pem=server_cert.read_bytes(), client_cert=issued.read_bytes())
     assert reply["status"] == "ok", reply
-    record = await central.database.run(lambda c: index.object_by_uid(c, "2.25.777"))
+    record = await central.index.object_by_uid("2.25.777")
     assert record.origin == PULL and record.transport == "tls"
 
 

@@ -11,22 +11,19 @@ receiver's idempotency turns into a no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, select, update
-from sqlalchemy.engine import Connection
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from medd.objects import Content
 from medd.package import AttachmentId, build_package
-from medd.storage.index import ObjectRecord, object_by_uid
-from medd.storage.routing_tables import deliveries, delivery_events, viewers
-from medd.storage.schema import objects
+from medd.scheduling import Backoff, CoalescingPass
+from medd.storage.connector import utc
+from medd.storage.deliveries import Deliveries, Delivery, PushTarget
+from medd.storage.index import ObjectRecord
 
 log = Logger()
-
-PENDING = ("queued", "sent", "failed")
 
 
 @dataclass(frozen=True)
@@ -36,89 +33,13 @@ class RetryPolicy:
     max_delay: float = 3600.0
     max_attempts: int = 20
 
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.base, self.max_delay, self.multiplier)
+
     def delay(self, attempts: int) -> float:
         """Seconds before the next attempt after ``attempts`` failures."""
-        return min(self.base * self.multiplier ** max(attempts - 1, 0), self.max_delay)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    uid: str
-    destination: str
-    state: str
-    message_id: str
-    attempts: int
-    next_attempt_at: datetime | None
-    last_error: str | None
-    opened_by: str | None = None
-
-    @classmethod
-    def from_row(cls, r) -> "Delivery":
-        return cls(r.id, r.uid, r.destination, r.state, r.message_id, r.attempts,
-                   _aware(r.next_attempt_at), r.last_error, r.opened_by)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
-def set_state(conn: Connection, delivery_id: int, state: str, at: datetime, detail: str | None = None, **values) -> None:
-    conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(state=state, updated_at=at, **values))
-    conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state=state, detail=detail, at=at))
-
-
-def head_of_line(conn: Connection, destination: str) -> Delivery | None:
-    """The oldest pending push delivery to ``destination`` (given-up rows excluded)."""
-    row = conn.execute(
-        select(deliveries)
-        .where(and_(
-            deliveries.c.destination == destination,
-            deliveries.c.state.in_(PENDING),
-            deliveries.c.next_attempt_at.is_not(None),
-        ))
-        .order_by(deliveries.c.id)
-        .limit(1)
-    ).first()
-    return Delivery.from_row(row) if row else None
-
-
-def push_destinations(conn: Connection) -> dict[str, str]:
-    """{viewer address: push URL} of push viewers with pending deliveries."""
-    q = (
-        select(viewers.c.address, viewers.c.push_url)
-        .join(deliveries, deliveries.c.destination == viewers.c.address)
-        .where(and_(viewers.c.mode == "push", deliveries.c.state.in_(PENDING), deliveries.c.next_attempt_at.is_not(None)))
-        .distinct()
-    )
-    return {r.address: r.push_url for r in conn.execute(q)}
-
-
-def pull_waiting(conn: Connection, address: str) -> list[tuple[Delivery, ObjectRecord]]:
-    """What a pull viewer may fetch: its deliveries not yet acknowledged, oldest first."""
-    rows = conn.execute(
-        select(deliveries).where(and_(deliveries.c.destination == address, deliveries.c.state.in_(("queued", "sent"))))
-        .order_by(deliveries.c.id)
-    ).all()
-    # The objects in one query per chunk, not one query per waiting row: a
-    # viewer that fell behind lists hundreds of rows on every poll.
-    records = {}
-    uids = [r.uid for r in rows]
-    for start in range(0, len(uids), 500):
-        chunk = uids[start:start + 500]
-        for o in conn.execute(select(objects).where(objects.c.sop_instance_uid.in_(chunk))):
-            records[o.sop_instance_uid] = ObjectRecord.from_row(o)
-    return [(Delivery.from_row(r), records[r.uid]) for r in rows]
-
-
-def delivery_for(conn: Connection, delivery_id: int, address: str) -> Delivery | None:
-    row = conn.execute(
-        select(deliveries).where(and_(deliveries.c.id == delivery_id, deliveries.c.destination == address))
-    ).first()
-    return Delivery.from_row(row) if row else None
+        return self.backoff.delay(attempts)
 
 
 def attachment_of(record: ObjectRecord) -> AttachmentId:
@@ -145,101 +66,141 @@ async def load_package(api, record: ObjectRecord, delivery: Delivery, origin: st
 
 
 class DeliveryService:
-    """Drives push deliveries; ``kick()`` when something was queued."""
+    """Drives push deliveries: one worker per push viewer with pending rows.
 
-    def __init__(self, reactor, database, api, senders: dict, node_name: str, policy: RetryPolicy,
-                 settings: dict | None = None, clock=None):
-        self.reactor = reactor
-        self.clock = clock or reactor
+    ``kick()`` when something was queued; the clock is the deliveries
+    connector's (the reactor in a node), so retries run on ``Clock.advance``
+    in tests.
+    """
+
+    def __init__(self, reactor, deliveries: Deliveries, api, senders: dict, node_name: str, policy: RetryPolicy,
+                 settings: dict | None = None):
+        self.reactor = reactor  # handed to senders, which open connections
+        self.deliveries = deliveries
+        self.clock = deliveries.clock
         self.settings = settings or {}
-        self.db = database
         self.api = api  # the node's Ingest: read_blob, run_blocking
         self.senders = senders  # scheme -> ISender
         self.origin = node_name if "@" in node_name else f"central@{node_name}"
         self.policy = policy
-        self._busy: set[str] = set()
+        self._workers: dict[str, Deferred] = {}
+        # Viewers kicked while their worker runs: it reads its head of line
+        # once more before it stops, so a row queued meanwhile is not left
+        # to the next poll.
+        self._again: set[str] = set()
         self._wakeups: dict[str, object] = {}
+        self._sending: set[Deferred] = set()
         self._stopped = False
+        self._pass = CoalescingPass(self._start_workers, "delivery")
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+        return utc(self.clock.seconds())
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        self._stopped = False
+
+    def stop(self) -> Deferred:
+        """Stop: no new attempt begins, a send under way is abandoned (a failed attempt,
+        retried after a restart) rather than holding up the node's shutdown. Fires when
+        every worker has written its last state, before the node closes the database."""
         self._stopped = True
         for call in self._wakeups.values():
             if call.active():
                 call.cancel()
         self._wakeups.clear()
+        for sending in list(self._sending):
+            sending.cancel()
+        return self.settled()
 
-    def kick(self):
-        return ensureDeferred(self._kick())
+    def kick(self) -> Deferred:
+        """Start a worker for every push viewer with pending rows. Fires (with the number of
+        viewers that have one) after a pass that began after this call; the workers go on."""
+        return self._pass.kick()
 
-    async def _kick(self) -> None:
+    def settled(self, *addresses: str) -> Deferred:
+        """Fires when no worker runs (for ``addresses``, if given): every due delivery was
+        attempted, the rest wait for their next attempt time (a wake-up on the clock)."""
+        return ensureDeferred(self._settled(addresses))
+
+    async def _settled(self, addresses) -> None:
+        while running := [d for a, d in self._workers.items() if not addresses or a in addresses]:
+            await DeferredList(running)
+
+    async def _start_workers(self) -> int:
+        if self._stopped:
+            return 0
+        targets = await self.deliveries.push_targets()
+        for target in targets:
+            self._start(target)
+        return len(targets)
+
+    def _start(self, target: PushTarget) -> None:
         if self._stopped:
             return
-        try:
-            targets = await self.db.run(push_destinations)
-        except Exception:
-            log.failure("cannot read the outbox")
+        if target.address in self._workers:
+            self._again.add(target.address)
             return
-        for address, url in targets.items():
-            if address not in self._busy:
-                ensureDeferred(self._drain(address, url))
+        worker = ensureDeferred(self._drain(target))
+        if worker.called:
+            return
+        self._workers[target.address] = worker
+        worker.addBoth(self._worker_done, target.address)
 
-    def _wake_later(self, address: str, url: str, when: datetime) -> None:
-        old = self._wakeups.pop(address, None)
+    def _worker_done(self, _, address: str) -> None:
+        del self._workers[address]
+
+    def _wake_later(self, target: PushTarget, when: datetime) -> None:
+        old = self._wakeups.pop(target.address, None)
         if old is not None and old.active():
             old.cancel()
         delay = max((when - self.now()).total_seconds(), 0)
-        self._wakeups[address] = self.clock.callLater(delay, lambda: ensureDeferred(self._drain(address, url)))
+        self._wakeups[target.address] = self.clock.callLater(delay, self._start, target)
 
-    async def _drain(self, address: str, url: str) -> None:
-        """Deliver ``address``'s pending rows in order until none is due."""
-        if address in self._busy or self._stopped:
-            return
-        self._busy.add(address)
+    async def _drain(self, target: PushTarget) -> None:
+        """Deliver ``target``'s pending rows in order until none is due."""
+        address = target.address
         try:
             while not self._stopped:
-                head = await self.db.run(lambda conn: head_of_line(conn, address))
+                self._again.discard(address)
+                head = await self.deliveries.head_of_line(address)
                 if head is None:
+                    if address in self._again:
+                        continue
                     return
-                if head.next_attempt_at > self.now():
-                    self._wake_later(address, url, head.next_attempt_at)
+                if head.delivery.next_attempt_at > self.now():
+                    # Head of line: nothing after this row goes before it.
+                    self._wake_later(target, head.delivery.next_attempt_at)
                     return
-                if not await self._attempt(head, url):
-                    continue  # the failed row now has its next attempt time; loop to schedule it
+                await self._attempt(head.delivery, head.record, target.push_url)
         except Exception:
             log.failure("delivery worker for {address} stopped", address=address)
-        finally:
-            self._busy.discard(address)
 
-    async def _attempt(self, delivery: Delivery, url: str) -> bool:
+    async def _attempt(self, delivery: Delivery, record: ObjectRecord, url: str) -> bool:
         scheme = url.partition(":")[0]
         sender = self.senders.get(scheme)
+        attempts = delivery.attempts + 1
         try:
             if sender is None:
                 raise RuntimeError(f"no sender for {scheme}: URLs")
-            record = await self.db.run(lambda conn: object_by_uid(conn, delivery.uid))
             package = await load_package(self.api, record, delivery, self.origin)
-            at = self.now()
-            await self.db.run(lambda conn: set_state(conn, delivery.id, "sent", at, f"to {url}", attempts=delivery.attempts + 1))
-            await sender.send(self.reactor, url, package, self.settings)
+            await self.deliveries.mark_sent(delivery.id, attempts, f"to {url}")
+            sending = sender.send(self.reactor, url, package, self.settings)
+            self._sending.add(sending)
+            try:
+                await sending
+            finally:
+                self._sending.discard(sending)
         except Exception as e:
-            attempts = delivery.attempts + 1
             error = f"{type(e).__name__}: {e}"
-            at = self.now()
             if attempts >= self.policy.max_attempts:
                 next_at, detail = None, f"gave up after {attempts} attempts: {error}"
             else:
-                next_at = at + timedelta(seconds=self.policy.delay(attempts))
+                next_at = self.now() + timedelta(seconds=self.policy.delay(attempts))
                 detail = f"attempt {attempts} failed: {error}; next at {next_at.isoformat()}"
             log.warn("delivery of {uid} to {destination} failed: {detail}", uid=delivery.uid,
                      destination=delivery.destination, detail=detail)
-            await self.db.run(lambda conn: set_state(
-                conn, delivery.id, "failed", at, detail, attempts=attempts, next_attempt_at=next_at, last_error=error))
+            await self.deliveries.mark_failed(delivery.id, attempts, error, next_at, detail)
             return False
-        at = self.now()
-        await self.db.run(lambda conn: set_state(
-            conn, delivery.id, "delivered", at, f"accepted by {url}", next_attempt_at=None, last_error=None))
+        await self.deliveries.mark_delivered(delivery.id, f"accepted by {url}")
         log.info("delivered {uid} to {destination}", uid=delivery.uid, destination=delivery.destination)
         return True

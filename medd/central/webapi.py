@@ -6,11 +6,19 @@ Every request needs ``Authorization: Bearer <token>``: a viewer's token for
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 
 from twisted.web.resource import Resource
 
-from medd.central import directory, outbox, routing, tracking
+from medd.central import outbox, routing
+from medd.central.tracking import history_json, quarantine_json
+from medd.storage.directory import DirectoryError, Viewer
+from medd.storage.routing import CorrectionError
+from medd.central.routing import RoutingService
+from medd.central.storage import CentralStorage
+from medd.ingest import Ingest
 from medd.webresource import Problem, ProblemResource, Response, json_response, render_async
 
 RFC822 = "message/rfc822"
@@ -30,10 +38,10 @@ def unknown_viewer_token() -> Problem:
                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-async def _json_body(request, node) -> dict:
+async def _json_body(request, central) -> dict:
     from medd.webresource import read_body
 
-    raw = await node.ingest.run_blocking(read_body, request.content)
+    raw = await central.ingest.run_blocking(read_body, request.content)
     try:
         value = json.loads(raw or b"{}")
     except ValueError as e:
@@ -43,21 +51,33 @@ async def _json_body(request, node) -> dict:
     return value
 
 
-class _Authenticated(ProblemResource):
-    def __init__(self, node):
-        super().__init__()
-        self.node = node
+@dataclass(frozen=True)
+class CentralWeb:
+    """What central's resources use: its storage, its routing service (to kick it
+    after a change, and the outbox's origin address) and the node's ingest (to
+    read request bodies and blobs off the reactor)."""
 
-    async def viewer(self, request) -> directory.Viewer:
+    storage: CentralStorage
+    routing: RoutingService
+    ingest: Ingest
+
+
+class _Authenticated(ProblemResource):
+    def __init__(self, central: CentralWeb):
+        super().__init__()
+        self.central = central
+        self.storage = central.storage
+
+    async def viewer(self, request) -> Viewer:
         token = bearer(request)
-        viewer = await self.node.database.run(lambda c: directory.viewer_by_token(c, token))
+        viewer = await self.storage.directory.viewer_by_token(token)
         if viewer is None:
             raise unknown_viewer_token()
         return viewer
 
     async def admin(self, request) -> str:
         token = bearer(request)
-        name = await self.node.database.run(lambda c: directory.admin_by_token(c, token))
+        name = await self.storage.directory.admin_by_token(token)
         if name is None:
             raise Problem(403, "an administrator token is required", kind="forbidden")
         return name
@@ -76,32 +96,32 @@ class OutboxResource(_Authenticated):
             delivery_id = int(path)
         except ValueError:
             return super().getChild(path, request)
-        return OutboxItem(self.node, delivery_id)
+        return OutboxItem(self.central, delivery_id)
 
     def render_GET(self, request):
         return render_async(request, self._list)
 
     async def _list(self, request) -> Response:
         viewer = await self.viewer(request)
-        waiting = await self.node.database.run(lambda c: outbox.pull_waiting(c, viewer.address))
+        waiting = await self.storage.deliveries.pull_waiting(viewer.address)
         return json_response(200, [
             {
                 "id": d.id, "uid": r.sop_instance_uid, "object_type": r.object_type, "message_id": d.message_id,
                 "study_instance_uid": r.study_instance_uid, "modality": r.modality, "size": r.size,
                 "state": d.state, "url": f"/outbox/{d.id}",
             }
-            for d, r in waiting
+            for d, r in ((w.delivery, w.record) for w in waiting)
         ])
 
 
 class OutboxItem(_Authenticated):
-    def __init__(self, node, delivery_id: int):
-        super().__init__(node)
+    def __init__(self, central: CentralWeb, delivery_id: int):
+        super().__init__(central)
         self.delivery_id = delivery_id
 
     def getChild(self, path, request):
         if path == b"ack":
-            return OutboxAck(self.node, self.delivery_id)
+            return OutboxAck(self.central, self.delivery_id)
         if path == b"":
             return self
         return super().getChild(path, request)
@@ -109,35 +129,19 @@ class OutboxItem(_Authenticated):
     def render_GET(self, request):
         return render_async(request, self._fetch)
 
-    async def _delivery(self, request, then=None):
-        """The viewer, its delivery and ``then(conn, viewer, delivery)``, in one
-        transaction: a pull viewer does this for every package, and each
-        separate database call waits its turn behind ingest's commits."""
-        token = bearer(request)
-
-        def lookup(c):
-            viewer = directory.viewer_by_token(c, token)
-            if viewer is None:
-                return None, None, None
-            delivery = outbox.delivery_for(c, self.delivery_id, viewer.address)
-            extra = then(c, viewer, delivery) if delivery is not None and then is not None else None
-            return viewer, delivery, extra
-
-        viewer, delivery, extra = await self.node.database.run(lookup)
-        if viewer is None:
+    def _found(self, pulled):
+        if pulled.viewer is None:
             raise unknown_viewer_token()
-        if delivery is None:
-            raise Problem(404, f"no delivery {self.delivery_id} for {viewer.address}")
-        return viewer, delivery, extra
+        if pulled.delivery is None:
+            raise Problem(404, f"no delivery {self.delivery_id} for {pulled.viewer.address}")
+        return pulled
 
     async def _fetch(self, request) -> Response:
-        viewer, delivery, record = await self._delivery(request, lambda c, v, d: tracking.object_by_uid(c, d.uid))
-        package = await outbox.load_package(self.node.ingest, record, delivery, self.node.routing.outbox.origin)
+        pulled = self._found(await self.storage.deliveries.pull_request(bearer(request), self.delivery_id))
+        delivery = pulled.delivery
+        package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
         if delivery.state == "queued":
-            at = self.node.routing.outbox.now()
-            await self.node.database.run(
-                lambda c: outbox.set_state(c, delivery.id, "sent", at, f"fetched by {viewer.address}",
-                                           attempts=delivery.attempts + 1))
+            await self.storage.deliveries.mark_sent(delivery.id, delivery.attempts + 1, f"fetched by {pulled.viewer.address}")
         return Response(200, RFC822, package, {"Medd-Delivery": str(delivery.id)})
 
 
@@ -152,13 +156,7 @@ class OutboxAck(OutboxItem):
         raise Problem(405, "acknowledge with POST", headers={"Allow": "POST"})
 
     async def _ack(self, request) -> Response:
-        def acknowledge(c, viewer, delivery):
-            if delivery.state in ("queued", "sent", "failed"):
-                at = self.node.routing.outbox.now()
-                outbox.set_state(c, delivery.id, "delivered", at, f"acknowledged by {viewer.address}",
-                                 next_attempt_at=None)
-
-        viewer, delivery, _ = await self._delivery(request, acknowledge)
+        delivery = self._found(await self.storage.deliveries.acknowledge(bearer(request), self.delivery_id)).delivery
         return json_response(200, {"id": delivery.id, "state": "delivered" if delivery.state != "opened" else "opened"})
 
 
@@ -168,24 +166,24 @@ class OutboxAck(OutboxItem):
 class ApiResource(_Authenticated):
     """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/routes."""
 
-    def __init__(self, node):
-        super().__init__(node)
-        self.putChild(b"objects", ObjectsResource(node))
-        self.putChild(b"quarantine", QuarantineResource(node))
-        self.putChild(b"viewers", ViewersResource(node))
-        self.putChild(b"routes", RoutesResource(node))
+    def __init__(self, central: CentralWeb):
+        super().__init__(central)
+        self.putChild(b"objects", ObjectsResource(central))
+        self.putChild(b"quarantine", QuarantineResource(central))
+        self.putChild(b"viewers", ViewersResource(central))
+        self.putChild(b"routes", RoutesResource(central))
 
 
 class ObjectsResource(_Authenticated):
     def getChild(self, path, request):
-        return ObjectResource(self.node, path.decode("ascii", "replace"))
+        return ObjectResource(self.central, path.decode("ascii", "replace"))
 
 
 class ObjectResource(_Authenticated):
     isLeaf = True
 
-    def __init__(self, node, uid: str):
-        super().__init__(node)
+    def __init__(self, central, uid: str):
+        super().__init__(central)
         self.uid = uid
 
     def render_GET(self, request):
@@ -193,10 +191,10 @@ class ObjectResource(_Authenticated):
 
     async def _get(self, request) -> Response:
         await self.admin(request)
-        history = await self.node.database.run(lambda c: tracking.object_history(c, self.uid))
+        history = await self.storage.tracking.object_history(self.uid)
         if history is None:
             raise Problem(404, f"no object {self.uid}")
-        return json_response(200, history)
+        return json_response(200, history_json(history))
 
 
 class QuarantineResource(_Authenticated):
@@ -204,7 +202,7 @@ class QuarantineResource(_Authenticated):
         if path == b"":
             return self
         try:
-            return QuarantineEntryResource(self.node, int(path))
+            return QuarantineEntryResource(self.central, int(path))
         except ValueError:
             return super().getChild(path, request)
 
@@ -214,26 +212,26 @@ class QuarantineResource(_Authenticated):
     async def _list(self, request) -> Response:
         await self.admin(request)
         state = request.args.get(b"state", [b"held"])[0].decode() or None
-        entries = await self.node.database.run(lambda c: routing.list_quarantine(c, None if state == "all" else state))
-        return json_response(200, [{**e.__dict__, "created_at": e.created_at.isoformat()} for e in entries])
+        entries = await self.storage.routing.quarantined(None if state == "all" else state)
+        return json_response(200, [quarantine_json(e) for e in entries])
 
 
 class QuarantineEntryResource(_Authenticated):
-    def __init__(self, node, entry_id: int):
-        super().__init__(node)
+    def __init__(self, central, entry_id: int):
+        super().__init__(central)
         self.entry_id = entry_id
 
     def getChild(self, path, request):
         if path in (b"route", b"reject"):
-            return QuarantineAction(self.node, self.entry_id, path.decode())
+            return QuarantineAction(self.central, self.entry_id, path.decode())
         return super().getChild(path, request)
 
 
 class QuarantineAction(_Authenticated):
     isLeaf = True
 
-    def __init__(self, node, entry_id: int, action: str):
-        super().__init__(node)
+    def __init__(self, central, entry_id: int, action: str):
+        super().__init__(central)
         self.entry_id = entry_id
         self.action = action
 
@@ -242,19 +240,19 @@ class QuarantineAction(_Authenticated):
 
     async def _post(self, request) -> Response:
         admin = await self.admin(request)
-        body = await _json_body(request, self.node)
+        body = await _json_body(request, self.central)
         try:
             if self.action == "route":
                 if not body.get("to"):
                     raise Problem(400, 'route needs {"to": "<viewer address>"}', kind="invalid")
-                await self.node.database.run(lambda c: routing.correct_route(c, self.entry_id, body["to"], admin))
+                await routing.correct_route(self.storage.routing, self.entry_id, body["to"], admin)
             else:
                 if not body.get("reason"):
                     raise Problem(400, 'reject needs {"reason": "..."}', kind="invalid")
-                await self.node.database.run(lambda c: routing.reject(c, self.entry_id, body["reason"], admin))
-        except routing.CorrectionError as e:
+                await self.storage.routing.reject(self.entry_id, body["reason"], admin)
+        except CorrectionError as e:
             raise Problem(409, str(e), kind="correction-refused") from e
-        self.node.routing.kick()
+        self.central.routing.kick()
         return json_response(200, {"id": self.entry_id, "state": "released" if self.action == "route" else "rejected"})
 
 
@@ -267,18 +265,18 @@ class ViewersResource(_Authenticated):
 
     async def _list(self, request) -> Response:
         await self.admin(request)
-        viewers = await self.node.database.run(directory.list_viewers)
-        return json_response(200, [v.__dict__ for v in viewers])
+        viewers = await self.storage.directory.viewers()
+        return json_response(200, [dataclasses.asdict(v) for v in viewers])
 
     async def _add(self, request) -> Response:
         await self.admin(request)
-        body = await _json_body(request, self.node)
+        body = await _json_body(request, self.central)
         try:
-            viewer, token = await self.node.database.run(
-                lambda c: directory.add_viewer(c, body.get("address", ""), body.get("push"), body.get("authorise", [])))
-        except directory.DirectoryError as e:
+            added = await self.storage.directory.add_viewer(body.get("address", ""), body.get("push"),
+                                                            body.get("authorise", []))
+        except DirectoryError as e:
             raise Problem(409, str(e), kind="directory") from e
-        return json_response(201, {**viewer.__dict__, "token": token})
+        return json_response(201, {**dataclasses.asdict(added.viewer), "token": added.token})
 
 
 class RoutesResource(_Authenticated):
@@ -290,20 +288,21 @@ class RoutesResource(_Authenticated):
 
     async def _list(self, request) -> Response:
         await self.admin(request)
-        rules = await self.node.database.run(directory.list_rules)
-        return json_response(200, [r.__dict__ for r in rules])
+        rules = await self.storage.directory.rules()
+        return json_response(200, [dataclasses.asdict(r) for r in rules])
 
     async def _add(self, request) -> Response:
         await self.admin(request)
-        body = await _json_body(request, self.node)
+        body = await _json_body(request, self.central)
         try:
-            rule = await self.node.database.run(lambda c: directory.add_rule(
-                c, body.get("to", ""), body.get("centre", ""), body.get("modality", ""), body.get("type", "")))
-        except directory.DirectoryError as e:
+            rule = await self.storage.directory.add_rule(body.get("to", ""), body.get("centre", ""),
+                                                         body.get("modality", ""), body.get("type", ""))
+        except DirectoryError as e:
             raise Problem(400, str(e), kind="invalid") from e
-        self.node.routing.kick()
-        return json_response(201, rule.__dict__)
+        self.central.routing.kick()
+        return json_response(201, dataclasses.asdict(rule))
 
 
-def central_resources(node) -> dict[bytes, Resource]:
-    return {b"outbox": OutboxResource(node), b"api": ApiResource(node)}
+def central_resources(storage: CentralStorage, routing: RoutingService, ingest: Ingest) -> dict[bytes, Resource]:
+    central = CentralWeb(storage, routing, ingest)
+    return {b"outbox": OutboxResource(central), b"api": ApiResource(central)}

@@ -9,27 +9,34 @@ import getpass
 import json
 import os
 import sys
+from contextlib import contextmanager
 
-from medd.central import directory, routing, tracking
+from medd.central import routing
+from medd.central.storage import CentralStorage
+from medd.central.tracking import history_json, quarantine_json
 from medd.config import load_config
-from medd.storage.database import Database, open_database
+from medd.storage.database import WallClock, open_database, resolved
+from medd.storage.directory import DirectoryError
+from medd.storage.routing import CorrectionError
 
 DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/central.ini")
 
 
-def _db(args) -> Database:
+@contextmanager
+def _central(args):
+    """Central's connectors over the node's database, run inline: the same calls the daemon makes."""
     config = load_config(args.config)
-    db = open_database(config)
-    args.node_name = config.name
-    return db
-
-
-def _run(args, fn):
-    db = _db(args)
+    database = open_database(config)
     try:
-        return db.run_sync(fn)
+        yield CentralStorage.over(database, WallClock())
     finally:
-        db.stop()
+        database.stop()
+
+
+def _run(args, call):
+    """``resolved(call(storage))`` on the node's database."""
+    with _central(args) as storage:
+        return resolved(call(storage))
 
 
 def _fail(message: str) -> int:
@@ -41,7 +48,7 @@ def _guard(fn):
     def wrapper(args):
         try:
             return fn(args) or 0
-        except (directory.DirectoryError, routing.CorrectionError) as e:
+        except (DirectoryError, CorrectionError) as e:
             return _fail(str(e))
 
     return wrapper
@@ -63,13 +70,8 @@ def viewers_add(args):
         issued = issue_client_certificate(Path(config.tls_client_ca).read_bytes(),
                                           Path(config.tls_client_ca_key).read_bytes(), args.address.strip().lower())
 
-    def add(c):
-        viewer, token = directory.add_viewer(c, args.address, args.push, args.authorise or [])
-        if issued:
-            directory.record_client_certificate(c, viewer.address, issued[1])
-        return viewer, token
-
-    viewer, token = _run(args, add)
+    added = _run(args, lambda s: s.directory.add_viewer(args.address, args.push, args.authorise or [],
+                                                          client_certificate=issued[1] if issued else None))
     if issued:
         from pathlib import Path
 
@@ -78,51 +80,51 @@ def viewers_add(args):
         out.write_bytes(issued[0])
         out.chmod(0o600)
         print(f"client certificate and key for the TLS transport written to {out} (SHA-256 {issued[1]})", file=sys.stderr)
-    print(token)
-    print(f"viewer {viewer.address} added ({viewer.mode}); the line above is its token, shown once", file=sys.stderr)
+    print(added.token)
+    print(f"viewer {added.viewer.address} added ({added.viewer.mode}); the line above is its token, shown once", file=sys.stderr)
 
 
 @_guard
 def viewers_list(args):
-    for v in _run(args, directory.list_viewers):
+    for v in _run(args, lambda s: s.directory.viewers()):
         print(f"{v.address:<36} {v.mode:<5} {v.push_url or '-':<40} {', '.join(v.authorisations) or '(no authorisation)'}")
 
 
 @_guard
 def viewers_remove(args):
-    _run(args, lambda c: directory.remove_viewer(c, args.address))
+    _run(args, lambda s: s.directory.remove_viewer(args.address))
 
 
 @_guard
 def viewers_authorise(args):
-    _run(args, lambda c: directory.authorise(c, args.address, args.scope))
+    _run(args, lambda s: s.directory.authorise(args.address, args.scope))
 
 
 @_guard
 def viewers_revoke(args):
-    _run(args, lambda c: directory.revoke(c, args.address, args.scope))
+    _run(args, lambda s: s.directory.revoke(args.address, args.scope))
 
 
 @_guard
 def centres_add(args):
-    centre = _run(args, lambda c: directory.add_centre(c, args.name, args.ae or [], args.address or []))
+    centre = _run(args, lambda s: s.directory.add_centre(args.name, args.ae or [], args.address or []))
     print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases))
 
 
 @_guard
 def centres_list(args):
-    for c in _run(args, directory.list_centres):
+    for c in _run(args, lambda s: s.directory.centres()):
         print(f"{c.name:<24} " + ", ".join(f"{k} {v}" for k, v in c.aliases))
 
 
 @_guard
 def admins_add(args):
-    print(_run(args, lambda c: directory.add_admin(c, args.name)))
+    print(_run(args, lambda s: s.directory.add_admin(args.name)))
 
 
 @_guard
 def routes_list(args):
-    rules = _run(args, directory.list_rules)
+    rules = _run(args, lambda s: s.directory.rules())
     for r in rules:
         print(f"{r.id:>4}  centre={r.centre or '*':<16} modality={r.modality or '*':<6} type={r.object_type or '*':<8} -> {r.destination}")
     if not rules:
@@ -131,20 +133,20 @@ def routes_list(args):
 
 @_guard
 def routes_add(args):
-    rule = _run(args, lambda c: directory.add_rule(c, args.to, args.centre or "", args.modality or "", args.type or ""))
+    rule = _run(args, lambda s: s.directory.add_rule(args.to, args.centre or "", args.modality or "", args.type or ""))
     print(f"rule {rule.id} added")
 
 
 @_guard
 def routes_remove(args):
-    _run(args, lambda c: directory.remove_rule(c, args.id))
+    _run(args, lambda s: s.directory.remove_rule(args.id))
 
 
 @_guard
 def quarantine_list(args):
-    entries = _run(args, lambda c: routing.list_quarantine(c, None if args.all else "held"))
+    entries = _run(args, lambda s: s.routing.quarantined(None if args.all else "held"))
     if args.json:
-        print(json.dumps([{**e.__dict__, "created_at": e.created_at.isoformat()} for e in entries], indent=2))
+        print(json.dumps([quarantine_json(e) for e in entries], indent=2))
         return
     for e in entries:
         print(f"{e.id:>5}  {e.state:<8} {e.uid}  centre={e.centre or '?'} modality={e.modality or '-'} "
@@ -155,42 +157,42 @@ def quarantine_list(args):
 
 @_guard
 def quarantine_route(args):
-    _run(args, lambda c: routing.correct_route(c, args.id, args.to, args.admin))
+    _run(args, lambda s: routing.correct_route(s.routing, args.id, args.to, args.admin))
     print(f"entry {args.id} released to {args.to}")
 
 
 @_guard
 def quarantine_reject(args):
-    _run(args, lambda c: routing.reject(c, args.id, args.reason, args.admin))
+    _run(args, lambda s: s.routing.reject(args.id, args.reason, args.admin))
     print(f"entry {args.id} rejected")
 
 
 @_guard
 def track(args):
-    histories = _run(args, lambda c: tracking.track(c, args.uid))
+    histories = _run(args, lambda s: s.tracking.track(args.uid))
     if not histories:
         return _fail(f"nothing known about {args.uid}")
     if args.json:
-        print(json.dumps(histories, indent=2))
+        print(json.dumps([history_json(h) for h in histories], indent=2))
         return
     for h in histories:
-        o = h["object"]
-        print(f"{o['object_type']} {o['sop_instance_uid']}  study {o['study_instance_uid']}  {o['modality'] or ''} "
-              f"patient {o['patient_id'] or '-'}")
-        print(f"  received {o['received_at']} from {o['origin']} over {o['transport']}")
-        if h["routing"]:
-            print(f"  routing: {h['routing']['outcome']} (centre {h['routing']['centre'] or 'unknown'})")
-        for q in h["quarantine"]:
-            print(f"  quarantine #{q['id']} {q['state']}: {q['reason']}")
-            for c in q["corrections"]:
-                print(f"    {c['at']} {c['admin']} {c['action']} {c['old_route'] or '-'} -> {c['new_route'] or '-'} {c['reason'] or ''}")
-        for d in h["deliveries"]:
-            print(f"  -> {d['destination']}: {d['state']} (attempts {d['attempts']})")
-            for e in d["history"]:
-                print(f"     {e['at']} {e['state']:<9} {e['detail'] or ''}")
-        for kind in ("overlays", "reports"):
-            for a in h[kind]:
-                print(f"  {kind[:-1]} {a['uid']} from {a['origin']}")
+        o = h.object
+        print(f"{o.object_type} {o.sop_instance_uid}  study {o.study_instance_uid}  {o.modality or ''} "
+              f"patient {o.patient_id or '-'}")
+        print(f"  received {o.received_at.isoformat()} from {o.origin} over {o.transport}")
+        if h.routing:
+            print(f"  routing: {h.routing.outcome} (centre {h.routing.centre or 'unknown'})")
+        for q in h.quarantine:
+            print(f"  quarantine #{q.id} {q.state}: {q.reason}")
+            for c in q.corrections:
+                print(f"    {c.at.isoformat()} {c.admin} {c.action} {c.old_route or '-'} -> {c.new_route or '-'} {c.reason or ''}")
+        for d in h.deliveries:
+            print(f"  -> {d.destination}: {d.state} (attempts {d.attempts})")
+            for e in d.history:
+                print(f"     {e.at.isoformat()} {e.state:<9} {e.detail or ''}")
+        for kind, attached in (("overlay", h.overlays), ("report", h.reports)):
+            for a in attached:
+                print(f"  {kind} {a.uid} from {a.origin}")
 
 
 def add_admin_commands(sub) -> None:

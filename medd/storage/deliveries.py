@@ -1,0 +1,250 @@
+"""Central's outbox: one row per (object, destination), moving
+``queued -> sent -> delivered -> opened``, or ``failed`` with its attempts, next
+attempt time and last error; every change leaves a delivery event.
+
+The rows are the work list of push delivery and what a pull viewer fetches,
+so a restart resumes exactly where delivery stopped.
+"""
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.engine import Connection
+
+from medd.storage import directory
+from medd.storage.connector import Connector, aware
+from medd.storage.index import ObjectRecord, StatusEvent, object_by_uid, store_status
+from medd.storage.routing_tables import deliveries, delivery_events, viewers
+from medd.storage.schema import objects
+
+PENDING = ("queued", "sent", "failed")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    uid: str
+    destination: str
+    state: str
+    message_id: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    opened_by: str | None = None
+
+    @classmethod
+    def from_row(cls, r) -> "Delivery":
+        return cls(r.id, r.uid, r.destination, r.state, r.message_id, r.attempts,
+                   aware(r.next_attempt_at), r.last_error, r.opened_by)
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """A push viewer with pending deliveries, and where to push them."""
+
+    address: str
+    push_url: str
+
+
+@dataclass(frozen=True)
+class WaitingDelivery:
+    """A delivery a pull viewer may fetch, with the object it carries."""
+
+    delivery: Delivery
+    record: ObjectRecord
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """A pull viewer's request for one of its deliveries: who asked (None: unknown token),
+    the delivery (None: not theirs) and the object it carries."""
+
+    viewer: directory.Viewer | None
+    delivery: Delivery | None = None
+    record: ObjectRecord | None = None
+
+
+def set_state(conn: Connection, delivery_id: int, state: str, at: datetime, detail: str | None = None, **values) -> None:
+    conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(state=state, updated_at=at, **values))
+    conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state=state, detail=detail, at=at))
+
+
+def queue_delivery(conn: Connection, uid: str, destination: str, at: datetime, detail: str) -> int | None:
+    """Queue (uid -> destination) once; returns the outbox row id, None if already queued."""
+    exists = conn.execute(
+        select(deliveries.c.id).where(and_(deliveries.c.uid == uid, deliveries.c.destination == destination))
+    ).first()
+    if exists:
+        return None
+    delivery_id = conn.execute(
+        deliveries.insert().values(
+            uid=uid, destination=destination, state="queued",
+            message_id=email.utils.make_msgid(idstring="out", domain="medd.invalid"),
+            attempts=0, next_attempt_at=at, created_at=at, updated_at=at,
+        )
+    ).inserted_primary_key[0]
+    conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state="queued", detail=detail, at=at))
+    return delivery_id
+
+
+def head_of_line(conn: Connection, destination: str) -> Delivery | None:
+    """The oldest pending push delivery to ``destination`` (given-up rows excluded)."""
+    row = conn.execute(
+        select(deliveries)
+        .where(and_(
+            deliveries.c.destination == destination,
+            deliveries.c.state.in_(PENDING),
+            deliveries.c.next_attempt_at.is_not(None),
+        ))
+        .order_by(deliveries.c.id)
+        .limit(1)
+    ).first()
+    return Delivery.from_row(row) if row else None
+
+
+def push_targets(conn: Connection) -> list[PushTarget]:
+    """Push viewers with pending deliveries."""
+    q = (
+        select(viewers.c.address, viewers.c.push_url)
+        .join(deliveries, deliveries.c.destination == viewers.c.address)
+        .where(and_(viewers.c.mode == "push", deliveries.c.state.in_(PENDING), deliveries.c.next_attempt_at.is_not(None)))
+        .distinct()
+        .order_by(viewers.c.address)
+    )
+    return [PushTarget(r.address, r.push_url) for r in conn.execute(q)]
+
+
+def pull_waiting(conn: Connection, address: str) -> list[WaitingDelivery]:
+    """What a pull viewer may fetch: its deliveries not yet acknowledged, oldest first."""
+    rows = conn.execute(
+        select(deliveries).where(and_(deliveries.c.destination == address, deliveries.c.state.in_(("queued", "sent"))))
+        .order_by(deliveries.c.id)
+    ).all()
+    # The objects in one query per chunk, not one query per waiting row: a
+    # viewer that fell behind lists hundreds of rows on every poll.
+    records = {}
+    uids = [r.uid for r in rows]
+    for start in range(0, len(uids), 500):
+        chunk = uids[start:start + 500]
+        for o in conn.execute(select(objects).where(objects.c.sop_instance_uid.in_(chunk))):
+            records[o.sop_instance_uid] = ObjectRecord.from_row(o)
+    return [WaitingDelivery(Delivery.from_row(r), records[r.uid]) for r in rows]
+
+
+def delivery_for(conn: Connection, delivery_id: int, address: str) -> Delivery | None:
+    row = conn.execute(
+        select(deliveries).where(and_(deliveries.c.id == delivery_id, deliveries.c.destination == address))
+    ).first()
+    return Delivery.from_row(row) if row else None
+
+
+def deliveries_of(conn: Connection, uid: str) -> list[Delivery]:
+    return [Delivery.from_row(r) for r in conn.execute(select(deliveries).where(deliveries.c.uid == uid).order_by(deliveries.c.id))]
+
+
+def mark_opened(conn: Connection, uid: str, viewer: str, user: str | None, when: str | None, at: datetime) -> int:
+    """Set ``opened`` on the delivery of ``uid`` to ``viewer``; returns rows changed."""
+    rows = conn.execute(
+        select(deliveries.c.id).where(and_(deliveries.c.uid == uid, deliveries.c.destination == viewer.strip().lower()))
+    ).all()
+    for row in rows:
+        set_state(conn, row.id, "opened", at, f"opened by {user or '?'} at {when or at.isoformat()}", opened_by=user,
+                  next_attempt_at=None)
+    return len(rows)
+
+
+class Deliveries(Connector):
+    """The outbox. Every method returns a Deferred and is one transaction; every
+    state change is stamped from the injected clock."""
+
+    # push
+
+    def push_targets(self):
+        """Deferred list of :class:`PushTarget`: push viewers with pending deliveries."""
+        return self.db.run(push_targets)
+
+    def head_of_line(self, destination: str):
+        """Deferred :class:`WaitingDelivery`: the oldest pending push delivery to ``destination``
+        with its object, or None."""
+
+        def thd(conn) -> WaitingDelivery | None:
+            head = head_of_line(conn, destination)
+            return WaitingDelivery(head, object_by_uid(conn, head.uid)) if head is not None else None
+
+        return self.db.run(thd)
+
+    def mark_sent(self, delivery_id: int, attempts: int, detail: str):
+        """An attempt begins (push) or the package was fetched (pull)."""
+        at = self.now()
+        return self.db.run(lambda conn: set_state(conn, delivery_id, "sent", at, detail, attempts=attempts))
+
+    def mark_delivered(self, delivery_id: int, detail: str):
+        at = self.now()
+        return self.db.run(lambda conn: set_state(conn, delivery_id, "delivered", at, detail, next_attempt_at=None,
+                                                  last_error=None))
+
+    def mark_failed(self, delivery_id: int, attempts: int, error: str, next_attempt_at: datetime | None, detail: str):
+        """A failed attempt; ``next_attempt_at`` None means delivery gave up."""
+        at = self.now()
+        return self.db.run(lambda conn: set_state(conn, delivery_id, "failed", at, detail, attempts=attempts,
+                                                  next_attempt_at=next_attempt_at, last_error=error))
+
+    # pull
+
+    def pull_waiting(self, address: str):
+        """Deferred list of :class:`WaitingDelivery` for a pull viewer, oldest first."""
+        return self.db.run(lambda conn: pull_waiting(conn, address))
+
+    def pull_request(self, token: str, delivery_id: int):
+        """Deferred :class:`PullRequest`: the viewer of ``token``, its delivery and object, in one
+        transaction (a pull viewer asks this for every package, and each separate database
+        call would wait its turn behind ingest's commits)."""
+
+        def thd(conn) -> PullRequest:
+            viewer = directory.viewer_by_token(conn, token)
+            if viewer is None:
+                return PullRequest(None)
+            delivery = delivery_for(conn, delivery_id, viewer.address)
+            if delivery is None:
+                return PullRequest(viewer)
+            return PullRequest(viewer, delivery, object_by_uid(conn, delivery.uid))
+
+        return self.db.run(thd)
+
+    def acknowledge(self, token: str, delivery_id: int):
+        """Deferred :class:`PullRequest` (without the object): the delivery of ``token``'s viewer,
+        moved to delivered if it was pending, in one transaction."""
+        at = self.now()
+
+        def thd(conn) -> PullRequest:
+            viewer = directory.viewer_by_token(conn, token)
+            if viewer is None:
+                return PullRequest(None)
+            delivery = delivery_for(conn, delivery_id, viewer.address)
+            if delivery is not None and delivery.state in PENDING:
+                set_state(conn, delivery.id, "delivered", at, f"acknowledged by {viewer.address}", next_attempt_at=None)
+            return PullRequest(viewer, delivery)
+
+        return self.db.run(thd)
+
+    # tracking
+
+    def of_object(self, uid: str):
+        """Deferred list of the :class:`Delivery` rows of one object."""
+        return self.db.run(lambda conn: deliveries_of(conn, uid))
+
+    def record_status(self, status: StatusEvent):
+        """Deferred bool: store a status message (False if already recorded) and, for
+        "opened", move the delivery to opened, in one transaction."""
+        at = self.now()
+
+        def thd(conn) -> bool:
+            created = store_status(conn, status, at)
+            if created and status.event in ("opened", "viewed"):
+                mark_opened(conn, status.uid, status.receipt.origin, status.user, status.time, at)
+            return created
+
+        return self.db.run(thd)

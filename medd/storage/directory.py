@@ -1,0 +1,411 @@
+"""Central's directory: imaging centres and how they are recognised, viewers
+with their credentials and authorisations, administrators, routing rules.
+
+The :class:`Directory` connector is what the services, the admin API and the
+CLI use; the functions of a connection below are its internals, and the
+routing and outbox connectors call them inside their own transactions.
+Credentials are random tokens shown once and stored as SHA-256 hashes; they
+carry 256 bits of entropy, so a slow password hash would add nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.engine import Connection
+
+from medd.storage.connector import Connector
+from medd.storage.routing_tables import admins, authorisations, centre_aliases, centres, routing_rules, viewers
+
+PUSH_SCHEMES = ("smtp", "tls", "http", "https")
+
+
+class DirectoryError(ValueError):
+    """A directory change that cannot be made (unknown name, duplicate, bad URL)."""
+
+
+@dataclass(frozen=True)
+class Viewer:
+    id: int
+    address: str
+    mode: str
+    push_url: str | None
+    authorisations: tuple[str, ...] = ()  # "CENTRE" or "CENTRE:MODALITY"
+
+
+@dataclass(frozen=True)
+class Centre:
+    id: int
+    name: str
+    aliases: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: int
+    centre: str
+    modality: str
+    object_type: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class NewViewer:
+    """A viewer just registered, with its token (shown once, stored only hashed)."""
+
+    viewer: Viewer
+    token: str
+
+
+@dataclass(frozen=True)
+class Claimants:
+    """Who a package from a viewer claims to be, and who its credentials prove."""
+
+    named: Viewer | None  # the registered viewer at the package's origin address
+    authenticated: Viewer | None  # the viewer whose token came with it
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def split_scope(scope: str) -> tuple[str, str]:
+    """``CENTRE[:MODALITY]`` -> (centre, modality or "")."""
+    centre, _, modality = scope.partition(":")
+    if not centre:
+        raise DirectoryError(f"not CENTRE[:MODALITY]: {scope!r}")
+    return centre, modality.upper()
+
+
+def check_push_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in PUSH_SCHEMES or not parts.hostname or (parts.scheme in ("smtp", "tls") and not parts.port):
+        raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port or http(s)://host[:port]/path, not {url!r}")
+
+
+# -- centres ---------------------------------------------------------------------------------------
+
+
+def add_centre(conn: Connection, name: str, aes=(), addresses=(), *, at: datetime) -> Centre:
+    row = conn.execute(select(centres).where(centres.c.name == name)).first()
+    centre_id = row.id if row else conn.execute(centres.insert().values(name=name, created_at=at)).inserted_primary_key[0]
+    for kind, values in (("ae", aes), ("address", addresses)):
+        for value in values:
+            value = value.strip() if kind == "ae" else value.strip().lower()
+            owner = conn.execute(
+                select(centre_aliases.c.centre_id).where(and_(centre_aliases.c.kind == kind, centre_aliases.c.value == value))
+            ).scalar()
+            if owner is not None and owner != centre_id:
+                raise DirectoryError(f"{kind} {value!r} already identifies another centre")
+            if owner is None:
+                conn.execute(centre_aliases.insert().values(centre_id=centre_id, kind=kind, value=value))
+    return get_centre(conn, name)
+
+
+def get_centre(conn: Connection, name: str) -> Centre | None:
+    row = conn.execute(select(centres).where(centres.c.name == name)).first()
+    if row is None:
+        return None
+    aliases = conn.execute(
+        select(centre_aliases.c.kind, centre_aliases.c.value).where(centre_aliases.c.centre_id == row.id).order_by(centre_aliases.c.id)
+    ).all()
+    return Centre(row.id, row.name, tuple((k, v) for k, v in aliases))
+
+
+def list_centres(conn: Connection) -> list[Centre]:
+    names = conn.execute(select(centres.c.name).order_by(centres.c.name)).scalars().all()
+    return [get_centre(conn, n) for n in names]
+
+
+def centre_of(conn: Connection, origin: str, transport: str) -> str | None:
+    """The centre a sender belongs to: by calling AE title for DICOM, else by package origin address."""
+    kind = "ae" if transport == "dicom" else "address"
+    value = origin.strip() if kind == "ae" else origin.strip().lower()
+    row = conn.execute(
+        select(centres.c.name)
+        .join(centre_aliases, centre_aliases.c.centre_id == centres.c.id)
+        .where(and_(centre_aliases.c.kind == kind, centre_aliases.c.value == value))
+    ).first()
+    return row.name if row else None
+
+
+# -- viewers ---------------------------------------------------------------------------------------
+
+
+def add_viewer(conn: Connection, address: str, push_url: str | None = None, scopes=(), token: str | None = None, *,
+               at: datetime) -> tuple[Viewer, str]:
+    """Register a viewer (pull if no push URL); returns it and its new token (shown once).
+
+    ``token`` is for the demo site only, whose viewer config ships with a fixed token.
+    """
+    address = address.strip().lower()
+    if "@" not in address:
+        raise DirectoryError(f"a viewer address looks like name@domain, not {address!r}")
+    if conn.execute(select(viewers.c.id).where(viewers.c.address == address)).first():
+        raise DirectoryError(f"viewer {address} already exists")
+    if push_url is not None:
+        check_push_url(push_url)
+    token = token or new_token()
+    conn.execute(
+        viewers.insert().values(
+            address=address, mode="push" if push_url else "pull", push_url=push_url,
+            token_hash=hash_token(token), created_at=at,
+        )
+    )
+    for scope in scopes:
+        authorise(conn, address, scope)
+    return get_viewer(conn, address), token
+
+
+def record_client_certificate(conn: Connection, address: str, fingerprint: str) -> None:
+    """Remember (hashed) the client certificate issued to a viewer."""
+    viewer = _viewer_row(conn, address)
+    conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(client_cert_sha256=fingerprint))
+
+
+def remove_viewer(conn: Connection, address: str) -> None:
+    viewer = _viewer_row(conn, address)
+    conn.execute(delete(authorisations).where(authorisations.c.viewer_id == viewer.id))
+    conn.execute(delete(viewers).where(viewers.c.id == viewer.id))
+
+
+def _viewer_row(conn: Connection, address: str):
+    row = conn.execute(select(viewers).where(viewers.c.address == address.strip().lower())).first()
+    if row is None:
+        raise DirectoryError(f"no viewer {address}")
+    return row
+
+
+def get_viewer(conn: Connection, address: str) -> Viewer | None:
+    row = conn.execute(select(viewers).where(viewers.c.address == address.strip().lower())).first()
+    if row is None:
+        return None
+    scopes = conn.execute(
+        select(centres.c.name, authorisations.c.modality)
+        .join(centres, centres.c.id == authorisations.c.centre_id)
+        .where(authorisations.c.viewer_id == row.id)
+        .order_by(centres.c.name, authorisations.c.modality)
+    ).all()
+    return Viewer(row.id, row.address, row.mode, row.push_url, tuple(f"{c}:{m}" if m else c for c, m in scopes))
+
+
+def list_viewers(conn: Connection) -> list[Viewer]:
+    return [get_viewer(conn, a) for a in conn.execute(select(viewers.c.address).order_by(viewers.c.address)).scalars()]
+
+
+def viewer_by_token(conn: Connection, token: str) -> Viewer | None:
+    row = conn.execute(select(viewers.c.address, viewers.c.token_hash).where(viewers.c.token_hash == hash_token(token))).first()
+    if row is None or not hmac.compare_digest(row.token_hash, hash_token(token)):
+        return None
+    return get_viewer(conn, row.address)
+
+
+def client_certificate_of(conn: Connection, address: str) -> str | None:
+    """SHA-256 of the client certificate issued to a viewer, if one was."""
+    return _viewer_row(conn, address).client_cert_sha256
+
+
+def _authorisation(conn: Connection, address: str, scope: str, missing_centre: str):
+    """The condition matching a viewer's authorisation for ``scope``, and that row's values."""
+    viewer = _viewer_row(conn, address)
+    centre_name, modality = split_scope(scope)
+    centre = get_centre(conn, centre_name)
+    if centre is None:
+        raise DirectoryError(f"no imaging centre {centre_name}{missing_centre}")
+    return and_(authorisations.c.viewer_id == viewer.id, authorisations.c.centre_id == centre.id,
+                authorisations.c.modality == modality), dict(viewer_id=viewer.id, centre_id=centre.id, modality=modality)
+
+
+def authorise(conn: Connection, address: str, scope: str) -> None:
+    match, values = _authorisation(conn, address, scope, " (add it with `medd centres add`)")
+    if not conn.execute(select(authorisations.c.id).where(match)).first():
+        conn.execute(authorisations.insert().values(**values))
+
+
+def revoke(conn: Connection, address: str, scope: str) -> None:
+    match, _ = _authorisation(conn, address, scope, "")
+    if conn.execute(delete(authorisations).where(match)).rowcount == 0:
+        raise DirectoryError(f"{address} has no authorisation {scope}")
+
+
+def is_authorised(conn: Connection, address: str, centre: str, modality: str) -> bool:
+    """Authorised for the centre with every modality, or for exactly this modality."""
+    row = conn.execute(
+        select(authorisations.c.id)
+        .join(viewers, viewers.c.id == authorisations.c.viewer_id)
+        .join(centres, centres.c.id == authorisations.c.centre_id)
+        .where(
+            and_(
+                viewers.c.address == address.strip().lower(),
+                centres.c.name == centre,
+                or_(authorisations.c.modality == "", authorisations.c.modality == (modality or "").upper()),
+            )
+        )
+    ).first()
+    return row is not None
+
+
+# -- administrators --------------------------------------------------------------------------------
+
+
+def add_admin(conn: Connection, name: str, *, at: datetime) -> str:
+    if conn.execute(select(admins.c.id).where(admins.c.name == name)).first():
+        raise DirectoryError(f"administrator {name} already exists")
+    token = new_token()
+    conn.execute(admins.insert().values(name=name, token_hash=hash_token(token), created_at=at))
+    return token
+
+
+def admin_by_token(conn: Connection, token: str) -> str | None:
+    return conn.execute(select(admins.c.name).where(admins.c.token_hash == hash_token(token))).scalar()
+
+
+# -- routing rules ---------------------------------------------------------------------------------
+
+
+def add_rule(conn: Connection, destination: str, centre: str = "", modality: str = "", object_type: str = "", *,
+             at: datetime) -> Rule:
+    if not (centre or modality or object_type):
+        raise DirectoryError("a rule needs at least one of centre, modality, object type")
+    rule_id = conn.execute(
+        routing_rules.insert().values(
+            centre=centre, modality=modality.upper(), object_type=object_type,
+            destination=destination.strip().lower(), created_at=at,
+        )
+    ).inserted_primary_key[0]
+    return Rule(rule_id, centre, modality.upper(), object_type, destination.strip().lower())
+
+
+def remove_rule(conn: Connection, rule_id: int) -> None:
+    if conn.execute(delete(routing_rules).where(routing_rules.c.id == rule_id)).rowcount == 0:
+        raise DirectoryError(f"no rule {rule_id}")
+
+
+def list_rules(conn: Connection) -> list[Rule]:
+    return [
+        Rule(r.id, r.centre, r.modality, r.object_type, r.destination)
+        for r in conn.execute(select(routing_rules).order_by(routing_rules.c.id))
+    ]
+
+
+def matching_rules(conn: Connection, centre: str | None, modality: str, object_type: str) -> list[str]:
+    """Destinations of the rules matching, most specific first, then oldest first."""
+    found = []
+    for rule in list_rules(conn):
+        if rule.centre and rule.centre != centre:
+            continue
+        if rule.modality and rule.modality != (modality or "").upper():
+            continue
+        if rule.object_type and rule.object_type != object_type:
+            continue
+        specificity = bool(rule.centre) + bool(rule.modality) + bool(rule.object_type)
+        found.append((-specificity, rule.id, rule.destination))
+    found.sort()
+    seen, out = set(), []
+    for _, _, dest in found:
+        if dest not in seen:
+            seen.add(dest)
+            out.append(dest)
+    return out
+
+
+class Directory(Connector):
+    """The directory of a central node. Every method returns a Deferred; one
+    method is one transaction, and a :class:`DirectoryError` rolls it back."""
+
+    # centres
+
+    def add_centre(self, name: str, aes=(), addresses=()):
+        """Deferred :class:`Centre`: added, or given more aliases if it exists."""
+        at = self.now()
+        return self.db.run(lambda conn: add_centre(conn, name, list(aes), list(addresses), at=at))
+
+    def centre(self, name: str):
+        """Deferred :class:`Centre` or None."""
+        return self.db.run(lambda conn: get_centre(conn, name))
+
+    def centres(self):
+        """Deferred list of :class:`Centre`, by name."""
+        return self.db.run(list_centres)
+
+    # viewers
+
+    def add_viewer(self, address: str, push_url: str | None = None, scopes=(), *, token: str | None = None,
+                   client_certificate: str | None = None):
+        """Deferred :class:`NewViewer`; ``client_certificate`` is the SHA-256 of one issued to it."""
+        at = self.now()
+
+        def thd(conn) -> NewViewer:
+            viewer, new = add_viewer(conn, address, push_url, list(scopes), token, at=at)
+            if client_certificate:
+                record_client_certificate(conn, viewer.address, client_certificate)
+            return NewViewer(viewer, new)
+
+        return self.db.run(thd)
+
+    def remove_viewer(self, address: str):
+        return self.db.run(lambda conn: remove_viewer(conn, address))
+
+    def viewer(self, address: str):
+        """Deferred :class:`Viewer` or None."""
+        return self.db.run(lambda conn: get_viewer(conn, address))
+
+    def viewers(self):
+        """Deferred list of :class:`Viewer`, by address."""
+        return self.db.run(list_viewers)
+
+    def viewer_by_token(self, token: str):
+        """Deferred :class:`Viewer` whose token this is, or None."""
+        return self.db.run(lambda conn: viewer_by_token(conn, token))
+
+    def claimants(self, origin: str, token: str | None):
+        """Deferred :class:`Claimants`, both looked up in one transaction."""
+
+        def thd(conn) -> Claimants:
+            return Claimants(get_viewer(conn, origin), viewer_by_token(conn, token) if token else None)
+
+        return self.db.run(thd)
+
+    def client_certificate(self, address: str):
+        """Deferred SHA-256 of the client certificate issued to a viewer, or None."""
+        return self.db.run(lambda conn: client_certificate_of(conn, address))
+
+    def authorise(self, address: str, scope: str):
+        return self.db.run(lambda conn: authorise(conn, address, scope))
+
+    def revoke(self, address: str, scope: str):
+        return self.db.run(lambda conn: revoke(conn, address, scope))
+
+    # administrators
+
+    def add_admin(self, name: str):
+        """Deferred token of the new administrator (shown once)."""
+        at = self.now()
+        return self.db.run(lambda conn: add_admin(conn, name, at=at))
+
+    def admin_by_token(self, token: str):
+        """Deferred name of the administrator whose token this is, or None."""
+        return self.db.run(lambda conn: admin_by_token(conn, token))
+
+    # routing rules
+
+    def add_rule(self, destination: str, centre: str = "", modality: str = "", object_type: str = ""):
+        """Deferred :class:`Rule`."""
+        at = self.now()
+        return self.db.run(lambda conn: add_rule(conn, destination, centre, modality, object_type, at=at))
+
+    def remove_rule(self, rule_id: int):
+        return self.db.run(lambda conn: remove_rule(conn, rule_id))
+
+    def rules(self):
+        """Deferred list of :class:`Rule`, oldest first."""
+        return self.db.run(list_rules)

@@ -1,0 +1,252 @@
+"""Central's routing records: one decision per object, the quarantine with
+the administrators' corrections, and the outbox rows a decision queues.
+
+Which destination an object goes to and whether it may go there is central's
+policy (``medd.central.routing``); this connector hands that policy the
+questions it asks (:class:`RoutingLookups`) and writes down its answers,
+for a whole batch of objects in one transaction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.engine import Connection
+from twisted.logger import Logger
+
+from medd.storage import directory
+from medd.storage.connector import Connector, aware
+from medd.storage.deliveries import queue_delivery
+from medd.storage.index import ObjectRecord, object_by_uid
+from medd.storage.routing_tables import corrections, quarantine, routing_decisions
+from medd.storage.schema import objects, receipts
+
+log = Logger()
+
+
+class CorrectionError(ValueError):
+    """An administrator's correction that cannot be applied (and was not)."""
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Part of a decision: queue the object for ``destination``."""
+
+    destination: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Part of a decision: quarantine the object (for ``destination``, if one was named)."""
+
+    destination: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What the policy decided about one object, written down once."""
+
+    uid: str
+    centre: str | None
+    outcome: str  # "routed" | "quarantined" | "attached"
+    queue: tuple[Queue, ...] = ()
+    hold: tuple[Hold, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutingPass:
+    """One batch routed: its decisions and the highest object id it covered."""
+
+    decisions: tuple[RoutingDecision, ...]
+    last_id: int
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    id: int
+    uid: str
+    destination: str | None
+    reason: str
+    state: str
+    created_at: datetime
+    patient_id: str | None = None
+    modality: str | None = None
+    origin: str | None = None
+    centre: str | None = None
+
+
+class RoutingLookups:
+    """The questions the routing policy asks, answered inside the routing transaction.
+
+    Answers that depend only on the directory are remembered for the rest of
+    the transaction, so a batch looks each sender, rule set and destination up
+    once rather than once per object; the directory cannot change under it.
+    """
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._memo: dict = {}
+
+    def _remember(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def record(self, uid: str) -> ObjectRecord | None:
+        return object_by_uid(self.conn, uid)
+
+    def package_destination(self, uid: str) -> str | None:
+        """The To of the first package that carried ``uid``, if any."""
+        row = self.conn.execute(
+            select(receipts.c.destination).where(receipts.c.uid == uid).order_by(receipts.c.id).limit(1)
+        ).first()
+        return row.destination.strip().lower() if row else None
+
+    def centre_of(self, origin: str, transport: str) -> str | None:
+        """The registered centre of a sender (calling AE title or package origin)."""
+        return self._remember(("centre", origin, transport), lambda: directory.centre_of(self.conn, origin, transport))
+
+    def study_senders(self, study_uid: str) -> list[tuple[str, str]]:
+        """(origin, transport) of the images of a study, oldest first."""
+        return [
+            (r.origin, r.transport)
+            for r in self.conn.execute(
+                select(objects.c.origin, objects.c.transport)
+                .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type == "image"))
+                .order_by(objects.c.id)
+            )
+        ]
+
+    def matching_rules(self, centre: str | None, modality: str, object_type: str) -> list[str]:
+        """Destinations of the matching routing rules, most specific first."""
+        return self._remember(("rules", centre, modality, object_type),
+                              lambda: directory.matching_rules(self.conn, centre, modality, object_type))
+
+    def is_viewer(self, address: str) -> bool:
+        return self._remember(("viewer", address), lambda: directory.get_viewer(self.conn, address) is not None)
+
+    def is_authorised(self, address: str, centre: str, modality: str) -> bool:
+        return self._remember(("authorised", address, centre, modality),
+                              lambda: directory.is_authorised(self.conn, address, centre, modality))
+
+
+Policy = Callable[[ObjectRecord, RoutingLookups], RoutingDecision]
+Verify = Callable[[RoutingLookups, str, ObjectRecord], str | None]
+
+
+def undecided(conn: Connection, after_id: int = 0, limit: int = 200) -> list[tuple[int, str]]:
+    """(id, uid) of objects with no routing decision, oldest first, with ids above ``after_id``."""
+    q = (
+        select(objects.c.id, objects.c.sop_instance_uid)
+        .outerjoin(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+        .where(and_(routing_decisions.c.uid.is_(None), objects.c.id > after_id))
+        .order_by(objects.c.id)
+        .limit(limit)
+    )
+    return [(r.id, r.sop_instance_uid) for r in conn.execute(q)]
+
+
+def _hold(conn: Connection, uid: str, hold: Hold, at: datetime) -> None:
+    log.warn("quarantined {uid} for {destination}: {reason}", uid=uid, destination=hold.destination or "-", reason=hold.reason)
+    conn.execute(quarantine.insert().values(uid=uid, destination=hold.destination, reason=hold.reason, state="held",
+                                            created_at=at))
+
+
+def record_decision(conn: Connection, decision: RoutingDecision, at: datetime) -> None:
+    """Write a decision: its quarantine entries, its outbox rows, and the decision itself."""
+    for hold in decision.hold:
+        _hold(conn, decision.uid, hold, at)
+    for queued in decision.queue:
+        queue_delivery(conn, decision.uid, queued.destination, at, queued.detail)
+    conn.execute(routing_decisions.insert().values(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
+                                                   decided_at=at))
+
+
+def route_undecided(conn: Connection, policy: Policy, after_id: int, at: datetime, limit: int = 200) -> RoutingPass:
+    rows = undecided(conn, after_id, limit)
+    lookups = RoutingLookups(conn)
+    decisions = []
+    for _, uid in rows:
+        decision = policy(object_by_uid(conn, uid), lookups)
+        record_decision(conn, decision, at)
+        decisions.append(decision)
+    return RoutingPass(tuple(decisions), rows[-1][0] if rows else after_id)
+
+
+def list_quarantine(conn: Connection, state: str | None = "held") -> list[QuarantineEntry]:
+    q = (
+        select(quarantine, objects.c.patient_id, objects.c.modality, objects.c.origin, routing_decisions.c.centre)
+        .join(objects, objects.c.sop_instance_uid == quarantine.c.uid)
+        .outerjoin(routing_decisions, routing_decisions.c.uid == quarantine.c.uid)
+        .order_by(quarantine.c.id)
+    )
+    if state:
+        q = q.where(quarantine.c.state == state)
+    return [
+        QuarantineEntry(r.id, r.uid, r.destination, r.reason, r.state, aware(r.created_at), r.patient_id, r.modality,
+                        r.origin, r.centre)
+        for r in conn.execute(q)
+    ]
+
+
+def _held(conn: Connection, entry_id: int):
+    row = conn.execute(select(quarantine).where(quarantine.c.id == entry_id)).first()
+    if row is None:
+        raise CorrectionError(f"no quarantine entry {entry_id}")
+    if row.state != "held":
+        raise CorrectionError(f"quarantine entry {entry_id} is already {row.state}")
+    return row
+
+
+def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, verify: Verify, at: datetime) -> int:
+    """Re-verify with the new destination; release and queue it, or raise CorrectionError."""
+    row = _held(conn, entry_id)
+    destination = destination.strip().lower()
+    reason = verify(RoutingLookups(conn), destination, object_by_uid(conn, row.uid))
+    if reason is not None:
+        raise CorrectionError(f"not released: {reason}")
+    conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="released", resolved_at=at))
+    conn.execute(corrections.insert().values(
+        quarantine_id=entry_id, admin=admin, action="route", old_route=row.destination, new_route=destination, at=at))
+    delivery_id = queue_delivery(conn, row.uid, destination, at, f"released from quarantine by {admin}")
+    return delivery_id or 0
+
+
+def reject(conn: Connection, entry_id: int, reason: str, admin: str, at: datetime) -> None:
+    row = _held(conn, entry_id)
+    conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="rejected", resolved_at=at))
+    conn.execute(corrections.insert().values(
+        quarantine_id=entry_id, admin=admin, action="reject", old_route=row.destination, new_route=None, reason=reason, at=at))
+
+
+class Routing(Connector):
+    """Routing decisions and the quarantine. Every method returns a Deferred and is one transaction."""
+
+    def route_undecided(self, policy: Policy, after_id: int = 0, limit: int = 200):
+        """Deferred :class:`RoutingPass`: up to ``limit`` objects with ids above ``after_id`` and no
+        decision yet, each decided by ``policy(record, lookups)`` and written down, in one
+        transaction (a commit per object would make routing wait on the disk once per object)."""
+        at = self.now()
+        return self.db.run(lambda conn: route_undecided(conn, policy, after_id, at, limit))
+
+    def undecided(self, after_id: int = 0, limit: int = 200):
+        """Deferred list of the UIDs of objects still without a decision, oldest first."""
+        return self.db.run(lambda conn: [uid for _, uid in undecided(conn, after_id, limit)])
+
+    def quarantined(self, state: str | None = "held"):
+        """Deferred list of :class:`QuarantineEntry` (every state if ``state`` is None)."""
+        return self.db.run(lambda conn: list_quarantine(conn, state))
+
+    def correct_route(self, entry_id: int, destination: str, admin: str, verify: Verify):
+        """Deferred id of the queued delivery; fails with :class:`CorrectionError` (nothing
+        changed) unless the entry is held and ``verify`` finds no reason to refuse."""
+        at = self.now()
+        return self.db.run(lambda conn: correct_route(conn, entry_id, destination, admin, verify, at))
+
+    def reject(self, entry_id: int, reason: str, admin: str):
+        at = self.now()
+        return self.db.run(lambda conn: reject(conn, entry_id, reason, admin, at))

@@ -1,0 +1,180 @@
+"""Tracking: everything central knows about an object, read back in one
+transaction: how it arrived, the routing decision, quarantine and corrections,
+each delivery with its history, status messages from viewers, and the
+overlays and reports attached to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, select
+from sqlalchemy.engine import Connection
+
+from medd.storage.connector import Connector, aware
+from medd.storage.index import ObjectRecord, Receipt, object_by_uid
+from medd.storage.routing_tables import corrections, deliveries, delivery_events, quarantine, routing_decisions
+from medd.storage.schema import objects, receipts, status_events
+
+
+@dataclass(frozen=True)
+class Received:
+    """A package (or DICOM association) that carried the object."""
+
+    receipt: Receipt
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Decided:
+    centre: str | None
+    outcome: str
+    decided_at: datetime
+
+
+@dataclass(frozen=True)
+class Correction:
+    admin: str
+    action: str
+    old_route: str | None
+    new_route: str | None
+    reason: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    id: int
+    destination: str | None
+    reason: str
+    state: str
+    created_at: datetime
+    corrections: tuple[Correction, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    state: str
+    detail: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryHistory:
+    id: int
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    opened_by: str | None
+    message_id: str
+    history: tuple[DeliveryEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class StatusReceived:
+    event: str
+    user: str | None
+    time: str | None  # as the viewer stated it
+    origin: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Attached:
+    """An overlay or report attached to the object or its study."""
+
+    uid: str
+    media_type: str
+    origin: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ObjectHistory:
+    object: ObjectRecord
+    received: tuple[Received, ...]
+    routing: Decided | None
+    quarantine: tuple[Quarantined, ...]
+    deliveries: tuple[DeliveryHistory, ...]
+    status: tuple[StatusReceived, ...]
+    overlays: tuple[Attached, ...]
+    reports: tuple[Attached, ...]
+
+
+def _attached(r) -> Attached:
+    return Attached(r.sop_instance_uid, r.media_type, r.origin, aware(r.received_at))
+
+
+def object_history(conn: Connection, uid: str) -> ObjectHistory | None:
+    record = object_by_uid(conn, uid)
+    if record is None:
+        return None
+    decision = conn.execute(select(routing_decisions).where(routing_decisions.c.uid == uid)).first()
+    received = tuple(
+        Received(Receipt(r.message_id, r.attachment, r.uid, r.origin, r.destination, r.transport, r.peer), aware(r.received_at))
+        for r in conn.execute(select(receipts).where(receipts.c.uid == uid).order_by(receipts.c.id))
+    )
+    held = tuple(
+        Quarantined(q.id, q.destination, q.reason, q.state, aware(q.created_at), tuple(
+            Correction(c.admin, c.action, c.old_route, c.new_route, c.reason, aware(c.at))
+            for c in conn.execute(select(corrections).where(corrections.c.quarantine_id == q.id).order_by(corrections.c.id))
+        ))
+        for q in conn.execute(select(quarantine).where(quarantine.c.uid == uid).order_by(quarantine.c.id))
+    )
+    sent = tuple(
+        DeliveryHistory(d.id, d.destination, d.state, d.attempts, aware(d.next_attempt_at), d.last_error, d.opened_by,
+                        d.message_id, tuple(
+                            DeliveryEvent(e.state, e.detail, aware(e.at))
+                            for e in conn.execute(select(delivery_events).where(delivery_events.c.delivery_id == d.id)
+                                                  .order_by(delivery_events.c.id))
+                        ))
+        for d in conn.execute(select(deliveries).where(deliveries.c.uid == uid).order_by(deliveries.c.id))
+    )
+    status = tuple(
+        StatusReceived(r.event, r.user, r.event_time, r.origin, aware(r.received_at))
+        for r in conn.execute(select(status_events).where(status_events.c.uid == uid).order_by(status_events.c.id))
+    )
+    overlays: tuple[Attached, ...] = ()
+    if record.object_type == "image":
+        overlays = tuple(_attached(r) for r in conn.execute(
+            select(objects).where(and_(objects.c.object_type == "overlay", objects.c.referenced_image_uid == uid))
+            .order_by(objects.c.id)))
+    reports = tuple(_attached(r) for r in conn.execute(
+        select(objects).where(and_(objects.c.object_type == "report", objects.c.study_instance_uid == record.study_instance_uid))
+        .order_by(objects.c.id)) if r.sop_instance_uid != uid)
+    return ObjectHistory(
+        object=record,
+        received=received,
+        routing=Decided(decision.centre, decision.outcome, aware(decision.decided_at)) if decision else None,
+        quarantine=held,
+        deliveries=sent,
+        status=status,
+        overlays=overlays,
+        reports=reports,
+    )
+
+
+def track(conn: Connection, key: str) -> list[ObjectHistory]:
+    """Histories for an object UID, a study UID, or a Message-ID."""
+    direct = object_history(conn, key)
+    if direct is not None:
+        return [direct]
+    uids = list(conn.execute(
+        select(objects.c.sop_instance_uid).where(objects.c.study_instance_uid == key).order_by(objects.c.id)).scalars())
+    if not uids:
+        uids = list(conn.execute(select(receipts.c.uid).where(receipts.c.message_id == key)).scalars())
+        uids += list(conn.execute(select(deliveries.c.uid).where(deliveries.c.message_id == key)).scalars())
+    return [h for h in (object_history(conn, u) for u in dict.fromkeys(uids)) if h is not None]
+
+
+class Tracking(Connector):
+    """Read-only: the history of objects. Every method returns a Deferred."""
+
+    def object_history(self, uid: str):
+        """Deferred :class:`ObjectHistory` of one object, or None."""
+        return self.db.run(lambda conn: object_history(conn, uid))
+
+    def track(self, key: str):
+        """Deferred list of :class:`ObjectHistory` for an object UID, a study UID or a Message-ID."""
+        return self.db.run(lambda conn: track(conn, key))
