@@ -9,7 +9,6 @@ from __future__ import annotations
 import email
 import io
 import re
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest

@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medd.objects import InvalidObject, parse_part10
-from medd.package import AttachmentId, InvalidObject, build_package, read_package
+from medd.package import AttachmentId, build_package, read_package
 from medd.plugins.host import load_plugins
 from medd.plugins.objecttypes import ImageType, ReportType, StatusType, status_content, text_report_content
 from tests.conftest import testdata

@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from medd.central import directory
 from medd.config import ConfigError, load_config
 from medd.ingest import Stored, StoreFailed
 from medd.plugins.host import load_plugins
@@ -55,12 +54,10 @@ def _fake_clock() -> Clock:
 
 
 async def _directory(central) -> tuple[str, str]:
-    def setup(c):
-        directory.add_centre(c, "centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
-        _, token = directory.add_viewer(c, VIEWER, None, ["centre-a"])
-        return token, directory.add_admin(c, "alice")
-
-    return await central.database.run(setup)
+    directory = central.central_storage.directory
+    await directory.add_centre("centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
+    token = (await directory.add_viewer(VIEWER, None, ["centre-a"])).token
+    return token, await directory.add_admin("alice")
 
 
 async def _central_and_viewer(make_central, clock: Clock | None = None):

@@ -19,18 +19,9 @@ from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
 from medd.central.storage import CentralStorage
 from medd.ingest import Ingest
-from medd.webresource import Problem, ProblemResource, Response, json_response, render_async
+from medd.webresource import Problem, ProblemResource, Response, json_response, render_async, require_bearer
 
 RFC822 = "message/rfc822"
-
-
-def bearer(request) -> str:
-    value = (request.getHeader("authorization") or "").strip()
-    scheme, _, token = value.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Problem(401, "this resource needs Authorization: Bearer <token>", kind="unauthorised",
-                      headers={"WWW-Authenticate": 'Bearer realm="medd"'})
-    return token.strip()
 
 
 def unknown_viewer_token() -> Problem:
@@ -69,14 +60,14 @@ class _Authenticated(ProblemResource):
         self.storage = central.storage
 
     async def viewer(self, request) -> Viewer:
-        token = bearer(request)
+        token = require_bearer(request)
         viewer = await self.storage.directory.viewer_by_token(token)
         if viewer is None:
             raise unknown_viewer_token()
         return viewer
 
     async def admin(self, request) -> str:
-        token = bearer(request)
+        token = require_bearer(request)
         name = await self.storage.directory.admin_by_token(token)
         if name is None:
             raise Problem(403, "an administrator token is required", kind="forbidden")
@@ -137,7 +128,7 @@ class OutboxItem(_Authenticated):
         return pulled
 
     async def _fetch(self, request) -> Response:
-        pulled = self._found(await self.storage.deliveries.pull_request(bearer(request), self.delivery_id))
+        pulled = self._found(await self.storage.deliveries.pull_request(require_bearer(request), self.delivery_id))
         delivery = pulled.delivery
         package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
         if delivery.state == "queued":
@@ -156,7 +147,7 @@ class OutboxAck(OutboxItem):
         raise Problem(405, "acknowledge with POST", headers={"Allow": "POST"})
 
     async def _ack(self, request) -> Response:
-        delivery = self._found(await self.storage.deliveries.acknowledge(bearer(request), self.delivery_id)).delivery
+        delivery = self._found(await self.storage.deliveries.acknowledge(require_bearer(request), self.delivery_id)).delivery
         return json_response(200, {"id": delivery.id, "state": "delivered" if delivery.state != "opened" else "opened"})
 
 

@@ -5,7 +5,7 @@ connection that other connectors reuse inside their own transactions.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
@@ -100,10 +100,6 @@ class StoreOutcome:
     created: bool
     duplicate_package: bool = False
     conflict: bool = False  # same UID already indexed with different content
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
