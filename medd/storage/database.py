@@ -9,6 +9,7 @@ commit that made its call durable.
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from collections import deque
@@ -47,7 +48,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _write_ahead_log(cursor)
             # FULL: a commit is on disk before it returns, so an
             # acknowledgement sent after it is never lost.
             cursor.execute("PRAGMA synchronous=FULL")
@@ -56,6 +57,24 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=4)
+
+
+def _write_ahead_log(cursor, patience: float = 30.0) -> None:
+    """Put the SQLite file in WAL mode (it stays so; later calls change nothing).
+
+    Switching a new file needs it to itself, and SQLite answers "locked" at once,
+    without its busy timeout, while another connection is writing to it (a second
+    process starting on the file while the first creates the schema): wait for that.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Database:
