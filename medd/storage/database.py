@@ -25,8 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from medd.storage.schema import metadata
-
 T = TypeVar("T")
 
 
@@ -115,11 +113,12 @@ class Database:
         self.engine.dispose()
 
     def create_schema(self) -> None:
-        """Create missing tables (blocking; called once at start-up)."""
-        import medd.storage.routing_tables  # noqa: F401  (registers central's tables)
-        import medd.storage.viewer_tables  # noqa: F401  (registers the viewer's tables)
+        """Create the schema in a new database, or upgrade an older one to this medd's
+        (blocking; once at start-up). Raises ``medd.storage.migrate.SchemaRefused`` for a
+        database this medd cannot upgrade."""
+        from medd.storage.migrate import upgrade
 
-        metadata.create_all(self.engine)
+        upgrade(self.engine)
 
     def run_sync(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a transaction on the calling thread, retrying transient errors."""
