@@ -2,6 +2,7 @@
 upgrades in place and keeps its rows, one of a newer medd is refused; on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -11,9 +12,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.engine import make_url
 
+from medd.cli import main
 from medd.storage import migrate
 from medd.storage.database import Database
 from medd.storage.schema import all_tables
+from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
 
 HEAD = "0005_drop_medd_schema"
@@ -157,3 +160,43 @@ def test_nodes_starting_together_migrate_once(db_url):
     assert errors == []
     assert sorted(r.changed for r in results) == [False, True]
     assert _inspect(db_url, lambda c: c.execute(text("SELECT version_num FROM alembic_version")).all()) == [(HEAD,)]
+
+
+def test_medd_db_commands(db_url, tmp_path, capsys):
+    """`medd db current` tells a database of the previous release from one at head, `medd db upgrade`
+    upgrades it (once), and both exit 2 with the reason for a database this medd refuses."""
+    ini = str(write_config(tmp_path, db_url=db_url))
+    make_legacy_database(db_url, 4)
+
+    assert main(["db", "current", "--config", ini]) == 0
+    assert "medd schema version 4 (before Alembic)" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--config", ini]) == 0
+    assert f"upgraded from medd schema version 4 (before Alembic) to {HEAD}" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--config", ini]) == 0
+    assert f"already at {HEAD}" in capsys.readouterr().out
+    assert main(["db", "current", "--config", ini]) == 0
+    assert f"{HEAD} (head)" in capsys.readouterr().out
+
+    _inspect(db_url, lambda c: (c.execute(text("UPDATE alembic_version SET version_num = '0042_x'")), c.commit()))
+    assert main(["db", "upgrade", "--config", ini]) == 2
+    assert "0042_x, which this medd does not know" in capsys.readouterr().err
+    assert main(["db", "current", "--config", ini]) == 2
+
+
+def test_new_revision_script(tmp_path):
+    """`medd db revision -m … --autogenerate` writes the next numbered script after head, drafted from
+    what the models have that the migrations do not make yet."""
+    from sqlalchemy import Column, Integer, String, Table
+
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    metadata = all_tables()
+    notes = Table("study_notes", metadata, Column("id", Integer, primary_key=True), Column("text", String(200)))
+    try:
+        path = migrate.new_revision("Add study notes!", autogenerate=True, script_location=scripts)
+    finally:
+        metadata.remove(notes)
+    assert path == scripts / "versions" / "0006_add_study_notes.py"
+    written = path.read_text()
+    assert "revision = '0006_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
+    assert "op.create_table('study_notes'" in written

@@ -1,4 +1,4 @@
-"""Bringing a node's index to this medd's schema with Alembic.
+"""Bringing a node's index to this medd's schema with Alembic, and the ``medd db`` commands.
 
 The migration scripts live in medd/storage/migrations/versions. A database made
 before medd used Alembic recorded its schema version in ``medd_schema``; it is
@@ -6,6 +6,10 @@ adopted (stamped at the revision of that version) and then upgraded like any oth
 """
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 from twisted.logger import Logger
+
+from medd.storage.database import make_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -150,3 +156,100 @@ def describe(state: SchemaState) -> str:
     if state.unversioned:
         return "medd schema version 1 (before versions were recorded)"
     return "an empty database"
+
+
+def new_revision(message: str, autogenerate: bool, script_location: Path = MIGRATIONS) -> Path:
+    """Write the next migration script (for developers); with ``autogenerate`` it holds
+    what the models have that the migrations do not yet make (review it, it is a draft)."""
+    with tempfile.TemporaryDirectory() as folder:
+        engine = make_engine(f"sqlite:///{folder}/head.sqlite")
+        try:
+            upgrade(engine, script_location)
+            with engine.connect() as conn:
+                config = alembic_config(conn, script_location)
+                revision_id = next_revision_id(ScriptDirectory.from_config(config), message)
+                written = command.revision(config, message=message, autogenerate=autogenerate, rev_id=revision_id)
+        finally:
+            engine.dispose()
+    return Path(written.path)
+
+
+def next_revision_id(script: ScriptDirectory, message: str) -> str:
+    """``0006_add_study_notes``: the next number, then the message in a few words."""
+    numbers = [int(m.group(1)) for r in script.walk_revisions() if (m := re.match(r"(\d+)_", r.revision))]
+    slug = re.sub(r"[^a-z0-9]+", "_", message.lower()).strip("_")[:40].rstrip("_")
+    return f"{max(numbers, default=0) + 1:04d}_{slug}"
+
+
+# -- medd db ------------------------------------------------------------------------------------
+
+
+def add_db_commands(sub) -> None:
+    group = sub.add_parser("db", help="the node's database schema: upgrade it, show its revision").add_subparsers(
+        dest="db_command", required=True)
+    default = os.environ.get("MEDD_CONFIG")
+    config_help = "the node's config (default: $MEDD_CONFIG)"
+
+    p = group.add_parser("upgrade", help="upgrade the database to this medd's schema (a node also does it at start)")
+    p.add_argument("--config", default=default, required=default is None, help=config_help)
+    p.set_defaults(func=cmd_upgrade)
+
+    p = group.add_parser("current", help="the database's schema revision, and this medd's")
+    p.add_argument("--config", default=default, required=default is None, help=config_help)
+    p.set_defaults(func=cmd_current)
+
+    p = group.add_parser("revision", help="(developers) write a new migration script into medd/storage/migrations")
+    p.add_argument("-m", "--message", required=True, help="what the migration does, in a few words")
+    p.add_argument("--autogenerate", action="store_true",
+                   help="draft it from what the models have that the migrations do not make yet")
+    p.set_defaults(func=cmd_revision)
+
+
+def _engine(args) -> Engine:
+    from medd.config import load_config
+
+    return make_engine(load_config(args.config).database_url)
+
+
+def cmd_upgrade(args) -> int:
+    engine = _engine(args)
+    try:
+        upgraded = upgrade(engine)
+    except SchemaRefused as e:
+        print(f"medd: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    where = engine.url.render_as_string(hide_password=True)
+    if upgraded.changed:
+        print(f"{where}: upgraded from {describe(upgraded.before)} to {upgraded.revision}")
+    else:
+        print(f"{where}: already at {upgraded.revision} (head)")
+    return 0
+
+
+def cmd_current(args) -> int:
+    engine = _engine(args)
+    try:
+        with engine.connect() as conn:
+            state = read_state(conn)
+    finally:
+        engine.dispose()
+    where = engine.url.render_as_string(hide_password=True)
+    script = ScriptDirectory.from_config(alembic_config())
+    newest = script.get_current_head()
+    reason = refusal(state, script, where)
+    if reason:
+        print(f"{where}: {describe(state)}\nmedd: {reason}", file=sys.stderr)
+        return 2
+    if state.revisions == (newest,):
+        print(f"{where}: {newest} (head)")
+    else:
+        print(f"{where}: {describe(state)}; this medd's head is {newest} (medd db upgrade, or starting the node, "
+              f"upgrades it)")
+    return 0
+
+
+def cmd_revision(args) -> int:
+    new_revision(args.message, args.autogenerate)  # Alembic says which file it wrote
+    return 0

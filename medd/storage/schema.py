@@ -15,8 +15,8 @@ from sqlalchemy import (
 )
 
 # Every change to a table here, in routing_tables.py or in viewer_tables.py comes with a
-# migration in medd/storage/migrations/versions; tests/test_migrations.py fails
-# while the two disagree.
+# migration in medd/storage/migrations/versions (`medd db revision`, see README);
+# tests/test_migrations.py fails while the two disagree.
 metadata = MetaData()
 
 UID = String(64)
