@@ -125,8 +125,6 @@ def upgrade(engine: Engine, script_location: Path = MIGRATIONS) -> Upgraded:
             raise SchemaRefused(reason)
         if before.legacy_version is not None:
             MigrationContext.configure(conn).stamp(script, LEGACY_REVISIONS[before.legacy_version])
-            log.info("database {db}: adopted medd schema version {version} as revision {revision}",
-                     db=where, version=before.legacy_version, revision=LEGACY_REVISIONS[before.legacy_version])
         command.upgrade(config, "head")
         conn.commit()
     upgraded = Upgraded(before, script.get_current_head())
