@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from medd.cli import main
 from medd.storage import migrate
-from medd.storage.database import Database
+from medd.storage.database import Database, make_engine
 from medd.storage.schema import all_tables
 from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
@@ -200,3 +200,28 @@ def test_new_revision_script(tmp_path):
     written = path.read_text()
     assert "revision = '0006_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
     assert "op.create_table('study_notes'" in written
+
+
+def test_failed_upgrade_changes_nothing(db_url, tmp_path):
+    """The adoption and every migration run in one transaction, on SQLite too: a migration that fails
+    halfway leaves the database as the previous release left it, to be upgraded again once fixed."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0006_fails.py").write_text(
+        "import sqlalchemy as sa\nfrom alembic import op\n\n"
+        f"revision = '0006_fails'\ndown_revision = '{HEAD}'\n\n\n"
+        "def upgrade():\n"
+        "    op.create_table('half_done', sa.Column('id', sa.Integer(), primary_key=True))\n"
+        "    raise RuntimeError('disk full')\n"
+    )
+    legacy = make_legacy_database(db_url, 4)
+    before = _rows(db_url, legacy)
+    engine = make_engine(db_url)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            migrate.upgrade(engine, scripts)
+    finally:
+        engine.dispose()
+    assert _inspect(db_url, migrate.read_state) == migrate.SchemaState(legacy_version=4)
+    assert set(_inspect(db_url, lambda c: inspect(c).get_table_names())) == set(legacy.tables)
+    assert _rows(db_url, legacy) == before
