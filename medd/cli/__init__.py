@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_user_commands(sub)
 
+    from medd.storage.migrate import add_db_commands
+
+    add_db_commands(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

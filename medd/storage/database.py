@@ -9,6 +9,7 @@ commit that made its call durable.
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from collections import deque
@@ -23,8 +24,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-
-from medd.storage.schema import metadata
 
 T = TypeVar("T")
 
@@ -47,7 +46,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _write_ahead_log(cursor)
             # FULL: a commit is on disk before it returns, so an
             # acknowledgement sent after it is never lost.
             cursor.execute("PRAGMA synchronous=FULL")
@@ -56,6 +55,24 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=4)
+
+
+def _write_ahead_log(cursor, patience: float = 30.0) -> None:
+    """Put the SQLite file in WAL mode (it stays so; later calls change nothing).
+
+    Switching a new file needs it to itself, and SQLite answers "locked" at once,
+    without its busy timeout, while another connection is writing to it (a second
+    process starting on the file while the first creates the schema): wait for that.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Database:
@@ -99,11 +116,12 @@ class Database:
         self.engine.dispose()
 
     def create_schema(self) -> None:
-        """Create missing tables (blocking; called once at start-up)."""
-        import medd.storage.routing_tables  # noqa: F401  (registers central's tables)
-        import medd.storage.viewer_tables  # noqa: F401  (registers the viewer's tables)
+        """Create the schema in a new database, or upgrade an older one to this medd's
+        (blocking; once at start-up). Raises ``medd.storage.migrate.SchemaRefused`` for a
+        database this medd cannot upgrade."""
+        from medd.storage.migrate import upgrade
 
-        metadata.create_all(self.engine)
+        upgrade(self.engine)
 
     def run_sync(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in a transaction on the calling thread, retrying transient errors."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from sqlalchemy import (
-    event,
     BigInteger,
     Column,
     DateTime,
@@ -15,6 +14,9 @@ from sqlalchemy import (
     Text,
 )
 
+# Every change to a table here, in routing_tables.py or in viewer_tables.py comes with a
+# migration in medd/storage/migrations/versions (`medd db revision`, see README);
+# tests/test_migrations.py fails while the two disagree.
 metadata = MetaData()
 
 UID = String(64)
@@ -135,43 +137,11 @@ archived_objects = Table(
 
 Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_instance_uid)
 
-# -- schema version ---------------------------------------------------------------------------------
-# There are no migrations yet: a database made by another schema version is
-# refused at start-up with a clear message instead of failing on first use.
 
-SCHEMA_VERSION = 4
+def all_tables() -> MetaData:
+    """``metadata`` with every table medd declares: the modules of central's and the
+    viewer's tables register theirs on it when imported."""
+    import medd.storage.routing_tables  # noqa: F401
+    import medd.storage.viewer_tables  # noqa: F401
 
-schema_version = Table("medd_schema", metadata, Column("version", Integer, nullable=False))
-
-
-class SchemaMismatch(RuntimeError):
-    """The database was made by a medd with another schema."""
-
-
-def _check_version(target, connection, **kw) -> None:
-    from sqlalchemy import inspect, select
-
-    names = set(inspect(connection).get_table_names())
-    if "medd_schema" in names:
-        found = connection.execute(select(schema_version.c.version)).scalar()
-    elif "objects" in names:
-        found = 1  # made before versions were recorded
-    else:
-        return
-    if found != SCHEMA_VERSION:
-        raise SchemaMismatch(
-            f"the database at {connection.engine.url.render_as_string(hide_password=True)} has medd schema "
-            f"version {found}; this medd needs version {SCHEMA_VERSION} and has no migration for it yet "
-            f"(start from an empty database, or keep the older medd)"
-        )
-
-
-def _record_version(target, connection, **kw) -> None:
-    from sqlalchemy import select
-
-    if connection.execute(select(schema_version.c.version)).first() is None:
-        connection.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-
-
-event.listen(metadata, "before_create", _check_version)
-event.listen(metadata, "after_create", _record_version)
+    return metadata
