@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_user_commands(sub)
 
-    from medd.storage.migrate import add_db_commands
+    from medd.cli.db import add_db_commands
 
     add_db_commands(sub)
 
