@@ -140,7 +140,7 @@ class Ingest:
     def _parse_and_put(self, data: bytes):
         """Blocking: parse + write the blob (one hop for both)."""
         try:
-            content = parse_part10(data)
+            content = parse_part10(data, max_inflated_size=self.max_object_size)
         except InvalidObject as e:
             raise Refused(e.reason) from e
         return content, self._put(content.data)

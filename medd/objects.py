@@ -8,6 +8,7 @@ operator (and the sender) can act on.
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass, field
 
 import pydicom
@@ -20,6 +21,11 @@ from pydicom.uid import UID
 
 PREAMBLE = b"\0" * 128
 MAGIC = b"DICM"
+# What a deflated dataset may inflate to when the caller names no limit; the
+# ingest path passes the node's [limits] max_object_size.
+DEFAULT_MAX_INFLATED_SIZE = 512 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
+
 _DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 
@@ -116,12 +122,15 @@ def encode_part10(meta: FileMetaDataset, dataset_bytes: bytes) -> bytes:
     return buf.getvalue()
 
 
-def parse_part10(data: bytes) -> Content:
+def parse_part10(data: bytes, *, max_inflated_size: int = DEFAULT_MAX_INFLATED_SIZE) -> Content:
     """Check a DICOM Part 10 file and extract its key information.
 
-    Raises :class:`InvalidObject` for non-DICOM, truncated or invalid data.
-    The returned content's ``data`` has its preamble zeroed (a non-zero
-    preamble can make a file that is also a valid executable or archive).
+    Raises :class:`InvalidObject` for non-DICOM, truncated or invalid data,
+    and for a deflated dataset that would inflate beyond
+    ``max_inflated_size`` bytes (found without ever holding more than a
+    megabyte of it). The returned content's ``data`` has its preamble zeroed
+    (a non-zero preamble can make a file that is also a valid executable or
+    archive).
     """
     if len(data) < 132 or data[128:132] != MAGIC:
         raise InvalidObject("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)")
@@ -132,7 +141,7 @@ def parse_part10(data: bytes) -> Content:
     try:
         meta = _read_meta(fp)
         ts = check_uid(meta.get("TransferSyntaxUID"), "Transfer Syntax UID (0002,0010)")
-        dataset = _read_dataset(data, fp, UID(ts))
+        dataset = _read_dataset(data, fp, UID(ts), max_inflated_size)
     except InvalidObject:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -151,17 +160,40 @@ def _read_meta(fp) -> FileMetaDataset:
     return _read_file_meta_info(fp)
 
 
-def _read_dataset(data: bytes, fp, ts: UID) -> Dataset:
+def _inflated_size(stream: bytes, limit: int) -> int:
+    """Bytes the raw deflate ``stream`` inflates to, counted a chunk at a time
+    and discarded; refused as soon as the count passes ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = len(inflater.decompress(stream, _INFLATE_CHUNK))
+    while total <= limit and inflater.unconsumed_tail:
+        total += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_CHUNK))
+    if total > limit:
+        raise InvalidObject(f"the deflated dataset inflates to more than {limit} bytes")
+    total += len(inflater.flush())
+    if not inflater.eof:
+        raise InvalidObject("truncated DICOM data: the deflated dataset ends before its deflate stream does")
+    # Bytes after the end of the deflate stream are ignored, as pydicom does:
+    # writers pad to an even length, and some (pydicom's own image_dfl.dcm)
+    # leave more.
+    return total
+
+
+def _read_dataset(data: bytes, fp, ts: UID, max_inflated_size: int = DEFAULT_MAX_INFLATED_SIZE) -> Dataset:
     """Read the dataset after the meta, refusing truncated data.
 
     pydicom reads a truncated file without complaint (it stops at EOF), so
     every top-level element is checked to end inside the file, undefined
-    lengths to end with their delimiter, and the last element at EOF.
+    lengths to end with their delimiter, and the last element at EOF. A
+    deflated dataset is measured before it is inflated (a small "deflate
+    bomb" must not cost gigabytes), then inflated and held to the same
+    checks as any other.
     """
     if ts.is_deflated:
-        # zlib detects a truncated stream itself.
-        fp.seek(0)
-        return pydicom.dcmread(fp)
+        stream = data[fp.tell():]
+        _inflated_size(stream, max_inflated_size)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = inflater.decompress(stream)
+        return _read_dataset(inflated, io.BytesIO(inflated), UID(pydicom.uid.ExplicitVRLittleEndian))
     n = len(data)
     delimiter = _DELIMITER_LE if ts.is_little_endian else _DELIMITER_BE
     elements = {}

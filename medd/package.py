@@ -10,10 +10,11 @@ import email
 import email.policy
 import email.utils
 import json
+import re
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 
-from medd.objects import Content, InvalidObject, parse_part10
+from medd.objects import DEFAULT_MAX_INFLATED_SIZE, Content, InvalidObject, parse_part10
 
 HEADER = "Medd-Attachment"
 
@@ -110,6 +111,35 @@ def _single_part(msg: Message) -> Message:
     raise InvalidObject(f"a package carries exactly one object; this one has {len(objects) or len(parts)} parts")
 
 
+# A package carries one object, perhaps beside a signature and a note: these
+# bounds are far above any real package and far below what costs memory.
+MAX_MIME_CONTAINERS = 4  # multipart parts, at any depth
+MAX_MIME_PARTS = 16  # boundary delimiter lines in all
+
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+
+
+def check_mime_structure(data: bytes) -> None:
+    """Refuse a message with more multipart containers or parts than a package
+    can have, before the MIME parser builds them (a million empty parts or a
+    thousand-deep nesting costs seconds and hundreds of megabytes there).
+
+    A boundary parameter in a body counts too: a package that merely
+    mentions many is refused, which is permanent and harmless.
+    """
+    boundaries = [m.group(1) or m.group(2) for m in _BOUNDARY.finditer(data)]
+    if len(boundaries) > MAX_MIME_CONTAINERS:
+        raise InvalidObject(
+            f"the package has {len(boundaries)} multipart containers; a package has at most {MAX_MIME_CONTAINERS}"
+        )
+    delimiters = 0
+    for boundary in set(boundaries):
+        marker = b"\n--" + boundary
+        delimiters += data.count(marker) + data.startswith(b"--" + boundary)
+        if delimiters > MAX_MIME_PARTS:
+            raise InvalidObject(f"the package has more than {MAX_MIME_PARTS} MIME parts")
+
+
 def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Message]:
     """Parse the MIME structure only; return (message, object part).
 
@@ -119,7 +149,12 @@ def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Me
         raise InvalidObject(f"package of {len(data)} bytes exceeds the limit of {max_size} bytes")
     if not data.strip():
         raise InvalidObject("empty package")
-    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    check_mime_structure(data)
+    try:
+        msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    except RecursionError as e:
+        # Permanent: the same message fails the same way every time.
+        raise InvalidObject("the package's MIME structure is nested too deeply") from e
     if msg.defects:
         raise InvalidObject(f"malformed MIME message: {msg.defects[0].__class__.__name__}")
     for name in ("From", "To", "Message-ID", HEADER):
@@ -151,7 +186,7 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
         raise InvalidObject("the object part has no body")
     if part.defects:
         raise InvalidObject(f"malformed object part: {part.defects[0].__class__.__name__}")
-    content = decode_content(part.get_content_type(), payload)
+    content = decode_content(part.get_content_type(), payload, max_size)
     object_type.validate(attachment, content)
     _, origin = email.utils.parseaddr(msg["From"])
     _, destination = email.utils.parseaddr(msg["To"])
@@ -167,10 +202,11 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
     )
 
 
-def decode_content(media_type: str, payload: bytes) -> Content:
-    """Content from a part's media type and decoded bytes (blocking)."""
+def decode_content(media_type: str, payload: bytes, max_size: int | None = None) -> Content:
+    """Content from a part's media type and decoded bytes (blocking); a
+    deflated DICOM object may inflate to at most ``max_size`` bytes."""
     if media_type == "application/dicom":
-        return parse_part10(payload)
+        return parse_part10(payload, max_inflated_size=max_size or DEFAULT_MAX_INFLATED_SIZE)
     if media_type == "text/plain":
         try:
             payload.decode("utf-8")
