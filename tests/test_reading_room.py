@@ -22,6 +22,7 @@ import requests
 from PIL import Image
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
@@ -187,7 +188,8 @@ class Backend:
     """A viewer's reading room over a temporary SQLite database and blob store, objects ingested through
     the real Ingest, served on a loopback HTTP site."""
 
-    async def start(self, tmp_path: Path) -> "Backend":
+    async def start(self, tmp_path: Path, clock=reactor) -> "Backend":
+        """``clock`` is the reading room's (its login throttle's); the database and the outbox run on the reactor."""
         self.database = Database(reactor, f"sqlite:///{tmp_path / 'viewer.sqlite'}")
         self.database.create_schema()
         self.database.start()
@@ -199,7 +201,7 @@ class Backend:
         self.outgoing = OutgoingService(OutgoingPackages(self.database, reactor), self.ingest, self.blobs, self.central,
                                         settings.backoff, reactor)
         self.room = ReadingRoom(Inbox(self.database, reactor), Accounts(self.database, reactor), self.ingest,
-                                self.outgoing, VIEWER_NAME, settings, reactor)
+                                self.outgoing, VIEWER_NAME, settings, clock)
         await add_user(self.room.accounts, "alice", "s3cret")
         self.by_name: dict[str, str] = {}
         for study_uid, (patient, pid, date, institution, series) in STUDIES.items():
@@ -332,6 +334,56 @@ def _login_next(base: str, next_path: str) -> str:
     r = s.post(base + "/login", data={"username": "alice", "password": "s3cret", "csrf": nonce, "next": next_path},
                allow_redirects=False)
     return r.headers["Location"]
+
+
+class LoginForm:
+    """A browser at the login form: keeps the form's nonce (its cookie is in the session) for the next POST."""
+
+    def __init__(self, base: str):
+        self.base, self.session = base, requests.Session()
+        self.nonce = re.search(r'name="csrf" value="([^"]+)"', self.session.get(base + "/").text).group(1)
+
+    def post(self, password: str, user: str = "alice", **headers) -> requests.Response:
+        r = self.session.post(self.base + "/login", data={"username": user, "password": password, "csrf": self.nonce},
+                              headers=headers, allow_redirects=False)
+        found = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        if found:
+            self.nonce = found.group(1)
+        return r
+
+
+@pytest_twisted.ensureDeferred
+async def test_thirty_wrong_passwords_are_throttled_until_the_clock_passes_retry_after(tmp_path):
+    """30 wrong passwords for one user: the first five are 401, the rest 429 with Retry-After and a message on the
+    form (problem JSON for a client asking for JSON), and no password is checked while throttled, so the right one
+    is refused too; once the reading room's clock has passed Retry-After, the right password logs in."""
+    clock = Clock()
+    backend = await Backend().start(tmp_path, clock=clock)
+    try:
+        form = await _thread(LoginForm, backend.base)
+        answers = await _thread(lambda: [form.post(f"guess-{i}") for i in range(30)])
+        assert [r.status_code for r in answers] == [401] * 5 + [429] * 25
+        throttled = answers[-1]
+        wait = int(throttled.headers["Retry-After"])
+        assert 1 <= wait <= 60
+        assert "Too many failed logins" in throttled.text and throttled.headers["Content-Type"].startswith("text/html")
+        right_too_soon = await _thread(form.post, "s3cret")
+        assert right_too_soon.status_code == 429 and "medd_session" not in form.session.cookies
+        as_json = await _thread(form.post, "s3cret", Accept="application/json")
+        assert as_json.status_code == 429 and as_json.headers["Content-Type"] == "application/problem+json"
+        assert as_json.json()["status"] == 429 and as_json.json()["type"] == "urn:medd:problem:login-throttled"
+        assert as_json.headers["Retry-After"] == str(wait)
+
+        clock.advance(wait - 0.5)
+        assert (await _thread(form.post, "s3cret")).status_code == 429
+        clock.advance(1)
+        ok = await _thread(form.post, "s3cret")
+        assert ok.status_code == 303 and "medd_session" in form.session.cookies
+        # A successful login starts the user's count again: five more wrong passwords before a 429.
+        again = await _thread(lambda: [LoginForm(backend.base).post("nope").status_code for _ in range(6)])
+        assert again == [401] * 5 + [429]
+    finally:
+        await backend.stop()
 
 
 @pytest_twisted.ensureDeferred

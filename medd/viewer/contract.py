@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from medd.storage.inbox import (InstanceView, OpenedMark, SeriesView, StudyDetail, StudyRow, WorklistPage,
                                 WorklistQuery)
@@ -61,6 +61,8 @@ class HeaderElement:
 
 class IReadingRoom(Interface):
     """What the reading room's web UI may ask of the viewer node. Each method is a coroutine."""
+
+    login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
 
     def worklist(query):
         """The :class:`WorklistPage` for a :class:`WorklistQuery`."""

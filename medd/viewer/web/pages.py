@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 import secrets
 from urllib.parse import quote, urlencode
@@ -24,7 +25,7 @@ from medd.viewer.web.resources import RenderedImage
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
 from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
                                      get_cookie, read_form, session_of, set_cookie)
-from medd.webresource import Response
+from medd.webresource import PROBLEM_JSON, Problem, Response, client_ip
 
 log = Logger()
 
@@ -134,15 +135,48 @@ class LoginAction(RoomResource):
         if not username or not password:
             return await login_form(request, status=400, username=username, next_path=next_path,
                                     message="Enter your user name and password.")
+        throttle, peer = self.room.reading_room.login_throttle, client_ip(request)
+        wait = throttle.attempt(username, peer)
+        if wait:
+            # Refused before the password is checked: while throttled, the right one does not work either.
+            log.warn("reading room login for {user} from {peer} throttled for {wait} s", user=username, peer=peer,
+                     wait=wait)
+            return await self._throttled(request, wait, username, next_path)
         if not await self.room.reading_room.check_password(username, password):
-            log.warn("reading room login refused for {user}", user=username)
+            log.warn("reading room login refused for {user} from {peer}", user=username, peer=peer)
             return await login_form(request, status=401, username=username, next_path=next_path,
                                     message="Unknown user name or wrong password.")
+        throttle.succeeded(username, peer)
         token = await self.room.reading_room.create_session(username)
         set_cookie(request, SESSION_COOKIE, token)
         set_cookie(request, LOGIN_COOKIE, "", max_age=0)
         log.info("reading room login: {user}", user=username)
         return redirect(next_path)
+
+    @staticmethod
+    async def _throttled(request, wait: int, username: str, next_path: str) -> Response:
+        """429 with Retry-After: the login form with a message, or problem JSON for a client that asks for JSON."""
+        message = (f"Too many failed logins for this user or from this computer. "
+                   f"Wait {_duration(wait)} and try again.")
+        headers = {"Retry-After": str(wait)}
+        if _wants_json(request):
+            problem = Problem(429, message, kind="login-throttled", title="Too many login attempts", headers=headers)
+            return Response(429, PROBLEM_JSON, problem.body(request.uri.decode("latin-1", "replace")), headers)
+        response = await login_form(request, status=429, username=username, next_path=next_path, message=message)
+        response.headers.update(headers)
+        return response
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    return f"{math.ceil(seconds / 60)} minutes"
+
+
+def _wants_json(request) -> bool:
+    """True when the client asks for JSON (an API client) rather than a page."""
+    accept = (request.getHeader("accept") or "").lower()
+    return ("application/json" in accept or PROBLEM_JSON in accept) and "text/html" not in accept
 
 
 class LogoutAction(RoomResource):
