@@ -44,6 +44,7 @@ from medd.viewer.reading import ReadingRoom
 from medd.viewer.settings import CentralSettings
 from medd.viewer.users import add_user
 from medd.viewer.web import CSRF_HEADER, csrf_token, reading_room_resources
+from medd.viewer.web.pages import _safe_next
 from tests.conftest import testdata
 
 CHROMIUM = "/usr/bin/chromium"
@@ -334,6 +335,45 @@ def _login_next(base: str, next_path: str) -> str:
     r = s.post(base + "/login", data={"username": "alice", "password": "s3cret", "csrf": nonce, "next": next_path},
                allow_redirects=False)
     return r.headers["Location"]
+
+
+HOSTILE_NEXT = [
+    "//evil.example/x", "/\\evil.example", "\\\\evil.example", "/%09/evil.example", "/\t/evil.example",
+    "/%0d%0a//evil.example", "/\r\n//evil.example", "/%2F/evil.example", "/%5cevil.example", "/%252F%252Fevil.example",
+    "https://evil.example", "HTTPS://evil.example/", "javascript:alert(1)", "JaVaScRiPt:alert(document.cookie)",
+    " /worklist", "/worklist\x00", "/work list", "/\u2028/evil.example", "/%e2%80%a8/evil.example", "evil.example",
+    "", "/" + "a" * 3000,
+]
+GOOD_NEXT = ["/", "/worklist", "/worklist?patient=Smith&status=unread", "/studies/1.2.826.0.1.1",
+             "/images/1.2.3/render.png?frame=2", "/worklist?patient=M%C3%BCller", "/worklist?patient=a+b"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_NEXT)
+def test_next_refuses_anything_but_a_path_on_this_site(value):
+    """A ``next`` that a browser could take to another site (``//``, a backslash, tabs or newlines it drops,
+    as sent or percent-decoded, a scheme) or that holds control characters or spaces goes to the worklist."""
+    assert _safe_next(value) == "/worklist"
+
+
+@pytest.mark.parametrize("value", GOOD_NEXT)
+def test_next_keeps_a_path_on_this_site(value):
+    """A same-site absolute path, with its query, is where the login goes next, unchanged."""
+    assert _safe_next(value) == value
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_next_with_a_tab_does_not_leave_the_site(room_site):
+    """The reported ``?next=/%09/host/path`` (and its form field twin) lands on the worklist after login."""
+    base = room_site.base
+
+    def check():
+        s = requests.Session()
+        form = s.get(base + "/?next=/%09/evil.example/path")
+        assert 'value="/worklist"' in form.text and "evil" not in form.text
+        return [_login_next(base, value) for value in ("/\t/evil.example/path", "/%09/evil.example/path",
+                                                       "/studies/1.2.826.0.1.1")]
+
+    assert await _thread(check) == ["/worklist", "/worklist", "/studies/1.2.826.0.1.1"]
 
 
 class LoginForm:

@@ -11,7 +11,8 @@ import json
 import math
 import re
 import secrets
-from urllib.parse import quote, urlencode
+import unicodedata
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from twisted.logger import Logger
 from twisted.web.template import Tag, tags
@@ -61,10 +62,34 @@ def _text(value) -> str:
 # --- login, logout ---------------------------------------------------------------------------------
 
 
+MAX_NEXT = 2048
+
+
+def _is_local_path(value: str) -> bool:
+    """True for a path on this site: one leading ``/``, no backslash, no control or space characters, no scheme.
+
+    Browsers drop tabs and newlines from a URL and read ``\\`` as ``/``, so ``/\t/evil`` and ``/\\evil`` are
+    ``//evil``: another host.
+    """
+    if not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return False
+    if any(c.isspace() or unicodedata.category(c)[0] == "C" for c in value):
+        return False
+    parts = urlsplit(value)
+    return not parts.scheme and not parts.netloc
+
+
 def _safe_next(value: str | None) -> str:
-    """A same-site path to go to after login, never another site."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
+    """A same-site path to go to after login (checked as sent and percent-decoded), otherwise the worklist."""
+    if not value or len(value) > MAX_NEXT:
+        return "/worklist"
+    decoded = value
+    for _ in range(3):  # what a proxy or a browser might decode again
+        if not _is_local_path(decoded):
+            return "/worklist"
+        decoded, before = unquote(decoded), decoded
+        if decoded == before:
+            return value
     return "/worklist"
 
 
