@@ -548,6 +548,40 @@ async def test_a_get_of_the_image_page_changes_nothing_and_opened_is_its_own_pos
     assert (await room.study("1.2.826.0.1.1", "alice")).series[0].instances[0].opened
 
 
+STATIC_MISSES = ["/static/%00", "/static/a%00b.js", "/static/%00/x", "/static/..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e",
+                 "/static/no-such.js", "/static/%ff%fe", "/static/", "/static/reading-room.js/x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_file_names_that_cannot_be_files_are_404_problem_json(room_site):
+    """A static name with a NUL byte, a traversal, bytes that are not UTF-8 or no such file is 404 problem JSON,
+    never a 500 with a traceback; the real files are still served."""
+    base = room_site.base
+
+    def check():
+        answers = {path: requests.get(base + path, allow_redirects=False) for path in STATIC_MISSES}
+        assert requests.get(base + "/static/reading-room.js").status_code == 200
+        return answers
+
+    for path, r in (await _thread(check)).items():
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
+        assert r.headers["Content-Type"] == "application/problem+json", path
+        assert r.json()["status"] == 404 and "Traceback" not in r.text, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_worklist_offset_out_of_range_is_400(room_site):
+    """A worklist offset past what SQL can hold, or digits int() does not read, is a 400 page, not a 500."""
+    base = room_site.base
+
+    def check():
+        s = _login(base)
+        return [s.get(base + "/worklist", params={"offset": value}).status_code
+                for value in ("9223372036854775808", "2147483648", "\u00b2", "9" * 5000, "1e3")]
+
+    assert await _thread(check) == [400] * 5
+
+
 @pytest_twisted.ensureDeferred
 async def test_image_page_render_endpoint_and_static_files(room_site):
     """The image page carries size, spacing, saved overlays and the header; render.png honours frame and window

@@ -254,10 +254,14 @@ def worklist_query(filters: dict[str, str], user: str, offset: int) -> WorklistQ
                          status=status, limit=PAGE_SIZE, offset=offset, **dates)
 
 
+MAX_OFFSET = 2**31 - 1
+
+
 def _offset(request) -> int:
     raw = (request.args.get(b"offset") or [b"0"])[0].decode("ascii", "replace").strip() or "0"
-    if not raw.isdigit():
-        raise WebError(400, f"offset is a number of studies, not {raw!r}")
+    # str.isdigit() would pass "²", which int() refuses; and SQL refuses an offset past 2^63.
+    if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) > MAX_OFFSET:
+        raise WebError(400, f"offset is a number of studies up to {MAX_OFFSET}, not {raw[:40]!r}")
     return int(raw)
 
 
