@@ -426,6 +426,50 @@ async def test_thirty_wrong_passwords_are_throttled_until_the_clock_passes_retry
         await backend.stop()
 
 
+def _without(name: str, sop_uid: str, **changes) -> bytes:
+    """One of pydicom's test files as a new instance of study 1.2.826.0.1.1, with ``changes`` (None deletes)."""
+    ds = pydicom.dcmread(BytesIO(study_object(name, "1.2.826.0.1.1", "1.2.826.0.1.1.9", ("DOE^JANE", "P001"),
+                                              "20240102", "Centre A", 9)))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    out = BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_overlay_on_an_image_without_patient_birth_date_or_sex_is_saved(room_site):
+    """An image that leaves out Type 2 patient and study attributes (PatientBirthDate, PatientSex, AccessionNumber …)
+    takes an overlay (201, read back, queued for central) with those attributes empty in the GSPS; one whose header
+    holds a value a presentation state cannot copy is a clear 422, not a 500."""
+    base, room, ingest = room_site.base, room_site.room, room_site.ingest
+    bare = (await ingest.receive_dicom(_without("CT_small.dcm", "1.2.826.0.1.1.9.1", PatientBirthDate=None,
+                                                PatientSex=None, AccessionNumber=None, StudyID=None),
+                                       transport="pull", origin=CENTRAL_ORIGIN)).uid
+    odd = (await ingest.receive_dicom(_without("CT_small.dcm", "1.2.826.0.1.1.9.2", PatientSex="Q"),
+                                      transport="pull", origin=CENTRAL_ORIGIN)).uid
+
+    def save():
+        s = _login(base)
+        token = csrf_token(s.cookies["medd_session"])
+        body = {"annotations": [{"type": "line", "points": [[1, 1], [20, 20]], "text": "here"}]}
+        return [s.post(f"{base}/images/{uid}/overlays", json=body, headers={CSRF_HEADER: token}) for uid in (bare, odd)]
+
+    saved, refused = await _thread(save)
+    assert saved.status_code == 201, saved.text
+    (overlay,) = await room.overlays(bare)
+    assert overlay.uid == saved.json()["uid"] and overlay.annotations[0].type == "line"
+    gsps = pydicom.dcmread(BytesIO(await room.instance_bytes(overlay.uid)))
+    assert "PatientBirthDate" in gsps and not gsps.PatientBirthDate and gsps.PatientID == "P001"
+    assert [p.attachment.split(";")[0] for p in await room_site.queued()] == ["overlay"]
+    assert refused.status_code == 422 and "cannot carry an overlay" in refused.json()["error"]
+    assert "PatientSex" in refused.json()["error"] and await room.overlays(odd) == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_state_changing_posts_need_the_csrf_token(room_site):
     """A report, overlay or opened POST without the session's CSRF token, or from another origin, changes nothing;
