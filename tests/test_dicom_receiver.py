@@ -127,6 +127,34 @@ async def test_cecho(make_central):
     assert await deferToThread(echo) == 0
 
 
+def _associate(port: int, called: str) -> tuple[bool, tuple | None]:
+    """Blocking: associate as MODALITY1 to ``called`` and release; (established, (result, source, reason))."""
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    try:
+        rejection = None
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            rejection = (rj.result, rj.result_source, rj.diagnostic)
+        return assoc.is_established, rejection
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_configured_called_ae_title_is_accepted(make_central):
+    """An association called to any AE title but [dicom] ae_title is rejected (A-ASSOCIATE-RJ: rejected-permanent,
+    by the service user, "called AE title not recognised"); one called to the configured title is accepted."""
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra="[dicom]\nae_title = CENTRAL_A\n")
+    port = listener_port(node, "dicom")
+    for wrong in ("MEDD", "ANY-SCP", "central_a", "CENTRAL_AB"):
+        established, rejection = await deferToThread(_associate, port, wrong)
+        assert not established and rejection == (0x01, 0x01, 0x07), wrong
+    assert await deferToThread(_associate, port, "CENTRAL_A") == (True, None)
+
+
 def _dcmtk_storescu() -> str | None:
     """DCMTK's storescu, not the one pynetdicom installs into the virtualenv's bin."""
     venv_bin = os.path.dirname(sys.executable)

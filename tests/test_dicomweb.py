@@ -164,6 +164,24 @@ async def test_qido_bad_queries_are_400(make_central):
 
 
 @pytest_twisted.ensureDeferred
+async def test_qido_offset_and_limit_out_of_range_are_400_not_500(make_central):
+    """An offset beyond what a database can hold (2^63), or a limit or offset that is negative, not ASCII digits
+    or thousands of digits long, is 400 problem JSON with no traceback; a huge limit is the most medd answers."""
+    node = await make_central(LISTEN)
+    for query in ("offset=9223372036854775808", "offset=9223372036854775807", "offset=2147483648",
+                  "offset=" + "9" * 5000, "offset=-1", "offset=%2B1", "offset=1_0", "offset=%D9%A1", "offset=",
+                  "limit=-5", "limit=ten", "limit=%EF%BC%91", "limit=1e3", "limit=0x10", "limit="):
+        for level in ("/studies", "/series", "/instances"):
+            response = await deferToThread(requests.get, _url(node, f"{level}?{query}"), timeout=30)
+            assert response.status_code == 400, (level, query, response.text[:200])
+            assert response.headers["Content-Type"] == "application/problem+json"
+            assert "Traceback" not in response.text and response.json()["status"] == 400
+    for query in ("limit=9223372036854775808", "limit=" + "9" * 5000, "offset=2147483647", "limit=0010&offset=000"):
+        response = await deferToThread(requests.get, _url(node, f"/studies?{query}"), timeout=30)
+        assert response.status_code in (200, 204), (query, response.text[:200])
+
+
+@pytest_twisted.ensureDeferred
 async def test_wado_not_found_is_404(make_central):
     """Retrieving an instance, series or study that is not stored is 404 problem JSON."""
     node = await make_central(LISTEN)

@@ -22,6 +22,7 @@ import requests
 from PIL import Image
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
@@ -43,6 +44,7 @@ from medd.viewer.reading import ReadingRoom
 from medd.viewer.settings import CentralSettings
 from medd.viewer.users import add_user
 from medd.viewer.web import CSRF_HEADER, csrf_token, reading_room_resources
+from medd.viewer.web.pages import _safe_next
 from tests.conftest import testdata
 
 CHROMIUM = "/usr/bin/chromium"
@@ -187,7 +189,8 @@ class Backend:
     """A viewer's reading room over a temporary SQLite database and blob store, objects ingested through
     the real Ingest, served on a loopback HTTP site."""
 
-    async def start(self, tmp_path: Path) -> "Backend":
+    async def start(self, tmp_path: Path, clock=reactor) -> "Backend":
+        """``clock`` is the reading room's (its login throttle's); the database and the outbox run on the reactor."""
         self.database = Database(reactor, f"sqlite:///{tmp_path / 'viewer.sqlite'}")
         self.database.create_schema()
         self.database.start()
@@ -199,7 +202,7 @@ class Backend:
         self.outgoing = OutgoingService(OutgoingPackages(self.database, reactor), self.ingest, self.blobs, self.central,
                                         settings.backoff, reactor)
         self.room = ReadingRoom(Inbox(self.database, reactor), Accounts(self.database, reactor), self.ingest,
-                                self.outgoing, VIEWER_NAME, settings, reactor)
+                                self.outgoing, VIEWER_NAME, settings, clock)
         await add_user(self.room.accounts, "alice", "s3cret")
         self.by_name: dict[str, str] = {}
         for study_uid, (patient, pid, date, institution, series) in STUDIES.items():
@@ -334,6 +337,139 @@ def _login_next(base: str, next_path: str) -> str:
     return r.headers["Location"]
 
 
+HOSTILE_NEXT = [
+    "//evil.example/x", "/\\evil.example", "\\\\evil.example", "/%09/evil.example", "/\t/evil.example",
+    "/%0d%0a//evil.example", "/\r\n//evil.example", "/%2F/evil.example", "/%5cevil.example", "/%252F%252Fevil.example",
+    "https://evil.example", "HTTPS://evil.example/", "javascript:alert(1)", "JaVaScRiPt:alert(document.cookie)",
+    " /worklist", "/worklist\x00", "/work list", "/\u2028/evil.example", "/%e2%80%a8/evil.example", "evil.example",
+    "", "/" + "a" * 3000,
+]
+GOOD_NEXT = ["/", "/worklist", "/worklist?patient=Smith&status=unread", "/studies/1.2.826.0.1.1",
+             "/images/1.2.3/render.png?frame=2", "/worklist?patient=M%C3%BCller", "/worklist?patient=a+b"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_NEXT)
+def test_next_refuses_anything_but_a_path_on_this_site(value):
+    """A ``next`` that a browser could take to another site (``//``, a backslash, tabs or newlines it drops,
+    as sent or percent-decoded, a scheme) or that holds control characters or spaces goes to the worklist."""
+    assert _safe_next(value) == "/worklist"
+
+
+@pytest.mark.parametrize("value", GOOD_NEXT)
+def test_next_keeps_a_path_on_this_site(value):
+    """A same-site absolute path, with its query, is where the login goes next, unchanged."""
+    assert _safe_next(value) == value
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_next_with_a_tab_does_not_leave_the_site(room_site):
+    """The reported ``?next=/%09/host/path`` (and its form field twin) lands on the worklist after login."""
+    base = room_site.base
+
+    def check():
+        s = requests.Session()
+        form = s.get(base + "/?next=/%09/evil.example/path")
+        assert 'value="/worklist"' in form.text and "evil" not in form.text
+        return [_login_next(base, value) for value in ("/\t/evil.example/path", "/%09/evil.example/path",
+                                                       "/studies/1.2.826.0.1.1")]
+
+    assert await _thread(check) == ["/worklist", "/worklist", "/studies/1.2.826.0.1.1"]
+
+
+class LoginForm:
+    """A browser at the login form: keeps the form's nonce (its cookie is in the session) for the next POST."""
+
+    def __init__(self, base: str):
+        self.base, self.session = base, requests.Session()
+        self.nonce = re.search(r'name="csrf" value="([^"]+)"', self.session.get(base + "/").text).group(1)
+
+    def post(self, password: str, user: str = "alice", **headers) -> requests.Response:
+        r = self.session.post(self.base + "/login", data={"username": user, "password": password, "csrf": self.nonce},
+                              headers=headers, allow_redirects=False)
+        found = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        if found:
+            self.nonce = found.group(1)
+        return r
+
+
+@pytest_twisted.ensureDeferred
+async def test_thirty_wrong_passwords_are_throttled_until_the_clock_passes_retry_after(tmp_path):
+    """30 wrong passwords for one user: the first five are 401, the rest 429 with Retry-After and a message on the
+    form (problem JSON for a client asking for JSON), and no password is checked while throttled, so the right one
+    is refused too; once the reading room's clock has passed Retry-After, the right password logs in."""
+    clock = Clock()
+    backend = await Backend().start(tmp_path, clock=clock)
+    try:
+        form = await _thread(LoginForm, backend.base)
+        answers = await _thread(lambda: [form.post(f"guess-{i}") for i in range(30)])
+        assert [r.status_code for r in answers] == [401] * 5 + [429] * 25
+        throttled = answers[-1]
+        wait = int(throttled.headers["Retry-After"])
+        assert 1 <= wait <= 60
+        assert "Too many failed logins" in throttled.text and throttled.headers["Content-Type"].startswith("text/html")
+        right_too_soon = await _thread(form.post, "s3cret")
+        assert right_too_soon.status_code == 429 and "medd_session" not in form.session.cookies
+        as_json = await _thread(form.post, "s3cret", Accept="application/json")
+        assert as_json.status_code == 429 and as_json.headers["Content-Type"] == "application/problem+json"
+        assert as_json.json()["status"] == 429 and as_json.json()["type"] == "urn:medd:problem:login-throttled"
+        assert as_json.headers["Retry-After"] == str(wait)
+
+        clock.advance(wait - 0.5)
+        assert (await _thread(form.post, "s3cret")).status_code == 429
+        clock.advance(1)
+        ok = await _thread(form.post, "s3cret")
+        assert ok.status_code == 303 and "medd_session" in form.session.cookies
+        # A successful login starts the user's count again: five more wrong passwords before a 429.
+        again = await _thread(lambda: [LoginForm(backend.base).post("nope").status_code for _ in range(6)])
+        assert again == [401] * 5 + [429]
+    finally:
+        await backend.stop()
+
+
+def _without(name: str, sop_uid: str, **changes) -> bytes:
+    """One of pydicom's test files as a new instance of study 1.2.826.0.1.1, with ``changes`` (None deletes)."""
+    ds = pydicom.dcmread(BytesIO(study_object(name, "1.2.826.0.1.1", "1.2.826.0.1.1.9", ("DOE^JANE", "P001"),
+                                              "20240102", "Centre A", 9)))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    out = BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_overlay_on_an_image_without_patient_birth_date_or_sex_is_saved(room_site):
+    """An image that leaves out Type 2 patient and study attributes (PatientBirthDate, PatientSex, AccessionNumber …)
+    takes an overlay (201, read back, queued for central) with those attributes empty in the GSPS; one whose header
+    holds a value a presentation state cannot copy is a clear 422, not a 500."""
+    base, room, ingest = room_site.base, room_site.room, room_site.ingest
+    bare = (await ingest.receive_dicom(_without("CT_small.dcm", "1.2.826.0.1.1.9.1", PatientBirthDate=None,
+                                                PatientSex=None, AccessionNumber=None, StudyID=None),
+                                       transport="pull", origin=CENTRAL_ORIGIN)).uid
+    odd = (await ingest.receive_dicom(_without("CT_small.dcm", "1.2.826.0.1.1.9.2", PatientSex="Q"),
+                                      transport="pull", origin=CENTRAL_ORIGIN)).uid
+
+    def save():
+        s = _login(base)
+        token = csrf_token(s.cookies["medd_session"])
+        body = {"annotations": [{"type": "line", "points": [[1, 1], [20, 20]], "text": "here"}]}
+        return [s.post(f"{base}/images/{uid}/overlays", json=body, headers={CSRF_HEADER: token}) for uid in (bare, odd)]
+
+    saved, refused = await _thread(save)
+    assert saved.status_code == 201, saved.text
+    (overlay,) = await room.overlays(bare)
+    assert overlay.uid == saved.json()["uid"] and overlay.annotations[0].type == "line"
+    gsps = pydicom.dcmread(BytesIO(await room.instance_bytes(overlay.uid)))
+    assert "PatientBirthDate" in gsps and not gsps.PatientBirthDate and gsps.PatientID == "P001"
+    assert [p.attachment.split(";")[0] for p in await room_site.queued()] == ["overlay"]
+    assert refused.status_code == 422 and "cannot carry an overlay" in refused.json()["error"]
+    assert "PatientSex" in refused.json()["error"] and await room.overlays(odd) == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_state_changing_posts_need_the_csrf_token(room_site):
     """A report, overlay or opened POST without the session's CSRF token, or from another origin, changes nothing;
@@ -454,6 +590,40 @@ async def test_a_get_of_the_image_page_changes_nothing_and_opened_is_its_own_pos
     assert not row.unread and row.opened_images == 1
     assert (await room.worklist(WorklistQuery(user="bob"))).studies[0].unread
     assert (await room.study("1.2.826.0.1.1", "alice")).series[0].instances[0].opened
+
+
+STATIC_MISSES = ["/static/%00", "/static/a%00b.js", "/static/%00/x", "/static/..%2F..%2Fetc%2Fpasswd", "/static/%2e%2e",
+                 "/static/no-such.js", "/static/%ff%fe", "/static/", "/static/reading-room.js/x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_file_names_that_cannot_be_files_are_404_problem_json(room_site):
+    """A static name with a NUL byte, a traversal, bytes that are not UTF-8 or no such file is 404 problem JSON,
+    never a 500 with a traceback; the real files are still served."""
+    base = room_site.base
+
+    def check():
+        answers = {path: requests.get(base + path, allow_redirects=False) for path in STATIC_MISSES}
+        assert requests.get(base + "/static/reading-room.js").status_code == 200
+        return answers
+
+    for path, r in (await _thread(check)).items():
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
+        assert r.headers["Content-Type"] == "application/problem+json", path
+        assert r.json()["status"] == 404 and "Traceback" not in r.text, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_worklist_offset_out_of_range_is_400(room_site):
+    """A worklist offset past what SQL can hold, or digits int() does not read, is a 400 page, not a 500."""
+    base = room_site.base
+
+    def check():
+        s = _login(base)
+        return [s.get(base + "/worklist", params={"offset": value}).status_code
+                for value in ("9223372036854775808", "2147483648", "\u00b2", "9" * 5000, "1e3")]
+
+    assert await _thread(check) == [400] * 5
 
 
 @pytest_twisted.ensureDeferred

@@ -208,6 +208,9 @@ class DicomListener(Service):
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 32
+        # Only associations called to [dicom] ae_title; others are rejected-permanent by the service user,
+        # reason 7 "called AE title not recognised" (PS3.8 9.3.4).
+        ae.require_called_aet = True
         self.ae = ae
         try:
             self.server = ae.make_server(

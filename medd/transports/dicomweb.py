@@ -47,10 +47,13 @@ FAILURE_OUT_OF_RESOURCES = 0xA700
 # QIDO-RS: results per request unless the client asks for fewer (or more, up to MAX_LIMIT).
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
+# Far beyond any index, well inside the databases' 64-bit OFFSET.
+MAX_OFFSET = 2**31 - 1
 QIDO_CONTROL_KEYS = ("limit", "offset", "includefield", "fuzzymatching")
 QUERY_KEYWORDS = frozenset(STUDY_FILTERS)
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _DATE = re.compile(r"^\d{8}$")
+_DIGITS = re.compile(r"^[0-9]+$")
 _CHUNK = 64 * 1024
 
 
@@ -252,14 +255,13 @@ def _check_value(keyword: str, value: str) -> None:
             raise Problem(400, f"StudyDate={value!r} is not a date (YYYYMMDD) or a date range", kind="bad-query")
 
 
-def _non_negative(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise Problem(400, f"{name}={text!r} is not a non-negative integer", kind="bad-query")
-    return value
+def _non_negative(name: str, text: str) -> int | None:
+    """A count of results; None for one too large for any index. ASCII digits only: ``int`` would take
+    ``+1``, ``1_0``, other scripts' digits, and refuse more than 4300 digits with an error of its own."""
+    if not _DIGITS.match(text):
+        raise Problem(400, f"{name}={text[:40]!r} is not a non-negative integer", kind="bad-query")
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(MAX_OFFSET)) and int(digits) <= MAX_OFFSET else None
 
 
 def parse_query(request) -> Query:
@@ -271,9 +273,13 @@ def parse_query(request) -> Query:
         for raw in raw_values:
             value = raw.decode("utf-8", "replace").strip()
             if key == "limit":
-                limit = min(_non_negative(key, value), MAX_LIMIT)
+                count = _non_negative(key, value)
+                # More than medd answers at once is the most it answers (PS3.18 8.3.4.4).
+                limit = MAX_LIMIT if count is None else min(count, MAX_LIMIT)
             elif key == "offset":
                 offset = _non_negative(key, value)
+                if offset is None:
+                    raise Problem(400, f"offset may be at most {MAX_OFFSET}", kind="bad-query")
             elif key in QIDO_CONTROL_KEYS:
                 # includefield: medd returns every attribute it indexes;
                 # fuzzymatching: matching is exact or by wildcard either way.

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from medd.storage.inbox import (InstanceView, OpenedMark, SeriesView, StudyDetail, StudyRow, WorklistPage,
                                 WorklistQuery)
 from medd.viewer.annotations import Annotation, AnnotationError
 
 __all__ = [
-    "Annotation", "AnnotationError", "HeaderElement", "IReadingRoom", "InstanceView", "OpenedMark", "OverlayView",
+    "Annotation", "AnnotationError", "CannotAnnotate", "HeaderElement", "IReadingRoom", "InstanceView", "OpenedMark", "OverlayView",
     "ReportView", "SeriesView", "StudyDetail", "StudyRow", "UnknownObject", "WorklistPage", "WorklistQuery",
 ]
 
 
 class UnknownObject(KeyError):
     """No such object (image, study) in the local inbox."""
+
+
+class CannotAnnotate(Exception):
+    """The image cannot carry an overlay: a presentation state must copy what its header lacks."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class HeaderElement:
 class IReadingRoom(Interface):
     """What the reading room's web UI may ask of the viewer node. Each method is a coroutine."""
 
+    login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
+
     def worklist(query):
         """The :class:`WorklistPage` for a :class:`WorklistQuery`."""
 
@@ -83,7 +89,8 @@ class IReadingRoom(Interface):
     def save_overlay(image_uid, user, annotations):
         """Store the annotations (:class:`Annotation`) as an overlay of the image and send it; its UID.
 
-        :class:`AnnotationError` for annotations that cannot be drawn on the image.
+        :class:`AnnotationError` for annotations that cannot be drawn on the image; :class:`CannotAnnotate`
+        for an image that cannot carry an overlay at all.
         """
 
     def overlays(image_uid):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from datetime import datetime
 
 import highdicom as hd
@@ -27,13 +28,16 @@ from pydicom.valuerep import PersonName
 
 from medd import __version__
 from medd.viewer.annotations import MAX_TEXT, Annotation, AnnotationError, check_annotation, check_annotations
-from medd.viewer.contract import OverlayView
+from medd.viewer.contract import CannotAnnotate, OverlayView
 
-__all__ = ["AnnotationError", "build_presentation_state", "line_length_mm", "read_presentation_state"]
+__all__ = ["AnnotationError", "CannotAnnotate", "build_presentation_state", "line_length_mm", "read_presentation_state"]
 
 LAYER_OF = {"arrow": "ARROW", "line": "LINE", "ellipse": "ELLIPSE", "text": "TEXT"}
 TYPE_OF_LAYER = {v: k for k, v in LAYER_OF.items()}
 OVERLAY_SERIES_NUMBER = 900
+# The image's Type 2 patient and study attributes that highdicom copies into a presentation state.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 def _pixel_spacing(image: Dataset) -> tuple[float, float] | None:
@@ -94,20 +98,37 @@ def _annotation_content(annotation: Annotation, spacing) -> tuple[str, list, lis
     return LAYER_OF[kind], graphics, texts
 
 
-def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], *, user: str, overlay_uid: str,
-                             device: str, when: datetime | None = None) -> bytes:
-    """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``; :class:`AnnotationError` for
-    annotations that :func:`check_annotations` refuses or that name a frame the image does not have."""
-    annotations = check_annotations(annotations)
-    image = dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
-    reference = image
+def _reference_header(image: Dataset) -> Dataset:
+    """A copy of the image's header that highdicom can build a grayscale presentation state from.
+
+    The presentation state copies the image's patient and study attributes. Those highdicom reads
+    unconditionally are Type 2 (present, empty when unknown, PS3.3 C.7.1.1 and C.7.2.1); many images
+    simply leave them out, so they are added empty. The UIDs it must reference cannot be made up.
+    """
+    missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not image.get(k)]
+    if missing:
+        raise CannotAnnotate(f"the image has no {', '.join(missing)}, which an overlay must reference")
+    reference = Dataset(image)
+    for keyword in TYPE2_COPIED:
+        if keyword not in reference:
+            setattr(reference, keyword, None)
     if int(image.get("SamplesPerPixel", 1) or 1) != 1:
         # highdicom builds a *grayscale* presentation state only for grayscale
         # images; the annotations reference a colour image just as well (by
         # UID), so it is handed a grayscale-looking copy of the header.
-        reference = Dataset(image)
         reference.SamplesPerPixel = 1
         reference.PhotometricInterpretation = "MONOCHROME2"
+    return reference
+
+
+def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], *, user: str, overlay_uid: str,
+                             device: str, when: datetime | None = None) -> bytes:
+    """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``; :class:`AnnotationError` for
+    annotations that :func:`check_annotations` refuses or that name a frame the image does not have,
+    :class:`CannotAnnotate` for an image whose header a presentation state cannot be made from."""
+    annotations = check_annotations(annotations)
+    image = dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
+    reference = _reference_header(image)
     frames = int(image.get("NumberOfFrames", 1) or 1)
     spacing = _pixel_spacing(image)
     layers: dict[str, hd.pr.GraphicLayer] = {}
@@ -132,7 +153,7 @@ def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], 
         except (ValueError, TypeError) as e:
             raise AnnotationError(f"annotation {i}: {e}") from e
     creator = PersonName(user if "^" in user else f"{user}^")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _header_cannot_carry_it():
         warnings.simplefilter("ignore", UserWarning)  # highdicom's advice on person-name components
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=[reference],
@@ -156,6 +177,15 @@ def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], 
     buf = io.BytesIO()
     gsps.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+@contextmanager
+def _header_cannot_carry_it():
+    """What highdicom refuses in the image's header (a value it cannot copy) is the image's, not medd's."""
+    try:
+        yield
+    except (AttributeError, ValueError, TypeError) as e:
+        raise CannotAnnotate(f"the image's header cannot be copied into an overlay: {e}") from e
 
 
 def _pairs(flat) -> list[list[float]]:

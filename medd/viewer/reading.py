@@ -27,6 +27,7 @@ from medd.viewer.annotations import Annotation, AnnotationError
 from medd.viewer.contract import HeaderElement, IReadingRoom, OverlayView, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
+from medd.viewer.throttling import LoginThrottle
 from medd.viewer.users import check_hash
 
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
@@ -85,6 +86,7 @@ class ReadingRoom:
         self.node_name = node_name
         self.settings = settings
         self.clock = clock
+        self.login_throttle = LoginThrottle(clock)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)

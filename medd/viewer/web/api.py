@@ -10,7 +10,7 @@ import json
 from twisted.logger import Logger
 
 from medd.viewer.annotations import AnnotationError, check_annotations
-from medd.viewer.contract import UnknownObject
+from medd.viewer.contract import CannotAnnotate, UnknownObject
 from medd.viewer.web.errors import WebError
 from medd.viewer.web.serving import UidResource, json_response, serve
 from medd.viewer.web.session import check_csrf
@@ -63,6 +63,8 @@ class OverlaysResource(UidResource):
             raise WebError(404, f"there is no image {self.uid} in this viewer") from e
         except AnnotationError as e:
             raise WebError(400, f"the overlay was refused: {e}") from e
+        except CannotAnnotate as e:
+            raise WebError(422, f"image {self.uid} cannot carry an overlay: {e}") from e
         log.info("overlay {overlay} on {uid} saved by {user}", overlay=overlay_uid, uid=self.uid, user=session.user)
         return json_response(201, {"uid": overlay_uid, "annotations": len(annotations)})
 

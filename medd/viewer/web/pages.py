@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 import secrets
-from urllib.parse import quote, urlencode
+import unicodedata
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from twisted.logger import Logger
 from twisted.web.template import Tag, tags
@@ -24,7 +26,7 @@ from medd.viewer.web.resources import RenderedImage
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
 from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
                                      get_cookie, read_form, session_of, set_cookie)
-from medd.webresource import Response
+from medd.webresource import PROBLEM_JSON, Problem, Response, client_ip
 
 log = Logger()
 
@@ -60,10 +62,34 @@ def _text(value) -> str:
 # --- login, logout ---------------------------------------------------------------------------------
 
 
+MAX_NEXT = 2048
+
+
+def _is_local_path(value: str) -> bool:
+    """True for a path on this site: one leading ``/``, no backslash, no control or space characters, no scheme.
+
+    Browsers drop tabs and newlines from a URL and read ``\\`` as ``/``, so ``/\t/evil`` and ``/\\evil`` are
+    ``//evil``: another host.
+    """
+    if not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return False
+    if any(c.isspace() or unicodedata.category(c)[0] == "C" for c in value):
+        return False
+    parts = urlsplit(value)
+    return not parts.scheme and not parts.netloc
+
+
 def _safe_next(value: str | None) -> str:
-    """A same-site path to go to after login, never another site."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
+    """A same-site path to go to after login (checked as sent and percent-decoded), otherwise the worklist."""
+    if not value or len(value) > MAX_NEXT:
+        return "/worklist"
+    decoded = value
+    for _ in range(3):  # what a proxy or a browser might decode again
+        if not _is_local_path(decoded):
+            return "/worklist"
+        decoded, before = unquote(decoded), decoded
+        if decoded == before:
+            return value
     return "/worklist"
 
 
@@ -134,15 +160,48 @@ class LoginAction(RoomResource):
         if not username or not password:
             return await login_form(request, status=400, username=username, next_path=next_path,
                                     message="Enter your user name and password.")
+        throttle, peer = self.room.reading_room.login_throttle, client_ip(request)
+        wait = throttle.attempt(username, peer)
+        if wait:
+            # Refused before the password is checked: while throttled, the right one does not work either.
+            log.warn("reading room login for {user} from {peer} throttled for {wait} s", user=username, peer=peer,
+                     wait=wait)
+            return await self._throttled(request, wait, username, next_path)
         if not await self.room.reading_room.check_password(username, password):
-            log.warn("reading room login refused for {user}", user=username)
+            log.warn("reading room login refused for {user} from {peer}", user=username, peer=peer)
             return await login_form(request, status=401, username=username, next_path=next_path,
                                     message="Unknown user name or wrong password.")
+        throttle.succeeded(username, peer)
         token = await self.room.reading_room.create_session(username)
         set_cookie(request, SESSION_COOKIE, token)
         set_cookie(request, LOGIN_COOKIE, "", max_age=0)
         log.info("reading room login: {user}", user=username)
         return redirect(next_path)
+
+    @staticmethod
+    async def _throttled(request, wait: int, username: str, next_path: str) -> Response:
+        """429 with Retry-After: the login form with a message, or problem JSON for a client that asks for JSON."""
+        message = (f"Too many failed logins for this user or from this computer. "
+                   f"Wait {_duration(wait)} and try again.")
+        headers = {"Retry-After": str(wait)}
+        if _wants_json(request):
+            problem = Problem(429, message, kind="login-throttled", title="Too many login attempts", headers=headers)
+            return Response(429, PROBLEM_JSON, problem.body(request.uri.decode("latin-1", "replace")), headers)
+        response = await login_form(request, status=429, username=username, next_path=next_path, message=message)
+        response.headers.update(headers)
+        return response
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    return f"{math.ceil(seconds / 60)} minutes"
+
+
+def _wants_json(request) -> bool:
+    """True when the client asks for JSON (an API client) rather than a page."""
+    accept = (request.getHeader("accept") or "").lower()
+    return ("application/json" in accept or PROBLEM_JSON in accept) and "text/html" not in accept
 
 
 class LogoutAction(RoomResource):
@@ -195,10 +254,14 @@ def worklist_query(filters: dict[str, str], user: str, offset: int) -> WorklistQ
                          status=status, limit=PAGE_SIZE, offset=offset, **dates)
 
 
+MAX_OFFSET = 2**31 - 1
+
+
 def _offset(request) -> int:
     raw = (request.args.get(b"offset") or [b"0"])[0].decode("ascii", "replace").strip() or "0"
-    if not raw.isdigit():
-        raise WebError(400, f"offset is a number of studies, not {raw!r}")
+    # str.isdigit() would pass "²", which int() refuses; and SQL refuses an offset past 2^63.
+    if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) > MAX_OFFSET:
+        raise WebError(400, f"offset is a number of studies up to {MAX_OFFSET}, not {raw[:40]!r}")
     return int(raw)
 
 
