@@ -4,6 +4,7 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from medd.central.access import CentralAccess
 from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
@@ -42,6 +43,7 @@ class NodeService(MultiService):
         if config.role == "central":
             self.central_storage = CentralStorage.over(self.database, self.clock)
             plugins.manager.register(SenderPolicy(self.central_storage.directory), name="medd-central-sender-policy")
+            plugins.manager.register(CentralAccess(self.central_storage.directory), name="medd-central-access")
             record_status = self.central_storage.deliveries.record_status
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
@@ -50,6 +52,7 @@ class NodeService(MultiService):
         )
         self.web = WebMounts()
         if config.role == "viewer":
+            from medd.viewer.access import ViewerAccess
             from medd.viewer.node import ViewerServices
             from medd.viewer.web import reading_room_resources
 
@@ -57,6 +60,7 @@ class NodeService(MultiService):
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
+            plugins.manager.register(ViewerAccess(self.reading_room), name="medd-viewer-access")
             for name, resource in reading_room_resources(self.reading_room, self.ingest).items():
                 self.web.mount(name, resource)
         else:

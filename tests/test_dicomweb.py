@@ -19,8 +19,18 @@ LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
 STORAGE_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4."
 
 
-def _client(node) -> DICOMwebClient:
-    return DICOMwebClient(url=f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb")
+async def _reader(node) -> dict[str, str]:
+    """Headers with a new administrator's token: central's DICOMweb reads only with one."""
+    token = await node.central_storage.directory.add_admin(f"reader-{len(READERS)}")
+    READERS.append(token)
+    return {"Authorization": f"Bearer {token}"}
+
+
+READERS: list[str] = []
+
+
+async def _client(node) -> DICOMwebClient:
+    return DICOMwebClient(url=f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb", headers=await _reader(node))
 
 
 def _url(node, path: str) -> str:
@@ -40,6 +50,23 @@ async def _stow(node, parts: list[tuple[str, bytes]], path: str = "/studies") ->
     return await deferToThread(requests.post, _url(node, path), data=body, headers={"Content-Type": ctype}, timeout=60)
 
 
+@pytest_twisted.ensureDeferred
+async def test_reading_needs_an_administrators_token(make_central):
+    """Anonymous QIDO-RS and WADO-RS on central are 401 problem JSON (with WWW-Authenticate), a token
+    that is no administrator's is 403, an administrator's is served."""
+    node = await make_central(LISTEN)
+    stored = await node.ingest.receive_dicom(testdata("CT_small.dcm"), transport="test", origin="MOD")
+    for path in ("/studies", f"/studies/{stored.study_instance_uid}", f"/studies/{stored.study_instance_uid}/metadata"):
+        anonymous = await deferToThread(requests.get, _url(node, path), timeout=30)
+        assert anonymous.status_code == 401, path
+        assert anonymous.headers["Content-Type"] == "application/problem+json"
+        assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = await deferToThread(requests.get, _url(node, path), headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 403, path
+    served = await deferToThread(requests.get, _url(node, "/studies"), headers=await _reader(node), timeout=30)
+    assert served.status_code == 200 and len(served.json()) == 1
+
+
 def _blob_files(node) -> list:
     return [p for p in (node.config.storage_path / "blobs").rglob("*") if p.is_file()]
 
@@ -53,7 +80,7 @@ async def test_stow_qido_wado_round_trip(make_central):
     """Instances stored with dicomweb-client's store_instances are found by QIDO-RS at study, series
     and instance level with their key attributes, and WADO-RS returns the identical dataset."""
     node = await make_central(LISTEN)
-    client = _client(node)
+    client = await _client(node)
     paths = [get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm")]
     sources = [pydicom.dcmread(p) for p in paths]
 
@@ -111,7 +138,7 @@ async def test_qido_query_keys(make_central):
     """QIDO-RS matches PatientID, PatientName (with wildcards), StudyDate ranges, ModalitiesInStudy,
     AccessionNumber, tag-number keys, SOPInstanceUID and honours limit/offset."""
     node = await make_central(LISTEN)
-    client = _client(node)
+    client = await _client(node)
     names = ("CT_small.dcm", "MR_small.dcm", "rtdose.dcm")
     sources = [pydicom.dcmread(get_testdata_file(n)) for n in names]
     await deferToThread(client.store_instances, sources)
@@ -155,9 +182,10 @@ async def test_qido_query_keys(make_central):
 async def test_qido_bad_queries_are_400(make_central):
     """Unknown query keys, malformed dates, UIDs and limits are 400 problem JSON, never an empty match."""
     node = await make_central(LISTEN)
+    headers = await _reader(node)
     for query in ("Colour=blue", "StudyDescription=x", "StudyDate=yesterday", "StudyInstanceUID=1.2.abc",
                   "limit=-1", "99990010=x"):
-        response = await deferToThread(requests.get, _url(node, f"/studies?{query}"), timeout=30)
+        response = await deferToThread(requests.get, _url(node, f"/studies?{query}"), headers=headers, timeout=30)
         assert response.status_code == 400, query
         assert response.headers["Content-Type"] == "application/problem+json"
         assert response.json()["status"] == 400
@@ -168,16 +196,17 @@ async def test_qido_offset_and_limit_out_of_range_are_400_not_500(make_central):
     """An offset beyond what a database can hold (2^63), or a limit or offset that is negative, not ASCII digits
     or thousands of digits long, is 400 problem JSON with no traceback; a huge limit is the most medd answers."""
     node = await make_central(LISTEN)
+    headers = await _reader(node)
     for query in ("offset=9223372036854775808", "offset=9223372036854775807", "offset=2147483648",
                   "offset=" + "9" * 5000, "offset=-1", "offset=%2B1", "offset=1_0", "offset=%D9%A1", "offset=",
                   "limit=-5", "limit=ten", "limit=%EF%BC%91", "limit=1e3", "limit=0x10", "limit="):
         for level in ("/studies", "/series", "/instances"):
-            response = await deferToThread(requests.get, _url(node, f"{level}?{query}"), timeout=30)
+            response = await deferToThread(requests.get, _url(node, f"{level}?{query}"), headers=headers, timeout=30)
             assert response.status_code == 400, (level, query, response.text[:200])
             assert response.headers["Content-Type"] == "application/problem+json"
             assert "Traceback" not in response.text and response.json()["status"] == 400
     for query in ("limit=9223372036854775808", "limit=" + "9" * 5000, "offset=2147483647", "limit=0010&offset=000"):
-        response = await deferToThread(requests.get, _url(node, f"/studies?{query}"), timeout=30)
+        response = await deferToThread(requests.get, _url(node, f"/studies?{query}"), headers=headers, timeout=30)
         assert response.status_code in (200, 204), (query, response.text[:200])
 
 
@@ -185,9 +214,10 @@ async def test_qido_offset_and_limit_out_of_range_are_400_not_500(make_central):
 async def test_wado_not_found_is_404(make_central):
     """Retrieving an instance, series or study that is not stored is 404 problem JSON."""
     node = await make_central(LISTEN)
+    headers = await _reader(node)
     for path in ("/studies/1.2.3", "/studies/1.2.3/series/1.2.4", "/studies/1.2.3/series/1.2.4/instances/1.2.5",
                  "/studies/1.2.3/series/1.2.4/instances/1.2.5/metadata"):
-        response = await deferToThread(requests.get, _url(node, path), timeout=30)
+        response = await deferToThread(requests.get, _url(node, path), headers=headers, timeout=30)
         assert response.status_code == 404, path
         assert response.headers["Content-Type"] == "application/problem+json"
 
@@ -297,7 +327,7 @@ async def test_pydicom_corpus_via_stow(make_central):
     """Every file in pydicom's bundled test data goes through STOW-RS: each valid storage object is
     found by QIDO-RS with its true Study, Series and SOP Instance UIDs, and every other file is refused."""
     node = await make_central(LISTEN)
-    client = _client(node)
+    client = await _client(node)
     valid, invalid, wrong = [], [], []
     for path in all_testdata_files():
         expected = _independently_valid(path)

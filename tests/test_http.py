@@ -333,6 +333,7 @@ async def test_stopping_the_node_closes_kept_alive_connections(make_central):
     node = await make_central({"http": "tcp:0:interface=127.0.0.1"})
     url = f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb/studies"
     session = requests.Session()
+    session.headers["Authorization"] = "Bearer " + await node.central_storage.directory.add_admin("reader")
     first = await deferToThread(session.get, url)
     assert first.status_code in (200, 204)
     await node.stopService()
@@ -355,6 +356,7 @@ async def test_text_report_is_no_dicom_instance_in_qido(make_central):
         package = build_package(report, by_name["report"].identifier(report), origin="viewer@central.test",
                                 destination="central@central.test")
         assert (await _post(port, package)).status_code == 201
-    studies = (await deferToThread(requests.get, f"http://127.0.0.1:{port}/dicomweb/studies")).json()
+    reader = {"Authorization": "Bearer " + await node.central_storage.directory.add_admin("reader")}
+    studies = (await deferToThread(requests.get, f"http://127.0.0.1:{port}/dicomweb/studies", headers=reader)).json()
     assert [s["0020000D"]["Value"][0] for s in studies] == [study]
     assert studies[0]["00201208"]["Value"][0] == 1  # NumberOfStudyRelatedInstances

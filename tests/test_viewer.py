@@ -23,14 +23,16 @@ from medd.service import check_against_plugins
 from medd.storage.blobstore import FileBlobStore
 from medd.storage.database import open_database
 from medd.storage.inbox import WorklistQuery
-from medd.storage.index import object_by_uid
+from medd.objects import parse_part10
+from medd.package import AttachmentId, build_package
+from medd.storage.index import count_objects, object_by_uid
 from medd.storage.outgoing import OutgoingPackages
 from medd.viewer.annotations import check_annotations
 from medd.viewer.central_client import CentralRefused, CentralUnavailable
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.requestor import Requestor
 from medd.viewer.settings import CentralSettings
-from tests.conftest import listener_port, write_config
+from tests.conftest import listener_port, testdata, write_config
 from tests.test_routing import FAST, _cstore, _state, _with_recipient
 
 VIEWER = "dr-lee@viewers.example"
@@ -467,3 +469,39 @@ def test_viewer_config_is_checked(tmp_path):
     assert all(p.file == str(ini) for p in e.value.problems)
     shipped = load_config(Path(__file__).parent.parent / "etc" / "viewer.ini", check_files=False)
     check_against_plugins(shipped, load_plugins())
+
+
+@pytest_twisted.ensureDeferred
+async def test_viewer_serves_dicomweb_only_to_a_logged_in_radiologist_and_takes_no_packages(make_central):
+    """A viewer's DICOMweb answers 401 without a reading-room session and 200 with one; its STOW-RS and
+    POST /packages refuse everyone (objects reach a viewer only through central's outbox), storing nothing."""
+    central, viewer, _ = await _central_and_viewer(make_central, _fake_clock())
+    ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
+    await _send_to_viewer(central, viewer, ct)
+    base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
+
+    anonymous = await deferToThread(requests.get, f"{base}/dicomweb/studies", timeout=30)
+    assert anonymous.status_code == 401 and anonymous.headers["Content-Type"] == "application/problem+json"
+    stale = await deferToThread(requests.get, f"{base}/dicomweb/studies", cookies={"medd_session": "forged"}, timeout=30)
+    assert stale.status_code == 403
+    session = await viewer.reading_room.create_session("dr-lee")
+    studies = await deferToThread(requests.get, f"{base}/dicomweb/studies", cookies={"medd_session": session}, timeout=30)
+    assert studies.status_code == 200
+    assert [s["0020000D"]["Value"][0] for s in studies.json()] == [ct.StudyInstanceUID]
+
+    before = await viewer.database.run(count_objects)
+    other = dcmread(BytesIO(testdata("MR_small.dcm")))
+    data = BytesIO()
+    other.save_as(data, enforce_file_format=True)
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data.getvalue() + b"\r\n--b--\r\n"
+    stow = await deferToThread(requests.post, f"{base}/dicomweb/studies", data=body, cookies={"medd_session": session},
+                               headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+                               timeout=30)
+    assert stow.status_code == 403
+    content = parse_part10(data.getvalue())
+    package = build_package(content, AttachmentId.of("image", uid=content.keyinfo.sop_instance_uid),
+                            origin="ct1@centre-a.example", destination=VIEWER)
+    posted = await deferToThread(requests.post, f"{base}/packages", data=package,
+                                 headers={"Content-Type": "message/rfc822"}, timeout=30)
+    assert posted.status_code == 403 and "central's outbox" in posted.json()["detail"]
+    assert await viewer.database.run(count_objects) == before

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
 from medd.plugins.interfaces import IObjectQueries
@@ -119,6 +119,27 @@ class TransportAPI:
     def run_blocking(self, fn, *args) -> Deferred:
         """Run a short blocking call (reading a request body, parsing) off the reactor."""
         return self._ingest.run_blocking(fn, *args)
+
+    def check_access(self, claim) -> Deferred:
+        """Deferred :class:`~medd.plugins.hookspecs.AccessDecision` for an
+        :class:`~medd.plugins.hookspecs.AccessClaim`: what the node's
+        ``medd_check_access`` policy says, and a refusal when none answers."""
+        return check_access(self._ingest.plugins.manager, claim)
+
+
+def check_access(manager, claim) -> Deferred:
+    """Ask the ``medd_check_access`` hook; no answer is a refusal (nothing is served anonymously)."""
+    from medd.plugins.hookspecs import AccessDecision
+
+    async def decide():
+        verdict = manager.hook.medd_check_access(claim=claim)
+        if verdict is not None and not isinstance(verdict, AccessDecision):
+            verdict = await (verdict if isinstance(verdict, Deferred) else ensureDeferred(verdict))
+        if verdict is None:
+            return AccessDecision(False, reason="this node has no access policy for it; nothing is served anonymously")
+        return verdict
+
+    return ensureDeferred(decide())
 
 
 @implementer(IObjectQueries)

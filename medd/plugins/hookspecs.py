@@ -118,3 +118,39 @@ def medd_register_config(
     not, and reports each unusable value with ``check.problem(key, message)``.
     It must not raise, block or touch the network.
     """
+
+
+@dataclass(frozen=True)
+class AccessClaim:
+    """Who asks to read or write through a query protocol (DICOMweb), with what.
+
+    ``action`` is ``"query"`` (QIDO-RS), ``"retrieve"`` (WADO-RS) or
+    ``"store"`` (STOW-RS). ``credentials`` is an HTTP bearer token;
+    ``cookies`` the request's cookies (a reading-room session); ``peer``
+    the client address or a verified client certificate's CN.
+    """
+
+    action: str
+    transport: str
+    peer: Optional[str] = None
+    credentials: Optional[str] = None
+    cookies: Any = None
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    """The answer to an :class:`AccessClaim`: allowed or not, for whom, and why not."""
+
+    allowed: bool
+    who: str = ""
+    reason: str = ""
+
+
+@hookspec(firstresult=True)
+def medd_check_access(claim: AccessClaim) -> "Union[None, AccessDecision, Deferred, Awaitable[AccessDecision]]":
+    """Decision: may this claimant query, retrieve or store? Return an
+    :class:`AccessDecision` (or a Deferred/coroutine of one), or None for no
+    opinion. Nothing is served anonymously: with no implementation, or none
+    that answers, the request is refused. Central and the viewer each
+    implement it for their role.
+    """

@@ -23,11 +23,13 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
 from medd.storage.index import STUDY_FILTERS, Match, ObjectRecord
+from medd.plugins.hookspecs import AccessClaim
 from medd.webresource import (
     RETRY_AFTER,
     Problem,
     ProblemResource,
     Response,
+    bearer_token,
     client_ip,
     json_response,
     log_refusal,
@@ -381,12 +383,33 @@ class DicomWebResource(ProblemResource):
                 raise Problem(400, f"{uid!r} is not a valid UID", kind="bad-uid")
         return getattr(self, name), uids
 
+    ACTIONS = {
+        "_search_studies": "query", "_search_series": "query", "_search_instances": "query",
+        "_retrieve": "retrieve", "_metadata": "retrieve", "_store": "store",
+    }
+
+    async def _authorise(self, request, action: str) -> str:
+        """The claimant's name if the node's access policy allows ``action``; a 401/403 problem otherwise."""
+        credentials = bearer_token(request)
+        cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
+        decision = await self.api.check_access(AccessClaim(
+            action=action, transport=self.api.transport, peer=client_ip(request), credentials=credentials,
+            cookies=cookies,
+        ))
+        if decision.allowed:
+            return decision.who
+        if credentials is None and not cookies:
+            raise Problem(401, f"DICOMweb {action} needs credentials: {decision.reason}", kind="unauthorised",
+                          headers={"WWW-Authenticate": 'Bearer realm="medd"'})
+        raise Problem(403, f"DICOMweb {action} refused: {decision.reason}", kind="forbidden")
+
     def _dispatch(self, request, routes):
         async def handle(request):
             routed = self._route(request, routes)
             if routed is None:
                 raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
             handler, uids = routed
+            await self._authorise(request, self.ACTIONS[handler.__name__])
             return await handler(request, *uids)
 
         return render_async(request, handle)

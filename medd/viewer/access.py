@@ -1,0 +1,39 @@
+"""The viewer's access policies: its DICOMweb serves only a logged-in
+radiologist (the reading room's session cookie), and objects enter a viewer
+only from central's outbox (its requestor) or from its own reading room,
+never from a sender on one of its listeners."""
+from __future__ import annotations
+
+from twisted.internet.defer import ensureDeferred
+
+from medd.plugins.hookspecs import AccessClaim, AccessDecision, SenderClaim, hookimpl
+from medd.viewer.web.session import SESSION_COOKIE
+# The transports objects legitimately reach a viewer's ingest by.
+OWN_TRANSPORTS = ("pull", "local")
+
+
+class ViewerAccess:
+    def __init__(self, reading_room):
+        self.reading_room = reading_room
+
+    @hookimpl
+    def medd_check_access(self, claim: AccessClaim):
+        if claim.action == "store":
+            return AccessDecision(False, reason="a viewer takes objects only from central's outbox")
+        return ensureDeferred(self._radiologist(claim))
+
+    async def _radiologist(self, claim: AccessClaim) -> AccessDecision:
+        token = (claim.cookies or {}).get(SESSION_COOKIE.decode())
+        if not token:
+            return AccessDecision(False, reason="log in to the reading room first")
+        user = await self.reading_room.user_for_session(token)
+        if user is None:
+            return AccessDecision(False, reason="the reading-room session has ended; log in again")
+        return AccessDecision(True, who=user)
+
+    @hookimpl
+    def medd_check_sender(self, claim: SenderClaim):
+        if claim.transport in OWN_TRANSPORTS:
+            return None
+        return (f"this viewer takes packages only from central's outbox, not over {claim.transport} "
+                "(send them to central)")
