@@ -68,6 +68,13 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.config), Path(args.site), viewer)
 
 
+def _role_of(config_path: str) -> str | None:
+    try:
+        return load_config(config_path, check_files=False).role
+    except ConfigError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
 
     add_db_commands(sub)
 
+    from medd.cli.gateway import add_gateway_commands
+
+    add_gateway_commands(sub)
+
     args = parser.parse_args(argv)
+    if getattr(args, "uid", None) and args.func.__name__ == "track" and _role_of(args.config) == "gateway":
+        # `medd track` is central's history of an object; a gateway answers from its own receipts.
+        from medd.cli import gateway
+
+        args.func = gateway.track
     try:
         return args.func(args)
     except ConfigError as e:
