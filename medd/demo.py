@@ -1,5 +1,6 @@
-"""The all-in-one demo site: a central node and a viewer on loopback, SQLite,
-sample images from pydicom's test data that reach the reading room by
+"""The all-in-one demo site: a gateway, a central node and a viewer on
+loopback, SQLite; sample images from pydicom's test data are C-STOREd into the
+gateway, forwarded to central over mutual TLS, and reach the reading room by
 themselves."""
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ DEMO_AE = "DEMO_CT"
 DEMO_USER, DEMO_PASSWORD = "demo", "demo"
 
 
-def _prepare(config_path: Path) -> None:
-    """Create what the demo config refers to: the self-signed TLS certificate."""
-    from medd.tlscert import make_self_signed
+def _prepare(config_path: Path, gateway_config_path: Path | None = None) -> None:
+    """Create what the demo configs refer to: the self-signed TLS certificate (also the CA of
+    client certificates), and the gateway's client certificate, whose CN is the centre's address."""
+    from medd.tlscert import issue_client_certificate, make_self_signed
 
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(config_path)
@@ -31,10 +33,18 @@ def _prepare(config_path: Path) -> None:
         key = base / parser.get("tls", "private_key")
         if not (cert.exists() and key.exists()):
             make_self_signed(cert, key)
+        if gateway_config_path is not None:
+            gateway = configparser.ConfigParser(interpolation=None)
+            gateway.read(gateway_config_path)
+            client = gateway_config_path.resolve().parent / gateway.get("gateway", "client_cert")
+            pem, _ = issue_client_certificate(cert.read_bytes(), key.read_bytes(), gateway.get("gateway", "address"))
+            client.parent.mkdir(parents=True, exist_ok=True)
+            client.write_bytes(pem)
 
 
-def _setup_directory(central_config, viewer_config):
-    """Blocking, before the nodes start: who the demo centre, viewer and administrator are."""
+def _setup_directory(central_config, viewer_config, gateway_config=None):
+    """Blocking, before the nodes start: who the demo centre (its modality, its gateway), viewer and
+    administrator are. The gateway is known by its address, which its client certificate's CN proves."""
     from medd.storage.database import WallClock, open_database, resolved
     from medd.storage.directory import Directory
 
@@ -42,7 +52,10 @@ def _setup_directory(central_config, viewer_config):
     directory = Directory(db, WallClock())
     viewer_token = viewer_config.section("central")["token"]
     try:
-        resolved(directory.add_centre(DEMO_CENTRE, aes=[DEMO_AE], addresses=[f"modality@{DEMO_CENTRE}.localhost"]))
+        addresses = [f"modality@{DEMO_CENTRE}.localhost"]
+        if gateway_config is not None:
+            addresses.append(gateway_config.section("gateway")["address"])
+        resolved(directory.add_centre(DEMO_CENTRE, aes=[DEMO_AE], addresses=addresses))
         resolved(directory.add_viewer(viewer_config.name, None, [DEMO_CENTRE], token=viewer_token))
         resolved(directory.add_rule(viewer_config.name, centre=DEMO_CENTRE))
         return resolved(directory.add_admin("demo-admin"))
@@ -62,7 +75,26 @@ def _add_user(viewer_config) -> None:
         db.stop()
 
 
-def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = None) -> int:
+def _cstore(port: int, called_ae: str, files: list[Path]) -> list[int]:
+    """Blocking: the demo centre's modality sends ``files`` in one association; the statuses."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    ae = AE(ae_title=DEMO_AE)
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise RuntimeError(f"the demo gateway did not accept an association on port {port}")
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = None,
+             gateway_config_path: Path | None = None) -> int:
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
@@ -75,10 +107,11 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
         shutil.rmtree(site)
     site.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    _prepare(config_path)
+    _prepare(config_path, gateway_config_path)
     config = load_config(config_path)
     viewer_config = load_config(viewer_config_path) if viewer_config_path else None
-    admin_token = _setup_directory(config, viewer_config) if viewer_config else None
+    gateway_config = load_config(gateway_config_path) if gateway_config_path else None
+    admin_token = _setup_directory(config, viewer_config, gateway_config) if viewer_config else None
     if viewer_config:
         _add_user(viewer_config)
 
@@ -86,17 +119,31 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     central = make_node(reactor, config)
     viewer = make_node(reactor, viewer_config) if viewer_config else None
+    gateway = make_node(reactor, gateway_config) if gateway_config else None
 
     async def seed():
         import pydicom.data
 
-        for name in SAMPLES:
-            data = Path(pydicom.data.get_testdata_file(name)).read_bytes()
-            # As if the demo centre's modality had sent them over DICOM.
-            await central.ingest.receive_dicom(data, transport="dicom", origin=DEMO_AE)
+        files = [Path(pydicom.data.get_testdata_file(name)) for name in SAMPLES]
+        if gateway is not None:
+            # The demo centre's modality C-STOREs them into its gateway, which forwards them to central.
+            from twisted.internet.threads import deferToThread
+
+            port = int(gateway_config.listen["dicom"].split(":")[1])
+            called = gateway_config.section("dicom").get("ae_title") or "MEDD"
+            await deferToThread(_cstore, port, called, files)
+        else:
+            for path in files:
+                # As if the demo centre's modality had sent them over DICOM.
+                await central.ingest.receive_dicom(path.read_bytes(), transport="dicom", origin=DEMO_AE)
         listen = config.listen
         print("\nmedd demo site is up (Ctrl-C stops it).", flush=True)
         print(f"  central           {config.name}; data under {config.storage_path.parent}")
+        if gateway:
+            gw_port = gateway_config.listen["dicom"].split(":")[1]
+            print(f"  gateway           {gateway_config.name}: C-STORE to 127.0.0.1:{gw_port}, called AE GATEWAY,"
+                  f" calling AE {DEMO_AE};\n                    forwards to central over mutual TLS"
+                  f"  (.venv/bin/medd gateway status --config {gateway_config_path})")
         if viewer:
             print("  reading room      http://127.0.0.1:8081/   log in as demo / demo")
             print("                    (sample images arrive in the worklist within a few seconds)")
@@ -114,14 +161,15 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
                   f" --from modality@{DEMO_CENTRE}.localhost | curl smtp://127.0.0.1:2525"
                   f" --mail-from modality@{DEMO_CENTRE}.localhost --mail-rcpt central@central.demo.localhost -T -")
         if "tls" in listen:
-            print("  TLS packages      127.0.0.1:4443 (self-signed certificate under demo-site/tls)")
+            print("  TLS packages      127.0.0.1:4443 (self-signed certificate under demo-site/tls;"
+                  " client certificates from the same CA)")
         print(f"  track an object   .venv/bin/medd track <SOP Instance UID> --config {config_path}")
         sys.stdout.flush()
 
     # Bind every listener before anything starts, as twistd does: a port
     # already taken ends the demo at once, in one line, with nothing to undo.
     try:
-        for node in (central, viewer):
+        for node in (central, viewer, gateway):
             if node is not None:
                 node.privilegedStartService()
     except CannotListen as e:
@@ -132,13 +180,15 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
         central.startService()
         if viewer:
             viewer.startService()
+        if gateway:
+            gateway.startService()
         d = ensureDeferred(seed())
         d.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
 
     def stop():
         from twisted.internet.defer import DeferredList, maybeDeferred
 
-        return DeferredList([maybeDeferred(n.stopService) for n in (viewer, central) if n is not None])
+        return DeferredList([maybeDeferred(n.stopService) for n in (gateway, viewer, central) if n is not None])
 
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", stop)

@@ -70,12 +70,16 @@ class Ingest:
     :class:`~medd.storage.index.StatusEvent`) and returns a Deferred of
     whether it was new; central passes one that also moves the delivery to
     ``opened`` in the same transaction. ``restore(digest)`` brings an evicted
-    blob back from the archive (a Deferred of its bytes).
+    blob back from the archive (a Deferred of its bytes). ``admit(size,
+    transport)`` raises :class:`StoreFailed` when the node cannot take an
+    object now (a gateway whose spool for central is full); it is asked
+    before anything is parsed or written.
     """
 
     def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
-                 restore: Callable[[str], Deferred] | None = None):
+                 restore: Callable[[str], Deferred] | None = None,
+                 admit: Callable[[int, str], None] | None = None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -83,6 +87,7 @@ class Ingest:
         self.max_object_size = max_object_size
         self._record_status = record_status or index.store_status
         self._restore = restore
+        self._admit = admit
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -121,6 +126,17 @@ class Ingest:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder)."""
         return ensureDeferred(self._receive_dicom(data, transport, origin))
 
+    def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
+        """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
+        return ensureDeferred(self._accept_association(calling_ae, called_ae, peer))
+
+    async def _accept_association(self, calling_ae: str, called_ae: str, peer: str) -> str | None:
+        verdict = self.plugins.manager.hook.medd_accept_association(calling_ae=calling_ae, called_ae=called_ae,
+                                                                    peer=peer)
+        if verdict is not None and not isinstance(verdict, str):
+            verdict = await ensureDeferred(verdict) if not isinstance(verdict, Deferred) else await verdict
+        return verdict or None
+
     def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
                         credentials: str | None = None) -> Deferred:
         """A package (SMTP, TLS frame, HTTP POST /packages).
@@ -133,9 +149,11 @@ class Ingest:
 
     # -- implementation -------------------------------------------------------------------------
 
-    def _check_size(self, data: bytes) -> None:
+    def _check_size(self, data: bytes, transport: str) -> None:
         if len(data) > self.max_object_size:
             raise Refused(f"{len(data)} bytes exceeds the limit of {self.max_object_size} bytes", "too-large")
+        if self._admit is not None:
+            self._admit(len(data), transport)
 
     def _parse_and_put(self, data: bytes):
         """Blocking: parse + write the blob (one hop for both)."""
@@ -152,7 +170,7 @@ class Ingest:
             raise StoreFailed(f"cannot write to the blob store: {e}") from e
 
     async def _receive_dicom(self, data: bytes, transport: str, origin: str) -> Stored:
-        self._check_size(data)
+        self._check_size(data, transport)
         content, blob = await self._off_reactor(self._parse_and_put, data)
         record = ObjectRecord.from_keyinfo(
             content.keyinfo,
@@ -191,7 +209,7 @@ class Ingest:
             raise Refused(verdict, "unauthenticated")
 
     async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
-        self._check_size(data)
+        self._check_size(data, transport)
         policy = self._has_sender_policy()
         # With a sender policy, the blob is written only after it passed: a
         # refused package leaves nothing behind.
@@ -246,7 +264,7 @@ class Ingest:
     async def _status(self, package: Package, receipt: Receipt) -> Stored:
         params = package.content.params
         event = StatusEvent(receipt=receipt, event=params["event"], uid=params["uid"], user=params.get("user"),
-                            time=params.get("time"))
+                            time=params.get("time"), viewer=params.get("viewer"), reason=params.get("reason"))
         try:
             created = await self._record_status(event)
         except Exception as e:

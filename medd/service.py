@@ -39,15 +39,22 @@ class NodeService(MultiService):
         self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs, clock=self.clock)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
-        record_status = None
+        record_status = admit = None
         if config.role == "central":
             self.central_storage = CentralStorage.over(self.database, self.clock)
             plugins.manager.register(SenderPolicy(self.central_storage.directory), name="medd-central-sender-policy")
             plugins.manager.register(CentralAccess(self.central_storage.directory), name="medd-central-access")
             record_status = self.central_storage.deliveries.record_status
+        elif config.role == "gateway":
+            from medd.gateway.forwarding import Spool
+            from medd.storage.forwarding import Forwarding
+
+            self.forwarding = Forwarding(self.database, self.clock)
+            self.spool = Spool(settings.gateway.max_spool)
+            record_status, admit = self.forwarding.record_receipt, self.spool.admit
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
-            record_status=record_status,
+            record_status=record_status, admit=admit,
             restore=self.archiving.restore_digest if self.archiving is not None else None,
         )
         self.web = WebMounts()
@@ -63,6 +70,12 @@ class NodeService(MultiService):
             plugins.manager.register(ViewerAccess(self.reading_room), name="medd-viewer-access")
             for name, resource in reading_room_resources(self.reading_room, self.ingest).items():
                 self.web.mount(name, resource)
+        elif config.role == "gateway":
+            from medd.gateway.node import GatewayServices
+
+            self.gateway = GatewayServices(self, settings.gateway)
+            self.gateway.setName("gateway")
+            self.gateway.setServiceParent(self)
         else:
             from medd.central.webapi import central_resources
 

@@ -19,7 +19,7 @@ from medd.config import CORE_KEYS, ROLES, Config, ConfigError, ConfigProblem, re
 from medd.plugins.host import Plugins, load_plugins
 from medd.plugins.settings import SectionCheck
 
-AVAILABLE_ROLES = ("central", "viewer")
+AVAILABLE_ROLES = ("central", "viewer", "gateway")
 
 # Read by medd/central/archiving.py (archive_settings) on a node of any role;
 # [archive] path and any other backend key are declared by the backend plugin.
@@ -31,10 +31,12 @@ VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max
 
 def _role_keys() -> dict[str, dict[str, tuple[str, ...]]]:
     from medd.central.settings import DELIVERY_KEYS, PUSH_KEYS
+    from medd.gateway.settings import GATEWAY_KEYS
 
     return {
         "central": {"delivery": DELIVERY_KEYS, "push": PUSH_KEYS},
         "viewer": {"central": VIEWER_CENTRAL_KEYS},
+        "gateway": {"gateway": GATEWAY_KEYS},
     }
 
 
@@ -46,6 +48,8 @@ class NodeSettings:
     plugins: Plugins
     #: ``[delivery]`` and ``[push]`` (:class:`medd.central.settings.CentralNodeSettings`) on a central node.
     central: object | None = None
+    #: ``[gateway]`` (:class:`medd.gateway.settings.GatewaySettings`) on a gateway node.
+    gateway: object | None = None
 
 
 def validate_file(path: str | os.PathLike, *, extra_plugins: Iterable[object] = (),
@@ -123,7 +127,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     if archive is not None and ("archive", archive.backend) not in plugins.storage:
         problem("archive", "backend", f"no archive plugin named {archive.backend!r}")
 
-    central = None
+    central = gateway = None
     if role == "central":
         from medd.central.settings import central_node_settings
 
@@ -132,6 +136,10 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
         from medd.viewer.settings import central_settings
 
         collect(lambda: central_settings(config))
+    elif role == "gateway":
+        from medd.gateway.settings import gateway_settings
+
+        gateway = collect(lambda: gateway_settings(config, check_files=check_files))
 
     folder = Path(config.path).resolve().parent
     for section, check, source in plugins.config_checks:
@@ -140,7 +148,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
             check(view)
         except Exception as e:  # a plugin's bug must not hide the other problems
             problem(section, None, f"the check of {source} failed: {type(e).__name__}: {e}")
-    return NodeSettings(config, plugins, central), problems
+    return NodeSettings(config, plugins, central, gateway), problems
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

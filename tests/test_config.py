@@ -239,8 +239,9 @@ def test_a_plugin_check_that_raises_is_reported_not_fatal(tmp_path):
 
 
 def test_shipped_configs_pass_check_config(capsys):
-    """etc/central.ini and the viewers' configs, which document every key, pass `medd check-config` as shipped."""
-    for name in ("central.ini", "viewer.ini", "demo-viewer.ini"):
+    """etc/central.ini, the viewers' and the gateway's configs, which document every key, pass
+    `medd check-config` as shipped."""
+    for name in ("central.ini", "viewer.ini", "demo-viewer.ini", "gateway.ini"):
         status, out = _check_config(ROOT / "etc" / name, capsys)
         assert status == 0, out
 
@@ -261,3 +262,23 @@ def test_a_sender_plugin_declares_and_receives_its_own_push_key(tmp_path):
     assert [(p.section, p.key) for p in info.value.problems] == [("push", "carrier_pigeon")]
     settings = validate(load_config(path), load_plugins(extra=[CarrierSettings()]))
     assert settings.central.push.for_senders() == {"http_token": "t", "carrier_pigeon": "yes"}
+
+
+def test_gateway_section_problems_are_all_reported(tmp_path):
+    """A gateway without its centre's address, with a tls:// central but no client certificate, an AE title
+    too long and an unreadable max_spool gets every problem named by key; [gateway] on a central is refused."""
+    from medd.validation import validate
+
+    path = write(tmp_path, "[node]\nrole = gateway\nname = gw\n[database]\nurl = sqlite://\n[storage]\n"
+                           f"path = {tmp_path}\n[gateway]\ncentral = tls://central.test:4443\n"
+                           "accept_ae = CT1 A_TITLE_FAR_TOO_LONG\nmax_spool = lots\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        validate(config, load_plugins(()))
+    assert sorted(p.key for p in info.value.problems) == ["accept_ae", "address", "client_cert", "max_spool"]
+    path = write(tmp_path, "[node]\nrole = central\nname = c\n[database]\nurl = sqlite://\n[storage]\n"
+                           f"path = {tmp_path}\n[gateway]\naddress = a@b\n")
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(path), load_plugins(()))
+    assert [(p.section, p.message) for p in info.value.problems] == [
+        ("gateway", "is read only by a gateway node; this is a central node")]

@@ -50,7 +50,7 @@ def test_demo_exits_when_a_listener_cannot_bind(tmp_path, taken_port):
     """`medd demo` binds every listener before it runs and stops with status 2 and the same line when one is taken."""
     ini = write_config(tmp_path, {"http": "tcp:0:interface=127.0.0.1", "dicom": f"tcp:{taken_port}:interface=127.0.0.1"})
     proc, took = _run([os.path.join(BIN, "medd"), "demo", "--config", str(ini), "--site", str(tmp_path / "site"),
-                       "--viewer-config", ""])
+                       "--viewer-config", "", "--gateway-config", ""])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert took < 10
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -28,9 +28,9 @@ from medd.package import AttachmentId, build_package
 from medd.storage.index import count_objects, object_by_uid
 from medd.storage.outgoing import OutgoingPackages
 from medd.viewer.annotations import check_annotations
-from medd.viewer.central_client import CentralRefused, CentralUnavailable
+from medd.pull import CentralRefused, CentralUnavailable
 from medd.viewer.outgoing import OutgoingService
-from medd.viewer.requestor import Requestor
+from medd.pull import Requestor
 from medd.viewer.settings import CentralSettings
 from tests.conftest import listener_port, testdata, write_config
 from tests.test_routing import FAST, _cstore, _state, _with_recipient

@@ -65,7 +65,15 @@ def cmd_demo(args) -> int:
     from medd.demo import run_demo
 
     viewer = Path(args.viewer_config) if args.viewer_config else None
-    return run_demo(Path(args.config), Path(args.site), viewer)
+    gateway = Path(args.gateway_config) if args.gateway_config else None
+    return run_demo(Path(args.config), Path(args.site), viewer, gateway)
+
+
+def _role_of(config_path: str) -> str | None:
+    try:
+        return load_config(config_path, check_files=False).role
+    except ConfigError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="etc/demo.ini")
     p.add_argument("--site", default="demo-site", help="folder for the demo's data")
     p.add_argument("--viewer-config", default="etc/demo-viewer.ini", help="the demo viewer ('' for central only)")
+    p.add_argument("--gateway-config", default="etc/demo-gateway.ini",
+                   help="the demo gateway the samples enter through ('' to store them on central directly)")
     p.set_defaults(func=cmd_demo)
 
     from medd.cli.archive import add_archive_commands
@@ -111,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
     add_db_commands(sub)
 
+    from medd.cli.gateway import add_gateway_commands
+
+    add_gateway_commands(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "track" and _role_of(args.config) == "gateway":
+        # `medd track` is central's history of an object; a gateway answers from its own receipts.
+        from medd.cli import gateway
+
+        args.func = gateway.track
     try:
         return args.func(args)
     except ConfigError as e:

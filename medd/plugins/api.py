@@ -105,6 +105,11 @@ class TransportAPI:
         """
         return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin)
 
+    def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
+        """Deferred None if a DICOM peer may open an association, else the reason to reject it
+        (the node's ``medd_accept_association`` decision)."""
+        return self._ingest.accept_association(calling_ae, called_ae, peer)
+
     def receive_package(self, data: bytes, *, peer: str | None = None, credentials: str | None = None,
                         transport: str | None = None) -> Deferred:
         """Ingest a package; as :meth:`receive_dicom`.

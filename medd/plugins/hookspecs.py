@@ -154,3 +154,20 @@ def medd_check_access(claim: AccessClaim) -> "Union[None, AccessDecision, Deferr
     that answers, the request is refused. Central and the viewer each
     implement it for their role.
     """
+
+
+@hookspec(firstresult=True)
+def medd_accept_association(
+    calling_ae: str, called_ae: str, peer: str,
+) -> "Union[None, str, Deferred, Awaitable[Optional[str]]]":
+    """Decision: may this DICOM peer open an association at all?
+
+    Asked once per A-ASSOCIATE-RQ, before any C-STORE: ``calling_ae`` and
+    ``called_ae`` as the request states them (stripped), ``peer`` the
+    client's IP address. Return None (or a Deferred/coroutine of None) to go
+    on negotiating, or the reason for refusing: the association is then
+    rejected (A-ASSOCIATE-RJ, rejected-permanent, "calling AE title not
+    recognised") and the reason logged. A node with no implementation
+    accepts every peer. The gateway implements it with ``[gateway]
+    accept_ae``.
+    """

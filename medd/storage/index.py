@@ -90,6 +90,9 @@ class StatusEvent:
     uid: str
     user: str | None = None
     time: str | None = None  # as the viewer stated it
+    # Central's receipts to a centre: the viewer an object was routed to or opened on, why it was quarantined.
+    viewer: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sqlalchemy import (
     Text,
 )
 
-# Every change to a table here, in routing_tables.py or in viewer_tables.py comes with a
+# Every change to a table here, in routing_tables.py, viewer_tables.py or gateway_tables.py comes with a
 # migration in medd/storage/migrations/versions (`medd db revision`, see README);
 # tests/test_migrations.py fails while the two disagree.
 metadata = MetaData()
@@ -139,8 +139,9 @@ Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_
 
 
 def all_tables() -> MetaData:
-    """``metadata`` with every table medd declares: the modules of central's and the
-    viewer's tables register theirs on it when imported."""
+    """``metadata`` with every table medd declares: the modules of central's, the
+    viewer's and the gateway's tables register theirs on it when imported."""
+    import medd.storage.gateway_tables  # noqa: F401
     import medd.storage.routing_tables  # noqa: F401
     import medd.storage.viewer_tables  # noqa: F401
 

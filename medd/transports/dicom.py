@@ -196,6 +196,24 @@ class DicomListener(Service):
             return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(e).__name__}")
         return STATUS_SUCCESS
 
+    def _handle_requested(self, event) -> None:
+        # Runs on the association thread once the A-ASSOCIATE-RQ is read, before
+        # negotiation: a peer the node does not accept is rejected right here.
+        request = event.assoc.requestor.primitive
+        calling = request.calling_ae_title.strip()
+        called = request.called_ae_title.strip()
+        peer = event.assoc.requestor.address
+        try:
+            reason = blockingCallFromThread(self.reactor, self.api.accept_association, calling, called, peer)
+        except Exception:
+            self.log.failure("deciding on the association from {ae} at {peer} failed", ae=calling, peer=peer)
+            reason = "the decision failed"
+        if reason:
+            self.log.warn("association from {ae} at {peer} rejected: {reason}", ae=calling, peer=peer, reason=reason)
+            # rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # as pynetdicom does after its own rejections
+
     def privilegedStartService(self) -> None:
         # Bind before the reactor runs (twistd calls this first): a port
         # that cannot be had raises CannotListen and the node does not start.
@@ -216,7 +234,7 @@ class DicomListener(Service):
             self.server = ae.make_server(
                 self.address,
                 ae_title=self.ae_title,
-                evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+                evt_handlers=[(evt.EVT_C_STORE, self._handle_store), (evt.EVT_REQUESTED, self._handle_requested)],
                 server_class=_NoDelayServer,
                 request_handler=_PromptRequestHandler,
             )

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 
+from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
 from medd.storage.outgoing import OutgoingPackages
-from medd.viewer.central_client import CentralClient
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
-from medd.viewer.requestor import Requestor
 from medd.viewer.settings import central_settings
 
 

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from medd.scheduling import Backoff, CoalescingPass
 from medd.storage.outgoing import LOST, REFUSED, OutgoingPackage, OutgoingPackages
-from medd.viewer.central_client import CentralRefused, CentralUnavailable
+from medd.pull import CentralRefused, CentralUnavailable
 
 
 class OutgoingService(Service):

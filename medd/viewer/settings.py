@@ -9,21 +9,18 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem
+from medd.pull import PullSettings
 from medd.scheduling import Backoff
 
 
 @dataclass(frozen=True)
-class CentralSettings:
-    url: str  # base URL, no trailing slash: http://central.example:8080
-    token: str  # the viewer's bearer token (``medd viewers add``)
-    poll_interval: float
-    # Between attempts while central is unreachable (requestor and outgoing
-    # packages): retry_base seconds, doubling up to retry_max_delay.
-    backoff: Backoff = Backoff(base=1.0, max_delay=300.0)
+class CentralSettings(PullSettings):
+    """:class:`~medd.pull.PullSettings` (the token is the viewer's, from ``medd viewers add``; the
+    backoff serves the requestor and the outgoing packages) and central's address."""
+
     # central's address, the To of status, overlay and report packages; when
     # empty, the From of the packages central sent is answered.
     address: str | None = None
-    timeout: float = 60.0
 
 
 def _positive(config: Config, key: str, default: str | None, problems: list) -> float | None:

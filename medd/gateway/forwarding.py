@@ -1,0 +1,163 @@
+"""Store-and-forward to central: every object the centre sends is queued
+durably (:class:`~medd.storage.forwarding.Forwarding`) and pushed to central
+as a package, in arrival order, by the push sender of ``[gateway] central``'s
+scheme (``tls://`` with the centre's client certificate, ``https://…/packages``
+with its token), retrying with backoff on the injected clock until central
+acknowledges it as durable. Each object's package keeps one Message-ID across
+attempts, so central stores it once.
+
+:class:`Spool` is the admission check handed to the node's ingest: beyond
+``[gateway] max_spool`` bytes waiting, a new object is turned away as
+:class:`~medd.ingest.StoreFailed` (C-STORE 0xA700; the watched folder waits).
+"""
+from __future__ import annotations
+
+import email.utils
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from medd.ingest import StoreFailed
+from medd.objects import InvalidObject
+from medd.package import build_package, decode_content
+from medd.scheduling import CoalescingPass
+from medd.storage.forwarding import LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, Forwarding, ForwardingItem
+from medd.storage.index import ObjectRecord
+
+# Answers that say central will never take this package (anything else is retried).
+_REFUSED_PREFIXES = ("refused:", "HTTP 400", "HTTP 413", "HTTP 415", "HTTP 422")
+
+
+class Spool:
+    """Bytes waiting for central, against ``max_bytes`` (None: no limit)."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def admit(self, size: int, transport: str) -> None:
+        """Raise :class:`StoreFailed` if an object of ``size`` bytes would overfill the spool."""
+        if self.max_bytes is None or transport in NOT_FORWARDED_TRANSPORTS:
+            return
+        if self.bytes + size > self.max_bytes:
+            raise StoreFailed(f"the gateway's spool is full ({self.bytes} bytes wait for central); try later")
+
+
+class ForwardingService(Service):
+    """Forwards queued objects to central; :meth:`object_stored` queues one, :meth:`kick` sends what is due."""
+
+    log = Logger()
+
+    def __init__(self, reactor, forwarding: Forwarding, ingest, object_types, sender, settings, spool: Spool, clock):
+        self.reactor = reactor  # handed to the sender, which opens connections
+        self.forwarding = forwarding
+        self.ingest = ingest  # the node's Ingest: read_blob, run_blocking
+        self.object_types = object_types  # the loaded IObjectType plugins, most specific first
+        self.sender = sender  # the ISender for settings.central's scheme
+        self.settings = settings  # GatewaySettings
+        self.spool = spool
+        self.clock = clock
+        self.domain = urlsplit(f"//{settings.address.rpartition('@')[2]}").hostname or "medd.invalid"
+        self._pass = CoalescingPass(self._drain, "forwarding to central", clock)
+        self._stopped = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        d = ensureDeferred(self._resume())
+        d.addErrback(lambda f: self.log.failure("resuming forwarding failed", f))
+
+    async def _resume(self) -> None:
+        # Objects indexed just before a stop, and not yet queued, are queued now.
+        for record in await self.forwarding.unqueued_objects():
+            await self.forwarding.queue(record, self._message_id())
+        self.spool.bytes = (await self.forwarding.spooled())[1]
+        await self.kick()
+
+    def stopService(self):
+        """Stop forwarding; the Deferred fires once a send in progress has finished."""
+        super().stopService()
+        self._stopped = True
+        self._pass.unschedule()
+        return self._pass.idle()
+
+    def _message_id(self) -> str:
+        return email.utils.make_msgid(domain=self.domain)
+
+    async def object_stored(self, record: ObjectRecord) -> None:
+        """Queue an object the centre sent (not what came back from central) and send it."""
+        if record.transport in NOT_FORWARDED_TRANSPORTS:
+            return
+        if await self.forwarding.queue(record, self._message_id()):
+            self.spool.bytes += record.size
+            self.kick()
+
+    def kick(self) -> Deferred:
+        """Send what is due; fires with how many objects a pass that began after this call sent."""
+        return self._pass.kick()
+
+    def idle(self) -> Deferred:
+        return self._pass.idle()
+
+    async def _drain(self) -> int:
+        sent = 0
+        while not self._stopped:
+            head = await self.forwarding.head_of_line()
+            if head is None:
+                break
+            wait = head.next_attempt_at.timestamp() - self.clock.seconds()
+            if wait > 0:
+                # Everything behind the head waits with it: arrival order holds, per study too.
+                self._pass.schedule(wait)
+                break
+            # A failed attempt leaves the head due later (the next loop schedules the retry).
+            sent += await self._send(head)
+        return sent
+
+    def _package(self, item: ForwardingItem, data: bytes) -> bytes:
+        """Blocking: the object's package, From the centre, To central, with the item's Message-ID."""
+        content = decode_content("application/dicom", data)
+        for object_type in self.object_types:
+            if object_type.recognise(content):
+                attachment = object_type.identifier(content)
+                break
+        else:
+            raise InvalidObject("no object type carries this content")
+        return build_package(content, attachment, origin=self.settings.address,
+                             destination=self.settings.central_name, message_id=item.message_id)
+
+    async def _send(self, item: ForwardingItem) -> bool:
+        try:
+            data = await self.ingest.read_blob(item.digest)
+            package = await self.ingest.run_blocking(self._package, item, data)
+        except FileNotFoundError as e:
+            self.log.error("the bytes of {uid} are gone from the blob store; not forwarded", uid=item.uid)
+            await self._given_up(item, LOST, f"object bytes missing: {e}")
+            return False
+        except InvalidObject as e:
+            self.log.error("{uid} cannot be packaged for central: {reason}", uid=item.uid, reason=e.reason)
+            await self._given_up(item, REFUSED, f"cannot be packaged: {e.reason}")
+            return False
+        try:
+            await self.sender.send(self.reactor, self.settings.central, package, self.settings.for_senders())
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            if type(e).__name__ == "PushRefused" and str(e).startswith(_REFUSED_PREFIXES):
+                self.log.error("central refused {uid}: {error}", uid=item.uid, error=str(e))
+                await self._given_up(item, REFUSED, error)
+                return False
+            delay = self.settings.backoff.delay(item.attempts + 1)
+            self.log.warn("cannot forward {uid} to central ({error}); attempt {n}, next in {delay:.1f}s",
+                          uid=item.uid, error=error, n=item.attempts + 1, delay=delay)
+            await self.forwarding.retry_later(item, delay, error)
+            return False
+        await self.forwarding.mark_sent(item)
+        self.spool.bytes = max(self.spool.bytes - item.size, 0)
+        self.log.debug("forwarded {uid} to central", uid=item.uid)
+        return True
+
+    async def _given_up(self, item: ForwardingItem, state: str, error: str) -> None:
+        await self.forwarding.mark_given_up(item, state, error)
+        self.spool.bytes = max(self.spool.bytes - item.size, 0)

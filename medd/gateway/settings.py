@@ -1,0 +1,139 @@
+"""The gateway's ``[gateway]`` section, validated whole at start.
+
+Parsed once by the node's validation (``medd check-config`` and twistd run the
+same one) into frozen :class:`GatewaySettings`; every problem names the file,
+section and key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from medd.config import Config, ConfigError, ConfigProblem, _parse_size
+from medd.pull import PullSettings
+from medd.scheduling import Backoff
+
+#: Every key the gateway reads from ``[gateway]``.
+GATEWAY_KEYS = (
+    "address", "central", "central_name", "ca", "client_cert", "token", "outbox", "accept_ae", "watch",
+    "watch_interval", "max_spool", "poll_interval", "retry_base", "retry_max_delay", "timeout",
+)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    address: str  # the centre's registered address: the From of every package
+    central: str  # tls://host:port, or http(s)://host[:port]/packages
+    central_name: str  # the To of every package: central's node name
+    ca: str | None = None  # PEM of the CA that signed central's certificate (None: the platform's)
+    client_cert: str | None = None  # PEM of the gateway's certificate and key (tls://)
+    token: str | None = None  # the centre's bearer token on central (https://, the outbox)
+    outbox: PullSettings | None = None  # central's outbox for this centre (None: not pulled)
+    accept_ae: tuple[str, ...] = ()  # calling AE titles accepted (empty: any)
+    watch: Path | None = None  # a folder whose files are taken in
+    watch_interval: float = 5.0
+    max_spool: int | None = None  # bytes waiting for central beyond which new objects wait (None: no limit)
+    backoff: Backoff = Backoff(base=1.0, max_delay=300.0)
+    timeout: float = 60.0
+
+    def for_senders(self) -> dict[str, str]:
+        """The ``settings`` the push sender of :attr:`central`'s scheme receives."""
+        own = (("tls_ca", self.ca), ("tls_client_cert", self.client_cert), ("http_token", self.token))
+        return {k: v for k, v in own if v is not None}
+
+
+def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySettings:
+    """The ``[gateway]`` settings of a gateway node, or :class:`ConfigError` naming every problem."""
+    problems: list[ConfigProblem] = []
+    section = config.section("gateway")
+    folder = Path(config.path).resolve().parent
+
+    def problem(key: str, message: str) -> None:
+        problems.append(ConfigProblem(config.path, "gateway", key, message))
+
+    def get(key: str) -> str | None:
+        value = (section.get(key) or "").strip()
+        return value or None
+
+    def seconds(key: str, default: float) -> float:
+        text = get(key)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            problem(key, f"must be a number of seconds more than 0, not {text!r}")
+            return default
+        return value
+
+    def path(key: str, *, directory: bool = False) -> Path | None:
+        text = get(key)
+        if text is None:
+            return None
+        p = (folder / text).resolve()
+        if check_files and directory and not p.is_dir():
+            problem(key, f"no such folder: {p}")
+        elif check_files and not directory and not p.is_file():
+            problem(key, f"no such file: {p}")
+        return p
+
+    address = get("address")
+    if address is None:
+        problem("address", "is required: the centre's address on central (the From of its packages)")
+    central = (get("central") or "").rstrip("/")
+    parts = urlsplit(central)
+    if not central:
+        problem("central", "is required: tls://host:port or https://host[:port]/packages")
+    elif parts.scheme not in ("tls", "http", "https") or not parts.hostname:
+        problem("central", f"must be tls://host:port or http(s)://host[:port]/packages, not {central!r}")
+    elif parts.scheme == "tls" and parts.port is None:
+        problem("central", f"a tls:// URL needs a port: {central!r}")
+    central_name = get("central_name") or (parts.hostname if central else None) or "central"
+    ca, client_cert, token = path("ca"), path("client_cert"), get("token")
+    if parts.scheme == "tls" and client_cert is None:
+        problem("client_cert", "is required with a tls:// central: the PEM (certificate and key) central issued "
+                               "to this centre")
+    if parts.scheme in ("http", "https") and token is None:
+        problem("token", f"is required with an {parts.scheme}:// central: the centre's bearer token on central")
+
+    base, max_delay = seconds("retry_base", 1.0), seconds("retry_max_delay", 300.0)
+    timeout = seconds("timeout", 60.0)
+    outbox_url = (get("outbox") or "").rstrip("/")
+    if not outbox_url and parts.scheme in ("http", "https") and central:
+        outbox_url = central[: -len("/packages")] if central.endswith("/packages") else central
+    outbox = None
+    if outbox_url:
+        op = urlsplit(outbox_url)
+        if op.scheme not in ("http", "https") or not op.hostname:
+            problem("outbox", f"must be an http:// or https:// URL, not {outbox_url!r}")
+        elif token is None:
+            problem("token", "is required to pull central's outbox: the centre's bearer token on central")
+        else:
+            outbox = PullSettings(url=outbox_url, token=token, poll_interval=seconds("poll_interval", 30.0),
+                                  backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout,
+                                  ca=str(ca) if ca else None)
+
+    accept = tuple(a for a in (get("accept_ae") or "").replace(",", " ").split() if a)
+    for ae in accept:
+        if len(ae) > 16 or not ae.isascii() or "\\" in ae:
+            problem("accept_ae", f"not an AE title (1 to 16 ASCII characters without backslash): {ae!r}")
+
+    max_spool = None
+    if get("max_spool") is not None:
+        try:
+            max_spool = _parse_size(get("max_spool"))
+        except ValueError:
+            problem("max_spool", f"not a size (e.g. 10G, 500M): {get('max_spool')!r}")
+
+    watch, watch_interval = path("watch", directory=True), seconds("watch_interval", 5.0)
+    if problems:
+        raise ConfigError(problems)
+    return GatewaySettings(
+        address=address, central=central, central_name=central_name, ca=str(ca) if ca else None,
+        client_cert=str(client_cert) if client_cert else None, token=token, outbox=outbox, accept_ae=accept,
+        watch=watch, watch_interval=watch_interval, max_spool=max_spool,
+        backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout,
+    )

@@ -1,0 +1,218 @@
+"""The gateway's store-and-forward queue and the receipts central sends back:
+the :class:`Forwarding` connector over ``gateway_forwarding`` and
+``gateway_receipts``.
+
+Every object the centre's modalities send is queued once, in arrival order,
+with the Message-ID its package will carry on every attempt (central stores
+it once however often it is resent). States: ``waiting`` (``next_attempt_at``
+says when it is due), then ``sent``, or ``refused`` (central said the package
+is bad) or ``lost`` (its bytes are gone), neither of which is retried.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.engine import Connection
+
+from medd.storage.connector import Connector, aware
+from medd.storage.gateway_tables import gateway_forwarding, gateway_receipts
+from medd.storage.index import ObjectRecord, StatusEvent, store_status
+from medd.storage.schema import objects
+
+WAITING, SENT, REFUSED, LOST = "waiting", "sent", "refused", "lost"
+#: Objects that came back from central (results, receipts) are not forwarded to it again.
+NOT_FORWARDED_TRANSPORTS = ("pull",)
+
+
+@dataclass(frozen=True)
+class ForwardingItem:
+    id: int
+    uid: str
+    study_uid: str | None
+    message_id: str
+    digest: str
+    size: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    last_attempt_at: datetime | None
+    queued_at: datetime
+    sent_at: datetime | None
+
+    @classmethod
+    def from_row(cls, r) -> "ForwardingItem":
+        return cls(r.id, r.uid, r.study_uid, r.message_id, r.digest, r.size, r.state, r.attempts,
+                   aware(r.next_attempt_at), r.last_error, aware(r.last_attempt_at), aware(r.queued_at),
+                   aware(r.sent_at))
+
+
+@dataclass(frozen=True)
+class ForwardingSummary:
+    """What waits, and how forwarding went lately (``medd gateway status``)."""
+
+    waiting: int
+    waiting_bytes: int
+    oldest_waiting: ForwardingItem | None
+    last_sent: ForwardingItem | None
+    last_error: ForwardingItem | None  # the item whose attempt failed most recently
+    given_up: int  # refused or lost
+
+
+@dataclass(frozen=True)
+class CentralReceipt:
+    """One status central sent back about an object."""
+
+    uid: str
+    event: str
+    viewer: str | None
+    user: str | None
+    time: str | None
+    reason: str | None
+    received_at: datetime
+
+    @classmethod
+    def from_row(cls, r) -> "CentralReceipt":
+        return cls(r.uid, r.event, r.viewer, r.user, r.event_time, r.reason, aware(r.received_at))
+
+
+def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: datetime) -> bool:
+    """Queue ``record`` once (by UID); False if it was queued before."""
+    if conn.execute(select(gateway_forwarding.c.id).where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
+        return False
+    conn.execute(gateway_forwarding.insert().values(
+        uid=record.sop_instance_uid, study_uid=record.study_instance_uid, message_id=message_id, digest=record.digest,
+        size=record.size, state=WAITING, attempts=0, next_attempt_at=at, queued_at=at,
+    ))
+    return True
+
+
+def unqueued_objects(conn: Connection) -> list[ObjectRecord]:
+    """Objects received from the centre that are not in the queue (the node stopped between the two)."""
+    q = (select(objects).outerjoin(gateway_forwarding, gateway_forwarding.c.uid == objects.c.sop_instance_uid)
+         .where(and_(gateway_forwarding.c.id.is_(None), objects.c.transport.not_in(NOT_FORWARDED_TRANSPORTS)))
+         .order_by(objects.c.id))
+    return [ObjectRecord.from_row(r) for r in conn.execute(q)]
+
+
+def head_of_line(conn: Connection) -> ForwardingItem | None:
+    """The oldest waiting object: objects go to central in the order they arrived."""
+    row = conn.execute(select(gateway_forwarding).where(gateway_forwarding.c.state == WAITING)
+                       .order_by(gateway_forwarding.c.id).limit(1)).first()
+    return ForwardingItem.from_row(row) if row else None
+
+
+def spooled(conn: Connection) -> tuple[int, int]:
+    """(objects, bytes) waiting."""
+    row = conn.execute(select(func.count(), func.coalesce(func.sum(gateway_forwarding.c.size), 0))
+                       .where(gateway_forwarding.c.state == WAITING)).first()
+    return int(row[0]), int(row[1])
+
+
+def _one(conn: Connection, q) -> ForwardingItem | None:
+    row = conn.execute(q.limit(1)).first()
+    return ForwardingItem.from_row(row) if row else None
+
+
+def summary(conn: Connection) -> ForwardingSummary:
+    f = gateway_forwarding
+    count, size = spooled(conn)
+    given_up = conn.execute(select(func.count()).select_from(f).where(f.c.state.in_((REFUSED, LOST)))).scalar_one()
+    return ForwardingSummary(
+        waiting=count, waiting_bytes=size,
+        oldest_waiting=head_of_line(conn),
+        last_sent=_one(conn, select(f).where(f.c.state == SENT).order_by(f.c.sent_at.desc(), f.c.id.desc())),
+        last_error=_one(conn, select(f).where(f.c.last_error.is_not(None))
+                        .order_by(f.c.last_attempt_at.desc(), f.c.id.desc())),
+        given_up=given_up,
+    )
+
+
+def _update(conn: Connection, item_id: int, **values) -> None:
+    conn.execute(update(gateway_forwarding).where(gateway_forwarding.c.id == item_id).values(**values))
+
+
+def record_receipt(conn: Connection, status: StatusEvent, at: datetime) -> bool:
+    """A status from central: in the index's status events and the gateway's receipts; False if seen before."""
+    if not store_status(conn, status, at):
+        return False
+    conn.execute(gateway_receipts.insert().values(
+        message_id=status.receipt.message_id, uid=status.uid, event=status.event, viewer=status.viewer,
+        user=status.user, event_time=status.time, reason=status.reason, received_at=at,
+    ))
+    return True
+
+
+def receipts_of(conn: Connection, uid: str) -> list[CentralReceipt]:
+    q = select(gateway_receipts).where(gateway_receipts.c.uid == uid).order_by(gateway_receipts.c.id)
+    return [CentralReceipt.from_row(r) for r in conn.execute(q)]
+
+
+def latest_receipts(conn: Connection, limit: int) -> list[CentralReceipt]:
+    """The latest receipt of each object, the most recent objects first."""
+    r = gateway_receipts
+    latest = select(func.max(r.c.id)).group_by(r.c.uid).scalar_subquery()
+    q = select(r).where(r.c.id.in_(latest)).order_by(r.c.id.desc()).limit(limit)
+    return [CentralReceipt.from_row(row) for row in conn.execute(q)]
+
+
+class Forwarding(Connector):
+    """The gateway's queue to central and central's receipts. Every method returns a Deferred."""
+
+    def queue(self, record: ObjectRecord, message_id: str):
+        """Deferred bool: ``record`` queued now, due at once (False: it was queued before)."""
+        at = self.now()
+        return self.db.run(lambda conn: queue_object(conn, record, message_id, at))
+
+    def unqueued_objects(self):
+        return self.db.run(unqueued_objects)
+
+    def head_of_line(self):
+        """Deferred :class:`ForwardingItem`: the oldest waiting one, or None."""
+        return self.db.run(head_of_line)
+
+    def spooled(self):
+        """Deferred (objects, bytes) waiting to be forwarded."""
+        return self.db.run(spooled)
+
+    def summary(self):
+        return self.db.run(summary)
+
+    def of_object(self, uid: str):
+        """Deferred :class:`ForwardingItem` of ``uid``, or None."""
+        return self.db.run(lambda conn: _one(conn, select(gateway_forwarding).where(gateway_forwarding.c.uid == uid)))
+
+    def mark_sent(self, item: ForwardingItem):
+        """Central acknowledged ``item`` as durable now."""
+        at = self.now()
+        return self.db.run(lambda conn: _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
+                                                last_attempt_at=at))
+
+    def mark_given_up(self, item: ForwardingItem, state: str, error: str):
+        """``item`` will not be forwarded: ``refused`` by central, or ``lost`` from the blob store."""
+        if state not in (REFUSED, LOST):
+            raise ValueError(state)
+        at = self.now()
+        return self.db.run(lambda conn: _update(conn, item.id, state=state, attempts=item.attempts + 1,
+                                                last_error=error, last_attempt_at=at))
+
+    def retry_later(self, item: ForwardingItem, delay: float, error: str):
+        """An attempt failed now; ``item`` is due again ``delay`` seconds on the clock from now."""
+        at = self.now()
+        next_at = at + timedelta(seconds=delay)
+        return self.db.run(lambda conn: _update(conn, item.id, attempts=item.attempts + 1, next_attempt_at=next_at,
+                                                last_error=error, last_attempt_at=at))
+
+    def record_receipt(self, status: StatusEvent):
+        """Deferred bool: a status from central recorded (False if this package was recorded before)."""
+        at = self.now()
+        return self.db.run(lambda conn: record_receipt(conn, status, at))
+
+    def receipts_of(self, uid: str):
+        """Deferred list of :class:`CentralReceipt` about ``uid``, oldest first."""
+        return self.db.run(lambda conn: receipts_of(conn, uid))
+
+    def latest_receipts(self, limit: int = 20):
+        return self.db.run(lambda conn: latest_receipts(conn, limit))
