@@ -360,3 +360,27 @@ async def test_text_report_is_no_dicom_instance_in_qido(make_central):
     studies = (await deferToThread(requests.get, f"http://127.0.0.1:{port}/dicomweb/studies", headers=reader)).json()
     assert [s["0020000D"]["Value"][0] for s in studies] == [study]
     assert studies[0]["00201208"]["Value"][0] == 1  # NumberOfStudyRelatedInstances
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_push_verifies_the_receiver_against_the_configured_ca(make_central, tmp_path):
+    """The HTTP(S) push sender (what a gateway forwards with) trusts the CA named by tls_ca: a package
+    reaches an https:// node whose certificate that CA signed, and the same send without tls_ca fails
+    verification (the platform's trust store does not know a site's private CA), storing nothing."""
+    import pytest
+    from twisted.internet import reactor
+
+    from medd.tlscert import make_self_signed
+    from medd.transports.push import HttpSender
+
+    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+    cert.parent.mkdir()
+    make_self_signed(cert, key)
+    node = await make_central({"http": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"})
+    url = f"https://127.0.0.1:{listener_port(node, 'http')}/packages"
+    data, uid = _image_package(message_id="<https-1@centre-a.example>")
+    with pytest.raises(Exception):
+        await HttpSender().send(reactor, url, data, {})
+    assert await node.database.run(index.count_objects) == 0
+    assert await HttpSender().send(reactor, url, data, {"tls_ca": str(cert)}) == 201
+    assert (await node.database.run(lambda c: index.object_by_uid(c, uid))) is not None

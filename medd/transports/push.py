@@ -105,8 +105,12 @@ class HttpSender:
         import treq
         from twisted.web.client import Agent, HTTPConnectionPool
 
+        from medd.pull import https_policy
+
         pool = HTTPConnectionPool(reactor, persistent=False)
-        client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        # [push] tls_ca (a gateway's [gateway] ca): the CA that signed the
+        # receiver's HTTPS certificate, else the platform's trust store.
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=https_policy(settings.get("tls_ca")), pool=pool))
         headers = {b"Content-Type": [b"message/rfc822"]}
         if settings.get("http_token"):
             headers[b"Authorization"] = [b"Bearer " + settings["http_token"].encode()]
