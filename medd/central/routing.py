@@ -148,7 +148,10 @@ def route(record: ObjectRecord, lookups: RoutingLookups, node_name: str) -> Rout
         if record.object_type in ("overlay", "report"):
             outcome = "attached"  # kept with its image/study; no rule sends it on
         else:
-            hold.append(Hold(None, "no route: no package To, no (0040,1010) recipients and no matching rule"))
+            reason = "no route: no package To, no (0040,1010) recipients and no matching rule"
+            if centre is None:  # say first what an administrator has to fix first
+                reason = f"unknown imaging centre: {sender.unknown}; {reason}"
+            hold.append(Hold(None, reason))
             outcome = "quarantined"
     for destination in destinations:
         reason = _refusal(lookups, destination, sender, record)
