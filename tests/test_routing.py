@@ -297,7 +297,8 @@ async def test_router_floor_and_full_pass(make_central):
 @pytest_twisted.ensureDeferred
 async def test_admin_api_manages_viewers_and_routes(make_central):
     """An administrator adds a viewer (getting its token once) and a routing rule over HTTP; a bad
-    rule is refused with problem JSON; a viewer token cannot use the admin API."""
+    rule is refused with problem JSON; a viewer token cannot use the admin API. A centre is added with
+    its networks and a token (only with an address), and listed with what credentials it holds."""
     central = await make_central({"http": "tcp:0:interface=127.0.0.1"})
     admin = await central.central_storage.directory.add_admin("alice")
     await central.central_storage.directory.add_centre("centre-a", aes=["CT1"])
@@ -318,6 +319,19 @@ async def test_admin_api_manages_viewers_and_routes(make_central):
     assert [(x["centre"], x["destination"]) for x in rules] == [("centre-a", PULL)]
     r = await deferToThread(requests.get, f"{http}/routes", headers={"Authorization": f"Bearer {viewer_token}"})
     assert r.status_code == 403
+
+    r = await deferToThread(requests.post, f"{http}/centres", headers=headers,
+                            json={"name": "centre-b", "ae": ["MR1"], "network": ["10.2.0.0/16"], "token": True})
+    assert r.status_code == 409 and "give an address" in r.json()["detail"]
+    r = await deferToThread(requests.post, f"{http}/centres", headers=headers,
+                            json={"name": "centre-b", "address": ["gw@centre-b.example"], "network": ["10.2.0.0/16"],
+                                  "token": True})
+    assert r.status_code == 201 and len(r.json()["token"]) >= 40, r.text
+    owner = await central.central_storage.directory.outbox_owner(r.json()["token"])
+    assert (owner.kind, owner.address) == ("centre", "gw@centre-b.example")
+    listed = (await deferToThread(requests.get, f"{http}/centres", headers=headers)).json()
+    assert [(c["name"], c["network"], c["token"]) for c in listed] == [("centre-a", [], False),
+                                                                       ("centre-b", ["10.2.0.0/16"], True)]
 
 
 @pytest_twisted.ensureDeferred

@@ -163,13 +163,14 @@ class OutboxAck(OutboxItem):
 
 
 class ApiResource(_Authenticated):
-    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/routes."""
+    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes."""
 
     def __init__(self, central: CentralWeb):
         super().__init__(central)
         self.putChild(b"objects", ObjectsResource(central))
         self.putChild(b"quarantine", QuarantineResource(central))
         self.putChild(b"viewers", ViewersResource(central))
+        self.putChild(b"centres", CentresResource(central))
         self.putChild(b"routes", RoutesResource(central))
 
 
@@ -255,13 +256,17 @@ class QuarantineAction(_Authenticated):
         return json_response(200, {"id": self.entry_id, "state": "released" if self.action == "route" else "rejected"})
 
 
-class ViewersResource(_Authenticated):
+class _Collection(_Authenticated):
+    """A directory collection of the admin API: GET lists it, POST adds to it."""
+
     def render_GET(self, request):
         return render_async(request, self._list)
 
     def render_POST(self, request):
         return render_async(request, self._add)
 
+
+class ViewersResource(_Collection):
     async def _list(self, request) -> Response:
         await self.admin(request)
         viewers = await self.storage.directory.viewers()
@@ -278,13 +283,35 @@ class ViewersResource(_Authenticated):
         return json_response(201, {**dataclasses.asdict(added.viewer), "token": added.token})
 
 
-class RoutesResource(_Authenticated):
-    def render_GET(self, request):
-        return render_async(request, self._list)
+def _centre_json(centre) -> dict:
+    return {"name": centre.name, "ae": [v for k, v in centre.aliases if k == "ae"], "address": list(centre.addresses),
+            "network": list(centre.networks), "token": centre.has_token,
+            "client_cert_sha256": centre.client_cert_sha256}
 
-    def render_POST(self, request):
-        return render_async(request, self._add)
 
+class CentresResource(_Collection):
+    """GET lists centres; POST ``{"name", "ae": [...], "address": [...], "network": [...], "token": true}``
+    adds one (or more ways to recognise it) and, with ``token``, answers its new token once."""
+
+    async def _list(self, request) -> Response:
+        await self.admin(request)
+        return json_response(200, [_centre_json(c) for c in await self.storage.directory.centres()])
+
+    async def _add(self, request) -> Response:
+        await self.admin(request)
+        body = await _json_body(request, self.central)
+        lists = {key: body.get(key, []) for key in ("ae", "address", "network")}
+        if not body.get("name") or not all(isinstance(v, list) for v in lists.values()):
+            raise Problem(400, 'a centre needs {"name": …} and lists for "ae", "address", "network"', kind="invalid")
+        try:
+            added = await self.storage.directory.add_centre(body["name"], lists["ae"], lists["address"], lists["network"],
+                                                            token=bool(body.get("token")))
+        except DirectoryError as e:
+            raise Problem(409, str(e), kind="directory") from e
+        return json_response(201, {**_centre_json(added.centre), **({"token": added.token} if added.token else {})})
+
+
+class RoutesResource(_Collection):
     async def _list(self, request) -> Response:
         await self.admin(request)
         rules = await self.storage.directory.rules()

@@ -440,6 +440,8 @@ class Directory(Connector):
 
         def thd(conn) -> NewCentre:
             centre = add_centre(conn, name, list(aes), list(addresses), list(networks), at=at)
+            if (token or client_certificate) and not centre.address:
+                raise DirectoryError("a centre's credential authenticates its package address: give an address")
             issued = None
             if token:
                 issued = issue_centre_token(conn, name, token if isinstance(token, str) else None)
