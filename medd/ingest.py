@@ -122,9 +122,10 @@ class Ingest:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def receive_dicom(self, data: bytes, *, transport: str, origin: str) -> Deferred:
-        """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder)."""
-        return ensureDeferred(self._receive_dicom(data, transport, origin))
+    def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Deferred:
+        """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder); ``peer`` is the
+        connection's client IP, if there is one."""
+        return ensureDeferred(self._receive_dicom(data, transport, origin, peer))
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
@@ -169,7 +170,7 @@ class Ingest:
         except OSError as e:
             raise StoreFailed(f"cannot write to the blob store: {e}") from e
 
-    async def _receive_dicom(self, data: bytes, transport: str, origin: str) -> Stored:
+    async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None) -> Stored:
         self._check_size(data, transport)
         content, blob = await self._off_reactor(self._parse_and_put, data)
         record = ObjectRecord.from_keyinfo(
@@ -181,6 +182,7 @@ class Ingest:
             origin=origin,
             transport=transport,
             received_at=self.index.now(),
+            peer=peer,
         )
         outcome = await self._index(record, None, blob)
         return self._stored(outcome)
@@ -229,7 +231,7 @@ class Ingest:
         )
         if package.attachment.type == "status":
             return await self._status(package, receipt)
-        record = self._package_record(package, blob, transport)
+        record = self._package_record(package, blob, transport, peer)
         outcome = await self._index(record, receipt, blob)
         stored = self._stored(outcome, package.message_id)
         log.info(
@@ -239,7 +241,7 @@ class Ingest:
         )
         return stored
 
-    def _package_record(self, package: Package, blob, transport: str) -> ObjectRecord:
+    def _package_record(self, package: Package, blob, transport: str, peer: str | None) -> ObjectRecord:
         content: Content = package.content
         common = dict(
             object_type=package.attachment.type,
@@ -249,6 +251,7 @@ class Ingest:
             origin=package.origin,
             transport=transport,
             received_at=self.index.now(),
+            peer=peer,
         )
         if content.keyinfo is not None:
             # The package's To is kept in its receipt; intended_recipients

@@ -60,6 +60,7 @@ async def run(reactor, config_path: str, mode: str) -> None:
     n = 0
     while True:
         await node.ingest.receive_dicom(variant(n), transport="test", origin="CRASHTEST")
+        await node.routing.router.kick()  # objects are archived once their centre is decided
         await archiving.archive_pending()
         say(f"committed {n}")
         n += 1

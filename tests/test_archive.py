@@ -29,19 +29,20 @@ from medd.storage.archive import Placement, TapeArchive, slug
 from medd.storage.catalogue import Catalogue
 from medd.storage.database import open_database, resolved
 from medd.storage.index import ObjectIndex, ObjectRecord
+from medd.storage.routing_tables import routing_decisions
 from tests.conftest import testdata, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 MEDD = [sys.executable, "-m", "medd.cli"]
 
-# (origin as received, pydicom test file): three centres, six modalities.
+# (registered centre, pydicom test file): three centres, six modalities.
 CORPUS = [
     ("CT_SCANNER_A", "CT_small.dcm"),
     ("CT_SCANNER_A", "CT_small.dcm"),
     ("CT_SCANNER_A", "MR_small.dcm"),
-    ("mr1@centre-b.example", "MR_small.dcm"),
-    ("mr1@centre-b.example", "JPEG2000.dcm"),
-    ("mr1@centre-b.example", "SC_rgb_rle.dcm"),
+    ("centre-b", "MR_small.dcm"),
+    ("centre-b", "JPEG2000.dcm"),
+    ("centre-b", "SC_rgb_rle.dcm"),
     ("Centre C / Room 2", "rtplan.dcm"),
     ("Centre C / Room 2", "rtdose.dcm"),
     ("Centre C / Room 2", "JPEG-lossy.dcm"),
@@ -104,13 +105,20 @@ def archive_node(tmp_path):
         pytest_twisted.blockon(node.stopService())
 
 
+def _ae(centre: str) -> str:
+    return "AE" + str(sum(centre.encode()))  # one calling AE title per centre of the corpus
+
+
 async def ingest_corpus(node, corpus=CORPUS, study_uid: str | None = None) -> dict[str, tuple[str, str]]:
-    """Ingest each (origin, file); {uid: (origin, modality)}."""
+    """Register each centre (by a calling AE title), ingest each (centre, file) as from that title and
+    route it (volumes go by the registered centre); {uid: (centre, modality)}."""
     stored = {}
-    for n, (origin, name) in enumerate(corpus):
-        result = await node.ingest.receive_dicom(variant(name, n, study_uid), transport="test", origin=origin)
+    for n, (centre, name) in enumerate(corpus):
+        await node.central_storage.directory.add_centre(centre, aes=[_ae(centre)])
+        result = await node.ingest.receive_dicom(variant(name, n, study_uid), transport="dicom", origin=_ae(centre))
         record = await node.database.run(lambda c: index.object_by_uid(c, result.uid))
-        stored[result.uid] = (origin, record.modality)
+        stored[result.uid] = (centre, record.modality)
+    await node.routing.kick()
     return stored
 
 
@@ -147,10 +155,15 @@ def test_catalogue_connector_stamps_from_its_clock(tmp_path, db_url):
                 transport="test", received_at=objects.now(), modality="CT",
             )
             resolved(objects.store_object(record))
+        assert resolved(cat.pending_objects(0, 10)) == []  # not yet routed: its centre is not decided
+        for n in (1, 2):
+            resolved(database.run(lambda c: c.execute(routing_decisions.insert().values(
+                uid=f"1.2.3.{n}", centre=None, outcome="quarantined", decided_at=objects.now()))))
         assert resolved(cat.pending_objects(0, 10, min_age=timedelta(hours=1))) == []
         clock.advance(3600)
         pending = resolved(cat.pending_objects(0, 10, min_age=timedelta(hours=1), modalities=("CT",)))
         assert [p.sop_instance_uid for p in pending] == ["1.2.3.1", "1.2.3.2"]
+        assert {p.centre for p in pending} == {catalogue.UNREGISTERED}
 
         volume = resolved(cat.open_volume("ct1@centre-a.example", "CT"))
         assert volume.created_at.timestamp() == START + 3600 and volume.state == catalogue.OPEN
@@ -226,10 +239,10 @@ async def test_mixed_corpus_layout_and_tar_listing(archive_node, tmp_path):
     volumes, members = await catalogue_state(node)
     catalogued = {m.sop_instance_uid: (v, m) for v in volumes for m in members[v.path]}
     assert set(catalogued) == set(stored)
-    for uid, (origin, modality) in stored.items():
+    for uid, (centre, modality) in stored.items():
         volume, member = catalogued[uid]
-        assert volume.centre == origin and volume.modality == modality
-        assert volume.path.startswith(f"{slug(origin, empty='centre')}/{slug(modality, empty='no-modality')}/vol-")
+        assert volume.centre == centre and volume.modality == modality
+        assert volume.path.startswith(f"{slug(centre, empty='centre')}/{slug(modality, empty='no-modality')}/vol-")
         assert member.member_name == f"{uid}.dcm"
         assert member.verified_at is not None
 
@@ -492,3 +505,53 @@ async def test_corrupt_working_copy_is_not_archived(archive_node, tmp_path):
     assert victim not in {m.sop_instance_uid for ms in members.values() for m in ms}
     for v in volumes:
         assert tar_list(tmp_path / "archive" / v.path) == [m.member_name for m in members[v.path]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_volumes_are_filed_by_the_registered_centre(archive_node, tmp_path):
+    """Two centres, each sending from two calling AE titles, fill exactly two centre folders; an overlay made
+    by a viewer on one centre's study goes under that centre, an object of no registered centre under
+    `unregistered`. A volume filed under an AE title before (never rewritten) is found by `medd archive list
+    --centre NAME` along with the centre's new ones."""
+    from medd.objects import parse_part10
+    from medd.package import build_package
+    from medd.plugins.objecttypes import OverlayType
+    from tests.test_ingest import _gsps_for
+
+    node = await archive_node(volume_size="1G")
+    directory = node.central_storage.directory
+    await directory.add_centre("centre-a", aes=["CTA1", "CTA2"])
+    await directory.add_centre("centre-b", aes=["MRB1", "MRB2"])
+    # Before volumes went by the registered centre, centre-a's objects were filed under the AE title.
+    old = await node.archiving.catalogue.open_volume("CTA1", "CT")
+
+    sent = [("CTA1", "CT_small.dcm"), ("CTA2", "CT_small.dcm"), ("MRB1", "MR_small.dcm"), ("MRB2", "MR_small.dcm"),
+            ("STRANGER", "CT_small.dcm")]
+    uids = {}
+    for n, (ae, name) in enumerate(sent):
+        data = variant(name, 100 + n)
+        uids[ae] = (await node.ingest.receive_dicom(data, transport="dicom", origin=ae)).uid
+        if ae == "CTA1":
+            first_image = data
+    overlay = parse_part10(_gsps_for(first_image))
+    await node.ingest.receive_package(build_package(overlay, OverlayType().identifier(overlay), origin="dr@viewers.example",
+                                                    destination="central.test"), transport="http")
+    await node.routing.kick()
+    report = await node.archiving.run_once()
+    assert report.archived == len(sent) + 1
+
+    folders = {v.path.split("/")[0] for v in await node.archiving.catalogue.find_volumes() if v.path != old.path}
+    assert folders == {"centre-a", "centre-b", catalogue.UNREGISTERED}
+    filed = {a.sop_instance_uid: a.volume for a in await node.archiving.catalogue.find_archived()}
+    for ae in ("CTA1", "CTA2"):
+        assert filed[uids[ae]].startswith("centre-a/")
+    for ae in ("MRB1", "MRB2"):
+        assert filed[uids[ae]].startswith("centre-b/")
+    assert filed[uids["STRANGER"]].startswith("unregistered/")
+    assert filed[overlay.keyinfo.sop_instance_uid].startswith("centre-a/")
+
+    listed = {v.path for v in await node.archiving.catalogue.find_volumes(centre="centre-a")}
+    assert old.path in listed and all(p == old.path or p.startswith("centre-a/") for p in listed)
+    out = await deferToThread(medd_cli, "archive", "list", "--centre", "centre-a", "--config", str(tmp_path / "central.ini"))
+    assert out.returncode == 0, out.stderr
+    assert old.path in out.stdout and "centre-a/CT/vol-000001.tar" in out.stdout and "centre-b" not in out.stdout

@@ -23,6 +23,8 @@ from tests.conftest import listener_port, testdata
 FAST = "[delivery]\nretry_base = 0.05\nretry_multiplier = 2\nretry_max_delay = 0.3\npoll_interval = 0.2\n"
 PUSH = "dr-push@viewers.example"
 PULL = "dr-pull@viewers.example"
+# centre-a's bearer token: its packages over HTTP are accepted only with it.
+CENTRE_A_TOKEN = "centre-a-token-" + "x" * 32
 
 
 def _cstore(port: int, datasets, calling="MODALITY1"):
@@ -56,7 +58,7 @@ def _package(name: str, to: str, origin: str = "ct1@centre-a.example", uid_suffi
 
 async def _setup_directory(node, push_port: int | None):
     directory = node.central_storage.directory
-    await directory.add_centre("centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"])
+    await directory.add_centre("centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"], token=CENTRE_A_TOKEN)
     await directory.add_centre("centre-b", aes=["MODALITY2"])
     push_url = f"smtp://127.0.0.1:{push_port}" if push_port else "smtp://127.0.0.1:9"
     await directory.add_viewer(PUSH, push_url, ["centre-a"])
@@ -98,7 +100,8 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
     unknown, unknown_uid = _package("SC_rgb_rle.dcm", "nobody@viewers.example")
     unauthorised, unauth_uid = _package("MR_small.dcm", PULL, uid_suffix=".7")  # PULL may only see CT
     for pkg in (to_push, unknown, unauthorised):
-        r = await deferToThread(requests.post, f"{http}/packages", data=pkg, headers={"Content-Type": "message/rfc822"})
+        r = await deferToThread(requests.post, f"{http}/packages", data=pkg, headers={
+            "Content-Type": "message/rfc822", "Authorization": f"Bearer {CENTRE_A_TOKEN}"})
         assert r.status_code == 201, r.text
 
     # push deliveries arrive in the push viewer's own store
@@ -239,7 +242,8 @@ async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
 @pytest_twisted.ensureDeferred
 async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     """An overlay and a report sent back by a viewer are attached to their image and study; the report is
-    routed on because a rule for reports says so, the overlay (no rule) is only attached."""
+    routed on because a rule for reports says so, the overlay (no rule) is only attached and goes home to
+    the centre of its study (which has a token, hence an outbox)."""
     from medd.plugins.objecttypes import OverlayType, ReportType, text_report_content
     from tests.test_ingest import _gsps_for
 
@@ -264,7 +268,8 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     assert [o.uid for o in history.overlays] == [overlay.keyinfo.sop_instance_uid]
     assert [r.uid for r in history.reports] == ["2.25.4242"]
     ov = await central.central_storage.tracking.object_history(overlay.keyinfo.sop_instance_uid)
-    assert ov.routing.outcome == "attached" and ov.deliveries == () and ov.routing.centre == "centre-a"
+    assert ov.routing.outcome == "attached" and ov.routing.centre == "centre-a"
+    assert [d.destination for d in ov.deliveries] == ["ct1@centre-a.example"]
 
 
 @pytest_twisted.ensureDeferred
@@ -292,7 +297,8 @@ async def test_router_floor_and_full_pass(make_central):
 @pytest_twisted.ensureDeferred
 async def test_admin_api_manages_viewers_and_routes(make_central):
     """An administrator adds a viewer (getting its token once) and a routing rule over HTTP; a bad
-    rule is refused with problem JSON; a viewer token cannot use the admin API."""
+    rule is refused with problem JSON; a viewer token cannot use the admin API. A centre is added with
+    its networks and a token (only with an address), and listed with what credentials it holds."""
     central = await make_central({"http": "tcp:0:interface=127.0.0.1"})
     admin = await central.central_storage.directory.add_admin("alice")
     await central.central_storage.directory.add_centre("centre-a", aes=["CT1"])
@@ -313,6 +319,19 @@ async def test_admin_api_manages_viewers_and_routes(make_central):
     assert [(x["centre"], x["destination"]) for x in rules] == [("centre-a", PULL)]
     r = await deferToThread(requests.get, f"{http}/routes", headers={"Authorization": f"Bearer {viewer_token}"})
     assert r.status_code == 403
+
+    r = await deferToThread(requests.post, f"{http}/centres", headers=headers,
+                            json={"name": "centre-b", "ae": ["MR1"], "network": ["10.2.0.0/16"], "token": True})
+    assert r.status_code == 409 and "give an address" in r.json()["detail"]
+    r = await deferToThread(requests.post, f"{http}/centres", headers=headers,
+                            json={"name": "centre-b", "address": ["gw@centre-b.example"], "network": ["10.2.0.0/16"],
+                                  "token": True})
+    assert r.status_code == 201 and len(r.json()["token"]) >= 40, r.text
+    owner = await central.central_storage.directory.outbox_owner(r.json()["token"])
+    assert (owner.kind, owner.address) == ("centre", "gw@centre-b.example")
+    listed = (await deferToThread(requests.get, f"{http}/centres", headers=headers)).json()
+    assert [(c["name"], c["network"], c["token"]) for c in listed] == [("centre-a", [], False),
+                                                                       ("centre-b", ["10.2.0.0/16"], True)]
 
 
 @pytest_twisted.ensureDeferred

@@ -289,7 +289,7 @@ class ArchivingService(Service):
             if not page:
                 return report
             cursor = page[-1].id
-            key = lambda p: (p.origin, p.modality or "")  # noqa: E731
+            key = lambda p: (p.centre, p.modality or "")  # noqa: E731
             for _, group in groupby(sorted(page, key=key), key=key):
                 group = list(group)
                 for batch in self._batches(group):
@@ -335,7 +335,7 @@ class ArchivingService(Service):
         report.skipped.extend(skipped)
         if not loaded:
             return
-        centre, modality = loaded[0][0].origin, loaded[0][0].modality
+        centre, modality = loaded[0][0].centre, loaded[0][0].modality
         while loaded:
             volume = await self.catalogue.open_volume(centre, modality)
             fitting = self._fitting(volume, [m for _, m in loaded])

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from medd.objects import Content
 from medd.package import AttachmentId, build_package
+from medd.plugins.objecttypes import status_part
 from medd.scheduling import Backoff, CoalescingPass
 from medd.storage.connector import utc
 from medd.storage.deliveries import Deliveries, Delivery, PushTarget
@@ -58,9 +59,19 @@ def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: s
                          message_id=delivery.message_id)
 
 
-async def load_package(api, record: ObjectRecord, delivery: Delivery, origin: str) -> bytes:
+def status_package_for(delivery: Delivery, origin: str) -> bytes:
+    """A status package to a centre, from the delivery's status part (UIDs only in its header)."""
+    content = status_part(delivery.status)
+    return build_package(content, AttachmentId.of("status", event=delivery.status["event"], uid=delivery.status["uid"]),
+                         origin=origin, destination=delivery.destination, message_id=delivery.message_id)
+
+
+async def load_package(api, record: ObjectRecord | None, delivery: Delivery, origin: str) -> bytes:
     """The stored object, read and wrapped into its package off the reactor
-    (base64 of an object of hundreds of megabytes is seconds of CPU)."""
+    (base64 of an object of hundreds of megabytes is seconds of CPU); a status package
+    is built from the delivery itself."""
+    if delivery.status is not None:
+        return status_package_for(delivery, origin)
     data = await api.read_blob(record.digest)
     return await api.run_blocking(package_for, record, data, delivery, origin)
 

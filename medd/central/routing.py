@@ -8,12 +8,17 @@ that viewer is authorised for the object's imaging centre and modality)
 before an outbox row is queued; what fails verification is quarantined with
 the reason, and nothing is sent.
 
-The imaging centre is decided by who sent the object (calling AE title or
-package origin), never by a tag inside it.
+The imaging centre is decided by who sent the object (calling AE title from
+the centre's networks, or package origin, which the sender policy below
+admits only from the centre authenticated), never by a tag inside it. What
+central decides about a centre's objects goes back to it as status packages
+in its outbox, with the overlays and reports made on its studies.
 """
 from __future__ import annotations
 
 import email.utils
+import ipaddress
+from dataclasses import dataclass
 from functools import partial
 
 from twisted.application.service import Service
@@ -24,7 +29,7 @@ from twisted.logger import Logger
 from medd.plugins.hookspecs import hookimpl
 from medd.scheduling import CoalescingPass
 from medd.storage.index import ObjectRecord
-from medd.storage.routing import CorrectionError, Hold, Queue, Routing, RoutingDecision, RoutingLookups
+from medd.storage.routing import CorrectionError, Hold, Queue, Routing, RoutingDecision, RoutingLookups, Tell
 
 __all__ = ["CorrectionError", "Router", "RoutingService", "SenderPolicy", "correct_route", "route", "verify"]
 
@@ -46,37 +51,90 @@ def _addresses(text: str | None) -> list[str]:
     return out
 
 
-def sending_centre(record: ObjectRecord, lookups: RoutingLookups) -> str | None:
-    """The centre that sent ``record``; for an overlay or report coming back
-    from a viewer, the centre of the study it is about."""
+@dataclass(frozen=True)
+class Sender:
+    """Which registered centre an object belongs to, and how that was found.
+
+    ``own`` is True when the object came from the centre itself (not an overlay or
+    report from a viewer, filed under the centre of its study); ``unknown`` says why no
+    centre was found (for the quarantine)."""
+
+    centre: str | None
+    own: bool = False
+    unknown: str | None = None
+
+
+def _in_networks(peer: str | None, networks: tuple[str, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address((peer or "").strip())
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in networks)
+
+
+def sender_of(record: ObjectRecord, lookups: RoutingLookups) -> Sender:
+    """The centre that sent ``record``; for an overlay or report coming back from a viewer,
+    the centre of the study it is about.
+
+    A calling AE title is no credential: when the centre lists its networks, the title names it
+    only for associations from those networks."""
     centre = lookups.centre_of(record.origin, record.transport)
-    if centre is not None or record.object_type not in ("overlay", "report"):
-        return centre
-    for origin, transport in lookups.study_senders(record.study_instance_uid):
-        centre = lookups.centre_of(origin, transport)
-        if centre is not None:
-            return centre
-    return None
+    unknown = f"{record.transport} origin {record.origin!r} is not a registered centre"
+    if centre is not None and record.transport == "dicom":
+        networks = lookups.centre_networks(centre)
+        if networks and not _in_networks(record.peer, networks):
+            unknown = (f"calling AE title {record.origin!r} names centre {centre} only from its networks "
+                       f"({', '.join(networks)}), and this association came from {record.peer or 'an unknown address'}")
+            centre = None
+    if centre is not None:
+        return Sender(centre, own=True)
+    if record.object_type in ("overlay", "report"):
+        study_centre = lookups.study_centre(record.study_instance_uid)
+        if study_centre is not None:
+            return Sender(study_centre)
+    return Sender(None, unknown=unknown)
 
 
-def _refusal(lookups: RoutingLookups, destination: str, centre: str | None, record: ObjectRecord) -> str | None:
+def _refusal(lookups: RoutingLookups, destination: str, sender: Sender, record: ObjectRecord) -> str | None:
     if not lookups.is_viewer(destination):
         return f"unknown destination {destination}: no such viewer in the directory"
-    if centre is None:
-        return f"unknown imaging centre: {record.transport} origin {record.origin!r} is not a registered centre"
-    if not lookups.is_authorised(destination, centre, record.modality or ""):
-        return f"viewer {destination} is not authorised for centre {centre} modality {record.modality or '-'}"
+    if sender.centre is None:
+        return f"unknown imaging centre: {sender.unknown}"
+    if not lookups.is_authorised(destination, sender.centre, record.modality or ""):
+        return f"viewer {destination} is not authorised for centre {sender.centre} modality {record.modality or '-'}"
     return None
 
 
 def verify(lookups: RoutingLookups, destination: str, record: ObjectRecord) -> str | None:
     """None if ``destination`` may receive ``record``; else the reason it may not."""
-    return _refusal(lookups, destination, sending_centre(record, lookups), record)
+    return _refusal(lookups, destination, sender_of(record, lookups), record)
+
+
+def _receipts(record: ObjectRecord, sender: Sender, queue: list[Queue], hold: list[Hold],
+              lookups: RoutingLookups) -> tuple[list[Queue], list[Tell]]:
+    """What goes back to the centre: for its own objects, status packages (received, then routed
+    or quarantined); for a viewer's overlay or report on its study, the result itself (and
+    "reported" for each of its images of the study)."""
+    home = lookups.centre_outbox(sender.centre)
+    if home is None:
+        return [], []
+    uid = record.sop_instance_uid
+    if sender.own:
+        tell = [Tell(home, "received", uid, params=(("time", record.received_at.isoformat()),))]
+        tell += [Tell(home, "routed", uid, q.destination, (("viewer", q.destination),)) for q in queue]
+        tell += [Tell(home, "quarantined", uid, h.destination or h.reason, (("reason", h.reason),)) for h in hold]
+        return [], tell
+    tell = []
+    if record.object_type == "report":
+        tell = [Tell(home, "reported", image, uid, (("report", uid),))
+                for image in lookups.centre_images(record.study_instance_uid, sender.centre)]
+    return [Queue(home, f"result home to centre {sender.centre}")], tell
 
 
 def route(record: ObjectRecord, lookups: RoutingLookups, node_name: str) -> RoutingDecision:
     """Decide where ``record`` goes and whether it may go there (the routing policy)."""
-    centre = sending_centre(record, lookups)
+    sender = sender_of(record, lookups)
+    centre = sender.centre
     to = lookups.package_destination(record.sop_instance_uid)
     if to and to != node_name.lower() and to.partition("@")[2] != node_name.lower():
         destinations, source = [to], "package To"
@@ -90,16 +148,20 @@ def route(record: ObjectRecord, lookups: RoutingLookups, node_name: str) -> Rout
         if record.object_type in ("overlay", "report"):
             outcome = "attached"  # kept with its image/study; no rule sends it on
         else:
-            hold.append(Hold(None, "no route: no package To, no (0040,1010) recipients and no matching rule"))
+            reason = "no route: no package To, no (0040,1010) recipients and no matching rule"
+            if centre is None:  # say first what an administrator has to fix first
+                reason = f"unknown imaging centre: {sender.unknown}; {reason}"
+            hold.append(Hold(None, reason))
             outcome = "quarantined"
     for destination in destinations:
-        reason = _refusal(lookups, destination, centre, record)
+        reason = _refusal(lookups, destination, sender, record)
         if reason is None:
             queue.append(Queue(destination, f"routed by {source}"))
         else:
             hold.append(Hold(destination, reason))
             outcome = "quarantined"
-    return RoutingDecision(record.sop_instance_uid, centre, outcome, tuple(queue), tuple(hold))
+    home, tell = _receipts(record, sender, queue, hold, lookups)
+    return RoutingDecision(record.sop_instance_uid, centre, outcome, tuple(queue + home), tuple(hold), tuple(tell))
 
 
 def correct_route(routing: Routing, entry_id: int, destination: str, admin: str) -> Deferred:
@@ -224,7 +286,15 @@ class RoutingService(Service):
 
 
 class SenderPolicy:
-    """Central's answer to ``medd_check_sender``: who sends what back from viewers.
+    """Central's answer to ``medd_check_sender``: who may send in whose name.
+
+    A package whose From is a registered centre's address is accepted only
+    from that centre authenticated: its bearer token over HTTP(S), or over
+    the TLS socket a client certificate whose CN is one of its addresses
+    (the CN decides, not the From header). Over SMTP nothing authenticates
+    a centre yet (S/MIME is to come), so it is refused. A From that is no
+    registered centre's is let through, to be quarantined as an unknown
+    centre.
 
     A status, overlay or report package whose From is a registered viewer is
     accepted only from that viewer authenticated: its bearer token (HTTP) or
@@ -238,11 +308,28 @@ class SenderPolicy:
 
     @hookimpl
     def medd_check_sender(self, claim):
-        if claim.object_type not in VIEWER_TYPES:
-            return None
         return ensureDeferred(self._check(claim))
 
     async def _check(self, claim) -> str | None:
+        found = await self.directory.centre_claim(claim.origin, claim.credentials)
+        if found.named is not None:
+            return self._centre_refusal(claim, found.named, found.authenticated)
+        if claim.object_type not in VIEWER_TYPES:
+            return None
+        return await self._viewer_refusal(claim)
+
+    @staticmethod
+    def _centre_refusal(claim, named, by_token) -> str | None:
+        if claim.transport in ("http", "https") and by_token is not None and by_token.name == named.name:
+            return None
+        if claim.transport == "tls" and (claim.peer or "").strip().lower() in named.addresses:
+            return None
+        how = ("over SMTP a centre cannot authenticate yet (no S/MIME): send through its gateway over TLS or HTTPS"
+               if claim.transport == "smtp" else
+               "its bearer token over HTTP(S), or its client certificate over TLS")
+        return f"a package from centre {named.name} ({claim.origin}) must be sent authenticated as that centre: {how}"
+
+    async def _viewer_refusal(self, claim) -> str | None:
         origin = claim.origin
         found = await self.directory.claimants(origin, claim.credentials)
         named, by_token = found.named, found.authenticated

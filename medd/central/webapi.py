@@ -1,8 +1,9 @@
 """Central's HTTP resources beyond ingest: the pull outbox for viewers and
-the administrator's API. Mounted on the node's HTTP listener.
+imaging centres, and the administrator's API. Mounted on the node's HTTP listener.
 
-Every request needs ``Authorization: Bearer <token>``: a viewer's token for
-``/outbox``, an administrator's for ``/api``. Nothing here is open.
+Every request needs ``Authorization: Bearer <token>``: a viewer's or a
+centre's token for ``/outbox`` (each sees only the deliveries to its own
+address), an administrator's for ``/api``. Nothing here is open.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from twisted.web.resource import Resource
 
 from medd.central import outbox, routing
 from medd.central.tracking import history_json, quarantine_json
-from medd.storage.directory import DirectoryError, Viewer
+from medd.storage.directory import DirectoryError, OutboxOwner
 from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
 from medd.central.storage import CentralStorage
@@ -25,7 +26,7 @@ RFC822 = "message/rfc822"
 
 
 def unknown_viewer_token() -> Problem:
-    return Problem(401, "unknown viewer token", kind="unauthorised",
+    return Problem(401, "unknown viewer or centre token", kind="unauthorised",
                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
@@ -59,12 +60,12 @@ class _Authenticated(ProblemResource):
         self.central = central
         self.storage = central.storage
 
-    async def viewer(self, request) -> Viewer:
+    async def outbox_owner(self, request) -> OutboxOwner:
         token = require_bearer(request)
-        viewer = await self.storage.directory.viewer_by_token(token)
-        if viewer is None:
+        owner = await self.storage.directory.outbox_owner(token)
+        if owner is None:
             raise unknown_viewer_token()
-        return viewer
+        return owner
 
     async def admin(self, request) -> str:
         token = require_bearer(request)
@@ -93,16 +94,23 @@ class OutboxResource(_Authenticated):
         return render_async(request, self._list)
 
     async def _list(self, request) -> Response:
-        viewer = await self.viewer(request)
-        waiting = await self.storage.deliveries.pull_waiting(viewer.address)
-        return json_response(200, [
-            {
-                "id": d.id, "uid": r.sop_instance_uid, "object_type": r.object_type, "message_id": d.message_id,
-                "study_instance_uid": r.study_instance_uid, "modality": r.modality, "size": r.size,
-                "state": d.state, "url": f"/outbox/{d.id}",
-            }
-            for d, r in ((w.delivery, w.record) for w in waiting)
-        ])
+        owner = await self.outbox_owner(request)
+        waiting = await self.storage.deliveries.pull_waiting(owner.address)
+        return json_response(200, [_listed(w.delivery, w.record) for w in waiting])
+
+
+def _listed(d, r) -> dict:
+    if d.status is not None:  # a status package to a centre: about the object ``uid``
+        return {
+            "id": d.id, "uid": d.status["uid"], "object_type": "status", "event": d.status["event"],
+            "message_id": d.message_id, "study_instance_uid": None, "modality": None, "size": None,
+            "state": d.state, "url": f"/outbox/{d.id}",
+        }
+    return {
+        "id": d.id, "uid": r.sop_instance_uid, "object_type": r.object_type, "message_id": d.message_id,
+        "study_instance_uid": r.study_instance_uid, "modality": r.modality, "size": r.size,
+        "state": d.state, "url": f"/outbox/{d.id}",
+    }
 
 
 class OutboxItem(_Authenticated):
@@ -121,10 +129,10 @@ class OutboxItem(_Authenticated):
         return render_async(request, self._fetch)
 
     def _found(self, pulled):
-        if pulled.viewer is None:
+        if pulled.owner is None:
             raise unknown_viewer_token()
         if pulled.delivery is None:
-            raise Problem(404, f"no delivery {self.delivery_id} for {pulled.viewer.address}")
+            raise Problem(404, f"no delivery {self.delivery_id} for {pulled.owner.address}")
         return pulled
 
     async def _fetch(self, request) -> Response:
@@ -132,7 +140,7 @@ class OutboxItem(_Authenticated):
         delivery = pulled.delivery
         package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
         if delivery.state == "queued":
-            await self.storage.deliveries.mark_sent(delivery.id, delivery.attempts + 1, f"fetched by {pulled.viewer.address}")
+            await self.storage.deliveries.mark_sent(delivery.id, delivery.attempts + 1, f"fetched by {pulled.owner.address}")
         return Response(200, RFC822, package, {"Medd-Delivery": str(delivery.id)})
 
 
@@ -155,13 +163,14 @@ class OutboxAck(OutboxItem):
 
 
 class ApiResource(_Authenticated):
-    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/routes."""
+    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes."""
 
     def __init__(self, central: CentralWeb):
         super().__init__(central)
         self.putChild(b"objects", ObjectsResource(central))
         self.putChild(b"quarantine", QuarantineResource(central))
         self.putChild(b"viewers", ViewersResource(central))
+        self.putChild(b"centres", CentresResource(central))
         self.putChild(b"routes", RoutesResource(central))
 
 
@@ -247,13 +256,17 @@ class QuarantineAction(_Authenticated):
         return json_response(200, {"id": self.entry_id, "state": "released" if self.action == "route" else "rejected"})
 
 
-class ViewersResource(_Authenticated):
+class _Collection(_Authenticated):
+    """A directory collection of the admin API: GET lists it, POST adds to it."""
+
     def render_GET(self, request):
         return render_async(request, self._list)
 
     def render_POST(self, request):
         return render_async(request, self._add)
 
+
+class ViewersResource(_Collection):
     async def _list(self, request) -> Response:
         await self.admin(request)
         viewers = await self.storage.directory.viewers()
@@ -270,13 +283,35 @@ class ViewersResource(_Authenticated):
         return json_response(201, {**dataclasses.asdict(added.viewer), "token": added.token})
 
 
-class RoutesResource(_Authenticated):
-    def render_GET(self, request):
-        return render_async(request, self._list)
+def _centre_json(centre) -> dict:
+    return {"name": centre.name, "ae": [v for k, v in centre.aliases if k == "ae"], "address": list(centre.addresses),
+            "network": list(centre.networks), "token": centre.has_token,
+            "client_cert_sha256": centre.client_cert_sha256}
 
-    def render_POST(self, request):
-        return render_async(request, self._add)
 
+class CentresResource(_Collection):
+    """GET lists centres; POST ``{"name", "ae": [...], "address": [...], "network": [...], "token": true}``
+    adds one (or more ways to recognise it) and, with ``token``, answers its new token once."""
+
+    async def _list(self, request) -> Response:
+        await self.admin(request)
+        return json_response(200, [_centre_json(c) for c in await self.storage.directory.centres()])
+
+    async def _add(self, request) -> Response:
+        await self.admin(request)
+        body = await _json_body(request, self.central)
+        lists = {key: body.get(key, []) for key in ("ae", "address", "network")}
+        if not body.get("name") or not all(isinstance(v, list) for v in lists.values()):
+            raise Problem(400, 'a centre needs {"name": …} and lists for "ae", "address", "network"', kind="invalid")
+        try:
+            added = await self.storage.directory.add_centre(body["name"], lists["ae"], lists["address"], lists["network"],
+                                                            token=bool(body.get("token")))
+        except DirectoryError as e:
+            raise Problem(409, str(e), kind="directory") from e
+        return json_response(201, {**_centre_json(added.centre), **({"token": added.token} if added.token else {})})
+
+
+class RoutesResource(_Collection):
     async def _list(self, request) -> Response:
         await self.admin(request)
         rules = await self.storage.directory.rules()

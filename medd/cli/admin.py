@@ -54,32 +54,41 @@ def _guard(fn):
     return wrapper
 
 
+def _issue_client_certificate(args, common_name: str):
+    """(PEM of certificate + key, its SHA-256) signed by [tls] client_ca_key, or None without
+    ``--client-cert``; raises DirectoryError when the config has no client CA to sign with."""
+    if not args.client_cert:
+        return None
+    config = load_config(args.config)
+    if not (config.tls_client_ca and config.tls_client_ca_key):
+        raise DirectoryError(f"{args.config}: --client-cert needs [tls] client_ca and client_ca_key (the CA that signs it)")
+    from pathlib import Path
+
+    from medd.tlscert import issue_client_certificate
+
+    return issue_client_certificate(Path(config.tls_client_ca).read_bytes(), Path(config.tls_client_ca_key).read_bytes(),
+                                    common_name)
+
+
+def _write_client_certificate(args, issued) -> None:
+    from pathlib import Path
+
+    out = Path(args.client_cert)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(issued[0])
+    out.chmod(0o600)
+    print(f"client certificate and key for the TLS transport written to {out} (SHA-256 {issued[1]})", file=sys.stderr)
+
+
 @_guard
 def viewers_add(args):
     if bool(args.pull) == bool(args.push):
         return _fail("give exactly one of --pull or --push URL")
-    config = load_config(args.config)
-    if args.client_cert and not (config.tls_client_ca and config.tls_client_ca_key):
-        return _fail(f"{args.config}: --client-cert needs [tls] client_ca and client_ca_key (the CA that signs it)")
-    issued = None
-    if args.client_cert:
-        from pathlib import Path
-
-        from medd.tlscert import issue_client_certificate
-
-        issued = issue_client_certificate(Path(config.tls_client_ca).read_bytes(),
-                                          Path(config.tls_client_ca_key).read_bytes(), args.address.strip().lower())
-
+    issued = _issue_client_certificate(args, args.address.strip().lower())
     added = _run(args, lambda s: s.directory.add_viewer(args.address, args.push, args.authorise or [],
                                                           client_certificate=issued[1] if issued else None))
     if issued:
-        from pathlib import Path
-
-        out = Path(args.client_cert)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(issued[0])
-        out.chmod(0o600)
-        print(f"client certificate and key for the TLS transport written to {out} (SHA-256 {issued[1]})", file=sys.stderr)
+        _write_client_certificate(args, issued)
     print(added.token)
     print(f"viewer {added.viewer.address} added ({added.viewer.mode}); the line above is its token, shown once", file=sys.stderr)
 
@@ -105,16 +114,42 @@ def viewers_revoke(args):
     _run(args, lambda s: s.directory.revoke(args.address, args.scope))
 
 
+def _credentials(centre) -> str:
+    held = [name for name, has in (("token", centre.has_token), ("client certificate", centre.client_cert_sha256)) if has]
+    return f" [{', '.join(held)}]" if held else ""
+
+
 @_guard
 def centres_add(args):
-    centre = _run(args, lambda s: s.directory.add_centre(args.name, args.ae or [], args.address or []))
-    print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases))
+    address = (args.address or [None])[0]
+    if address is None and (args.token or args.client_cert):
+        existing = _run(args, lambda s: s.directory.centre(args.name))
+        address = existing.address if existing else None
+        if address is None:
+            return _fail("a centre's credential authenticates its package address: give --address")
+    issued = _issue_client_certificate(args, address.strip().lower()) if address else None
+    added = _run(args, lambda s: s.directory.add_centre(args.name, args.ae or [], args.address or [], args.network or [],
+                                                        token=args.token, client_certificate=issued[1] if issued else None))
+    if issued:
+        _write_client_certificate(args, issued)
+    centre = added.centre
+    print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases) + _credentials(centre))
+    if added.token:
+        print(added.token)
+        print(f"the line above is centre {centre.name}'s token (its gateway's `[gateway] token`), shown once", file=sys.stderr)
+
+
+@_guard
+def centres_token(args):
+    token = _run(args, lambda s: s.directory.issue_centre_token(args.name))
+    print(token)
+    print(f"centre {args.name} has a new token (the line above, shown once); the old one no longer works", file=sys.stderr)
 
 
 @_guard
 def centres_list(args):
     for c in _run(args, lambda s: s.directory.centres()):
-        print(f"{c.name:<24} " + ", ".join(f"{k} {v}" for k, v in c.aliases))
+        print(f"{c.name:<24} " + ", ".join(f"{k} {v}" for k, v in c.aliases) + _credentials(c))
 
 
 @_guard
@@ -225,9 +260,18 @@ def add_admin_commands(sub) -> None:
     g = group("centres", "imaging centres and how they are recognised")
     p = command(g, "add", centres_add, "add a centre, or more ways to recognise it")
     p.add_argument("name")
-    p.add_argument("--ae", action="append", help="calling AE title of its modalities or gateway")
-    p.add_argument("--address", action="append", help="package origin address")
+    p.add_argument("--ae", action="append", help="calling AE title of its modalities (plain DIMSE: no credential)")
+    p.add_argument("--address", action="append",
+                   help="package origin address (the first one is also where its receipts and results are queued)")
+    p.add_argument("--network", action="append", metavar="CIDR",
+                   help="a network its modalities send from; when given, its AE titles name it only from these")
+    p.add_argument("--token", action="store_true",
+                   help="issue a bearer token (printed as the last line): its packages over HTTP(S), its outbox")
+    p.add_argument("--client-cert", metavar="FILE",
+                   help="issue a TLS client certificate (CN = its first address) signed by [tls] client_ca_key; "
+                        "written to FILE with its key")
     command(g, "list", centres_list, "list centres")
+    command(g, "token", centres_token, "issue a new bearer token to a centre (the old one stops working)").add_argument("name")
 
     g = group("admins", "administrators")
     command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")

@@ -21,7 +21,8 @@ def add_archive_commands(sub) -> None:
         return parser
 
     q = with_config(archive.add_parser("list", help="volumes (or --objects) by centre, modality, date"))
-    q.add_argument("--centre", help="imaging centre: the origin as received, or its folder name")
+    q.add_argument("--centre", help="registered imaging centre (also finds its older volumes filed under one of its AE "
+                                    "titles or addresses), `unregistered`, or a folder name")
     q.add_argument("--modality", help="e.g. CT")
     q.add_argument("--since", help="date (YYYY-MM-DD) or ISO timestamp: volumes still open or closed since, objects archived since")
     q.add_argument("--objects", action="store_true", help="list archived objects rather than volumes")

@@ -95,15 +95,16 @@ class TransportAPI:
         #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).
         self.queries = queries
 
-    def receive_dicom(self, data: bytes, *, origin: str, transport: str | None = None) -> Deferred:
+    def receive_dicom(self, data: bytes, *, origin: str, peer: str | None = None, transport: str | None = None) -> Deferred:
         """Ingest a bare DICOM Part 10 object; Deferred :class:`medd.ingest.Stored`.
 
         Fails with :class:`medd.ingest.Refused` (bad data: refuse for good)
         or :class:`medd.ingest.StoreFailed` (medd could not store it: the
         sender should retry). ``origin`` is who sent it (a calling AE title,
-        a client address).
+        a client address); ``peer`` the connection's client IP, kept with the
+        object (central checks a centre's AE title against its networks).
         """
-        return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin)
+        return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin, peer=peer)
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may open an association, else the reason to reject it

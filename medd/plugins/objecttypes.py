@@ -15,7 +15,9 @@ from medd.package import AttachmentId
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import IObjectType
 
-STATUS_EVENTS = ("opened", "viewed")
+# "opened"/"viewed" come from a viewer to central; the others go from central to the imaging
+# centre an object came from (its receipts), and "opened" too.
+STATUS_EVENTS = ("opened", "viewed", "received", "routed", "quarantined", "delivered", "reported")
 
 
 def _require(claimed: AttachmentId, key: str, actual: str, what: str) -> None:
@@ -136,8 +138,13 @@ class StatusType:
 def status_content(event: str, uid: str, user: str, when: datetime | None = None) -> Content:
     """The content of a status message (for senders, e.g. the viewer)."""
     when = when or datetime.now(timezone.utc)
-    params = {"event": event, "uid": uid, "user": user, "time": when.isoformat()}
-    return Content(media_type="application/json", data=json.dumps(params).encode(), params=params)
+    return status_part({"event": event, "uid": uid, "user": user, "time": when.isoformat()})
+
+
+def status_part(params: dict) -> Content:
+    """The JSON status part of ``params``: ``event``, ``uid`` and, as applicable, ``viewer``,
+    ``user``, ``time``, ``reason`` (central's receipts to a centre)."""
+    return Content(media_type="application/json", data=json.dumps(params).encode(), params=dict(params))
 
 
 def text_report_content(text: str, uid: str, study_uid: str) -> Content:

@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.archive import Placement, slug, volume_path
 from medd.storage.connector import Connector, aware
+from medd.storage.routing_tables import centre_aliases, centres, routing_decisions
 from medd.storage.schema import archive_volumes, archived_objects, objects
+
+# The folder of objects that belong to no registered centre.
+UNREGISTERED = "unregistered"
 
 OPEN, CLOSED, VERIFIED, OFFSITE, DAMAGED = "open", "closed", "verified", "offsite", "damaged"
 
@@ -41,6 +45,7 @@ class PendingObject:
     origin: str
     modality: str | None
     received_at: datetime
+    centre: str = UNREGISTERED  # the registered centre it is filed under
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,23 @@ def _archived(conn: Connection, q) -> list[ArchivedObject]:
 def pending_objects(
     conn: Connection, after_id: int, limit: int, *, centres=(), modalities=(), received_before: datetime | None = None,
 ) -> list[PendingObject]:
-    """Objects without an archive copy, in the order they were indexed, after ``after_id``."""
+    """Objects without an archive copy, in the order they were indexed, after ``after_id``, each
+    with the registered centre it belongs to (its routing decision's: for an overlay or report
+    from a viewer, the centre of its study), or ``unregistered``. An object is archived once
+    central has decided that, never filed by the AE title or address it came from."""
     o = objects.c
+    centre = func.coalesce(routing_decisions.c.centre, literal(UNREGISTERED))
     q = (
-        select(o.id, o.sop_instance_uid, o.digest, o.size, o.media_type, o.origin, o.modality, o.received_at)
+        select(o.id, o.sop_instance_uid, o.digest, o.size, o.media_type, o.origin, o.modality, o.received_at,
+               centre.label("centre"))
+        .join(routing_decisions, routing_decisions.c.uid == o.sop_instance_uid)
         .where(o.id > after_id)
         .where(~exists().where(archived_objects.c.sop_instance_uid == o.sop_instance_uid))
         .order_by(o.id)
         .limit(limit)
     )
     if centres:
-        q = q.where(o.origin.in_(centres))
+        q = q.where(centre.in_(centres))
     if modalities:
         q = q.where(o.modality.in_(modalities))
     if received_before is not None:
@@ -179,17 +190,29 @@ def open_volumes(conn: Connection) -> list[Volume]:
 # --- inspecting and verifying ---------------------------------------------------------------------
 
 
+def _of_centre(conn: Connection, centre: str):
+    """Volumes of ``centre``: by its real name or folder, and those filed before volumes went by the
+    registered centre, under one of its AE titles or addresses (never rewritten)."""
+    v = archive_volumes.c
+    aliases = list(conn.execute(
+        select(centre_aliases.c.value).join(centres, centres.c.id == centre_aliases.c.centre_id)
+        .where(and_(centres.c.name == centre, centre_aliases.c.kind.in_(("ae", "address"))))
+    ).scalars())
+    return or_(v.centre == centre, v.path.like(slug(centre, empty="centre") + "/%"), v.centre.in_(aliases))
+
+
 def find_volumes(
     conn: Connection, *, path: str | None = None, centre: str | None = None, modality: str | None = None,
     since: datetime | None = None,
 ) -> list[Volume]:
-    """Volumes by path, centre (real name or folder), modality, or holding objects archived since ``since``."""
+    """Volumes by path, centre (real name or folder, or an older volume filed under one of its AE titles
+    or addresses), modality, or holding objects archived since ``since``."""
     v = archive_volumes.c
     q = select(archive_volumes).order_by(v.path)
     if path is not None:
         q = q.where(v.path == path)
     if centre is not None:
-        q = q.where(or_(v.centre == centre, v.path.like(slug(centre, empty="centre") + "/%")))
+        q = q.where(_of_centre(conn, centre))
     if modality is not None:
         q = q.where(v.modality == modality)
     if since is not None:
@@ -203,7 +226,7 @@ def find_archived(
     v, a = archive_volumes.c, archived_objects.c
     q = _archived_select().order_by(v.path, a.header_offset)
     if centre is not None:
-        q = q.where(or_(v.centre == centre, v.path.like(slug(centre, empty="centre") + "/%")))
+        q = q.where(_of_centre(conn, centre))
     if modality is not None:
         q = q.where(v.modality == modality)
     if since is not None:

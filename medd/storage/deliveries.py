@@ -8,6 +8,8 @@ so a restart resumes exactly where delivery stopped.
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,7 +19,7 @@ from sqlalchemy.engine import Connection
 from medd.storage import directory
 from medd.storage.connector import Connector, aware
 from medd.storage.index import ObjectRecord, StatusEvent, object_by_uid, store_status
-from medd.storage.routing_tables import deliveries, delivery_events, viewers
+from medd.storage.routing_tables import deliveries, delivery_events, routing_decisions, viewers
 from medd.storage.schema import objects
 
 PENDING = ("queued", "sent", "failed")
@@ -34,11 +36,13 @@ class Delivery:
     next_attempt_at: datetime | None
     last_error: str | None
     opened_by: str | None = None
+    # A status package to a centre: its status part ({"event", "uid", ...}); None for a stored object.
+    status: dict | None = None
 
     @classmethod
     def from_row(cls, r) -> "Delivery":
         return cls(r.id, r.uid, r.destination, r.state, r.message_id, r.attempts,
-                   aware(r.next_attempt_at), r.last_error, r.opened_by)
+                   aware(r.next_attempt_at), r.last_error, r.opened_by, json.loads(r.status) if r.status else None)
 
 
 @dataclass(frozen=True)
@@ -51,18 +55,19 @@ class PushTarget:
 
 @dataclass(frozen=True)
 class WaitingDelivery:
-    """A delivery a pull viewer may fetch, with the object it carries."""
+    """A delivery a pull viewer (or centre) may fetch, with the object it carries
+    (None for a status package, whose content is the delivery's ``status``)."""
 
     delivery: Delivery
-    record: ObjectRecord
+    record: ObjectRecord | None
 
 
 @dataclass(frozen=True)
 class PullRequest:
-    """A pull viewer's request for one of its deliveries: who asked (None: unknown token),
+    """A pull request for one delivery: whose outbox the token opens (None: unknown token),
     the delivery (None: not theirs) and the object it carries."""
 
-    viewer: directory.Viewer | None
+    owner: directory.OutboxOwner | None
     delivery: Delivery | None = None
     record: ObjectRecord | None = None
 
@@ -72,8 +77,11 @@ def set_state(conn: Connection, delivery_id: int, state: str, at: datetime, deta
     conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state=state, detail=detail, at=at))
 
 
-def queue_delivery(conn: Connection, uid: str, destination: str, at: datetime, detail: str) -> int | None:
-    """Queue (uid -> destination) once; returns the outbox row id, None if already queued."""
+def queue_delivery(conn: Connection, uid: str, destination: str, at: datetime, detail: str,
+                   status: dict | None = None) -> int | None:
+    """Queue (uid -> destination) once; returns the outbox row id, None if already queued.
+
+    With ``status``, the row carries that status package rather than the stored object ``uid``."""
     exists = conn.execute(
         select(deliveries.c.id).where(and_(deliveries.c.uid == uid, deliveries.c.destination == destination))
     ).first()
@@ -84,6 +92,7 @@ def queue_delivery(conn: Connection, uid: str, destination: str, at: datetime, d
             uid=uid, destination=destination, state="queued",
             message_id=email.utils.make_msgid(idstring="out", domain="medd.invalid"),
             attempts=0, next_attempt_at=at, created_at=at, updated_at=at,
+            status=json.dumps(status, sort_keys=True) if status is not None else None,
         )
     ).inserted_primary_key[0]
     conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state="queued", detail=detail, at=at))
@@ -131,7 +140,7 @@ def pull_waiting(conn: Connection, address: str) -> list[WaitingDelivery]:
         chunk = uids[start:start + 500]
         for o in conn.execute(select(objects).where(objects.c.sop_instance_uid.in_(chunk))):
             records[o.sop_instance_uid] = ObjectRecord.from_row(o)
-    return [WaitingDelivery(Delivery.from_row(r), records[r.uid]) for r in rows]
+    return [WaitingDelivery(Delivery.from_row(r), records.get(r.uid)) for r in rows]
 
 
 def delivery_for(conn: Connection, delivery_id: int, address: str) -> Delivery | None:
@@ -145,6 +154,46 @@ def deliveries_of(conn: Connection, uid: str) -> list[Delivery]:
     return [Delivery.from_row(r) for r in conn.execute(select(deliveries).where(deliveries.c.uid == uid).order_by(deliveries.c.id))]
 
 
+# -- status packages to a centre ------------------------------------------------------------------
+
+
+def status_id(uid: str, event: str, destination: str, about: str = "") -> str:
+    """The outbox key of one status package: the same event about the same object to the same
+    centre is queued once, however often it is told (a UID under 2.25, at most 44 characters)."""
+    digest = hashlib.sha256("\0".join((uid, event, destination, about)).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big") or 1)
+
+
+def queue_status(conn: Connection, destination: str, event: str, uid: str, at: datetime, about: str = "",
+                 **params) -> int | None:
+    """Queue a status package ``event`` about ``uid`` to a centre's ``destination`` (once)."""
+    status = {"event": event, "uid": uid, **{k: v for k, v in params.items() if v is not None}}
+    return queue_delivery(conn, status_id(uid, event, destination, about), destination, at,
+                          f"status {event} of {uid}", status=status)
+
+
+def centre_outbox(conn: Connection, centre: str | None) -> str | None:
+    """The address a centre's status packages and results are queued to: its first address, if it
+    has a credential to fetch them with."""
+    found = directory.get_centre(conn, centre) if centre else None
+    if found is None or not (found.has_token or found.client_cert_sha256):
+        return None
+    return found.address
+
+
+def tell_centre(conn: Connection, uid: str, event: str, at: datetime, about: str = "", **params) -> None:
+    """Queue status ``event`` about ``uid`` to the centre it came from, if it came from one with an
+    outbox: the "received" status central queued when it routed the object is the mark of that."""
+    centre = conn.execute(select(routing_decisions.c.centre).where(routing_decisions.c.uid == uid)).scalar()
+    destination = centre_outbox(conn, centre)
+    if destination is None:
+        return
+    received = status_id(uid, "received", destination)
+    if conn.execute(select(deliveries.c.id).where(deliveries.c.uid == received)).first() is None:
+        return
+    queue_status(conn, destination, event, uid, at, about, **params)
+
+
 def mark_opened(conn: Connection, uid: str, viewer: str, user: str | None, when: str | None, at: datetime) -> int:
     """Set ``opened`` on the delivery of ``uid`` to ``viewer``; returns rows changed."""
     rows = conn.execute(
@@ -153,7 +202,18 @@ def mark_opened(conn: Connection, uid: str, viewer: str, user: str | None, when:
     for row in rows:
         set_state(conn, row.id, "opened", at, f"opened by {user or '?'} at {when or at.isoformat()}", opened_by=user,
                   next_attempt_at=None)
+    if rows:
+        tell_centre(conn, uid, "opened", at, f"{viewer}\0{user or ''}", viewer=viewer.strip().lower(), user=user,
+                    time=when or at.isoformat())
     return len(rows)
+
+
+def mark_delivered(conn: Connection, delivery: Delivery, at: datetime, detail: str) -> None:
+    """Move a delivery to delivered, and tell the object's centre that its object reached the viewer."""
+    set_state(conn, delivery.id, "delivered", at, detail, next_attempt_at=None, last_error=None)
+    if delivery.status is None:
+        tell_centre(conn, delivery.uid, "delivered", at, delivery.destination, viewer=delivery.destination,
+                    time=at.isoformat())
 
 
 class Deliveries(Connector):
@@ -183,8 +243,13 @@ class Deliveries(Connector):
 
     def mark_delivered(self, delivery_id: int, detail: str):
         at = self.now()
-        return self.db.run(lambda conn: set_state(conn, delivery_id, "delivered", at, detail, next_attempt_at=None,
-                                                  last_error=None))
+
+        def thd(conn) -> None:
+            row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
+            if row is not None:
+                mark_delivered(conn, Delivery.from_row(row), at, detail)
+
+        return self.db.run(thd)
 
     def mark_failed(self, delivery_id: int, attempts: int, error: str, next_attempt_at: datetime | None, detail: str):
         """A failed attempt; ``next_attempt_at`` None means delivery gave up."""
@@ -195,38 +260,38 @@ class Deliveries(Connector):
     # pull
 
     def pull_waiting(self, address: str):
-        """Deferred list of :class:`WaitingDelivery` for a pull viewer, oldest first."""
+        """Deferred list of :class:`WaitingDelivery` for a pull viewer or a centre, oldest first."""
         return self.db.run(lambda conn: pull_waiting(conn, address))
 
     def pull_request(self, token: str, delivery_id: int):
-        """Deferred :class:`PullRequest`: the viewer of ``token``, its delivery and object, in one
-        transaction (a pull viewer asks this for every package, and each separate database
-        call would wait its turn behind ingest's commits)."""
+        """Deferred :class:`PullRequest`: whose outbox ``token`` opens (a viewer's or a centre's), the
+        delivery and its object, in one transaction (a pull viewer asks this for every package, and
+        each separate database call would wait its turn behind ingest's commits)."""
 
         def thd(conn) -> PullRequest:
-            viewer = directory.viewer_by_token(conn, token)
-            if viewer is None:
+            owner = directory.outbox_owner_by_token(conn, token)
+            if owner is None:
                 return PullRequest(None)
-            delivery = delivery_for(conn, delivery_id, viewer.address)
+            delivery = delivery_for(conn, delivery_id, owner.address)
             if delivery is None:
-                return PullRequest(viewer)
-            return PullRequest(viewer, delivery, object_by_uid(conn, delivery.uid))
+                return PullRequest(owner)
+            return PullRequest(owner, delivery, None if delivery.status else object_by_uid(conn, delivery.uid))
 
         return self.db.run(thd)
 
     def acknowledge(self, token: str, delivery_id: int):
-        """Deferred :class:`PullRequest` (without the object): the delivery of ``token``'s viewer,
+        """Deferred :class:`PullRequest` (without the object): the delivery in ``token``'s outbox,
         moved to delivered if it was pending, in one transaction."""
         at = self.now()
 
         def thd(conn) -> PullRequest:
-            viewer = directory.viewer_by_token(conn, token)
-            if viewer is None:
+            owner = directory.outbox_owner_by_token(conn, token)
+            if owner is None:
                 return PullRequest(None)
-            delivery = delivery_for(conn, delivery_id, viewer.address)
+            delivery = delivery_for(conn, delivery_id, owner.address)
             if delivery is not None and delivery.state in PENDING:
-                set_state(conn, delivery.id, "delivered", at, f"acknowledged by {viewer.address}", next_attempt_at=None)
-            return PullRequest(viewer, delivery)
+                mark_delivered(conn, delivery, at, f"acknowledged by {owner.address}")
+            return PullRequest(owner, delivery)
 
         return self.db.run(thd)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,7 +43,50 @@ class Viewer:
 class Centre:
     id: int
     name: str
-    aliases: tuple[tuple[str, str], ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # ("ae" | "address" | "network", value), oldest first
+    has_token: bool = False
+    client_cert_sha256: str | None = None
+
+    def _values(self, kind: str) -> tuple[str, ...]:
+        return tuple(v for k, v in self.aliases if k == kind)
+
+    @property
+    def address(self) -> str | None:
+        """Its first package address: where central queues its status packages and results."""
+        return next(iter(self._values("address")), None)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._values("address")
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return self._values("network")
+
+
+@dataclass(frozen=True)
+class NewCentre:
+    """A centre just added or changed, with its new token if one was issued (shown once)."""
+
+    centre: Centre
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxOwner:
+    """Whose outbox a bearer token opens: a pull viewer or a centre, by its delivery address."""
+
+    kind: str  # "viewer" | "centre"
+    name: str  # the viewer's address or the centre's name
+    address: str
+
+
+@dataclass(frozen=True)
+class CentreClaim:
+    """Who a package from a centre's address claims to be, and who its token proves."""
+
+    named: Centre | None  # the registered centre one of whose addresses is the package's origin
+    authenticated: Centre | None  # the centre whose token came with it
 
 
 @dataclass(frozen=True)
@@ -95,12 +139,27 @@ def check_push_url(url: str) -> None:
 # -- centres ---------------------------------------------------------------------------------------
 
 
-def add_centre(conn: Connection, name: str, aes=(), addresses=(), *, at: datetime) -> Centre:
+def _alias_value(kind: str, value: str) -> str:
+    if kind == "ae":
+        return value.strip()
+    if kind == "network":
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as e:
+            raise DirectoryError(f"not a network (CIDR such as 10.1.2.0/24): {value!r}") from e
+    return value.strip().lower()
+
+
+def add_centre(conn: Connection, name: str, aes=(), addresses=(), networks=(), *, at: datetime) -> Centre:
     row = conn.execute(select(centres).where(centres.c.name == name)).first()
     centre_id = row.id if row else conn.execute(centres.insert().values(name=name, created_at=at)).inserted_primary_key[0]
-    for kind, values in (("ae", aes), ("address", addresses)):
+    for kind, values in (("ae", aes), ("address", addresses), ("network", networks)):
         for value in values:
-            value = value.strip() if kind == "ae" else value.strip().lower()
+            value = _alias_value(kind, value)
+            if kind == "address" and "@" not in value:
+                raise DirectoryError(f"a centre address looks like name@domain, not {value!r}")
+            if kind == "address" and conn.execute(select(viewers.c.id).where(viewers.c.address == value)).first():
+                raise DirectoryError(f"address {value} is a viewer's; a centre needs its own")
             owner = conn.execute(
                 select(centre_aliases.c.centre_id).where(and_(centre_aliases.c.kind == kind, centre_aliases.c.value == value))
             ).scalar()
@@ -118,7 +177,53 @@ def get_centre(conn: Connection, name: str) -> Centre | None:
     aliases = conn.execute(
         select(centre_aliases.c.kind, centre_aliases.c.value).where(centre_aliases.c.centre_id == row.id).order_by(centre_aliases.c.id)
     ).all()
-    return Centre(row.id, row.name, tuple((k, v) for k, v in aliases))
+    return Centre(row.id, row.name, tuple((k, v) for k, v in aliases), row.token_hash is not None,
+                  row.client_cert_sha256)
+
+
+def _centre_row(conn: Connection, name: str):
+    row = conn.execute(select(centres).where(centres.c.name == name)).first()
+    if row is None:
+        raise DirectoryError(f"no imaging centre {name}")
+    return row
+
+
+def issue_centre_token(conn: Connection, name: str, token: str | None = None) -> str:
+    """Give a centre a new bearer token (replacing any it had); returns it, to be shown once."""
+    row = _centre_row(conn, name)
+    token = token or new_token()
+    conn.execute(centres.update().where(centres.c.id == row.id).values(token_hash=hash_token(token)))
+    return token
+
+
+def record_centre_certificate(conn: Connection, name: str, fingerprint: str) -> None:
+    """Remember (hashed) the TLS client certificate issued to a centre."""
+    row = _centre_row(conn, name)
+    conn.execute(centres.update().where(centres.c.id == row.id).values(client_cert_sha256=fingerprint))
+
+
+def centre_by_token(conn: Connection, token: str) -> Centre | None:
+    row = conn.execute(select(centres.c.name, centres.c.token_hash).where(centres.c.token_hash == hash_token(token))).first()
+    if row is None or not hmac.compare_digest(row.token_hash, hash_token(token)):
+        return None
+    return get_centre(conn, row.name)
+
+
+def centre_at_address(conn: Connection, address: str) -> Centre | None:
+    """The registered centre one of whose package addresses ``address`` is."""
+    name = centre_of(conn, address, "address")
+    return get_centre(conn, name) if name else None
+
+
+def outbox_owner_by_token(conn: Connection, token: str) -> OutboxOwner | None:
+    """The viewer or centre whose outbox ``token`` opens (a centre's is at its first address)."""
+    viewer = viewer_by_token(conn, token)
+    if viewer is not None:
+        return OutboxOwner("viewer", viewer.address, viewer.address)
+    centre = centre_by_token(conn, token)
+    if centre is not None and centre.address:
+        return OutboxOwner("centre", centre.name, centre.address)
+    return None
 
 
 def list_centres(conn: Connection) -> list[Centre]:
@@ -150,6 +255,8 @@ def add_viewer(conn: Connection, address: str, push_url: str | None = None, scop
     address = address.strip().lower()
     if "@" not in address:
         raise DirectoryError(f"a viewer address looks like name@domain, not {address!r}")
+    if centre_of(conn, address, "address") is not None:
+        raise DirectoryError(f"address {address} is a centre's; a viewer needs its own")
     if conn.execute(select(viewers.c.id).where(viewers.c.address == address)).first():
         raise DirectoryError(f"viewer {address} already exists")
     if push_url is not None:
@@ -324,10 +431,41 @@ class Directory(Connector):
 
     # centres
 
-    def add_centre(self, name: str, aes=(), addresses=()):
-        """Deferred :class:`Centre`: added, or given more aliases if it exists."""
+    def add_centre(self, name: str, aes=(), addresses=(), networks=(), *, token: bool | str = False,
+                   client_certificate: str | None = None):
+        """Deferred :class:`NewCentre`: added, or given more aliases if it exists; with ``token`` it gets a
+        new bearer token (a string: that token, for the demo site), with ``client_certificate`` the
+        SHA-256 of a certificate issued to it is kept."""
         at = self.now()
-        return self.db.run(lambda conn: add_centre(conn, name, list(aes), list(addresses), at=at))
+
+        def thd(conn) -> NewCentre:
+            centre = add_centre(conn, name, list(aes), list(addresses), list(networks), at=at)
+            if (token or client_certificate) and not centre.address:
+                raise DirectoryError("a centre's credential authenticates its package address: give an address")
+            issued = None
+            if token:
+                issued = issue_centre_token(conn, name, token if isinstance(token, str) else None)
+            if client_certificate:
+                record_centre_certificate(conn, name, client_certificate)
+            return NewCentre(get_centre(conn, centre.name), issued)
+
+        return self.db.run(thd)
+
+    def issue_centre_token(self, name: str):
+        """Deferred new bearer token of a centre (the old one stops working)."""
+        return self.db.run(lambda conn: issue_centre_token(conn, name))
+
+    def centre_claim(self, origin: str, token: str | None):
+        """Deferred :class:`CentreClaim`, both looked up in one transaction."""
+
+        def thd(conn) -> CentreClaim:
+            return CentreClaim(centre_at_address(conn, origin), centre_by_token(conn, token) if token else None)
+
+        return self.db.run(thd)
+
+    def outbox_owner(self, token: str):
+        """Deferred :class:`OutboxOwner` whose outbox ``token`` opens, or None."""
+        return self.db.run(lambda conn: outbox_owner_by_token(conn, token))
 
     def centre(self, name: str):
         """Deferred :class:`Centre` or None."""

@@ -51,6 +51,7 @@ class ObjectRecord:
     rows: int | None = None
     columns: int | None = None
     number_of_frames: int | None = None
+    peer: str | None = None  # the connection it came over (a DICOM association's client IP)
 
     @classmethod
     def from_row(cls, row) -> "ObjectRecord":

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from medd.storage import directory
 from medd.storage.connector import Connector, aware
-from medd.storage.deliveries import queue_delivery
+from medd.storage.deliveries import centre_outbox, queue_delivery, queue_status, tell_centre
 from medd.storage.index import ObjectRecord, object_by_uid
 from medd.storage.routing_tables import corrections, quarantine, routing_decisions
 from medd.storage.schema import objects, receipts
@@ -47,6 +47,17 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Tell:
+    """Part of a decision: queue a status package to a centre (its receipts)."""
+
+    destination: str
+    event: str
+    uid: str  # the centre's object the status is about
+    about: str = ""  # what makes this event distinct from another of the same kind (a viewer, a report)
+    params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class RoutingDecision:
     """What the policy decided about one object, written down once."""
 
@@ -55,6 +66,7 @@ class RoutingDecision:
     outcome: str  # "routed" | "quarantined" | "attached"
     queue: tuple[Queue, ...] = ()
     hold: tuple[Hold, ...] = ()
+    tell: tuple[Tell, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,16 +122,34 @@ class RoutingLookups:
         """The registered centre of a sender (calling AE title or package origin)."""
         return self._remember(("centre", origin, transport), lambda: directory.centre_of(self.conn, origin, transport))
 
-    def study_senders(self, study_uid: str) -> list[tuple[str, str]]:
-        """(origin, transport) of the images of a study, oldest first."""
-        return [
-            (r.origin, r.transport)
-            for r in self.conn.execute(
-                select(objects.c.origin, objects.c.transport)
-                .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type == "image"))
-                .order_by(objects.c.id)
-            )
-        ]
+    def centre_networks(self, centre: str) -> tuple[str, ...]:
+        """The networks a centre's modalities send from (empty: not restricted)."""
+        return self._remember(("networks", centre), lambda: directory.get_centre(self.conn, centre).networks)
+
+    def centre_outbox(self, centre: str | None) -> str | None:
+        """Where a centre's receipts and results go (None: it has no outbox credential)."""
+        return self._remember(("outbox", centre), lambda: centre_outbox(self.conn, centre))
+
+    def study_centre(self, study_uid: str) -> str | None:
+        """The registered centre of a study: the one its images were decided to come from, first found."""
+        return self.conn.execute(
+            select(routing_decisions.c.centre)
+            .join(objects, objects.c.sop_instance_uid == routing_decisions.c.uid)
+            .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type == "image",
+                        routing_decisions.c.centre.is_not(None)))
+            .order_by(objects.c.id)
+            .limit(1)
+        ).scalar()
+
+    def centre_images(self, study_uid: str, centre: str) -> list[str]:
+        """UIDs of the images of a study that came from ``centre``, oldest first."""
+        return list(self.conn.execute(
+            select(objects.c.sop_instance_uid)
+            .join(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+            .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type == "image",
+                        routing_decisions.c.centre == centre))
+            .order_by(objects.c.id)
+        ).scalars())
 
     def matching_rules(self, centre: str | None, modality: str, object_type: str) -> list[str]:
         """Destinations of the matching routing rules, most specific first."""
@@ -162,6 +192,8 @@ def record_decision(conn: Connection, decision: RoutingDecision, at: datetime) -
         _hold(conn, decision.uid, hold, at)
     for queued in decision.queue:
         queue_delivery(conn, decision.uid, queued.destination, at, queued.detail)
+    for told in decision.tell:
+        queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
     conn.execute(routing_decisions.insert().values(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
                                                    decided_at=at))
 
@@ -213,6 +245,7 @@ def correct_route(conn: Connection, entry_id: int, destination: str, admin: str,
     conn.execute(corrections.insert().values(
         quarantine_id=entry_id, admin=admin, action="route", old_route=row.destination, new_route=destination, at=at))
     delivery_id = queue_delivery(conn, row.uid, destination, at, f"released from quarantine by {admin}")
+    tell_centre(conn, row.uid, "routed", at, destination, viewer=destination)
     return delivery_id or 0
 
 

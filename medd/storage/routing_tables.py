@@ -12,16 +12,21 @@ centres = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(64), nullable=False, unique=True),
+    # Its credentials (`medd centres add --token / --client-cert`): the SHA-256 of its bearer
+    # token and of the TLS client certificate issued to it, if any.
+    Column("token_hash", String(64)),
+    Column("client_cert_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-# How a sender is recognised as a centre: calling AE title or package origin.
+# How a sender is recognised as a centre: calling AE title or package origin; "network"
+# rows (CIDR) restrict where its AE titles count (plain DIMSE from elsewhere names no centre).
 centre_aliases = Table(
     "centre_aliases",
     metadata,
     Column("id", Integer, primary_key=True),
     Column("centre_id", Integer, ForeignKey("centres.id", ondelete="CASCADE"), nullable=False),
-    Column("kind", String(8), nullable=False),  # "ae" | "address"
+    Column("kind", String(8), nullable=False),  # "ae" | "address" | "network"
     Column("value", String(255), nullable=False),
     UniqueConstraint("kind", "value"),
 )
@@ -118,6 +123,9 @@ deliveries = Table(
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("opened_by", String(255)),
+    # A status package to a centre (JSON of its status part) rather than a stored object:
+    # ``uid`` is then the status's own id, the object it is about is inside.
+    Column("status", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("uid", "destination"),
@@ -132,6 +140,10 @@ delivery_events = Table(
     Column("detail", Text),
     Column("at", DateTime(timezone=True), nullable=False),
 )
+
+# A unique index rather than a constraint: SQLite adds one without rebuilding the table
+# (a rebuild of centres would cascade to its aliases and authorisations).
+Index("ux_centres_token_hash", centres.c.token_hash, unique=True)
 
 # A viewer's waiting deliveries (GET /outbox, the push head of line) without
 # scanning everything it ever received.

@@ -59,6 +59,8 @@ objects = Table(
     # Who sent it: the calling AE title, package origin or authenticated peer.
     Column("origin", String(255), nullable=False),
     Column("transport", String(16), nullable=False),
+    # The connection it came over (a DICOM association's client IP), where the transport knows it.
+    Column("peer", String(255)),
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 

@@ -183,7 +183,8 @@ class DicomListener(Service):
         calling = event.assoc.requestor.ae_title.strip()
         try:
             data = event.encoded_dataset(include_meta=True)
-            blockingCallFromThread(self.reactor, self.api.receive_dicom, data, transport="dicom", origin=calling)
+            blockingCallFromThread(self.reactor, self.api.receive_dicom, data, transport="dicom", origin=calling,
+                                   peer=event.assoc.requestor.address)
         except Refused as e:
             self.log.warn("C-STORE from {ae} refused: {reason}", ae=calling, reason=e.reason)
             status = STATUS_OUT_OF_RESOURCES if e.kind == "too-large" else STATUS_CANNOT_UNDERSTAND
