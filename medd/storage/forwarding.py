@@ -104,6 +104,13 @@ def head_of_line(conn: Connection) -> ForwardingItem | None:
     return ForwardingItem.from_row(row) if row else None
 
 
+def waiting_batch(conn: Connection, limit: int) -> list[ForwardingItem]:
+    """The head of line and up to ``limit - 1`` waiting behind it, in arrival order."""
+    rows = conn.execute(select(gateway_forwarding).where(gateway_forwarding.c.state == WAITING)
+                        .order_by(gateway_forwarding.c.id).limit(limit))
+    return [ForwardingItem.from_row(r) for r in rows]
+
+
 def spooled(conn: Connection) -> tuple[int, int]:
     """(objects, bytes) waiting."""
     row = conn.execute(select(func.count(), func.coalesce(func.sum(gateway_forwarding.c.size), 0))
@@ -173,6 +180,10 @@ class Forwarding(Connector):
         """Deferred :class:`ForwardingItem`: the oldest waiting one, or None."""
         return self.db.run(head_of_line)
 
+    def waiting_batch(self, limit: int):
+        """Deferred list of :class:`ForwardingItem`: the oldest ``limit`` waiting, in arrival order."""
+        return self.db.run(lambda conn: waiting_batch(conn, limit))
+
     def spooled(self):
         """Deferred (objects, bytes) waiting to be forwarded."""
         return self.db.run(spooled)
@@ -189,6 +200,16 @@ class Forwarding(Connector):
         at = self.now()
         return self.db.run(lambda conn: _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
                                                 last_attempt_at=at))
+
+    def mark_sent_many(self, items: list[ForwardingItem]):
+        """Central acknowledged every one of ``items`` as durable now (one transaction)."""
+        at = self.now()
+
+        def thd(conn):
+            for item in items:
+                _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at, last_attempt_at=at)
+
+        return self.db.run(thd)
 
     def mark_given_up(self, item: ForwardingItem, state: str, error: str):
         """``item`` will not be forwarded: ``refused`` by central, or ``lost`` from the blob store."""
