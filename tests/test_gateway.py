@@ -370,3 +370,81 @@ async def test_every_receipt_event_of_the_contract_is_recorded(make_central, pki
         assert receipts[2].reason == "no route for CT from centre-a"
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarding_sends_a_batch_over_one_connection(make_central, pki):
+    """What waits goes to central in batches of up to 32 packages, each batch pipelined over one TLS
+    connection, in arrival order."""
+    clock = Clock()
+    central, gateway, port = await start_pair(make_central, pki, clock=clock, central_up=False)
+    forwarder = gateway.gateway.forwarder
+    batches = []
+    send_batch = forwarder.sender.send_batch
+
+    def spy(reactor_, url, packages, settings):
+        batches.append(len(packages))
+        return send_batch(reactor_, url, packages, settings)
+
+    forwarder.sender = type("Spy", (), {"send_batch": staticmethod(spy), "schemes": ("tls",)})()
+    from zope.interface import alsoProvides
+
+    from medd.plugins.interfaces import IBatchSender
+
+    alsoProvides(forwarder.sender, IBatchSender)
+    dss = datasets(40)
+    assert await deferToThread(cstore, listener_port(gateway, "dicom"), dss) == [0] * 40
+    await forwarder.idle()
+    batches.clear()
+    central = await make_central({"tls": f"tcp:{port}:interface=127.0.0.1"}, extra=central_extra(pki), site="central")
+    clock.advance(10)
+    await forwarder.idle()
+    await forwarder.kick()
+    assert batches == [32, 8]
+    assert await central_uids(central) == [ds.SOPInstanceUID for ds in dss]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_package_of_a_batch_is_marked_by_its_own_reply(make_central, pki):
+    """In a batch answered ok, refused, retry, ok: the first is sent, the second refused for good, the
+    third waits for a retry after backoff and the fourth, behind it, is sent again later (same
+    Message-ID) rather than out of order."""
+    from zope.interface import implementer
+
+    from medd.plugins.interfaces import IBatchSender
+    from medd.storage.forwarding import REFUSED
+
+    @implementer(IBatchSender)
+    class Scripted:
+        schemes = ("tls",)
+
+        def __init__(self):
+            self.answers = [[{"status": "ok"}, {"status": "refused", "reason": "invalid: bad"},
+                             {"status": "retry", "reason": "disk full"}, {"status": "ok"}]]
+
+        def send(self, *a):
+            raise AssertionError("batches only")
+
+        def send_batch(self, reactor_, url, packages, settings):
+            from twisted.internet.defer import succeed
+
+            return succeed(self.answers.pop(0) if self.answers else [{"status": "ok"}] * len(packages))
+
+    clock = Clock()
+    clock.advance(1000)
+    _, gateway, _ = await start_pair(make_central, pki, clock=clock, central_up=False)
+    forwarder = gateway.gateway.forwarder
+    forwarder.sender = Scripted()
+    forwarder.stopService()
+    await forwarder.idle()
+    dss = datasets(4)
+    assert await deferToThread(cstore, listener_port(gateway, "dicom"), dss) == [0] * 4
+    forwarder.startService()
+    await forwarder.kick()
+    states = [(await gateway.forwarding.of_object(ds.SOPInstanceUID)) for ds in dss]
+    assert [(s.state, s.attempts) for s in states] == [(SENT, 1), (REFUSED, 1), (WAITING, 1), (WAITING, 0)]
+    assert states[2].last_error == "disk full"
+    clock.advance(1)
+    await forwarder.idle()
+    states = [(await gateway.forwarding.of_object(ds.SOPInstanceUID)) for ds in dss]
+    assert [s.state for s in states] == [SENT, REFUSED, SENT, SENT]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from medd.config import load_config
 from medd.storage.database import WallClock, open_database, resolved
-from medd.storage.forwarding import CentralReceipt, Forwarding, ForwardingItem
+from medd.storage.forwarding import CentralReceipt, Forwarding, ForwardingItem, ResultItem
 
 DEFAULT_CONFIG = os.environ.get("MEDD_CONFIG", "etc/gateway.ini")
 
@@ -39,6 +39,16 @@ def item_json(item: ForwardingItem | None) -> dict | None:
     }
 
 
+def result_json(item: ResultItem | None) -> dict | None:
+    if item is None:
+        return None
+    return {
+        "uid": item.uid, "object_type": item.object_type, "state": item.state, "attempts": item.attempts,
+        "queued_at": _when(item.queued_at), "stored_at": _when(item.stored_at),
+        "last_attempt_at": _when(item.last_attempt_at), "last_error": item.last_error,
+    }
+
+
 def receipt_json(r: CentralReceipt) -> dict:
     return {"uid": r.uid, "event": r.event, "viewer": r.viewer, "user": r.user, "time": r.time, "reason": r.reason,
             "received_at": _when(r.received_at)}
@@ -55,6 +65,7 @@ def cmd_status(args) -> int:
     with _forwarding(config) as forwarding:
         s = resolved(forwarding.summary())
         latest = resolved(forwarding.latest_receipts(args.latest))
+        results = resolved(forwarding.results_summary())
     doc = {
         "waiting": {"count": s.waiting, "bytes": s.waiting_bytes},
         "oldest_waiting": item_json(s.oldest_waiting),
@@ -62,6 +73,11 @@ def cmd_status(args) -> int:
         "last_error": item_json(s.last_error),
         "given_up": s.given_up,
         "latest_receipts": [receipt_json(r) for r in latest],
+        "results_to_pacs": {
+            "waiting": results.waiting, "oldest_waiting": result_json(results.oldest_waiting),
+            "last_stored": result_json(results.last_stored), "last_error": result_json(results.last_error),
+            "refused": results.refused, "skipped": results.skipped,
+        },
     }
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -76,6 +92,17 @@ def cmd_status(args) -> int:
         print(f"last error: {_when(e.last_attempt_at)} {e.uid}: {e.last_error}")
     if s.given_up:
         print(f"given up (refused by central or lost): {s.given_up}")
+    if results.waiting or results.last_stored or results.last_error or results.skipped:
+        print(f"results waiting for the PACS: {results.waiting}"
+              + (f" (oldest {results.oldest_waiting.uid}, {results.oldest_waiting.attempts} attempts)"
+                 if results.oldest_waiting else ""))
+        if results.last_stored:
+            print(f"  last stored: {results.last_stored.uid} at {_when(results.last_stored.stored_at)}")
+        if results.last_error:
+            e = results.last_error
+            print(f"  last error: {_when(e.last_attempt_at)} {e.uid}: {e.last_error}")
+        if results.refused or results.skipped:
+            print(f"  refused by the PACS or lost: {results.refused}; skipped (text reports): {results.skipped}")
     if latest:
         print("latest receipts from central:")
         for r in latest:

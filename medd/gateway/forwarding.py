@@ -22,12 +22,15 @@ from twisted.logger import Logger
 from medd.ingest import StoreFailed
 from medd.objects import InvalidObject
 from medd.package import build_package, decode_content
+from medd.plugins.interfaces import IBatchSender
 from medd.scheduling import CoalescingPass
 from medd.storage.forwarding import LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, Forwarding, ForwardingItem
 from medd.storage.index import ObjectRecord
 
 # Answers that say central will never take this package (anything else is retried).
 _REFUSED_PREFIXES = ("refused:", "HTTP 400", "HTTP 413", "HTTP 415", "HTTP 422")
+#: Packages sent over one connection at most (a sender with batches, e.g. tls://).
+BATCH_SIZE = 32
 
 
 class Spool:
@@ -60,6 +63,7 @@ class ForwardingService(Service):
         self.spool = spool
         self.clock = clock
         self.domain = urlsplit(f"//{settings.address.rpartition('@')[2]}").hostname or "medd.invalid"
+        self.batch_size = BATCH_SIZE
         self._pass = CoalescingPass(self._drain, "forwarding to central", clock)
         self._stopped = False
 
@@ -104,16 +108,22 @@ class ForwardingService(Service):
     async def _drain(self) -> int:
         sent = 0
         while not self._stopped:
-            head = await self.forwarding.head_of_line()
-            if head is None:
+            batch = await self.forwarding.waiting_batch(self.batch_size)
+            if not batch:
                 break
-            wait = head.next_attempt_at.timestamp() - self.clock.seconds()
+            now = self.clock.seconds()
+            wait = batch[0].next_attempt_at.timestamp() - now
             if wait > 0:
                 # Everything behind the head waits with it: arrival order holds, per study too.
                 self._pass.schedule(wait)
                 break
-            # A failed attempt leaves the head due later (the next loop schedules the retry).
-            sent += await self._send(head)
+            due = []
+            for item in batch:
+                if item.next_attempt_at.timestamp() > now:
+                    break
+                due.append(item)
+            # A failed attempt leaves the first unsent item due later (the next loop schedules the retry).
+            sent += await self._send(due)
         return sent
 
     def _package(self, item: ForwardingItem, data: bytes) -> bytes:
@@ -128,35 +138,74 @@ class ForwardingService(Service):
         return build_package(content, attachment, origin=self.settings.address,
                              destination=self.settings.central_name, message_id=item.message_id)
 
-    async def _send(self, item: ForwardingItem) -> bool:
+    async def _packaged(self, item: ForwardingItem) -> bytes | None:
+        """The item's package, or None when it can never be sent (recorded as given up)."""
         try:
             data = await self.ingest.read_blob(item.digest)
-            package = await self.ingest.run_blocking(self._package, item, data)
+            return await self.ingest.run_blocking(self._package, item, data)
         except FileNotFoundError as e:
             self.log.error("the bytes of {uid} are gone from the blob store; not forwarded", uid=item.uid)
             await self._given_up(item, LOST, f"object bytes missing: {e}")
-            return False
         except InvalidObject as e:
             self.log.error("{uid} cannot be packaged for central: {reason}", uid=item.uid, reason=e.reason)
             await self._given_up(item, REFUSED, f"cannot be packaged: {e.reason}")
-            return False
-        try:
-            await self.sender.send(self.reactor, self.settings.central, package, self.settings.for_senders())
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            if type(e).__name__ == "PushRefused" and str(e).startswith(_REFUSED_PREFIXES):
-                self.log.error("central refused {uid}: {error}", uid=item.uid, error=str(e))
-                await self._given_up(item, REFUSED, error)
-                return False
+        return None
+
+    async def _replies(self, packages: list[bytes]) -> list[dict]:
+        """Central's reply to each package, in order (``ok``, ``refused``, ``retry``; see IBatchSender)."""
+        settings = self.settings.for_senders()
+        if IBatchSender.providedBy(self.sender):
+            return await self.sender.send_batch(self.reactor, self.settings.central, packages, settings)
+        replies: list[dict] = []
+        for package in packages:  # a sender without batches: one package per connection, stop at a failure
+            try:
+                await self.sender.send(self.reactor, self.settings.central, package, settings)
+            except Exception as e:
+                refused = type(e).__name__ == "PushRefused" and str(e).startswith(_REFUSED_PREFIXES)
+                replies.append({"status": "refused" if refused else "retry", "reason": f"{type(e).__name__}: {e}"})
+                break
+            replies.append({"status": "ok"})
+        return replies
+
+    async def _send(self, items: list[ForwardingItem]) -> int:
+        """Send ``items`` (due, in arrival order) in one batch; each is marked by its own reply."""
+        ready: list[tuple[ForwardingItem, bytes]] = []
+        for item in items:
+            package = await self._packaged(item)
+            if package is not None:
+                ready.append((item, package))
+        if not ready:
+            return 0
+        replies = await self._replies([package for _, package in ready])
+        sent: list[ForwardingItem] = []
+        count = 0
+        for (item, _), reply in zip(ready, replies):
+            status = reply.get("status")
+            if status == "ok":
+                sent.append(item)
+                continue
+            count += await self._mark_sent(sent)
+            sent = []
+            error = str(reply.get("reason") or status)
+            if status == "refused":
+                self.log.error("central refused {uid}: {error}", uid=item.uid, error=error)
+                await self._given_up(item, REFUSED, f"refused: {error}")
+                continue
             delay = self.settings.backoff.delay(item.attempts + 1)
             self.log.warn("cannot forward {uid} to central ({error}); attempt {n}, next in {delay:.1f}s",
                           uid=item.uid, error=error, n=item.attempts + 1, delay=delay)
             await self.forwarding.retry_later(item, delay, error)
-            return False
-        await self.forwarding.mark_sent(item)
-        self.spool.bytes = max(self.spool.bytes - item.size, 0)
-        self.log.debug("forwarded {uid} to central", uid=item.uid)
-        return True
+            # What follows waits behind it, in order; one that central took anyway is
+            # resent later with its Message-ID and stored once.
+            break
+        return count + await self._mark_sent(sent)
+
+    async def _mark_sent(self, items: list[ForwardingItem]) -> int:
+        if items:
+            await self.forwarding.mark_sent_many(items)
+            self.spool.bytes = max(self.spool.bytes - sum(i.size for i in items), 0)
+            self.log.debug("forwarded {n} objects to central", n=len(items))
+        return len(items)
 
     async def _given_up(self, item: ForwardingItem, state: str, error: str) -> None:
         await self.forwarding.mark_given_up(item, state, error)

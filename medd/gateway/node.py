@@ -1,5 +1,5 @@
 """The gateway role's services: forwarding to central, the watched folder, the
-requestor of central's receipts and results, and the hooks the gateway
+requestor of central's receipts and results, results to the centre's PACS, and the hooks the gateway
 implements (which modalities may associate; what is queued for central)."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from medd.gateway.forwarding import ForwardingService
+from medd.gateway.results import ResultsToPacs
 from medd.gateway.settings import GatewaySettings
 from medd.gateway.watch import WatchedFolder
 from medd.plugins.hookspecs import hookimpl
@@ -20,9 +21,10 @@ class GatewayHooks:
 
     log = Logger()
 
-    def __init__(self, settings: GatewaySettings, forwarder: ForwardingService):
+    def __init__(self, settings: GatewaySettings, forwarder: ForwardingService, results: ResultsToPacs | None):
         self.accept_ae = frozenset(settings.accept_ae)
         self.forwarder = forwarder
+        self.results = results
 
     @hookimpl
     def medd_accept_association(self, calling_ae: str, called_ae: str, peer: str) -> str | None:
@@ -32,7 +34,13 @@ class GatewayHooks:
 
     @hookimpl
     def medd_object_stored(self, stored):
-        return self.forwarder.object_stored(stored)
+        return self._stored(stored)
+
+    async def _stored(self, stored) -> None:
+        # What the centre sent goes to central; what central sent back goes to the PACS.
+        await self.forwarder.object_stored(stored)
+        if self.results is not None:
+            await self.results.object_stored(stored)
 
 
 class GatewayServices(MultiService):
@@ -51,7 +59,13 @@ class GatewayServices(MultiService):
                                           sender, settings, node.spool, clock)
         self.forwarder.setName("forwarding")
         self.forwarder.setServiceParent(self)
-        self.hooks = GatewayHooks(settings, self.forwarder)
+        self.results = None
+        if settings.results_to is not None:
+            self.results = ResultsToPacs(node.reactor, node.forwarding, node.ingest, settings.results_to,
+                                         settings.backoff, clock, timeout=settings.timeout)
+            self.results.setName("results-to-pacs")
+            self.results.setServiceParent(self)
+        self.hooks = GatewayHooks(settings, self.forwarder, self.results)
         node.plugins.manager.register(self.hooks, name="medd-gateway")
         self.client = None
         if settings.outbox is not None:

@@ -17,8 +17,39 @@ from medd.scheduling import Backoff
 #: Every key the gateway reads from ``[gateway]``.
 GATEWAY_KEYS = (
     "address", "central", "central_name", "ca", "client_cert", "token", "outbox", "accept_ae", "watch",
-    "watch_interval", "max_spool", "poll_interval", "retry_base", "retry_max_delay", "timeout",
+    "watch_interval", "max_spool", "poll_interval", "retry_base", "retry_max_delay", "timeout", "results_to",
 )
+
+
+@dataclass(frozen=True)
+class PacsDestination:
+    """The centre's PACS, ``[gateway] results_to = AE@host:port``: where overlays and reports go by C-STORE."""
+
+    ae_title: str  # the PACS's (called) AE title
+    host: str
+    port: int
+    calling_ae: str = "MEDD"  # the gateway's own AE title ([dicom] ae_title)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _is_ae_title(ae: str) -> bool:
+    return 0 < len(ae) <= 16 and ae.isascii() and ae.isprintable() and "\\" not in ae
+
+
+def parse_pacs_destination(text: str, calling_ae: str = "MEDD") -> PacsDestination:
+    """``AE@host:port`` (an IPv6 host in brackets), or ValueError saying what is wrong."""
+    ae, at, address = text.partition("@")
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not at or not colon or not host:
+        raise ValueError(f"must be AE@host:port (the PACS's AE title, host and port), not {text!r}")
+    if not _is_ae_title(ae.strip()):
+        raise ValueError(f"{ae!r} is not an AE title (1 to 16 ASCII characters without backslash)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{port!r} is not a port number (1 to 65535)")
+    return PacsDestination(ae.strip(), host, int(port), calling_ae)
 
 
 @dataclass(frozen=True)
@@ -36,6 +67,7 @@ class GatewaySettings:
     max_spool: int | None = None  # bytes waiting for central beyond which new objects wait (None: no limit)
     backoff: Backoff = Backoff(base=1.0, max_delay=300.0)
     timeout: float = 60.0
+    results_to: PacsDestination | None = None  # the centre's PACS for overlays and reports (None: kept here only)
 
     def for_senders(self) -> dict[str, str]:
         """The ``settings`` the push sender of :attr:`central`'s scheme receives."""
@@ -118,7 +150,7 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
 
     accept = tuple(a for a in (get("accept_ae") or "").replace(",", " ").split() if a)
     for ae in accept:
-        if len(ae) > 16 or not ae.isascii() or "\\" in ae:
+        if not _is_ae_title(ae):
             problem("accept_ae", f"not an AE title (1 to 16 ASCII characters without backslash): {ae!r}")
 
     max_spool = None
@@ -129,11 +161,17 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
             problem("max_spool", f"not a size (e.g. 10G, 500M): {get('max_spool')!r}")
 
     watch, watch_interval = path("watch", directory=True), seconds("watch_interval", 5.0)
+    results_to = None
+    if get("results_to") is not None:
+        try:
+            results_to = parse_pacs_destination(get("results_to"), config.section("dicom").get("ae_title") or "MEDD")
+        except ValueError as e:
+            problem("results_to", str(e))
     if problems:
         raise ConfigError(problems)
     return GatewaySettings(
         address=address, central=central, central_name=central_name, ca=str(ca) if ca else None,
         client_cert=str(client_cert) if client_cert else None, token=token, outbox=outbox, accept_ae=accept,
         watch=watch, watch_interval=watch_interval, max_spool=max_spool,
-        backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout,
+        backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout, results_to=results_to,
     )

@@ -132,3 +132,17 @@ class ISender(Interface):
         file's folder, ``http_token``); a sender that reads other ``[push]``
         keys declares them with ``medd_register_config``.
         """
+
+
+class IBatchSender(ISender):
+    """A sender that can carry several packages over one connection (a gateway's batch to central)."""
+
+    def send_batch(reactor, url, packages, settings):
+        """Deferred list with one reply per package of ``packages``, in order:
+        ``{"status": "ok"}`` once the receiver has made that package durable,
+        ``{"status": "refused", "reason": ...}`` when it never will take it,
+        ``{"status": "retry", "reason": ...}`` when it was not taken now (the
+        connection failed or ended before that package was answered).
+        Never fails as a whole: a connection that cannot be made answers
+        every package ``retry``.
+        """

@@ -17,11 +17,13 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector, aware
-from medd.storage.gateway_tables import gateway_forwarding, gateway_receipts
+from medd.storage.gateway_tables import gateway_forwarding, gateway_receipts, gateway_results
 from medd.storage.index import ObjectRecord, StatusEvent, store_status
 from medd.storage.schema import objects
 
 WAITING, SENT, REFUSED, LOST = "waiting", "sent", "refused", "lost"
+#: A result the PACS has stored; one that C-STORE cannot carry (a text report).
+STORED, SKIPPED = "stored", "skipped"
 #: Objects that came back from central (results, receipts) are not forwarded to it again.
 NOT_FORWARDED_TRANSPORTS = ("pull",)
 
@@ -59,6 +61,44 @@ class ForwardingSummary:
     last_sent: ForwardingItem | None
     last_error: ForwardingItem | None  # the item whose attempt failed most recently
     given_up: int  # refused or lost
+
+
+@dataclass(frozen=True)
+class ResultItem:
+    """An overlay or report central sent back, queued for the centre's PACS."""
+
+    id: int
+    uid: str
+    object_type: str
+    sop_class_uid: str | None
+    transfer_syntax_uid: str | None
+    digest: str
+    size: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    last_attempt_at: datetime | None
+    queued_at: datetime
+    stored_at: datetime | None
+
+    @classmethod
+    def from_row(cls, r) -> "ResultItem":
+        return cls(r.id, r.uid, r.object_type, r.sop_class_uid, r.transfer_syntax_uid, r.digest, r.size, r.state,
+                   r.attempts, aware(r.next_attempt_at), r.last_error, aware(r.last_attempt_at), aware(r.queued_at),
+                   aware(r.stored_at))
+
+
+@dataclass(frozen=True)
+class ResultsSummary:
+    """The queue of results for the centre's PACS (``medd gateway status``)."""
+
+    waiting: int
+    oldest_waiting: ResultItem | None
+    last_stored: ResultItem | None
+    last_error: ResultItem | None
+    refused: int  # the PACS answered a C-STORE failure status, or the bytes are gone
+    skipped: int  # text reports: C-STORE cannot carry them
 
 
 @dataclass(frozen=True)
@@ -104,6 +144,13 @@ def head_of_line(conn: Connection) -> ForwardingItem | None:
     return ForwardingItem.from_row(row) if row else None
 
 
+def waiting_batch(conn: Connection, limit: int) -> list[ForwardingItem]:
+    """The head of line and up to ``limit - 1`` waiting behind it, in arrival order."""
+    rows = conn.execute(select(gateway_forwarding).where(gateway_forwarding.c.state == WAITING)
+                        .order_by(gateway_forwarding.c.id).limit(limit))
+    return [ForwardingItem.from_row(r) for r in rows]
+
+
 def spooled(conn: Connection) -> tuple[int, int]:
     """(objects, bytes) waiting."""
     row = conn.execute(select(func.count(), func.coalesce(func.sum(gateway_forwarding.c.size), 0))
@@ -130,8 +177,8 @@ def summary(conn: Connection) -> ForwardingSummary:
     )
 
 
-def _update(conn: Connection, item_id: int, **values) -> None:
-    conn.execute(update(gateway_forwarding).where(gateway_forwarding.c.id == item_id).values(**values))
+def _update(conn: Connection, item_id: int, table=gateway_forwarding, **values) -> None:
+    conn.execute(update(table).where(table.c.id == item_id).values(**values))
 
 
 def record_receipt(conn: Connection, status: StatusEvent, at: datetime) -> bool:
@@ -158,6 +205,45 @@ def latest_receipts(conn: Connection, limit: int) -> list[CentralReceipt]:
     return [CentralReceipt.from_row(row) for row in conn.execute(q)]
 
 
+def queue_result(conn: Connection, record: ObjectRecord, at: datetime, skipped: str | None) -> bool:
+    """Queue a result for the PACS once (by UID), or record it as ``skipped`` with the reason; False if seen before."""
+    r = gateway_results
+    if conn.execute(select(r.c.id).where(r.c.uid == record.sop_instance_uid)).first():
+        return False
+    conn.execute(r.insert().values(
+        uid=record.sop_instance_uid, object_type=record.object_type, sop_class_uid=record.sop_class_uid,
+        transfer_syntax_uid=record.transfer_syntax_uid, digest=record.digest, size=record.size,
+        state=SKIPPED if skipped else WAITING, attempts=0, next_attempt_at=at, last_error=skipped, queued_at=at,
+    ))
+    return True
+
+
+def _one_result(conn: Connection, q) -> ResultItem | None:
+    row = conn.execute(q.limit(1)).first()
+    return ResultItem.from_row(row) if row else None
+
+
+def results_head(conn: Connection) -> ResultItem | None:
+    """The oldest result waiting for the PACS: results go in the order they came back."""
+    r = gateway_results
+    return _one_result(conn, select(r).where(r.c.state == WAITING).order_by(r.c.id))
+
+
+def results_summary(conn: Connection) -> ResultsSummary:
+    r = gateway_results
+
+    def count(*states):
+        return conn.execute(select(func.count()).select_from(r).where(r.c.state.in_(states))).scalar_one()
+
+    return ResultsSummary(
+        waiting=count(WAITING), oldest_waiting=results_head(conn),
+        last_stored=_one_result(conn, select(r).where(r.c.state == STORED).order_by(r.c.stored_at.desc(), r.c.id.desc())),
+        last_error=_one_result(conn, select(r).where(and_(r.c.last_error.is_not(None), r.c.state != SKIPPED))
+                               .order_by(r.c.last_attempt_at.desc(), r.c.id.desc())),
+        refused=count(REFUSED, LOST), skipped=count(SKIPPED),
+    )
+
+
 class Forwarding(Connector):
     """The gateway's queue to central and central's receipts. Every method returns a Deferred."""
 
@@ -172,6 +258,10 @@ class Forwarding(Connector):
     def head_of_line(self):
         """Deferred :class:`ForwardingItem`: the oldest waiting one, or None."""
         return self.db.run(head_of_line)
+
+    def waiting_batch(self, limit: int):
+        """Deferred list of :class:`ForwardingItem`: the oldest ``limit`` waiting, in arrival order."""
+        return self.db.run(lambda conn: waiting_batch(conn, limit))
 
     def spooled(self):
         """Deferred (objects, bytes) waiting to be forwarded."""
@@ -190,20 +280,36 @@ class Forwarding(Connector):
         return self.db.run(lambda conn: _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
                                                 last_attempt_at=at))
 
+    def mark_sent_many(self, items: list[ForwardingItem]):
+        """Central acknowledged every one of ``items`` as durable now (one transaction)."""
+        at = self.now()
+
+        def thd(conn):
+            for item in items:
+                _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at, last_attempt_at=at)
+
+        return self.db.run(thd)
+
     def mark_given_up(self, item: ForwardingItem, state: str, error: str):
         """``item`` will not be forwarded: ``refused`` by central, or ``lost`` from the blob store."""
-        if state not in (REFUSED, LOST):
-            raise ValueError(state)
-        at = self.now()
-        return self.db.run(lambda conn: _update(conn, item.id, state=state, attempts=item.attempts + 1,
-                                                last_error=error, last_attempt_at=at))
+        return self._given_up(gateway_forwarding, item, state, error)
 
     def retry_later(self, item: ForwardingItem, delay: float, error: str):
         """An attempt failed now; ``item`` is due again ``delay`` seconds on the clock from now."""
+        return self._retry_later(gateway_forwarding, item, delay, error)
+
+    def _given_up(self, table, item, state: str, error: str):
+        if state not in (REFUSED, LOST):
+            raise ValueError(state)
+        at = self.now()
+        return self.db.run(lambda conn: _update(conn, item.id, table, state=state, attempts=item.attempts + 1,
+                                                last_error=error, last_attempt_at=at))
+
+    def _retry_later(self, table, item, delay: float, error: str):
         at = self.now()
         next_at = at + timedelta(seconds=delay)
-        return self.db.run(lambda conn: _update(conn, item.id, attempts=item.attempts + 1, next_attempt_at=next_at,
-                                                last_error=error, last_attempt_at=at))
+        return self.db.run(lambda conn: _update(conn, item.id, table, attempts=item.attempts + 1,
+                                                next_attempt_at=next_at, last_error=error, last_attempt_at=at))
 
     def record_receipt(self, status: StatusEvent):
         """Deferred bool: a status from central recorded (False if this package was recorded before)."""
@@ -216,3 +322,36 @@ class Forwarding(Connector):
 
     def latest_receipts(self, limit: int = 20):
         return self.db.run(lambda conn: latest_receipts(conn, limit))
+
+    # -- results for the centre's PACS ([gateway] results_to) --------------------------------------
+
+    def queue_result(self, record: ObjectRecord, *, skipped: str | None = None):
+        """Deferred bool: an overlay or report queued for the PACS, due now; with ``skipped`` (the
+        reason) only recorded, never sent. False if it was queued before."""
+        at = self.now()
+        return self.db.run(lambda conn: queue_result(conn, record, at, skipped))
+
+    def results_head(self):
+        """Deferred :class:`ResultItem`: the oldest result waiting for the PACS, or None."""
+        return self.db.run(results_head)
+
+    def results_summary(self):
+        return self.db.run(results_summary)
+
+    def result_of(self, uid: str):
+        """Deferred :class:`ResultItem` of ``uid``, or None."""
+        return self.db.run(lambda conn: _one_result(conn, select(gateway_results).where(gateway_results.c.uid == uid)))
+
+    def result_stored(self, item: ResultItem):
+        """The PACS answered the C-STORE of ``item`` with success (or a warning) now."""
+        at = self.now()
+        return self.db.run(lambda conn: _update(conn, item.id, gateway_results, state=STORED,
+                                                attempts=item.attempts + 1, stored_at=at, last_attempt_at=at))
+
+    def result_given_up(self, item: ResultItem, state: str, error: str):
+        """``item`` will not go to the PACS: ``refused`` (a failure status) or ``lost`` (its bytes are gone)."""
+        return self._given_up(gateway_results, item, state, error)
+
+    def result_retry_later(self, item: ResultItem, delay: float, error: str):
+        """An attempt failed now; ``item`` is due again ``delay`` seconds on the clock from now."""
+        return self._retry_later(gateway_results, item, delay, error)

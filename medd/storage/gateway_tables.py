@@ -45,3 +45,28 @@ gateway_receipts = Table(
     Column("reason", Text),
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
+
+# Overlays (GSPS) and reports (SR) central sent back, for the centre's PACS
+# ([gateway] results_to), one row each in arrival order. The bytes are in the blob store.
+gateway_results = Table(
+    "gateway_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uid", UID, nullable=False, unique=True),
+    Column("object_type", String(16), nullable=False),
+    Column("sop_class_uid", UID),
+    Column("transfer_syntax_uid", UID),
+    Column("digest", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    # waiting -> stored, or refused (a C-STORE failure status), skipped (a text
+    # report: C-STORE cannot carry it), lost (its bytes are gone); last_error says why
+    Column("state", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("queued_at", DateTime(timezone=True), nullable=False),
+    Column("stored_at", DateTime(timezone=True)),
+)
+
+Index("ix_gateway_results_state", gateway_results.c.state, gateway_results.c.id)

@@ -14,7 +14,7 @@ from twisted.internet.defer import ensureDeferred
 from zope.interface import implementer
 
 from medd.plugins.hookspecs import hookimpl
-from medd.plugins.interfaces import ISender
+from medd.plugins.interfaces import IBatchSender, ISender
 
 
 class PushRefused(Exception):
@@ -75,7 +75,7 @@ class SmtpSender:
                         reactor=reactor, requireTransportSecurity=False)
 
 
-@implementer(ISender)
+@implementer(IBatchSender)
 class TlsSender:
     schemes = ("tls",)
 
@@ -86,12 +86,35 @@ class TlsSender:
         from medd.transports.tls import send_packages
 
         parts = urlsplit(url)
-        ca = Path(settings["tls_ca"]).read_bytes() if settings.get("tls_ca") else None
-        client = Path(settings["tls_client_cert"]).read_bytes() if settings.get("tls_client_cert") else None
+        ca, client = _tls_credentials(settings)
         (reply,) = await send_packages(reactor, parts.hostname, parts.port, [package], ca_pem=ca, client_cert=client)
         if reply.get("status") != "ok":
             raise PushRefused(f"{reply.get('status')}: {reply.get('reason')}")
         return reply
+
+    def send_batch(self, reactor, url, packages, settings):
+        """Every package pipelined over one TLS connection; one reply each (see :class:`IBatchSender`)."""
+        return ensureDeferred(self._send_batch(reactor, url, list(packages), settings))
+
+    async def _send_batch(self, reactor, url, packages, settings):
+        from medd.transports.tls import TransferIncomplete, send_packages
+
+        parts = urlsplit(url)
+        try:
+            ca, client = _tls_credentials(settings)
+            return await send_packages(reactor, parts.hostname, parts.port, packages, ca_pem=ca, client_cert=client)
+        except TransferIncomplete as e:
+            answered, reason = list(e.replies), e.reason
+        except Exception as e:  # cannot connect, TLS handshake refused, …: nothing was answered
+            answered, reason = [], f"{type(e).__name__}: {e}"
+        return answered + [{"status": "retry", "reason": reason}] * (len(packages) - len(answered))
+
+
+def _tls_credentials(settings) -> tuple[bytes | None, bytes | None]:
+    """(CA PEM, client certificate PEM) from the sender settings, either may be None."""
+    ca = Path(settings["tls_ca"]).read_bytes() if settings.get("tls_ca") else None
+    client = Path(settings["tls_client_cert"]).read_bytes() if settings.get("tls_client_cert") else None
+    return ca, client
 
 
 @implementer(ISender)

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""C-STORE into a gateway that forwards to central over mutual TLS, against
+plain central ingest, in one run.
+
+Each repetition times DCMTK ``storescu +sd +r`` (``TCP_NODELAY=1``, one
+association) of the corpus into (a) a fresh plain central and (b) a fresh
+gateway whose ``[gateway] central`` is a fresh central's ``tls://`` listener
+(client certificate issued from central's CA). Reported: intake obj/s of
+both (files / storescu wall time) and the gateway's forward rate (files /
+time from the start of storescu to the last object's arrival in central's
+SQLite index, polled every 20 ms), each also as a ratio to plain central
+intake. See README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from meddnode import HOST, VENV_BIN, MeddCentral, dcmtk_tool, log  # noqa: E402
+
+
+class MeddGateway(MeddCentral):
+    """A fresh gateway node, forwarding to ``central_url`` with the given CA and client certificate."""
+
+    def __init__(self, work: str, port: int, central_url: str, ca: str, client_cert: str, bin_dir: str = VENV_BIN):
+        super().__init__(work, {"dicom": port}, bin_dir=bin_dir)
+        self.ini = os.path.join(work, "gateway.ini")
+        self.extra = textwrap.dedent(f"""\
+            [gateway]
+            address = gateway@centre-a.bench
+            central = {central_url}
+            central_name = central.bench
+            ca = {ca}
+            client_cert = {client_cert}
+            """)
+
+    def write_config(self) -> None:
+        super().write_config()
+        with open(self.ini) as f:
+            text = f.read().replace("role = central", "role = gateway").replace("name = central.bench",
+                                                                                  "name = gateway.bench")
+        with open(self.ini, "w") as f:
+            f.write(text)
+
+
+def make_pki(folder: str) -> dict:
+    """Central's self-signed certificate (also the CA of client certificates) and the centre's client PEM."""
+    from pathlib import Path
+
+    from medd.tlscert import issue_client_certificate, make_self_signed
+
+    os.makedirs(folder, exist_ok=True)
+    cert, key, client = (os.path.join(folder, n) for n in ("central.pem", "central.key", "centre.pem"))
+    make_self_signed(Path(cert), Path(key))
+    pem, _ = issue_client_certificate(Path(cert).read_bytes(), Path(key).read_bytes(), "gateway@centre-a.bench")
+    Path(client).write_bytes(pem)
+    return {"cert": cert, "key": key, "client": client}
+
+
+def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float) -> float:
+    """Time one storescu of the corpus; checks every object got Success on one association."""
+    cmd = [storescu, "-v", "-aet", "BENCHSCU", "-aec", "MEDD", "+sd", "+r", HOST, str(port), cdir]
+    subprocess.run(["sync"], check=False)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout)
+    dt = time.perf_counter() - t0
+    out = p.stdout.decode(errors="replace")
+    ok, assoc = out.count("Received Store Response (Success)"), out.count("Requesting Association")
+    if p.returncode != 0 or ok != n or assoc != 1:
+        raise SystemExit(f"storescu into {port}: rc={p.returncode}, success={ok}/{n}, associations={assoc}")
+    return dt
+
+
+def measure_central(a, cdir: str, n: int, storescu: str) -> float:
+    node = MeddCentral(os.path.join(a.work, "central"), {"dicom": a.port}, bin_dir=a.bin)
+    node.write_config()
+    node.start()
+    try:
+        dt = storescu_run(storescu, a.port, cdir, n, a.timeout)
+        if node.stored_count() != n:
+            raise SystemExit(f"plain central stored {node.stored_count()} of {n}")
+    finally:
+        node.stop()
+    return dt
+
+
+def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float]:
+    central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
+                          extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
+                                f"client_ca = {pki['cert']}\n")
+    gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
+                          pki["client"], bin_dir=a.bin)
+    central.write_config()
+    gateway.write_config()
+    central.start()
+    gateway.start()
+    try:
+        t0 = time.perf_counter()
+        intake = storescu_run(storescu, a.port, cdir, n, a.timeout)
+        deadline = time.monotonic() + a.timeout
+        while central.stored_count() < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {central.stored_count()} of {n} reached central within {a.timeout}s")
+            time.sleep(0.02)
+        forwarded = time.perf_counter() - t0
+        if central.query("SELECT count(distinct sop_instance_uid) FROM objects")[0][0] != n:
+            raise SystemExit("central holds duplicates")
+    finally:
+        gateway.stop()
+        central.stop()
+    return intake, forwarded
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="/tmp/dicombench/corpus/small")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--port", type=int, default=11121, help="DICOM port of the plain central, then the gateway")
+    ap.add_argument("--tls-port", type=int, default=11122, help="TLS port of the central behind the gateway")
+    ap.add_argument("--bin", default=VENV_BIN, help="folder holding twistd and medd")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--json", help="write the raw rows and the summary here")
+    a = ap.parse_args()
+    storescu = dcmtk_tool("storescu")
+    files = [f for f in os.listdir(a.corpus) if os.path.isfile(os.path.join(a.corpus, f))]
+    n = len(files)
+    with tempfile.TemporaryDirectory(prefix="medd-bench-gateway-") as work:
+        a.work = work
+        pki = make_pki(os.path.join(work, "pki"))
+        rows = []
+        for rep in range(1, a.reps + 1):
+            central = measure_central(a, a.corpus, n, storescu)
+            intake, forwarded = measure_gateway(a, a.corpus, n, storescu, pki)
+            row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded)
+            rows.append(row)
+            log(f"rep {rep}: central {n / central:7.1f} obj/s   gateway intake {n / intake:7.1f} obj/s   "
+                f"forwarded {n / forwarded:7.1f} obj/s")
+    med = {k: statistics.median(n / r[k] for r in rows) for k in ("central_s", "gateway_intake_s", "forwarded_s")}
+    c, g, f = med["central_s"], med["gateway_intake_s"], med["forwarded_s"]
+    print(f"{n} objects ({a.corpus}), {a.reps} reps, medians:")
+    print(f"  plain central intake      {c:7.1f} obj/s   1.00")
+    print(f"  gateway intake            {g:7.1f} obj/s   {g / c:.2f} of central")
+    print(f"  forwarded to central/TLS  {f:7.1f} obj/s   {f / c:.2f} of central, {f / g:.2f} of gateway intake")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"rows": rows, "median_obj_s": med}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
