@@ -53,9 +53,13 @@ def _setup_directory(central_config, viewer_config, gateway_config=None):
     viewer_token = viewer_config.section("central")["token"]
     try:
         addresses = [f"modality@{DEMO_CENTRE}.localhost"]
+        token: bool | str = False
         if gateway_config is not None:
-            addresses.append(gateway_config.section("gateway")["address"])
-        resolved(directory.add_centre(DEMO_CENTRE, aes=[DEMO_AE], addresses=addresses))
+            # The gateway's address first: central sends the centre's receipts and results there,
+            # and the gateway pulls them with the centre's token.
+            addresses.insert(0, gateway_config.section("gateway")["address"])
+            token = gateway_config.section("gateway").get("token") or False
+        resolved(directory.add_centre(DEMO_CENTRE, aes=[DEMO_AE], addresses=addresses, token=token))
         resolved(directory.add_viewer(viewer_config.name, None, [DEMO_CENTRE], token=viewer_token))
         resolved(directory.add_rule(viewer_config.name, centre=DEMO_CENTRE))
         return resolved(directory.add_admin("demo-admin"))
