@@ -271,6 +271,8 @@ async def test_every_page_needs_a_session(room_site):
             assert r.status_code == 303 and r.headers["Location"].startswith("/?next="), path
         r = requests.get(f"{base}/images/{uid}/overlays", allow_redirects=False)
         assert r.status_code == 401 and "log in" in r.json()["error"]
+        assert r.headers["Content-Type"] == "application/problem+json" and r.json()["status"] == 401
+        assert r.json()["detail"] == r.json()["error"]
         r = requests.post(f"{base}/images/{uid}/opened", allow_redirects=False)
         assert r.status_code == 401
         r = requests.post(f"{base}/studies/1.2.826.0.1.1/report", data={"text": "x"}, allow_redirects=False)

@@ -17,7 +17,7 @@ from medd.viewer.rendering import FrameCache, ImageFacts, RenderError, describe
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import error_page
 from medd.viewer.web.session import Session, session_of
-from medd.webresource import Response, write_response
+from medd.webresource import PROBLEM_JSON, Problem, Response, write_response
 
 log = Logger()
 
@@ -84,7 +84,7 @@ def serve(request, handler, *, api: bool = False):
             response = await handler(request)
         except NotLoggedIn:
             if api:
-                response = json_response(401, {"error": "your session has ended; log in again"})
+                response = api_problem(401, "your session has ended; log in again")
             elif request.method in (b"GET", b"HEAD"):
                 response = redirect("/?" + urlencode({"next": request.uri.decode("latin-1")}))
             else:
@@ -93,14 +93,14 @@ def serve(request, handler, *, api: bool = False):
             log.warn("{method} {uri} refused with {status}: {message}", method=request.method.decode("latin-1"),
                      uri=request.uri.decode("latin-1", "replace"), status=e.status, message=e.message)
             if api:
-                response = json_response(e.status, {"error": e.message})
+                response = api_problem(e.status, e.message)
             else:
                 response = await error_page(e.status, e.message, getattr(request, "medd_session", None))
         except Exception:
             log.failure("{method} {uri} failed", method=request.method.decode("latin-1"),
                         uri=request.uri.decode("latin-1", "replace"))
             message = "something went wrong in the viewer; the node's log has the details"
-            response = json_response(500, {"error": message}) if api else await error_page(500, message, None)
+            response = api_problem(500, message) if api else await error_page(500, message, None)
         if not gone:
             security_headers(request)
             write_response(request, response)
@@ -115,6 +115,14 @@ def redirect(location: str, status: int = 303) -> Response:
 
 def json_response(status: int, value) -> Response:
     return Response(status, "application/json", json.dumps(value).encode("utf-8"))
+
+
+def api_problem(status: int, message: str) -> Response:
+    """An RFC 9457 problem document for the browser's API calls; ``error`` repeats the
+    detail (an extension member) for the reading room's own script."""
+    doc = Problem(status, message).document()
+    doc["error"] = message
+    return Response(status, PROBLEM_JSON, json.dumps(doc).encode("utf-8"))
 
 
 def uid_child(path: bytes) -> str | None:
