@@ -73,13 +73,17 @@ class Ingest:
     blob back from the archive (a Deferred of its bytes). ``admit(size,
     transport)`` raises :class:`StoreFailed` when the node cannot take an
     object now (a gateway whose spool for central is full); it is asked
-    before anything is parsed or written.
+    before anything is parsed or written. ``index_with`` is handed to
+    :meth:`~medd.storage.index.ObjectIndex.store_object`: what the role
+    writes beside a new object in its index transaction (the gateway queues
+    it for central there, so one commit makes both durable).
     """
 
     def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
-                 admit: Callable[[int, str], None] | None = None):
+                 admit: Callable[[int, str], None] | None = None,
+                 index_with: Callable | None = None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -88,6 +92,7 @@ class Ingest:
         self._record_status = record_status or index.store_status
         self._restore = restore
         self._admit = admit
+        self._index_with = index_with
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -276,7 +281,7 @@ class Ingest:
 
     async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob) -> StoreOutcome:
         try:
-            outcome = await self.index.store_object(record, receipt)
+            outcome = await self.index.store_object(record, receipt, self._index_with)
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e

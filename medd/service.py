@@ -39,22 +39,24 @@ class NodeService(MultiService):
         self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs, clock=self.clock)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
-        record_status = admit = None
+        record_status = admit = index_with = None
         if config.role == "central":
             self.central_storage = CentralStorage.over(self.database, self.clock)
             plugins.manager.register(SenderPolicy(self.central_storage.directory), name="medd-central-sender-policy")
             plugins.manager.register(CentralAccess(self.central_storage.directory), name="medd-central-access")
             record_status = self.central_storage.deliveries.record_status
         elif config.role == "gateway":
-            from medd.gateway.forwarding import Spool
-            from medd.storage.forwarding import Forwarding
+            from medd.gateway.forwarding import Spool, message_ids
+            from medd.storage.forwarding import Forwarding, queue_new_object
 
             self.forwarding = Forwarding(self.database, self.clock)
             self.spool = Spool(settings.gateway.max_spool)
             record_status, admit = self.forwarding.record_receipt, self.spool.admit
+            # The object and its place in the queue for central in one commit.
+            index_with = queue_new_object(message_ids(settings.gateway))
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
-            record_status=record_status, admit=admit,
+            record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None,
         )
         self.web = WebMounts()

@@ -115,6 +115,63 @@ async def test_cstore_into_the_gateway_reaches_central_over_mutual_tls(make_cent
     assert item.state == SENT and item.attempts == 1
 
 
+def _without_gateway_hooks(gateway):
+    """Unregister the gateway's medd_object_stored & co. (as if the node died right after the index
+    commit, before any notification ran); returns a function that registers them again."""
+    hooks = gateway.plugins.manager.unregister(name="medd-gateway")
+    return lambda: gateway.plugins.manager.register(hooks, name="medd-gateway")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_row_is_committed_with_the_index_row(make_central, pki):
+    """The object's place in the queue for central is written in the transaction that indexes it:
+    once the ingest has answered (C-STORE Success), the object waits for central even if no
+    notification ever ran after the commit."""
+    _, gateway, _ = await start_pair(make_central, pki, central_up=False)
+    restore = _without_gateway_hooks(gateway)
+    try:
+        ds = datasets(1)[0]
+        stored = await gateway.ingest.receive_dicom(_part10(ds), transport="dicom", origin="CT1")
+    finally:
+        restore()
+    assert stored.created
+    item = await gateway.forwarding.of_object(ds.SOPInstanceUID)
+    assert item is not None and item.state == WAITING and item.digest == stored.digest
+    record = await gateway.index.object_by_uid(ds.SOPInstanceUID)
+    assert item.queued_at.replace(tzinfo=None) == record.received_at.replace(tzinfo=None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_objects_indexed_but_never_queued_are_forwarded_after_a_restart(make_central, pki):
+    """An object in the gateway's index with no queue row (indexed by a medd that queued in a later
+    transaction and stopped between the two) is queued when the gateway starts and reaches central."""
+    central, gateway, port = await start_pair(make_central, pki)
+    restore = _without_gateway_hooks(gateway)
+    index_with, gateway.ingest._index_with = gateway.ingest._index_with, None
+    ds = datasets(1)[0]
+    try:
+        await gateway.ingest.receive_dicom(_part10(ds), transport="dicom", origin="CT1")
+    finally:
+        gateway.ingest._index_with = index_with
+        restore()
+    assert await gateway.forwarding.of_object(ds.SOPInstanceUID) is None
+    await gateway.stopService()
+
+    again = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=gateway_extra(pki, port),
+                               site="gateway", role="gateway", name="gateway.centre-a.test")
+    await again.gateway.forwarder.resumed()
+    assert await central_uids(central) == [ds.SOPInstanceUID]
+    assert (await again.forwarding.of_object(ds.SOPInstanceUID)).state == SENT
+
+
+def _part10(ds) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 @pytest_twisted.ensureDeferred
 async def test_unknown_calling_ae_is_rejected_at_association(make_central, pki):
     """With [gateway] accept_ae, a modality whose calling AE title is not listed gets A-ASSOCIATE-RJ

@@ -13,6 +13,7 @@ attempts, so central stores it once.
 from __future__ import annotations
 
 import email.utils
+from typing import Callable
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
@@ -33,6 +34,12 @@ _REFUSED_PREFIXES = ("refused:", "HTTP 400", "HTTP 413", "HTTP 415", "HTTP 422")
 BATCH_SIZE = 32
 
 
+def message_ids(settings) -> Callable[[], str]:
+    """New Message-IDs for the packages of ``settings.address`` (one per object, kept across resends)."""
+    domain = urlsplit(f"//{settings.address.rpartition('@')[2]}").hostname or "medd.invalid"
+    return lambda: email.utils.make_msgid(domain=domain)
+
+
 class Spool:
     """Bytes waiting for central, against ``max_bytes`` (None: no limit)."""
 
@@ -49,7 +56,14 @@ class Spool:
 
 
 class ForwardingService(Service):
-    """Forwards queued objects to central; :meth:`object_stored` queues one, :meth:`kick` sends what is due."""
+    """Forwards queued objects to central; :meth:`kick` sends what is due.
+
+    The node's ingest queues each object in the transaction that indexes it
+    (:func:`~medd.storage.forwarding.queue_new_object`); :meth:`object_stored`
+    only counts it in the spool and kicks. At start, objects indexed without a
+    queue row (by a medd before that, or on a node that was not a gateway) are
+    queued.
+    """
 
     log = Logger()
 
@@ -62,7 +76,7 @@ class ForwardingService(Service):
         self.settings = settings  # GatewaySettings
         self.spool = spool
         self.clock = clock
-        self.domain = urlsplit(f"//{settings.address.rpartition('@')[2]}").hostname or "medd.invalid"
+        self._message_id = message_ids(settings)
         self.batch_size = BATCH_SIZE
         self._pass = CoalescingPass(self._drain, "forwarding to central", clock)
         self._stopped = False
@@ -72,9 +86,17 @@ class ForwardingService(Service):
         self._stopped = False
         d = ensureDeferred(self._resume())
         d.addErrback(lambda f: self.log.failure("resuming forwarding failed", f))
+        self._resumed = d
+
+    def resumed(self) -> Deferred:
+        """Fires once what the start found unqueued is queued and the first pass has run."""
+        d = Deferred()
+        self._resumed.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
 
     async def _resume(self) -> None:
-        # Objects indexed just before a stop, and not yet queued, are queued now.
+        # Objects indexed without a queue row (by an older medd, or before the node was a
+        # gateway) are queued now, in the order they arrived.
         for record in await self.forwarding.unqueued_objects():
             await self.forwarding.queue(record, self._message_id())
         self.spool.bytes = (await self.forwarding.spooled())[1]
@@ -87,16 +109,15 @@ class ForwardingService(Service):
         self._pass.unschedule()
         return self._pass.idle()
 
-    def _message_id(self) -> str:
-        return email.utils.make_msgid(domain=self.domain)
+    def object_stored(self, record: ObjectRecord) -> None:
+        """An object the centre sent is indexed, and queued in the same transaction: send it.
 
-    async def object_stored(self, record: ObjectRecord) -> None:
-        """Queue an object the centre sent (not what came back from central) and send it."""
+        Nothing here is awaited by the ingest, so the C-STORE's success waits
+        for one commit only."""
         if record.transport in NOT_FORWARDED_TRANSPORTS:
             return
-        if await self.forwarding.queue(record, self._message_id()):
-            self.spool.bytes += record.size
-            self.kick()
+        self.spool.bytes += record.size
+        self.kick()
 
     def kick(self) -> Deferred:
         """Send what is due; fires with how many objects a pass that began after this call sent."""

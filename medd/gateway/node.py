@@ -37,8 +37,9 @@ class GatewayHooks:
         return self._stored(stored)
 
     async def _stored(self, stored) -> None:
-        # What the centre sent goes to central; what central sent back goes to the PACS.
-        await self.forwarder.object_stored(stored)
+        # What the centre sent goes to central (queued with its index row); what central
+        # sent back goes to the PACS.
+        self.forwarder.object_stored(stored)
         if self.results is not None:
             await self.results.object_stored(stored)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Callable
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Connection
@@ -127,6 +128,18 @@ def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: da
         size=record.size, state=WAITING, attempts=0, next_attempt_at=at, queued_at=at,
     ))
     return True
+
+
+def queue_new_object(message_id: Callable[[], str]) -> Callable[[Connection, ObjectRecord], None]:
+    """What the gateway's ingest writes beside every new object in its index transaction
+    (``store_object``'s ``with_new``): the object queued for central, due at its arrival,
+    unless it came back from central. One commit makes the object and its forwarding durable."""
+
+    def queue_with_index(conn: Connection, record: ObjectRecord) -> None:
+        if record.transport not in NOT_FORWARDED_TRANSPORTS:
+            queue_object(conn, record, message_id(), record.received_at)
+
+    return queue_with_index
 
 
 def unqueued_objects(conn: Connection) -> list[ObjectRecord]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Callable
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
@@ -111,12 +112,16 @@ def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
     return ObjectRecord.from_row(row) if row else None
 
 
-def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None = None) -> StoreOutcome:
+def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None = None,
+                 with_new: Callable[[Connection, ObjectRecord], None] | None = None) -> StoreOutcome:
     """Index ``record`` (and the package ``receipt``) unless already indexed.
 
     Idempotent: the same package (by Message-ID) or the same object (by UID)
     stored again changes nothing. An object whose UID is already indexed with
-    other content keeps the first version (``conflict``).
+    other content keeps the first version (``conflict``). ``with_new(conn,
+    record)`` writes what a role keeps beside a new object in the same
+    transaction (the gateway's forwarding queue); it must be idempotent, as
+    every call here may be re-run after a rollback.
     """
     if receipt is not None:
         if conn.execute(select(receipts.c.id).where(receipts.c.message_id == receipt.message_id)).first():
@@ -130,6 +135,8 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
     # Values as execute parameters, not .values(): the statement then compiles
     # once for the process instead of being rebuilt and re-keyed per object.
     conn.execute(objects.insert(), record.__dict__)
+    if with_new is not None:
+        with_new(conn, record)
     return StoreOutcome(record, created=True)
 
 
@@ -301,9 +308,10 @@ def count_objects(conn: Connection) -> int:
 class ObjectIndex(Connector):
     """The object index of a node, whatever its role. Every method returns a Deferred."""
 
-    def store_object(self, record: ObjectRecord, receipt: Receipt | None = None):
+    def store_object(self, record: ObjectRecord, receipt: Receipt | None = None,
+                     with_new: Callable[[Connection, ObjectRecord], None] | None = None):
         """Deferred :class:`StoreOutcome`; see :func:`store_object`."""
-        return self.db.run(lambda conn: store_object(conn, record, receipt))
+        return self.db.run(lambda conn: store_object(conn, record, receipt, with_new))
 
     def store_status(self, status: StatusEvent):
         """Deferred bool: whether the status message was new."""
