@@ -24,12 +24,33 @@ CORE_KEYS: dict[str, tuple[str, ...]] = {
     "node": ("role", "name"),
     "database": ("url",),
     "storage": ("path", "backend"),
-    "limits": ("max_object_size",),
+    "limits": ("max_object_size", "request_timeout", "min_transfer_rate", "max_connections_per_peer"),
     "tls": ("certificate", "private_key", "client_ca", "client_ca_key"),
     "plugins": ("disabled",),
 }
 
 DEFAULT_MAX_OBJECT_SIZE = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """``[limits]``: how long one unit of work may take on a listener, and how many connections a peer may hold.
+
+    A unit (an HTTP request, a TLS frame, an SMTP command line or message)
+    must be complete within ``request_timeout`` of its first byte, plus the
+    time its bytes take at ``min_transfer_rate``. The bytes earn time at that
+    rate only: a peer that drip-feeds cannot keep a unit open, while a 512 MB
+    upload at 50 kB/s or faster is never cut.
+    """
+
+    request_timeout: float = 30.0
+    #: bytes per second
+    min_transfer_rate: int = 50 * 1000
+    max_connections_per_peer: int = 32
+
+    def earned(self, size: int) -> float:
+        """The seconds ``size`` bytes add to a unit's deadline."""
+        return size / self.min_transfer_rate
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,7 @@ class Config:
     listen: dict[str, str]
     disabled_plugins: tuple[str, ...] = ()
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
+    connection_limits: ConnectionLimits = ConnectionLimits()
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
@@ -165,6 +187,8 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         except ValueError:
             problem("limits", "max_object_size", f"not a size (e.g. 512M): {size_text!r}")
 
+    connection_limits = _connection_limits(get, problem)
+
     listen: dict[str, str] = {}
     if parser.has_section("listen"):
         for key, value in parser.items("listen"):
@@ -209,6 +233,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         listen=listen,
         disabled_plugins=disabled,
         max_object_size=max_size,
+        connection_limits=connection_limits,
         tls_certificate=str(base / cert) if cert else None,
         tls_private_key=str(base / key) if key else None,
         tls_client_ca=str(base / client_ca) if client_ca else None,
@@ -216,6 +241,34 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         sections={s: {k: v for k, v in parser.items(s) if k not in defaults} for s in parser.sections()},
     )
     return config, problems
+
+
+def _connection_limits(get, problem) -> ConnectionLimits:
+    defaults = ConnectionLimits()
+    timeout = defaults.request_timeout
+    text = get("limits", "request_timeout")
+    if text is not None:
+        try:
+            timeout = float(text)
+            if not 0 < timeout < 86400:
+                raise ValueError(text)
+        except ValueError:
+            problem("limits", "request_timeout", f"not a number of seconds between 0 and 86400: {text!r}")
+    rate = defaults.min_transfer_rate
+    text = get("limits", "min_transfer_rate")
+    if text is not None:
+        try:
+            rate = _parse_size(text.removesuffix("/s"))
+        except ValueError:
+            problem("limits", "min_transfer_rate", f"not a size per second (e.g. 50K): {text!r}")
+    per_peer = defaults.max_connections_per_peer
+    text = get("limits", "max_connections_per_peer")
+    if text is not None:
+        if text.isdigit() and int(text) > 0:
+            per_peer = int(text)
+        else:
+            problem("limits", "max_connections_per_peer", f"not a positive whole number: {text!r}")
+    return ConnectionLimits(timeout, rate, per_peer)
 
 
 def _check_endpoint(description: str) -> None:

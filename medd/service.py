@@ -93,7 +93,7 @@ class NodeService(MultiService):
         for key, endpoint in sorted(config.listen.items()):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(key),
-                tls=tls, web_resources=web_resources, queries=queries,
+                tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
             )
             listener = plugins.transports[key].listener(endpoint, api)
             listener.setName(f"listen-{key}")

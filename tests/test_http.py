@@ -12,6 +12,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from medd.config import ConnectionLimits
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
 from medd.plugins.interfaces import ITransport
@@ -59,6 +60,8 @@ class _TCPStringTransport(StringTransport):
 
 
 class _FakeAPI:
+    limits = ConnectionLimits()
+    reactor = None  # the deadline starts with the first byte; this test sends none
     max_object_size = 1024
     web_resources: dict = {}
 

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import ITLSTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from medd.config import ConnectionLimits
 from medd.ingest import StoreFailed
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
@@ -289,6 +290,7 @@ async def test_empty_recipient_refused(make_central):
 
 
 class _FakeAPI:
+    limits = ConnectionLimits()
     node_name = "central.test"
     max_object_size = 1000
 

@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
+from medd.config import ConnectionLimits
 from medd.ingest import Refused, StoreFailed, Stored
 from medd.config import ConfigError, load_config
 from medd.objects import parse_part10
@@ -325,6 +326,7 @@ async def test_ssl_endpoint_string_used_as_is(make_central, server_tls, tmp_path
 
 class FakeReceiver:
     """The two things PackageFrameReceiver uses of its TransportAPI, with ingest outcomes the test settles by hand."""
+    limits = ConnectionLimits()
 
     def __init__(self, max_object_size: int = 1000):
         self.reactor = Clock()

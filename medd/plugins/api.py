@@ -17,6 +17,7 @@ from typing import Mapping
 from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
+from medd.config import ConnectionLimits
 from medd.plugins.interfaces import IObjectQueries
 
 
@@ -80,7 +81,8 @@ class TransportAPI:
     """The node as one transport's listener sees it. See the module docstring."""
 
     def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
-                 tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None):
+                 tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None,
+                 limits: ConnectionLimits = ConnectionLimits()):
         self.reactor = reactor
         self._ingest = ingest
         self.transport = transport
@@ -90,6 +92,8 @@ class TransportAPI:
         self.tls = tls
         #: Largest object or package the node accepts, in bytes.
         self.max_object_size: int = ingest.max_object_size
+        #: ``[limits]`` deadlines and the per-peer connection cap every listener applies.
+        self.limits: ConnectionLimits = limits
         #: The HTTP resources the node mounted, ``{b"name": resource}``, read-only.
         self.web_resources: Mapping[bytes, object] = web_resources
         #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).

@@ -18,6 +18,7 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.deadlines import Deadline
 from medd.transports.dicomweb import DicomWebResource
 from medd.transports.listener import EndpointListener
 from medd.webresource import (
@@ -165,9 +166,19 @@ class GuardedRequest(Request):
 
 
 class NoDelayChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel with Nagle's algorithm off, so small responses are not delayed."""
+    """An HTTP/1.1 channel with Nagle's algorithm off, so small responses are not delayed,
+    and a deadline on each request.
+
+    A request is due ``[limits] request_timeout`` after its first byte, plus
+    the time its body's bytes take at ``min_transfer_rate``; Twisted's idle
+    timer, which every byte resets, only closes connections that say nothing.
+    """
+
+    deadline: Deadline | None = None
 
     def connectionMade(self):
+        api = self.site.api
+        self.deadline = Deadline(api.reactor, api.limits, "http")
         super().connectionMade()
         transport = self.transport
         # Under TLS the TCP transport is one wrapper down.
@@ -175,6 +186,25 @@ class NoDelayChannel(http.HTTPChannel):
             if candidate is not None and ITCPTransport.providedBy(candidate):
                 candidate.setTcpNoDelay(True)
                 break
+
+    def dataReceived(self, data):
+        if data and not self._handlingRequest and not self.deadline.running:
+            self.deadline.start(self, "request")
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data):
+        if not self._handlingRequest:
+            self.deadline.earn(len(data))  # the body, as it arrives
+        super().rawDataReceived(data)
+
+    def allContentReceived(self):
+        self.deadline.stop()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        if self.deadline is not None:
+            self.deadline.stop()
+        super().connectionLost(reason)
 
 
 class MeddSite(Site):
@@ -205,7 +235,7 @@ class HttpTransport:
     description = "HTTP receiver: POST /packages and DICOMweb STOW-RS, QIDO-RS, WADO-RS (twisted.web)"
 
     def listener(self, endpoint: str, api):
-        return EndpointListener(api.reactor, endpoint, MeddSite(api), "http")
+        return EndpointListener(api.reactor, endpoint, MeddSite(api), "http", api.limits)
 
 
 @hookimpl

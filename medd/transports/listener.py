@@ -11,20 +11,21 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
-
+from medd.config import ConnectionLimits
 from medd.plugins.api import CannotListen
+from medd.transports.deadlines import PeerCappedFactory
 
 
 class EndpointListener(Service):
     log = Logger()
 
-    def __init__(self, reactor, description: str, factory, label: str):
+    def __init__(self, reactor, description: str, factory, label: str, limits: ConnectionLimits = ConnectionLimits()):
         self.reactor = reactor
         self.description = description
         # Wrapped to know the open connections: stopping a listener closes
-        # them too, or kept-alive clients would still talk to a stopped node.
-        self.factory = WrappingFactory(factory)
+        # them too, or kept-alive clients would still talk to a stopped node;
+        # and a peer cannot hold more than its share of them.
+        self.factory = PeerCappedFactory(factory, max_per_peer=limits.max_connections_per_peer, label=label)
         self.label = label
         self.port = None
         self._listening: Deferred | None = None

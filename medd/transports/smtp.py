@@ -21,11 +21,13 @@ from twisted.mail.smtp import (
     SMTPBadRcpt,
     SMTPServerError,
 )
+from twisted.mail.smtp import DATA as DATA_MODE
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.deadlines import Deadline
 from medd.transports.listener import EndpointListener
 
 log = Logger()
@@ -177,6 +179,10 @@ class PackageSMTP(ESMTP):
         self.api = api
         self.host = api.node_name
         self._tls_just_started = False
+        # A command line is due [limits] request_timeout after its first byte; a
+        # message after its DATA command, plus its bytes at the minimum rate.
+        # Twisted's idle timer, which every line resets, only closes silent connections.
+        self.deadline = Deadline(api.reactor, api.limits, "smtp")
 
     def connectionMade(self) -> None:
         # Replies are small and the client waits for each one.
@@ -260,6 +266,19 @@ class PackageSMTP(ESMTP):
         if self._tls_just_started:
             self._tls_just_started = False
             self._buffer = b""
+        if self.mode == DATA_MODE:
+            if self.deadline.unit != "message":
+                self.deadline.start(self, "message")
+            self.deadline.earn(len(data))
+        elif self._buffer:
+            if self.deadline.unit != "command line":
+                self.deadline.start(self, "command line")
+        else:
+            self.deadline.stop()
+
+    def connectionLost(self, reason) -> None:
+        self.deadline.stop()
+        super().connectionLost(reason)
 
 
 class PackageSMTPFactory(ServerFactory):
@@ -303,7 +322,7 @@ class SMTPTransport:
         context = None
         if api.tls.certificate and api.tls.private_key:
             context = starttls_context(api.tls.certificate, api.tls.private_key)
-        return EndpointListener(api.reactor, endpoint, PackageSMTPFactory(api, context), "smtp")
+        return EndpointListener(api.reactor, endpoint, PackageSMTPFactory(api, context), "smtp", api.limits)
 
 
 @hookimpl

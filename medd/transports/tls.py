@@ -52,6 +52,7 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.deadlines import Deadline
 from medd.transports.listener import EndpointListener
 
 # Reply frames are small JSON objects; a client refuses anything bigger.
@@ -100,6 +101,9 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self._peer: str | None = None
         self._closing = False
         self._connected = False
+        # A frame is due [limits] request_timeout after its first byte, plus its length at the minimum rate;
+        # the idle timer above only closes connections that send nothing.
+        self.deadline = Deadline(api.reactor, api.limits, "tls")
 
     def callLater(self, period, func):
         return self.api.reactor.callLater(period, func)
@@ -112,6 +116,7 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
     def connectionLost(self, reason) -> None:
         self._connected = False
         self.setTimeout(None)
+        self.deadline.stop()
 
     def timeoutConnection(self) -> None:
         self.log.info("tls connection from {peer} idle for {seconds} s; closing", peer=self.peer, seconds=self.idle_timeout)
@@ -142,11 +147,17 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         if self._closing:
             return  # after a too-large frame nothing more is read
         self.resetTimeout()
+        if not self.deadline.running and (data or self._unprocessed) and not self.paused:
+            self.deadline.start(self, "frame")
+        # The frame's bytes earn time as they arrive, not as declared: a
+        # header claiming max_object_size does not buy hours.
+        self.deadline.earn(len(data))
         super().dataReceived(data)
 
     def stringReceived(self, frame: bytes) -> None:
         self.pauseProducing()
         self.setTimeout(None)
+        self.deadline.stop()
         d = ensureDeferred(self._answer(frame))
         d.addCallback(self._reply_and_resume)
         d.addErrback(lambda f: self.log.failure("tls reply to {peer} failed", f, peer=self.peer))
@@ -182,6 +193,7 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         reason = f"too large: a frame of {length} bytes exceeds the limit of {self.MAX_LENGTH} bytes"
         self._log_refusal(reason, "too-large", length)
         self._closing = True
+        self.deadline.stop()  # the idle timer bounds the wait for the peer's close
         self.sendString(_encode({"status": "refused", "kind": "too-large", "reason": reason}))
         # The rest of the frame is still on its way; it is read and dropped
         # (dataReceived) until the peer answers the TLS close, so that the
@@ -229,7 +241,7 @@ def tls_listener(endpoint: str, api) -> EndpointListener:
     """The listening service: an ``ssl:`` endpoint as configured, any other
     endpoint wrapped in TLS from ``[tls] certificate`` / ``private_key``."""
     if endpoint.startswith("ssl:"):
-        return EndpointListener(api.reactor, endpoint, PackageFrameFactory(api), "tls")
+        return EndpointListener(api.reactor, endpoint, PackageFrameFactory(api), "tls", api.limits)
     if not (api.tls.certificate and api.tls.private_key):
         raise ValueError(f"the tls listener on {endpoint!r} needs [tls] certificate and private_key")
     with open(api.tls.certificate, "rb") as f:
@@ -242,7 +254,7 @@ def tls_listener(endpoint: str, api) -> EndpointListener:
             client_ca_pem = f.read()
     options = server_tls_options(certificate_pem, key_pem, client_ca_pem)
     frames = PackageFrameFactory(api, identify_by_certificate=client_ca_pem is not None)
-    return EndpointListener(api.reactor, endpoint, TLSMemoryBIOFactory(options, False, frames), "tls")
+    return EndpointListener(api.reactor, endpoint, TLSMemoryBIOFactory(options, False, frames), "tls", api.limits)
 
 
 # -- the client ------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Per-request deadlines and the per-peer connection cap on the Twisted listeners (issue 9, item 4)."""
+from __future__ import annotations
+
+import struct
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from medd.config import ConnectionLimits
+from medd.transports.deadlines import PeerCappedFactory
+from medd.transports.http import MeddSite
+from medd.transports.tls import PackageFrameFactory
+from twisted.internet.protocol import Factory, Protocol
+
+LIMITS = ConnectionLimits(request_timeout=30, min_transfer_rate=50_000, max_connections_per_peer=32)
+
+
+class _API:
+    max_object_size = 1 << 20
+    web_resources: dict = {}
+    limits = LIMITS
+    node_name = "central.test"
+
+    def __init__(self):
+        self.reactor = Clock()
+
+
+def _connect(factory, host="192.0.2.7"):
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _drip(clock, protocol, transport, data: bytes, every: float) -> float:
+    """Feed ``data`` one byte every ``every`` seconds until it ends or the connection is aborted; the time taken."""
+    for byte in data:
+        if transport.disconnecting or getattr(transport, "disconnected", False):
+            break
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(every)
+    return clock.seconds()
+
+
+def test_drip_fed_http_request_is_aborted_at_its_deadline():
+    """A request drip-fed one byte a second is aborted 30 s after its first byte, although bytes keep arriving."""
+    api = _API()
+    site = MeddSite(api)
+    channel, transport = _connect(site)
+    request = b"POST /packages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100
+    _drip(api.reactor, channel, transport, request, every=1)
+    assert transport.disconnecting and transport.disconnected  # abortConnection
+    assert 30 <= api.reactor.seconds() <= 32
+
+
+def test_http_request_in_time_is_untouched():
+    """A request received within its deadline is answered; its deadline is gone, so a long answer is not cut."""
+    api = _API()
+    channel, transport = _connect(MeddSite(api))
+    channel.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not channel.deadline.running
+    api.reactor.advance(29)
+    assert not transport.disconnecting
+    assert transport.value().startswith(b"HTTP/1.1 ")
+
+
+def test_drip_fed_tls_frame_is_aborted_at_its_deadline():
+    """A TLS frame declaring 1 MB and drip-fed a byte a second is aborted 30 s after its first byte:
+    its bytes earn time at the minimum rate, its declared length earns none."""
+    api = _API()
+    receiver, transport = _connect(PackageFrameFactory(api))
+    _drip(api.reactor, receiver, transport, struct.pack("!I", 1_000_000) + b"x" * 100, every=1)
+    assert transport.disconnected
+    assert 30 <= api.reactor.seconds() <= 32
+
+
+def test_tls_frame_at_the_minimum_rate_is_not_cut():
+    """A frame arriving at the minimum rate (its size over the rate, plus the grace) completes."""
+    api = _API()
+    frames = []
+    receiver, transport = _connect(PackageFrameFactory(api))
+    receiver.stringReceived = lambda frame: (frames.append(frame), receiver.deadline.stop())
+    payload = b"y" * 500_000  # 10 s at 50 kB/s
+    data = struct.pack("!I", len(payload)) + payload
+    for i in range(0, len(data), 50_000):
+        receiver.dataReceived(data[i:i + 50_000])
+        api.reactor.advance(3)  # 30 s in all: slower than the rate, within the grace
+    assert frames == [payload]
+    assert not transport.disconnected
+
+
+class _Silent(Protocol):
+    pass
+
+
+def test_a_peer_past_its_cap_is_closed_at_once():
+    """The 33rd connection from one address is refused (Twisted closes it); another address still connects,
+    and once one of the 32 closes the peer may connect again."""
+    factory = PeerCappedFactory(Factory.forProtocol(_Silent), max_per_peer=32, label="http")
+    protocols = [_connect(factory)[0] for _ in range(32)]
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40001)) is None
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 40001)) is not None
+    protocols[0].connectionLost(None)
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40002)) is not None
