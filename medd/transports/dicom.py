@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from twisted.application.service import Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.threads import blockingCallFromThread
@@ -114,11 +114,82 @@ class _PromptDUL(DULServiceProvider):
             self._wake_w.close()
 
 
+DEFAULT_TIMEOUT = 60.0
+# pynetdicom's default: the largest P-DATA-TF PDU the node advertises and accepts.
+MAX_PDU_SIZE = 16382
+# The A-ASSOCIATE-RQ of a modality proposing every storage SOP class is tens of
+# kilobytes; P-DATA-TF PDUs are capped at the maximum length the node advertised.
+MAX_NEGOTIATION_PDU = 1024 * 1024
+P_DATA_TF = 0x04
+
+
+class _DeadlineSocket(AssociationSocket):
+    """An association socket on which each PDU must arrive within a deadline, and no longer than advertised.
+
+    pynetdicom reads a PDU with blocking ``recv(6)`` then ``recv(length)`` on a
+    socket without a timeout: a peer that sends 3 bytes holds the association
+    thread for ever (its ARTIM and idle timers run on that thread), and a
+    header claiming 2^31 bytes is read into memory as the bytes come. Here a
+    PDU is due ``[dicom] timeout`` after its header is awaited, plus its length
+    at ``min_rate``; a longer one than the node accepts ends the connection.
+    """
+
+    timeout: float = DEFAULT_TIMEOUT
+    min_rate: int = 50_000
+    max_pdu_length: int = 16382
+    _due = 0.0
+    _pdu_type = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes == 6:  # the header of the next PDU (dul.DULServiceProvider._read_pdu_data)
+            self._due = time.monotonic() + self.timeout
+        else:
+            limit = self.max_pdu_length if self._pdu_type == P_DATA_TF else MAX_NEGOTIATION_PDU
+            if nr_bytes > limit:
+                # pynetdicom turns this into Evt17 (connection closed) and ends the association.
+                raise OSError(f"a PDU of type 0x{self._pdu_type:02X} claims {nr_bytes} bytes, over the {limit} accepted")
+            self._due += nr_bytes / self.min_rate
+        data = bytearray()
+        while len(data) < nr_bytes:
+            left = self._due - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"PDU not received within its deadline ({len(data)} of {nr_bytes} bytes)")
+            self.socket.settimeout(left)
+            chunk = self.socket.recv(min(65536, nr_bytes - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        self.socket.settimeout(None)
+        if nr_bytes == 6 and data:
+            self._pdu_type = data[0]
+        return data
+
+
 class _PromptRequestHandler(RequestHandler):
-    """Gives each accepted association a :class:`_PromptDUL`."""
+    """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`,
+    and closes a connection past ``[limits] max_connections_per_peer``."""
+
+    log = Logger()
+
+    def handle(self) -> None:
+        host = self.client_address[0]
+        mine = sum(1 for a in self.server.active_associations if a.requestor.address == host)
+        if mine >= self.server.max_per_peer:
+            self.log.warn("dicom connection from {peer} closed: it already has {count} open (the most per peer)",
+                          peer=host, count=mine)
+            self.request.close()
+            return
+        super().handle()
 
     def _create_association(self):
         assoc = super()._create_association()
+        sock = assoc.dul.socket
+        # The socket pynetdicom made has already queued its connection event;
+        # it is given the deadline's recv rather than rebuilt.
+        sock.__class__ = _DeadlineSocket
+        sock.timeout = self.server.pdu_timeout
+        sock.max_pdu_length = self.ae.maximum_pdu_size
+        sock.min_rate = self.server.min_rate
         polling = assoc.dul
         prompt = _PromptDUL(assoc)
         # The association's timeouts live in these timers; its socket is set
@@ -175,6 +246,7 @@ class DicomListener(Service):
         self.api = api
         # [dicom] ae_title, validated with the rest of the config at start.
         self.ae_title = api.settings.get("ae_title") or DEFAULT_AE_TITLE
+        self.timeout = float(api.settings.get("timeout") or DEFAULT_TIMEOUT)
         self.server = None
         self.address = endpoint_address(reactor, description)
 
@@ -226,7 +298,11 @@ class DicomListener(Service):
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 32
+        # The per-peer cap (below) keeps one peer from taking them all; the
+        # [dicom] timeout drops a half-open association and a stalled PDU.
+        ae.maximum_associations = 256
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.maximum_pdu_size = MAX_PDU_SIZE
         # Only associations called to [dicom] ae_title; others are rejected-permanent by the service user,
         # reason 7 "called AE title not recognised" (PS3.8 9.3.4).
         ae.require_called_aet = True
@@ -241,6 +317,9 @@ class DicomListener(Service):
             )
         except OSError as e:
             raise CannotListen.from_error("dicom", self.description, e) from e
+        self.server.pdu_timeout = self.timeout
+        self.server.max_per_peer = self.api.limits.max_connections_per_peer
+        self.server.min_rate = self.api.limits.min_transfer_rate
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)
 
@@ -292,6 +371,13 @@ def check_dicom_section(section) -> None:
     ae = section.get("ae_title")
     if ae is not None and not (len(ae) <= 16 and ae.isascii() and "\\" not in ae):
         section.problem("ae_title", "must be 1 to 16 ASCII characters without backslash")
+    timeout = section.get("timeout")
+    if timeout is not None:
+        try:
+            if not 0 < float(timeout) <= 3600:
+                raise ValueError(timeout)
+        except ValueError:
+            section.problem("timeout", f"not a number of seconds between 0 and 3600: {timeout!r}")
 
 
 def check_dicom_endpoint(section) -> None:
@@ -308,6 +394,7 @@ def check_dicom_endpoint(section) -> None:
 @hookimpl
 def medd_register_config(register) -> None:
     # [dicom] ae_title: the called AE title the listener answers to.
-    register("dicom", ["ae_title"], check_dicom_section)
+    # [dicom] timeout: seconds for association negotiation, a DIMSE message, an idle association and one PDU.
+    register("dicom", ["ae_title", "timeout"], check_dicom_section)
     # pynetdicom binds its own socket: only tcp:/tcp6: endpoints will do.
     register("listen", ["dicom"], check_dicom_endpoint)
