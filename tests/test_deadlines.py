@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest_twisted
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -103,3 +105,52 @@ def test_a_peer_past_its_cap_is_closed_at_once():
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 40001)) is not None
     protocols[0].connectionLost(None)
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40002)) is not None
+
+
+def _stall(port: int, host: str = "127.0.0.1", source: str = "127.0.0.2"):
+    """A connection that sends 3 bytes of a PDU header and then nothing (from another loopback address)."""
+    import socket
+
+    s = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    s.sendall(b"\x01\x00\x00")
+    return s
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """True if the peer closes ``sock`` within ``seconds`` (waiting on the socket, not sleeping)."""
+    import select
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], deadline - time.monotonic())
+        if ready:
+            try:
+                if sock.recv(4096) == b"":
+                    return True
+            except OSError:
+                return True
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_dicom_connections_neither_block_a_modality_nor_stay_open(make_central):
+    """32 connections that each send 3 bytes of a PDU header and wait do not stop a modality from
+    storing, and with [dicom] timeout = 1 the node drops every one of them."""
+    from twisted.internet.threads import deferToThread
+
+    from tests.conftest import listener_port
+    from tests.test_dicom_receiver import _send
+
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0"}, extra="[dicom]\nae_title = MEDD\ntimeout = 1\n")
+    port = listener_port(node, "dicom")
+    stalled = [_stall(port) for _ in range(32)]
+    try:
+        from pydicom.data import get_testdata_file
+
+        assert await deferToThread(_send, port, [get_testdata_file("CT_small.dcm")]) == [0]
+        closed = await deferToThread(lambda: [_closed_within(s, 15) for s in stalled])
+        assert all(closed), f"{closed.count(False)} stalled connections still open"
+    finally:
+        for s in stalled:
+            s.close()
