@@ -96,7 +96,8 @@ async def test_cstore_same_ae_other_content_is_a_conflict_same_content_idempoten
 @pytest_twisted.ensureDeferred
 async def test_http_package_uid_squatted_is_409(make_central):
     """Over POST /packages, an object whose UID another origin holds is 409 problem JSON of kind
-    conflict; resending the holder's own package stays 200 created:false."""
+    conflict; resending the holder's own package stays 200 created:false. The administrator sees
+    the conflict at GET /api/conflicts; nobody else does."""
     node = await make_central({"http": "tcp:0:interface=127.0.0.1"})
     url = f"http://127.0.0.1:{listener_port(node, 'http')}/packages"
     headers = {"Content-Type": "message/rfc822"}
@@ -113,6 +114,14 @@ async def test_http_package_uid_squatted_is_409(make_central):
     assert uid in refused.json()["detail"]
     assert [(c.origin, c.held_by) for c in await node.index.conflicts()] == [
         ("ct1@centre-a.example", "attacker@evil.example")]
+    api = f"http://127.0.0.1:{listener_port(node, 'http')}/api/conflicts"
+    assert (await deferToThread(requests.get, api, timeout=30)).status_code == 401
+    token = await node.central_storage.directory.add_admin("alice")
+    listed = await deferToThread(requests.get, api, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert listed.status_code == 200
+    [entry] = listed.json()
+    assert (entry["identifier"], entry["sop_instance_uid"], entry["origin"], entry["held_by"]) == (
+        "uid", uid, "ct1@centre-a.example", "attacker@evil.example")
 
 
 @pytest_twisted.ensureDeferred
