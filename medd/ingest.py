@@ -34,9 +34,11 @@ log = Logger()
 class Refused(Exception):
     """The data is refused; resending it unchanged will not help.
 
-    ``kind`` is ``"invalid"``, ``"too-large"`` or ``"unauthenticated"``;
-    transports map it to their own status (DICOM failure status, SMTP 5xx,
-    HTTP 4xx, TLS refusal).
+    ``kind`` is ``"invalid"``, ``"too-large"``, ``"unauthenticated"`` or
+    ``"conflict"`` (the UID or Message-ID is already held for another origin,
+    or with other content; recorded in the index's conflicts); transports map
+    it to their own status (DICOM failure status, SMTP 5xx, HTTP 4xx, TLS
+    refusal).
     """
 
     def __init__(self, reason: str, kind: str = "invalid"):
@@ -285,16 +287,25 @@ class Ingest:
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e
+        if not outcome.created and blob.created:
+            # This call wrote bytes nothing may keep: a refused conflict, or a
+            # duplicate package whose content differs. Remove them now unless a
+            # row references them (the sweep catches what a crash leaves).
+            await self._discard(blob.digest)
         if outcome.conflict:
-            log.warn(
-                "{uid} is already stored with other content; the first version is kept",
-                uid=record.sop_instance_uid,
-            )
-            if blob.created:
-                await self._off_reactor(self.blobs.delete, blob.digest)
-        elif outcome.created:
+            log.warn("{uid} from {origin} refused as a conflict: {reason}", uid=record.sop_instance_uid,
+                     origin=record.origin, reason=outcome.conflict)
+            raise Refused(outcome.conflict, "conflict")
+        if outcome.created:
             await self._notify(outcome.record)
         return outcome
+
+    async def _discard(self, digest: str) -> None:
+        try:
+            if digest in await self.index.unreferenced([digest]):
+                await self._off_reactor(self.blobs.delete, digest)
+        except Exception:
+            log.failure("discarding the unreferenced blob {digest} failed", digest=digest)
 
     async def _notify(self, record: ObjectRecord) -> None:
         for result in self.plugins.manager.hook.medd_object_stored(stored=record):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from medd.blobsweep import BlobSweep
 from medd.central.access import CentralAccess
 from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
@@ -59,6 +60,9 @@ class NodeService(MultiService):
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None,
         )
+        self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
+        self.blob_sweep.setName("blob-sweep")
+        self.blob_sweep.setServiceParent(self)
         self.web = WebMounts()
         if config.role == "viewer":
             from medd.viewer.access import ViewerAccess

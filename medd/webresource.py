@@ -56,6 +56,8 @@ def problem_from_ingest(error: Exception) -> Problem:
             return Problem(413, error.reason, kind="too-large", title="Object too large")
         if error.kind == "unauthenticated":
             return Problem(403, error.reason, kind="unauthenticated", title="Sender not authenticated")
+        if error.kind == "conflict":
+            return Problem(409, error.reason, kind="conflict", title="Identifier already held")
         return Problem(400, error.reason, kind="invalid", title="Invalid object")
     if isinstance(error, StoreFailed):
         return Problem(503, str(error), kind="store-failed", title="Not stored, try again later",

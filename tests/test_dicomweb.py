@@ -325,15 +325,25 @@ def _independently_valid(path) -> dict | None:
 @pytest_twisted.ensureDeferred
 async def test_pydicom_corpus_via_stow(make_central):
     """Every file in pydicom's bundled test data goes through STOW-RS: each valid storage object is
-    found by QIDO-RS with its true Study, Series and SOP Instance UIDs, and every other file is refused."""
+    found by QIDO-RS with its true Study, Series and SOP Instance UIDs, and every other file is refused.
+    The corpus encodes some images several ways under one SOP Instance UID: after the first, each is
+    a conflict (409, failure reason 0xA900), as any other content under a UID already held is."""
     node = await make_central(LISTEN)
     client = await _client(node)
     valid, invalid, wrong = [], [], []
+    held: dict[str, bytes] = {}
     for path in all_testdata_files():
         expected = _independently_valid(path)
-        response = await _stow(node, [("application/dicom", path.read_bytes())])
+        data = path.read_bytes()
+        response = await _stow(node, [("application/dicom", data)])
         if expected is not None:
             valid.append(path.name)
+            first = held.setdefault(expected["SOPInstanceUID"], data)
+            if first != data:
+                answer = pydicom.Dataset.from_json(response.json())
+                if response.status_code != 409 or answer.FailedSOPSequence[0].FailureReason != 0xA900:
+                    wrong.append((path.name, "not a conflict", response.status_code, response.text[:300]))
+                continue
             if response.status_code != 200:
                 wrong.append((path.name, "refused", response.status_code, response.text[:300]))
                 continue

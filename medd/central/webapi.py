@@ -163,7 +163,8 @@ class OutboxAck(OutboxItem):
 
 
 class ApiResource(_Authenticated):
-    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes."""
+    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes,
+    /api/conflicts."""
 
     def __init__(self, central: CentralWeb):
         super().__init__(central)
@@ -172,6 +173,7 @@ class ApiResource(_Authenticated):
         self.putChild(b"viewers", ViewersResource(central))
         self.putChild(b"centres", CentresResource(central))
         self.putChild(b"routes", RoutesResource(central))
+        self.putChild(b"conflicts", ConflictsResource(central))
 
 
 class ObjectsResource(_Authenticated):
@@ -195,6 +197,25 @@ class ObjectResource(_Authenticated):
         if history is None:
             raise Problem(404, f"no object {self.uid}")
         return json_response(200, history_json(history))
+
+
+class ConflictsResource(_Authenticated):
+    """The objects refused because their UID or Message-ID was already held, newest first
+    (``?limit=``, at most 1000)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return render_async(request, self._list)
+
+    async def _list(self, request) -> Response:
+        await self.admin(request)
+        raw = request.args.get(b"limit", [b"100"])[0]
+        if not raw.isdigit() or not 0 < int(raw) <= 1000:
+            raise Problem(400, "limit is a whole number from 1 to 1000", kind="invalid")
+        found = await self.central.ingest.index.conflicts(int(raw))
+        return json_response(200, [
+            {**dataclasses.asdict(c), "refused_at": c.refused_at.isoformat()} for c in found])
 
 
 class QuarantineResource(_Authenticated):

@@ -82,6 +82,19 @@ class IBlobStore(Interface):
         """Remove ``digest`` if present. Blocking."""
 
 
+class ISweepableBlobStore(IBlobStore):
+    """A blob store that can list its old blobs, so that the node's sweep
+    (:mod:`medd.blobsweep`) can remove those no row references. Optional: a
+    store without it is never swept."""
+
+    def stale(before, prefix):
+        """The digests beginning with ``prefix`` (two hex digits) of blobs last written or
+        re-put before ``before`` (seconds since the epoch). Blocking."""
+
+    def delete_stale(digest, before):
+        """Remove ``digest`` only if it is still older than ``before``; True if removed. Blocking."""
+
+
 class IArchive(Interface):
     """Lifetime storage: append-only volumes of objects, written sequentially.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from zope.interface import implementer
 
 from medd.plugins.hookspecs import hookimpl
-from medd.plugins.interfaces import IBlobStore
+from medd.plugins.interfaces import ISweepableBlobStore
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-@implementer(IBlobStore)
+@implementer(ISweepableBlobStore)
 class FileBlobStore:
     """Blobs under ``<root>/blobs/ab/cd/<sha256>``; temporary files under ``<root>/tmp``."""
 
@@ -74,7 +74,11 @@ class FileBlobStore:
             existing = os.stat(final).st_size == len(data)
         except FileNotFoundError:
             existing = False
-        if not existing:
+        if existing:
+            # A re-put makes the blob young again: the sweep, which removes only
+            # old blobs, then cannot take it before the caller indexes it.
+            os.utime(final)
+        else:
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -120,6 +124,37 @@ class FileBlobStore:
 
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+
+    def stale(self, before: float, prefix: str) -> list[str]:
+        top = os.path.join(self._blobs, prefix)
+        found = []
+        try:
+            middles = os.listdir(top)
+        except FileNotFoundError:
+            return found
+        for middle in middles:
+            try:
+                entries = os.scandir(os.path.join(top, middle))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file() and entry.stat().st_mtime < before:
+                            found.append(entry.name)
+                    except FileNotFoundError:
+                        continue
+        return found
+
+    def delete_stale(self, digest: str, before: float) -> bool:
+        path = self.path(digest)
+        try:
+            if path.stat().st_mtime >= before:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
 
 @hookimpl

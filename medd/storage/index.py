@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from medd.objects import KeyInformation
 from medd.storage.connector import Connector
-from medd.storage.schema import objects, receipts, status_events
+from medd.storage.schema import all_tables, conflicts, objects, receipts, status_events
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,44 @@ class StatusEvent:
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    """What storing did: ``created`` False means the object was already indexed."""
+    """What storing did: ``created`` False means the object was already indexed.
+
+    With ``conflict`` set (a reason) nothing was stored: the UID or the
+    Message-ID is already held for another origin, or with other content, and
+    ``record`` is what holds it (the refused object's own record for a
+    Message-ID without an object).
+    """
 
     record: ObjectRecord
     created: bool
     duplicate_package: bool = False
-    conflict: bool = False  # same UID already indexed with different content
+    conflict: str | None = None
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An object refused because its identifier was already held (the ``conflicts`` table)."""
+
+    identifier: str  # "uid" or "message-id"
+    sop_instance_uid: str
+    message_id: str | None
+    origin: str
+    transport: str
+    peer: str | None
+    digest: str
+    held_by: str
+    reason: str
+    refused_at: datetime
+
+    @classmethod
+    def from_row(cls, row) -> "Conflict":
+        m = row._mapping
+        return cls(**{f.name: m[f.name] for f in fields(cls)})
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Origins compare as senders do: an AE title or an address, whitespace and case aside."""
+    return a.strip().casefold() == b.strip().casefold()
 
 
 def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
@@ -112,32 +144,85 @@ def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
     return ObjectRecord.from_row(row) if row else None
 
 
+def _refuse(conn: Connection, record: ObjectRecord, receipt: Receipt | None, identifier: str, held_by: str,
+            reason: str, holder: ObjectRecord | None) -> StoreOutcome:
+    conn.execute(conflicts.insert().values(
+        identifier=identifier, sop_instance_uid=record.sop_instance_uid,
+        message_id=receipt.message_id if receipt is not None else None, origin=record.origin,
+        transport=record.transport, peer=record.peer, digest=record.digest, held_by=held_by, reason=reason,
+        refused_at=record.received_at,
+    ))
+    return StoreOutcome(holder or record, created=False, conflict=reason)
+
+
 def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None = None,
                  with_new: Callable[[Connection, ObjectRecord], None] | None = None) -> StoreOutcome:
     """Index ``record`` (and the package ``receipt``) unless already indexed.
 
-    Idempotent: the same package (by Message-ID) or the same object (by UID)
-    stored again changes nothing. An object whose UID is already indexed with
-    other content keeps the first version (``conflict``). ``with_new(conn,
-    record)`` writes what a role keeps beside a new object in the same
-    transaction (the gateway's forwarding queue); it must be idempotent, as
-    every call here may be re-run after a rollback.
+    Idempotent: the same package (same Message-ID, origin and attachment) or
+    the same object (same UID, origin and content) stored again changes
+    nothing. Anything else that reuses an identifier already held is a
+    ``conflict``, recorded in ``conflicts`` and not stored: the first holder
+    keeps it, and the later sender is told, so that neither an object nor a
+    Message-ID can be squatted silently. ``with_new(conn, record)`` writes what
+    a role keeps beside a new object in the same transaction (the gateway's
+    forwarding queue); it must be idempotent, as every call here may be re-run
+    after a rollback.
     """
     if receipt is not None:
-        if conn.execute(select(receipts.c.id).where(receipts.c.message_id == receipt.message_id)).first():
+        held = conn.execute(
+            select(receipts.c.origin, receipts.c.attachment).where(receipts.c.message_id == receipt.message_id)
+        ).first()
+        if held is not None:
             existing = object_by_uid(conn, record.sop_instance_uid)
-            return StoreOutcome(existing or record, created=False, duplicate_package=True)
+            if same_origin(held.origin, receipt.origin) and held.attachment == receipt.attachment:
+                return StoreOutcome(existing or record, created=False, duplicate_package=True)
+            whose = "another origin" if not same_origin(held.origin, receipt.origin) else "another attachment"
+            return _refuse(conn, record, receipt, "message-id", held.origin,
+                           f"Message-ID already used by {whose}: {receipt.message_id}", None)
     existing = object_by_uid(conn, record.sop_instance_uid)
+    if existing is not None:
+        if not same_origin(existing.origin, record.origin):
+            return _refuse(conn, record, receipt, "uid", existing.origin,
+                           f"UID already held for another origin: {record.sop_instance_uid}", existing)
+        if existing.digest != record.digest:
+            return _refuse(conn, record, receipt, "uid", existing.origin,
+                           f"UID already stored with other content: {record.sop_instance_uid}", existing)
     if receipt is not None:
         conn.execute(receipts.insert().values(**receipt.__dict__, received_at=record.received_at))
     if existing is not None:
-        return StoreOutcome(existing, created=False, conflict=existing.digest != record.digest)
+        return StoreOutcome(existing, created=False)
     # Values as execute parameters, not .values(): the statement then compiles
     # once for the process instead of being rebuilt and re-keyed per object.
     conn.execute(objects.insert(), record.__dict__)
     if with_new is not None:
         with_new(conn, record)
     return StoreOutcome(record, created=True)
+
+
+def list_conflicts(conn: Connection, limit: int = 100, offset: int = 0) -> list[Conflict]:
+    """The recorded conflicts, newest first."""
+    q = select(conflicts).order_by(conflicts.c.id.desc()).limit(limit).offset(offset)
+    return [Conflict.from_row(r) for r in conn.execute(q)]
+
+
+def unreferenced(conn: Connection, digests: list[str]) -> set[str]:
+    """Those of ``digests`` that no table of this database references (a ``digest`` column of any
+    table: objects, the archive catalogue, the viewer's outgoing packages, the gateway's queues).
+    The conflicts table only records what was refused, so it holds no blob."""
+    left = set(digests)
+    for table in all_tables().sorted_tables:
+        if not left or "digest" not in table.c or table is conflicts:
+            continue
+        column = table.c.digest
+        for chunk in _chunks(sorted(left), 500):
+            left -= {d for (d,) in conn.execute(select(column).where(column.in_(chunk)).distinct())}
+    return left
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def store_status(conn: Connection, status: StatusEvent, at: datetime) -> bool:
@@ -312,6 +397,14 @@ class ObjectIndex(Connector):
                      with_new: Callable[[Connection, ObjectRecord], None] | None = None):
         """Deferred :class:`StoreOutcome`; see :func:`store_object`."""
         return self.db.run(lambda conn: store_object(conn, record, receipt, with_new))
+
+    def conflicts(self, limit: int = 100, offset: int = 0):
+        """Deferred list of :class:`Conflict`, newest first: what was refused as already held."""
+        return self.db.run(lambda conn: list_conflicts(conn, limit, offset))
+
+    def unreferenced(self, digests: list[str]):
+        """Deferred set: those of ``digests`` no row references (the blob sweep's question)."""
+        return self.db.run(lambda conn: unreferenced(conn, digests))
 
     def store_status(self, status: StatusEvent):
         """Deferred bool: whether the status message was new."""

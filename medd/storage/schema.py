@@ -93,6 +93,29 @@ status_events = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 
+# Objects refused because their identifier was already held: a SOP Instance UID
+# held for another origin or with other content, or a Message-ID another origin
+# (or another attachment) already used. For the administrator: a squatter, or a
+# centre that reuses UIDs.
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # "uid" or "message-id": which identifier was already held.
+    Column("identifier", String(16), nullable=False),
+    Column("sop_instance_uid", UID, nullable=False, index=True),
+    Column("message_id", String(255)),
+    # Who tried, and over what.
+    Column("origin", String(255), nullable=False),
+    Column("transport", String(16), nullable=False),
+    Column("peer", String(255)),
+    Column("digest", String(64), nullable=False),
+    # Who holds the identifier.
+    Column("held_by", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("refused_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 # --- the archive catalogue: where each object's lifetime copy is --------------------------
 
 archive_volumes = Table(

@@ -53,6 +53,9 @@ TRANSFER_SYNTAXES = [
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+# "Data Set does not match SOP Class": the nearest failure PS3.4 B.2.3 has for
+# a SOP Instance UID already held for another origin or with other content.
+STATUS_CONFLICT = 0xA900
 
 
 class _PromptDUL(DULServiceProvider):
@@ -259,7 +262,8 @@ class DicomListener(Service):
                                    peer=event.assoc.requestor.address)
         except Refused as e:
             self.log.warn("C-STORE from {ae} refused: {reason}", ae=calling, reason=e.reason)
-            status = STATUS_OUT_OF_RESOURCES if e.kind == "too-large" else STATUS_CANNOT_UNDERSTAND
+            status = {"too-large": STATUS_OUT_OF_RESOURCES, "conflict": STATUS_CONFLICT}.get(
+                e.kind, STATUS_CANNOT_UNDERSTAND)
             return _failure(status, e.reason)
         except StoreFailed as e:
             self.log.error("C-STORE from {ae} not stored: {reason}", ae=calling, reason=str(e))

@@ -45,6 +45,7 @@ DICOM = "application/dicom"
 # STOW-RS failure reasons (PS3.18 table 10.5.3-2, from the C-STORE statuses).
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_CONFLICT = 0xA900  # as C-STORE answers an instance UID already held (medd/transports/dicom.py)
 
 # QIDO-RS: results per request unless the client asks for fewer (or more, up to MAX_LIMIT).
 DEFAULT_LIMIT = 1000
@@ -546,7 +547,8 @@ class DicomWebResource(ProblemResource):
                 try:
                     result = await self.api.receive_dicom(part.data, origin=peer)
                 except Refused as e:
-                    code = FAILURE_OUT_OF_RESOURCES if e.kind == "too-large" else FAILURE_CANNOT_UNDERSTAND
+                    code = {"too-large": FAILURE_OUT_OF_RESOURCES, "conflict": FAILURE_CONFLICT}.get(
+                        e.kind, FAILURE_CANNOT_UNDERSTAND)
                     failure = (code, e.reason)
                 except StoreFailed as e:
                     transient += 1

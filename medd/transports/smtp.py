@@ -93,7 +93,8 @@ class PackageMessage:
         try:
             return await self.api.receive_package(data, transport="smtp", peer=self.peer)
         except Refused as e:
-            code, status = (552, "5.3.4") if e.kind == "too-large" else (554, "5.6.0")
+            # A conflict is permanent too: resending the same Message-ID or UID will not help.
+            code, status = {"too-large": (552, "5.3.4"), "conflict": (554, "5.7.0")}.get(e.kind, (554, "5.6.0"))
             log.warn(
                 "SMTP package from {peer} refused ({code}): {reason}",
                 peer=self.peer, code=code, reason=e.reason, kind=e.kind,

@@ -14,8 +14,10 @@ arrived; a reply payload is a UTF-8 JSON object:
 - ``{"status": "ok", "message_id": ..., "uid": ..., "object_type": ..., "created": true|false}``
   — sent only once the object is fsync'd and indexed (``created`` is false when
   it was already stored: resending is safe).
-- ``{"status": "refused", "kind": "invalid"|"too-large", "reason": ...}`` — the
-  package is bad; resending it unchanged will not help. The connection stays
+- ``{"status": "refused", "kind": "invalid"|"too-large"|"unauthenticated"|"conflict",
+  "reason": ...}`` — the package is bad (``conflict``: its Message-ID or UID is
+  already held for another origin, or with other content); resending it
+  unchanged will not help. The connection stays
   usable, except after a frame longer than the node's ``max_object_size``:
   that one is refused as ``too-large`` without being read, and the server then
   closes the connection.
