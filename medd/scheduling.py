@@ -87,6 +87,15 @@ class CoalescingPass(Generic[T]):
         self.unschedule()
         self._scheduled = self.clock.callLater(delay, self.kick)
 
+    def not_yet(self, due) -> bool:
+        """True if ``due`` (an aware datetime, e.g. a queue head's next attempt) is still ahead on
+        the clock; the next pass is then scheduled for it. What a drain loop over a queue asks of its head."""
+        wait = due.timestamp() - self.clock.seconds()
+        if wait <= 0:
+            return False
+        self.schedule(wait)
+        return True
+
     def unschedule(self) -> None:
         """Drop the scheduled kick, if any (a stopping service; a kick that came first)."""
         if self._scheduled is not None and self._scheduled.active():

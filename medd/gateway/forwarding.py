@@ -12,6 +12,8 @@ attempts, so central stores it once.
 """
 from __future__ import annotations
 
+from itertools import takewhile
+
 import email.utils
 from typing import Callable
 from urllib.parse import urlsplit
@@ -132,17 +134,10 @@ class ForwardingService(Service):
             batch = await self.forwarding.waiting_batch(self.batch_size)
             if not batch:
                 break
+            if self._pass.not_yet(batch[0].next_attempt_at):
+                break  # everything behind the head waits with it: arrival order holds, per study too
             now = self.clock.seconds()
-            wait = batch[0].next_attempt_at.timestamp() - now
-            if wait > 0:
-                # Everything behind the head waits with it: arrival order holds, per study too.
-                self._pass.schedule(wait)
-                break
-            due = []
-            for item in batch:
-                if item.next_attempt_at.timestamp() > now:
-                    break
-                due.append(item)
+            due = list(takewhile(lambda item: item.next_attempt_at.timestamp() <= now, batch))
             # A failed attempt leaves the first unsent item due later (the next loop schedules the retry).
             sent += await self._send(due)
         return sent

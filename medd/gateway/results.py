@@ -130,9 +130,7 @@ class ResultsToPacs(Service):
             head = await self.forwarding.results_head()
             if head is None:
                 break
-            wait = head.next_attempt_at.timestamp() - self.clock.seconds()
-            if wait > 0:
-                self._pass.schedule(wait)
+            if self._pass.not_yet(head.next_attempt_at):
                 break
             stored += await self._store(head)
         return stored

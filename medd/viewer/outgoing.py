@@ -69,11 +69,8 @@ class OutgoingService(Service):
             head = await self.packages.head_of_line()
             if head is None:
                 break
-            wait = head.next_attempt_at.timestamp() - self.clock.seconds()
-            if wait > 0:
-                # Anything queued meanwhile is behind the head; it waits with it.
-                self._pass.schedule(wait)
-                break
+            if self._pass.not_yet(head.next_attempt_at):
+                break  # anything queued meanwhile is behind the head; it waits with it
             sent += await self._send(head)
         return sent
 
