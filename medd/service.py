@@ -53,8 +53,8 @@ class NodeService(MultiService):
             self.forwarding = Forwarding(self.database, self.clock)
             self.spool = Spool(settings.gateway.max_spool)
             record_status, admit = self.forwarding.record_receipt, self.spool.admit
-            # The object and its place in the queue for central in one commit.
-            index_with = queue_new_object(message_ids(settings.gateway))
+            # The object and its place in the queue (for central, or a result for the PACS) in one commit.
+            index_with = queue_new_object(message_ids(settings.gateway), results=settings.gateway.results_to is not None)
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status, admit=admit, index_with=index_with,

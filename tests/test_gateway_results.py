@@ -228,3 +228,23 @@ def test_results_to_parsed():
     """AE@host:port, an IPv6 host in brackets; the gateway's own AE title calls."""
     d = parse_pacs_destination("PACS@[::1]:11112", "GATEWAY")
     assert (d.ae_title, d.host, d.port, d.calling_ae, str(d)) == ("PACS", "::1", 11112, "GATEWAY", "PACS@::1:11112")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_is_queued_for_the_pacs_with_its_index_row(make_central, pki, pacs):  # noqa: F811
+    """The overlay's place in the PACS queue is written in the transaction that indexes it, before the
+    gateway acknowledges the package to central: no notification needs to run after the commit."""
+    from tests.test_gateway import _without_gateway_hooks
+
+    p = pacs()
+    _, gateway, _ = await start_pair(make_central, pki, gateway_more=f"results_to = PACS@127.0.0.1:{p.port}\n")
+    uid, package = results_packages(gateway)["overlay"]
+    restore = _without_gateway_hooks(gateway)
+    try:
+        assert (await pulled(gateway, package)).created
+    finally:
+        restore()
+    item = await gateway.forwarding.result_of(uid)
+    assert item is not None and item.state == WAITING
+    await gateway.gateway.results.kick()
+    assert [u for _, u, _ in p.stored] == [uid]

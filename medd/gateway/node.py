@@ -33,15 +33,12 @@ class GatewayHooks:
         return None
 
     @hookimpl
-    def medd_object_stored(self, stored):
-        return self._stored(stored)
-
-    async def _stored(self, stored) -> None:
-        # What the centre sent goes to central (queued with its index row); what central
-        # sent back goes to the PACS.
+    def medd_object_stored(self, stored) -> None:
+        # Both queue rows were written with the index row; these only count and kick: what the
+        # centre sent goes to central, what central sent back goes to the PACS.
         self.forwarder.object_stored(stored)
         if self.results is not None:
-            await self.results.object_stored(stored)
+            self.results.object_stored(stored)
 
 
 class GatewayServices(MultiService):

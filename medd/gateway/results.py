@@ -18,12 +18,12 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from medd.scheduling import CoalescingPass
-from medd.storage.forwarding import LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, Forwarding, ResultItem
+from medd.storage.forwarding import (
+    LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, RESULT_TYPES, Forwarding, ResultItem, result_skip_reason,
+)
 from medd.storage.index import ObjectRecord
 
 #: Object types that go to the PACS when central sends them back.
-RESULT_TYPES = ("overlay", "report")
-DICOM = "application/dicom"
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,15 @@ class ResultsToPacs(Service):
 
         return d.addBoth(stop_pool)
 
-    async def object_stored(self, record: ObjectRecord) -> None:
-        """Queue an overlay or report that came back from central."""
+    def object_stored(self, record: ObjectRecord) -> None:
+        """An overlay or report that came back from central was queued with its index row
+        (:func:`~medd.storage.forwarding.queue_new_object`): send it now."""
         if record.transport not in NOT_FORWARDED_TRANSPORTS or record.object_type not in RESULT_TYPES:
             return
-        if record.media_type != DICOM:
-            reason = f"a {record.media_type} {record.object_type} cannot be sent by C-STORE"
-            if await self.forwarding.queue_result(record, skipped=reason):
-                self.log.info("{uid} not sent to the PACS: {reason}", uid=record.sop_instance_uid, reason=reason)
-            return
-        if await self.forwarding.queue_result(record):
+        reason = result_skip_reason(record)
+        if reason:
+            self.log.info("{uid} not sent to the PACS: {reason}", uid=record.sop_instance_uid, reason=reason)
+        else:
             self.kick()
 
     def kick(self) -> Deferred:

@@ -130,14 +130,28 @@ def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: da
     return True
 
 
-def queue_new_object(message_id: Callable[[], str]) -> Callable[[Connection, ObjectRecord], None]:
+RESULT_TYPES = ("overlay", "report")
+
+
+def result_skip_reason(record: ObjectRecord) -> str | None:
+    """Why a result cannot go to a PACS (a plain-text report has no C-STORE), or None."""
+    if record.media_type != "application/dicom":
+        return f"a {record.media_type} {record.object_type} cannot be sent by C-STORE"
+    return None
+
+
+def queue_new_object(message_id: Callable[[], str], *, results: bool = False) -> Callable[[Connection, ObjectRecord], None]:
     """What the gateway's ingest writes beside every new object in its index transaction
     (``store_object``'s ``with_new``): the object queued for central, due at its arrival,
-    unless it came back from central. One commit makes the object and its forwarding durable."""
+    unless it came back from central; with ``results`` (a ``[gateway] results_to``), an
+    overlay or report that came back queued for the PACS. One commit makes the object and
+    its queue row durable, before central's package is acknowledged."""
 
     def queue_with_index(conn: Connection, record: ObjectRecord) -> None:
         if record.transport not in NOT_FORWARDED_TRANSPORTS:
             queue_object(conn, record, message_id(), record.received_at)
+        elif results and record.object_type in RESULT_TYPES:
+            queue_result(conn, record, record.received_at, result_skip_reason(record))
 
     return queue_with_index
 
