@@ -204,6 +204,10 @@ class Router:
                 return routed
             self._floor = max(self._floor, batch.last_id)
             routed += len(batch.decisions)
+            for decision in batch.decisions:
+                for hold in decision.hold:
+                    log.warn("quarantined {uid} for {destination}: {reason}", uid=decision.uid,
+                             destination=hold.destination or "-", reason=hold.reason)
             if self.on_routed is not None:
                 self.on_routed()
 

@@ -108,9 +108,6 @@ class RoutingLookups:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def record(self, uid: str) -> ObjectRecord | None:
-        return object_by_uid(self.conn, uid)
-
     def package_destination(self, uid: str) -> str | None:
         """The To of the first package that carried ``uid``, if any."""
         row = self.conn.execute(
@@ -181,7 +178,7 @@ def undecided(conn: Connection, after_id: int = 0, limit: int = 200) -> list[tup
 
 
 def _hold(conn: Connection, uid: str, hold: Hold, at: datetime) -> None:
-    log.warn("quarantined {uid} for {destination}: {reason}", uid=uid, destination=hold.destination or "-", reason=hold.reason)
+    # Logged by the caller once committed: this transaction may be retried or rolled back.
     conn.execute(quarantine.insert().values(uid=uid, destination=hold.destination, reason=hold.reason, state="held",
                                             created_at=at))
 
