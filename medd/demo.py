@@ -127,19 +127,20 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
 
     async def seed():
         import pydicom.data
+        from twisted.internet.threads import deferToThread
 
-        files = [Path(pydicom.data.get_testdata_file(name)) for name in SAMPLES]
+        # pydicom may fetch a sample it has not cached: off the reactor, like the reads below.
+        files = await deferToThread(lambda: [Path(pydicom.data.get_testdata_file(name)) for name in SAMPLES])
         if gateway is not None:
             # The demo centre's modality C-STOREs them into its gateway, which forwards them to central.
-            from twisted.internet.threads import deferToThread
-
             port = int(gateway_config.listen["dicom"].split(":")[1])
             called = gateway_config.section("dicom").get("ae_title") or "MEDD"
             await deferToThread(_cstore, port, called, files)
         else:
             for path in files:
                 # As if the demo centre's modality had sent them over DICOM.
-                await central.ingest.receive_dicom(path.read_bytes(), transport="dicom", origin=DEMO_AE)
+                data = await central.ingest.run_blocking(path.read_bytes)
+                await central.ingest.receive_dicom(data, transport="dicom", origin=DEMO_AE)
         listen = config.listen
         print("\nmedd demo site is up (Ctrl-C stops it).", flush=True)
         print(f"  central           {config.name}; data under {config.storage_path.parent}")
