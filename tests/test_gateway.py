@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -15,7 +14,6 @@ import pytest_twisted
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 

@@ -4,7 +4,6 @@ socket); a calling AE title names a centre only from its networks; the centre's 
 receipts (status packages) and the results made on its studies, fetched with its own token."""
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
