@@ -287,11 +287,9 @@ class Ingest:
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e
-        if not outcome.created and blob.created:
-            # This call wrote bytes nothing may keep: a refused conflict, or a
-            # duplicate package whose content differs. Remove them now unless a
-            # row references them (the sweep catches what a crash leaves).
-            await self._discard(blob.digest)
+        # Bytes this call wrote that no row keeps (a refused conflict, a duplicate
+        # package with other content) are left to the blob sweep: deleting them here
+        # could take a blob that an identical put, indexing at this moment, relies on.
         if outcome.conflict:
             log.warn("{uid} from {origin} refused as a conflict: {reason}", uid=record.sop_instance_uid,
                      origin=record.origin, reason=outcome.conflict)
@@ -299,13 +297,6 @@ class Ingest:
         if outcome.created:
             await self._notify(outcome.record)
         return outcome
-
-    async def _discard(self, digest: str) -> None:
-        try:
-            if digest in await self.index.unreferenced([digest]):
-                await self._off_reactor(self.blobs.delete, digest)
-        except Exception:
-            log.failure("discarding the unreferenced blob {digest} failed", digest=digest)
 
     async def _notify(self, record: ObjectRecord) -> None:
         for result in self.plugins.manager.hook.medd_object_stored(stored=record):

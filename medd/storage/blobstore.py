@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class FileBlobStore:
         self._blobs, self._tmp = str(self.blobs), str(self.tmp)
         # Blob directories whose own entry this process has fsync'd.
         self._durable_dirs: set[str] = set()
+        # Between the sweep's "old enough" and its unlink, no put may find or place
+        # that blob (a re-put makes it young; a new one replaces it).
+        self._sweeping = threading.Lock()
         self._clean_tmp()
 
     def _clean_tmp(self) -> None:
@@ -70,22 +74,24 @@ class FileBlobStore:
         new_dirs = parent not in self._durable_dirs
         if new_dirs:
             os.makedirs(parent, exist_ok=True)
-        try:
-            existing = os.stat(final).st_size == len(data)
-        except FileNotFoundError:
-            existing = False
-        if existing:
-            # A re-put makes the blob young again: the sweep, which removes only
-            # old blobs, then cannot take it before the caller indexes it.
-            os.utime(final)
-        else:
+        with self._sweeping:
+            try:
+                existing = os.stat(final).st_size == len(data)
+            except FileNotFoundError:
+                existing = False
+            if existing:
+                # A re-put makes the blob young again: the sweep, which removes only
+                # old blobs, then cannot take it before the caller indexes it.
+                os.utime(final)
+        if not existing:
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp_name, final)
+                with self._sweeping:
+                    os.replace(tmp_name, final)
             except BaseException:
                 try:
                     os.unlink(tmp_name)
@@ -148,12 +154,13 @@ class FileBlobStore:
 
     def delete_stale(self, digest: str, before: float) -> bool:
         path = self.path(digest)
-        try:
-            if path.stat().st_mtime >= before:
+        with self._sweeping:
+            try:
+                if path.stat().st_mtime >= before:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
                 return False
-            path.unlink()
-        except FileNotFoundError:
-            return False
         return True
 
 
