@@ -113,7 +113,6 @@ class Ingest:
         self.start()
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
-    _off_reactor = run_blocking
 
     def read_blob(self, digest: str) -> Deferred:
         """The stored bytes of a blob, read on the parsing pool; an evicted blob comes back from the archive."""
@@ -179,7 +178,7 @@ class Ingest:
 
     async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None) -> Stored:
         self._check_size(data, transport)
-        content, blob = await self._off_reactor(self._parse_and_put, data)
+        content, blob = await self.run_blocking(self._parse_and_put, data)
         record = ObjectRecord.from_keyinfo(
             content.keyinfo,
             object_type=classify(content.keyinfo),
@@ -222,11 +221,11 @@ class Ingest:
         policy = self._has_sender_policy()
         # With a sender policy, the blob is written only after it passed: a
         # refused package leaves nothing behind.
-        package, blob = await self._off_reactor(self._read_package, data, not policy)
+        package, blob = await self.run_blocking(self._read_package, data, not policy)
         if policy:
             await self._check_sender(package, transport, peer, credentials)
             if package.attachment.type != "status":
-                blob = await self._off_reactor(self._put, package.content.data)
+                blob = await self.run_blocking(self._put, package.content.data)
         receipt = Receipt(
             message_id=package.message_id,
             attachment=str(package.attachment),

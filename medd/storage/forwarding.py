@@ -301,12 +301,6 @@ class Forwarding(Connector):
         """Deferred :class:`ForwardingItem` of ``uid``, or None."""
         return self.db.run(lambda conn: _one(conn, select(gateway_forwarding).where(gateway_forwarding.c.uid == uid)))
 
-    def mark_sent(self, item: ForwardingItem):
-        """Central acknowledged ``item`` as durable now."""
-        at = self.now()
-        return self.db.run(lambda conn: _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
-                                                last_attempt_at=at))
-
     def mark_sent_many(self, items: list[ForwardingItem]):
         """Central acknowledged every one of ``items`` as durable now (one transaction)."""
         at = self.now()

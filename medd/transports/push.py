@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from medd.plugins.hookspecs import hookimpl
@@ -86,7 +87,7 @@ class TlsSender:
         from medd.transports.tls import send_packages
 
         parts = urlsplit(url)
-        ca, client = _tls_credentials(settings)
+        ca, client = await _tls_credentials(reactor, settings)
         (reply,) = await send_packages(reactor, parts.hostname, parts.port, [package], ca_pem=ca, client_cert=client)
         if reply.get("status") != "ok":
             raise PushRefused(f"{reply.get('status')}: {reply.get('reason')}")
@@ -101,7 +102,7 @@ class TlsSender:
 
         parts = urlsplit(url)
         try:
-            ca, client = _tls_credentials(settings)
+            ca, client = await _tls_credentials(reactor, settings)
             return await send_packages(reactor, parts.hostname, parts.port, packages, ca_pem=ca, client_cert=client)
         except TransferIncomplete as e:
             answered, reason = list(e.replies), e.reason
@@ -110,11 +111,16 @@ class TlsSender:
         return answered + [{"status": "retry", "reason": reason}] * (len(packages) - len(answered))
 
 
-def _tls_credentials(settings) -> tuple[bytes | None, bytes | None]:
-    """(CA PEM, client certificate PEM) from the sender settings, either may be None."""
-    ca = Path(settings["tls_ca"]).read_bytes() if settings.get("tls_ca") else None
-    client = Path(settings["tls_client_cert"]).read_bytes() if settings.get("tls_client_cert") else None
-    return ca, client
+def _tls_credentials(reactor, settings):
+    """Deferred (CA PEM, client certificate PEM) from the sender settings, either may be None,
+    read off the reactor thread."""
+
+    def read() -> tuple[bytes | None, bytes | None]:
+        ca = Path(settings["tls_ca"]).read_bytes() if settings.get("tls_ca") else None
+        client = Path(settings["tls_client_cert"]).read_bytes() if settings.get("tls_client_cert") else None
+        return ca, client
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), read)
 
 
 @implementer(ISender)
@@ -133,7 +139,8 @@ class HttpSender:
         pool = HTTPConnectionPool(reactor, persistent=False)
         # [push] tls_ca (a gateway's [gateway] ca): the CA that signed the
         # receiver's HTTPS certificate, else the platform's trust store.
-        client = treq.client.HTTPClient(Agent(reactor, contextFactory=https_policy(settings.get("tls_ca")), pool=pool))
+        policy = await deferToThreadPool(reactor, reactor.getThreadPool(), https_policy, settings.get("tls_ca"))
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
         headers = {b"Content-Type": [b"message/rfc822"]}
         if settings.get("http_token"):
             headers[b"Authorization"] = [b"Bearer " + settings["http_token"].encode()]
