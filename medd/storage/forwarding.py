@@ -185,9 +185,10 @@ def spooled(conn: Connection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _one(conn: Connection, q) -> ForwardingItem | None:
+def _one(conn: Connection, q, cls=None):
+    """The first row of ``q`` as ``cls`` (a queue item dataclass; ForwardingItem by default), or None."""
     row = conn.execute(q.limit(1)).first()
-    return ForwardingItem.from_row(row) if row else None
+    return (cls or ForwardingItem).from_row(row) if row else None
 
 
 def summary(conn: Connection) -> ForwardingSummary:
@@ -245,15 +246,10 @@ def queue_result(conn: Connection, record: ObjectRecord, at: datetime, skipped: 
     return True
 
 
-def _one_result(conn: Connection, q) -> ResultItem | None:
-    row = conn.execute(q.limit(1)).first()
-    return ResultItem.from_row(row) if row else None
-
-
 def results_head(conn: Connection) -> ResultItem | None:
     """The oldest result waiting for the PACS: results go in the order they came back."""
     r = gateway_results
-    return _one_result(conn, select(r).where(r.c.state == WAITING).order_by(r.c.id))
+    return _one(conn, select(r).where(r.c.state == WAITING).order_by(r.c.id), ResultItem)
 
 
 def results_summary(conn: Connection) -> ResultsSummary:
@@ -264,9 +260,9 @@ def results_summary(conn: Connection) -> ResultsSummary:
 
     return ResultsSummary(
         waiting=count(WAITING), oldest_waiting=results_head(conn),
-        last_stored=_one_result(conn, select(r).where(r.c.state == STORED).order_by(r.c.stored_at.desc(), r.c.id.desc())),
-        last_error=_one_result(conn, select(r).where(and_(r.c.last_error.is_not(None), r.c.state != SKIPPED))
-                               .order_by(r.c.last_attempt_at.desc(), r.c.id.desc())),
+        last_stored=_one(conn, select(r).where(r.c.state == STORED).order_by(r.c.stored_at.desc(), r.c.id.desc()), ResultItem),
+        last_error=_one(conn, select(r).where(and_(r.c.last_error.is_not(None), r.c.state != SKIPPED))
+                        .order_by(r.c.last_attempt_at.desc(), r.c.id.desc()), ResultItem),
         refused=count(REFUSED, LOST), skipped=count(SKIPPED),
     )
 
@@ -361,7 +357,7 @@ class Forwarding(Connector):
 
     def result_of(self, uid: str):
         """Deferred :class:`ResultItem` of ``uid``, or None."""
-        return self.db.run(lambda conn: _one_result(conn, select(gateway_results).where(gateway_results.c.uid == uid)))
+        return self.db.run(lambda conn: _one(conn, select(gateway_results).where(gateway_results.c.uid == uid), ResultItem))
 
     def result_stored(self, item: ResultItem):
         """The PACS answered the C-STORE of ``item`` with success (or a warning) now."""
