@@ -147,6 +147,12 @@ async def test_mime_bombs_are_refused_by_ingest_not_retried(make_central):
     """Through the node's ingest both MIME bombs end as Refused (HTTP 400, SMTP 554, TLS refused)."""
     node = await make_central({})
     many = HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + b"--b\r\n\r\n\r\n" * 100_000 + b"--b--\r\n"
-    with pytest.raises(Refused):
+    with pytest.raises(Refused, match=f"more than {MAX_MIME_PARTS} MIME parts") as refused:
         await node.ingest.receive_package(many, transport="test")
+    assert refused.value.kind == "invalid"
+    deep = HEAD + b'Content-Type: multipart/mixed; boundary="b0"\r\n\r\n' + b"".join(
+        b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1) for i in range(1000))
+    with pytest.raises(Refused, match="multipart containers") as refused:
+        await node.ingest.receive_package(deep, transport="test")
+    assert refused.value.kind == "invalid"
     assert await node.database.run(index.count_objects) == 0
