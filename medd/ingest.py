@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from medd.objects import Content, InvalidObject, classify, parse_part10
 from medd.package import Package, read_package
 from medd.plugins.hookspecs import SenderClaim
+from medd.plugins.host import hook_value
 from medd.storage.index import ObjectIndex, ObjectRecord, Receipt, StatusEvent, StoreOutcome
 
 log = Logger()
@@ -138,10 +139,8 @@ class Ingest:
         return ensureDeferred(self._accept_association(calling_ae, called_ae, peer))
 
     async def _accept_association(self, calling_ae: str, called_ae: str, peer: str) -> str | None:
-        verdict = self.plugins.manager.hook.medd_accept_association(calling_ae=calling_ae, called_ae=called_ae,
-                                                                    peer=peer)
-        if verdict is not None and not isinstance(verdict, str):
-            verdict = await ensureDeferred(verdict) if not isinstance(verdict, Deferred) else await verdict
+        verdict = await hook_value(self.plugins.manager.hook.medd_accept_association(
+            calling_ae=calling_ae, called_ae=called_ae, peer=peer))
         return verdict or None
 
     def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
@@ -210,9 +209,7 @@ class Ingest:
             object_type=package.attachment.type, origin=package.origin.strip().lower(), transport=transport,
             peer=peer, credentials=credentials,
         )
-        verdict = self.plugins.manager.hook.medd_check_sender(claim=claim)
-        if verdict is not None and not isinstance(verdict, str):
-            verdict = await ensureDeferred(verdict) if not isinstance(verdict, Deferred) else await verdict
+        verdict = await hook_value(self.plugins.manager.hook.medd_check_sender(claim=claim))
         if verdict:
             raise Refused(verdict, "unauthenticated")
 
@@ -300,7 +297,7 @@ class Ingest:
     async def _notify(self, record: ObjectRecord) -> None:
         for result in self.plugins.manager.hook.medd_object_stored(stored=record):
             try:
-                await ensureDeferred(result) if not isinstance(result, Deferred) else await result
+                await hook_value(result)
             except Exception:
                 log.failure("a medd_object_stored hook failed for {uid}", uid=record.sop_instance_uid)
 

@@ -140,11 +140,10 @@ class TransportAPI:
 def check_access(manager, claim) -> Deferred:
     """Ask the ``medd_check_access`` hook; no answer is a refusal (nothing is served anonymously)."""
     from medd.plugins.hookspecs import AccessDecision
+    from medd.plugins.host import hook_value
 
     async def decide():
-        verdict = manager.hook.medd_check_access(claim=claim)
-        if verdict is not None and not isinstance(verdict, AccessDecision):
-            verdict = await (verdict if isinstance(verdict, Deferred) else ensureDeferred(verdict))
+        verdict = await hook_value(manager.hook.medd_check_access(claim=claim))
         if verdict is None:
             return AccessDecision(False, reason="this node has no access policy for it; nothing is served anonymously")
         return verdict

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import inspect
+
 import pluggy
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
@@ -15,6 +18,16 @@ from medd.plugins.interfaces import IArchive, IBlobStore, IObjectType, ISender, 
 log = Logger()
 
 STORAGE_INTERFACES = {"blobstore": IBlobStore, "archive": IArchive}
+
+
+async def hook_value(value):
+    """What a hook implementation answered, awaited if it answered a Deferred or a coroutine
+    (decision hooks may answer either, or a plain value)."""
+    if isinstance(value, Deferred):
+        return await value
+    if inspect.isawaitable(value):
+        return await value
+    return value
 
 
 class PluginError(Exception):
