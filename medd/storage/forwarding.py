@@ -44,12 +44,17 @@ class ForwardingItem:
     last_attempt_at: datetime | None
     queued_at: datetime
     sent_at: datetime | None
+    # From the object's index row, when the query joined it (:func:`waiting_batch`):
+    # what its package's Medd-Attachment is made of, without opening the object.
+    object_type: str | None = None
+    referenced_image_uid: str | None = None
 
     @classmethod
     def from_row(cls, r) -> "ForwardingItem":
+        m = r._mapping
         return cls(r.id, r.uid, r.study_uid, r.message_id, r.digest, r.size, r.state, r.attempts,
                    aware(r.next_attempt_at), r.last_error, aware(r.last_attempt_at), aware(r.queued_at),
-                   aware(r.sent_at))
+                   aware(r.sent_at), m.get("object_type"), m.get("referenced_image_uid"))
 
 
 @dataclass(frozen=True)
@@ -173,8 +178,10 @@ def head_of_line(conn: Connection) -> ForwardingItem | None:
 
 def waiting_batch(conn: Connection, limit: int) -> list[ForwardingItem]:
     """The head of line and up to ``limit - 1`` waiting behind it, in arrival order."""
-    rows = conn.execute(select(gateway_forwarding).where(gateway_forwarding.c.state == WAITING)
-                        .order_by(gateway_forwarding.c.id).limit(limit))
+    f = gateway_forwarding
+    rows = conn.execute(select(f, objects.c.object_type, objects.c.referenced_image_uid)
+                        .outerjoin(objects, objects.c.sop_instance_uid == f.c.uid)
+                        .where(f.c.state == WAITING).order_by(f.c.id).limit(limit))
     return [ForwardingItem.from_row(r) for r in rows]
 
 
