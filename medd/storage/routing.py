@@ -32,10 +32,11 @@ class CorrectionError(ValueError):
 
 @dataclass(frozen=True)
 class Queue:
-    """Part of a decision: queue the object for ``destination``."""
+    """Part of a decision: queue the object (or another, ``uid``) for ``destination``."""
 
     destination: str
     detail: str
+    uid: str | None = None  # another object than the decision's: a result that found its centre late
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,15 @@ class RoutingLookups:
             .limit(1)
         ).scalar()
 
+    def study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
+        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first."""
+        return [tuple(r) for r in self.conn.execute(
+            select(objects.c.sop_instance_uid, objects.c.object_type, routing_decisions.c.centre)
+            .join(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+            .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type.in_(("overlay", "report"))))
+            .order_by(objects.c.id)
+        )]
+
     def centre_images(self, study_uid: str, centre: str) -> list[str]:
         """UIDs of the images of a study that came from ``centre``, oldest first."""
         return list(self.conn.execute(
@@ -188,7 +198,7 @@ def record_decision(conn: Connection, decision: RoutingDecision, at: datetime) -
     for hold in decision.hold:
         _hold(conn, decision.uid, hold, at)
     for queued in decision.queue:
-        queue_delivery(conn, decision.uid, queued.destination, at, queued.detail)
+        queue_delivery(conn, queued.uid or decision.uid, queued.destination, at, queued.detail)
     for told in decision.tell:
         queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
     conn.execute(routing_decisions.insert().values(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
