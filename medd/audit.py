@@ -25,9 +25,11 @@ from xml.etree import ElementTree as ET
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from medd.config import Config, ConfigError, ConfigProblem
 from medd.scheduling import Backoff, CoalescingPass
@@ -294,19 +296,30 @@ def audit_settings(config: Config, *, check_files: bool = True) -> AuditSettings
 # --- the syslog forwarder -------------------------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class _OneBatch(Protocol):
-    """Writes the frames, closes; ``done`` fires once the connection closed cleanly."""
+    """Writes the frames and closes; ``done`` fires once the TLS handshake completed and the connection
+    closed after the last byte was written.
+
+    RFC 5425 has no acknowledgement: that is all a sender can know. rsyslog closes without a TLS
+    close_notify of its own, so a connection lost after a completed handshake and our close counts
+    as sent; a failed handshake (a certificate refused either way) or a reset before it does not.
+    """
 
     def __init__(self, frames: bytes):
         self.frames = frames
+        self.handshook = False
         self.done: Deferred = Deferred()
 
     def connectionMade(self):
         self.transport.write(self.frames)
         self.transport.loseConnection()
 
+    def handshakeCompleted(self):
+        self.handshook = True
+
     def connectionLost(self, reason):
-        if reason.check(ConnectionDone):
+        if self.handshook and reason.check(ConnectionDone, ConnectionLost):
             self.done.callback(None)
         else:
             self.done.errback(reason)
