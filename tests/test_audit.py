@@ -90,7 +90,7 @@ async def test_every_action_leaves_exactly_one_audit_record(make_central, tmp_pa
     # store (C-STORE) — outcome 0, with the patient and the UIDs, the calling AE and its address.
     ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ct]) == [0]
-    e = await on_central.one("store", action="C", outcome=0, user="MODALITY1", peer="127.0.0.1", transport="dicom",
+    await on_central.one("store", action="C", outcome=0, user="MODALITY1", peer="127.0.0.1", transport="dicom",
                              patient_id=ct.PatientID, study_instance_uid=ct.StudyInstanceUID,
                              series_instance_uid=ct.SeriesInstanceUID, sop_instance_uid=ct.SOPInstanceUID)
     await _routed(central)
