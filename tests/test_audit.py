@@ -360,5 +360,38 @@ async def test_records_reach_rsyslog_over_tls_and_an_outage_loses_none(make_cent
         await forwarder.sends.kick()
         lines = await deferToThread(rsyslog.messages, 3)
         assert len(lines) == 3 and 'csd-code="110123"' in lines[2]
+
+        # A syslog whose certificate the configured CA did not sign gets nothing.
+        other_ca = tmp_path / "other-ca.pem"
+        make_self_signed(other_ca, tmp_path / "other-ca.key")
+        from twisted.internet import reactor
+
+        from medd.audit import AuditSettings, _OneBatch, tls_connector
+
+        batch = _OneBatch(b"5 hello")
+        connect = tls_connector(reactor, AuditSettings(syslog_host="localhost", syslog_port=port, ca=str(other_ca)))
+        with pytest.raises(Exception):
+            await connect(batch)
+            await batch.done
+        assert not batch.handshook and len(await deferToThread(rsyslog.messages, 3)) == 3
     finally:
         await deferToThread(rsyslog.stop)
+
+
+def test_audit_config_is_checked_whole(tmp_path):
+    """[audit] problems are reported with their keys: a syslog URL that is not tls://host:port, a missing
+    CA, a file that does not exist, a key without its certificate, a bad number."""
+    from medd.config import ConfigError
+    from medd.validation import validate_file
+    from tests.conftest import write_config
+
+    ini = write_config(tmp_path, extra="[audit]\nsyslog = udp://h:514\nclient_key = nope.key\nretry_base = soon\n")
+    with pytest.raises(ConfigError) as caught:
+        validate_file(ini)
+    keys = {(p.section, p.key) for p in caught.value.problems}
+    assert keys == {("audit", "syslog"), ("audit", "ca"), ("audit", "client_key"), ("audit", "retry_base")}, keys
+    cert = tmp_path / "ca.pem"
+    make_self_signed(cert, tmp_path / "ca.key")
+    ini = write_config(tmp_path, extra=f"[audit]\nsyslog = tls://localhost:6514\nca = {cert}\n")
+    settings = validate_file(ini).audit
+    assert (settings.syslog_host, settings.syslog_port, settings.ca) == ("localhost", 6514, str(cert))
