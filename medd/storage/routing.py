@@ -241,7 +241,8 @@ def _held(conn: Connection, entry_id: int):
     return row
 
 
-def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, verify: Verify, at: datetime) -> int:
+def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, verify: Verify, at: datetime,
+                  corrected=None) -> int:
     """Re-verify with the new destination; release and queue it, or raise CorrectionError."""
     row = _held(conn, entry_id)
     destination = destination.strip().lower()
@@ -253,18 +254,30 @@ def correct_route(conn: Connection, entry_id: int, destination: str, admin: str,
         quarantine_id=entry_id, admin=admin, action="route", old_route=row.destination, new_route=destination, at=at))
     delivery_id = queue_delivery(conn, row.uid, destination, at, f"released from quarantine by {admin}")
     tell_centre(conn, row.uid, "routed", at, destination, viewer=destination)
+    if corrected is not None:
+        corrected(conn, row.uid, admin, "U", f"quarantine entry {entry_id} routed to {destination} "
+                                             f"(was {row.destination or 'none'})")
     return delivery_id or 0
 
 
-def reject(conn: Connection, entry_id: int, reason: str, admin: str, at: datetime) -> None:
+def reject(conn: Connection, entry_id: int, reason: str, admin: str, at: datetime, corrected=None) -> None:
     row = _held(conn, entry_id)
+    if corrected is not None:
+        corrected(conn, row.uid, admin, "D", f"quarantine entry {entry_id} rejected: {reason}")
     conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="rejected", resolved_at=at))
     conn.execute(corrections.insert().values(
         quarantine_id=entry_id, admin=admin, action="reject", old_route=row.destination, new_route=None, reason=reason, at=at))
 
 
 class Routing(Connector):
-    """Routing decisions and the quarantine. Every method returns a Deferred and is one transaction."""
+    """Routing decisions and the quarantine. Every method returns a Deferred and is one transaction.
+
+    ``corrected(conn, uid, admin, action, detail)`` is called in the transaction of an administrator's
+    correction (central's audit trail records it there, whether it came from the CLI or the API)."""
+
+    def __init__(self, database, clock, corrected=None):
+        super().__init__(database, clock)
+        self.corrected = corrected
 
     def route_undecided(self, policy: Policy, after_id: int = 0, limit: int = 200):
         """Deferred :class:`RoutingPass`: up to ``limit`` objects with ids above ``after_id`` and no
@@ -285,8 +298,8 @@ class Routing(Connector):
         """Deferred id of the queued delivery; fails with :class:`CorrectionError` (nothing
         changed) unless the entry is held and ``verify`` finds no reason to refuse."""
         at = self.now()
-        return self.db.run(lambda conn: correct_route(conn, entry_id, destination, admin, verify, at))
+        return self.db.run(lambda conn: correct_route(conn, entry_id, destination, admin, verify, at, self.corrected))
 
     def reject(self, entry_id: int, reason: str, admin: str):
         at = self.now()
-        return self.db.run(lambda conn: reject(conn, entry_id, reason, admin, at))
+        return self.db.run(lambda conn: reject(conn, entry_id, reason, admin, at, self.corrected))

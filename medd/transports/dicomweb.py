@@ -410,8 +410,11 @@ class DicomWebResource(ProblemResource):
             if routed is None:
                 raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
             handler, uids = routed
-            await self._authorise(request, self.ACTIONS[handler.__name__])
-            return await handler(request, *uids)
+            action = self.ACTIONS[handler.__name__]
+            who = await self._authorise(request, action)
+            if action == "store":  # each stored instance is recorded by the ingest
+                return await handler(request, *uids)
+            return await handler(request, *uids, who=who)
 
         return render_async(request, handle)
 
@@ -426,22 +429,30 @@ class DicomWebResource(ProblemResource):
 
     # -- QIDO-RS --
 
-    async def _search_studies(self, request) -> Response:
+    async def _search_studies(self, request, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_studies(query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, study_dataset, rows)
+        return await self._results(request, query, study_dataset, rows, who)
 
-    async def _search_series(self, request, study: str | None = None) -> Response:
+    async def _search_series(self, request, study: str | None = None, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_series(study, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, series_dataset, rows)
+        return await self._results(request, query, series_dataset, rows, who, study)
 
-    async def _search_instances(self, request, study: str | None = None, series: str | None = None) -> Response:
+    async def _search_instances(self, request, study: str | None = None, series: str | None = None, *,
+                                who: str) -> Response:
         query = parse_query(request)
         records = await self.api.queries.search_instances(study, series, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, instance_dataset, records)
+        return await self._results(request, query, instance_dataset, records, who, study, series)
 
-    async def _results(self, request, query: Query, to_dataset, rows: list) -> Response:
+    async def _results(self, request, query: Query, to_dataset, rows: list, who: str, study: str | None = None,
+                       series: str | None = None) -> Response:
+        patients = {row.get("patient_id") if isinstance(row, dict) else row.patient_id for row in rows[: query.limit]}
+        patients.discard(None)
+        await self.api.audit(
+            "query", user=who, peer=client_ip(request), study_instance_uid=study, series_instance_uid=series,
+            patient_id=patients.pop() if len(patients) == 1 else None,
+            detail=f"QIDO-RS {request.uri.decode('latin-1', 'replace')[:512]}: {min(len(rows), query.limit)} found")
         headers = {}
         if len(rows) > query.limit:
             rows = rows[: query.limit]
@@ -470,11 +481,22 @@ class DicomWebResource(ProblemResource):
             raise Problem(404, f"no such {what} is stored here", kind="not-found")
         return found
 
-    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None):
+    async def _audit_retrieve(self, request, who: str, records: list[ObjectRecord], what: str) -> None:
+        patients = {r.patient_id for r in records} - {None}
+        first = records[0]
+        await self.api.audit(
+            "retrieve", user=who, peer=client_ip(request), patient_id=patients.pop() if len(patients) == 1 else None,
+            study_instance_uid=first.study_instance_uid,
+            series_instance_uid=first.series_instance_uid if len({r.series_instance_uid for r in records}) == 1 else None,
+            sop_instance_uid=first.sop_instance_uid if len(records) == 1 else None,
+            detail=f"WADO-RS {what} of {len(records)} instance{'s' if len(records) != 1 else ''}")
+
+    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None, *, who: str):
         accept = (request.getHeader("accept") or "*/*").lower()
         if not any(m in accept for m in ("multipart/related", "*/*", "multipart/*", DICOM)):
             raise Problem(406, f"instances are served as multipart/related; type=\"{DICOM}\", not {accept}")
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "instances")
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         boundary = uuid.uuid4().hex
@@ -509,8 +531,10 @@ class DicomWebResource(ProblemResource):
         request.finish()
         return None
 
-    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
+                        who: str) -> Response:
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "metadata")
         documents = []
         for record in records:
             data = await self.api.queries.read_blob(record.digest)
