@@ -124,9 +124,11 @@ class CentralReceipt:
         return cls(r.uid, r.event, r.viewer, r.user, r.event_time, r.reason, aware(r.received_at))
 
 
-def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: datetime) -> bool:
-    """Queue ``record`` once (by UID); False if it was queued before."""
-    if conn.execute(select(gateway_forwarding.c.id).where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
+def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: datetime, *, new: bool = False) -> bool:
+    """Queue ``record`` once (by UID); False if it was queued before. ``new``: its index row is
+    being inserted in this transaction, so it cannot have been queued (the UID is unique in both)."""
+    if not new and conn.execute(select(gateway_forwarding.c.id)
+                                .where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
         return False
     conn.execute(gateway_forwarding.insert().values(
         uid=record.sop_instance_uid, study_uid=record.study_instance_uid, message_id=message_id, digest=record.digest,
@@ -154,7 +156,7 @@ def queue_new_object(message_id: Callable[[], str], *, results: bool = False) ->
 
     def queue_with_index(conn: Connection, record: ObjectRecord) -> None:
         if record.transport not in NOT_FORWARDED_TRANSPORTS:
-            queue_object(conn, record, message_id(), record.received_at)
+            queue_object(conn, record, message_id(), record.received_at, new=True)
         elif results and record.object_type in RESULT_TYPES:
             queue_result(conn, record, record.received_at, result_skip_reason(record))
 
