@@ -94,9 +94,52 @@ def require_bearer(request) -> str:
     """The bearer token of ``request``; a 401 problem when there is none."""
     token = bearer_token(request)
     if token is None:
-        raise Problem(401, "this resource needs Authorization: Bearer <token>", kind="unauthorised",
-                      headers={"WWW-Authenticate": 'Bearer realm="medd"'})
+        raise unauthorised("this resource needs Authorization: Bearer <token>")
     return token
+
+
+def unauthorised(detail: str, *, invalid_token: bool = False) -> Problem:
+    """401: no credential, or one that proves no one (RFC 6750 section 3)."""
+    challenge = 'Bearer realm="medd"' + (', error="invalid_token"' if invalid_token else "")
+    return Problem(401, detail, kind="unauthorised", title="Unauthorized", headers={"WWW-Authenticate": challenge})
+
+
+def access_refusal(claim, decision) -> Problem:
+    """The problem an access refusal is answered with: 403 for an authenticated claimant, else 401."""
+    if decision.authenticated:
+        return Problem(403, f"{claim.action} refused: {decision.reason}", kind="forbidden")
+    return unauthorised(f"{claim.action} needs credentials: {decision.reason}", invalid_token=claim.presented)
+
+
+def client_certificate_sha256(request) -> str | None:
+    """SHA-256 (hex) of the TLS client certificate the peer presented on this request's connection, if any.
+
+    The handshake proved the peer holds its key; whose it is, the node's directory decides.
+    """
+    from twisted.internet.interfaces import ISSLTransport
+
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if transport is None or not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        cert = transport.getPeerCertificate()
+    except Exception:
+        return None
+    if cert is None:
+        return None
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.to_cryptography().fingerprint(hashes.SHA256()).hex()
+
+
+def access_claim(request, action: str, transport: str):
+    """The :class:`~medd.plugins.hookspecs.AccessClaim` of a request: its bearer token,
+    client certificate and cookies (available once its headers are in)."""
+    from medd.plugins.hookspecs import AccessClaim
+
+    cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
+    return AccessClaim(action=action, transport=transport, peer=client_ip(request), credentials=bearer_token(request),
+                       cookies=cookies, certificate=client_certificate_sha256(request))
 
 
 def media_type_of(request) -> tuple[str, dict[str, str]]:
