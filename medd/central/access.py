@@ -4,8 +4,7 @@ Nothing is open. QIDO-RS and WADO-RS read patients' data: an administrator's
 token or a reader's credential (``medd readers add NAME --scope read``) may.
 STOW-RS and ``POST /packages`` write: a registered centre or a registered
 viewer, each by its own credential (a viewer only its own object types, which
-the ingest checks once the objects are read). The listener's service list
-answers anyone who holds a credential at all. Every decision is made from the
+the ingest checks once the objects are read). Every decision is made from the
 request's headers, before its body is read.
 """
 from __future__ import annotations
@@ -35,8 +34,7 @@ class CentralAccess:
             return AccessDecision(False, reason=f"the credential is no one's; {needed} is required")
         address = principal.addresses[0] if principal.addresses else ""
         allowed = (
-            claim.action == "index"
-            or (claim.action in READS and (principal.kind == "admin" or principal.scope == "read"))
+            (claim.action in READS and (principal.kind == "admin" or principal.scope == "read"))
             or (claim.action in WRITES and principal.kind in ("centre", "viewer") and bool(address))
         )
         if not allowed:
@@ -50,4 +48,4 @@ class CentralAccess:
             return "an administrator's token or a reader's credential (Authorization: Bearer, or its client certificate)"
         if action in WRITES:
             return "a registered centre's or viewer's credential (Authorization: Bearer, or its client certificate)"
-        return "a credential registered on this node"
+        return f"no credential may {action}"

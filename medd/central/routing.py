@@ -72,6 +72,12 @@ def _in_networks(peer: str | None, networks: tuple[str, ...]) -> bool:
     return any(address in ipaddress.ip_network(n) for n in networks)
 
 
+def _from_viewer(record: ObjectRecord, lookups: RoutingLookups) -> bool:
+    """Whether a package came in a registered viewer's name (which the sender policy lets in only from
+    that viewer authenticated); a calling AE title never names a viewer."""
+    return record.transport != "dicom" and lookups.is_viewer(record.origin.strip().lower())
+
+
 def sender_of(record: ObjectRecord, lookups: RoutingLookups) -> Sender:
     """The centre that sent ``record``; for an overlay or report coming back from a viewer,
     the centre of the study it is about.
@@ -90,7 +96,7 @@ def sender_of(record: ObjectRecord, lookups: RoutingLookups) -> Sender:
         return Sender(centre, own=True)
     # Only a registered viewer's overlay or report (which the sender policy let in only
     # authenticated) is filed under the centre of its study; from anyone else it is quarantined.
-    if record.object_type in ("overlay", "report") and record.transport != "dicom" and lookups.is_viewer(record.origin.strip().lower()):
+    if record.object_type in ("overlay", "report") and _from_viewer(record, lookups):
         study_centre = lookups.study_centre(record.study_instance_uid)
         if study_centre is not None:
             return Sender(study_centre)
@@ -147,7 +153,7 @@ def route(record: ObjectRecord, lookups: RoutingLookups, node_name: str) -> Rout
         source = "routing rule"
     outcome, queue, hold = "routed", [], []
     if not destinations:
-        if record.object_type in ("overlay", "report"):
+        if record.object_type in ("overlay", "report") and (centre is not None or _from_viewer(record, lookups)):
             outcome = "attached"  # kept with its image/study; no rule sends it on
         else:
             reason = "no route: no package To, no (0040,1010) recipients and no matching rule"

@@ -20,14 +20,14 @@ from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
 from medd.central.storage import CentralStorage
 from medd.ingest import Ingest
-from medd.webresource import Problem, ProblemResource, Response, json_response, render_async, require_bearer
+from medd.webresource import (Problem, ProblemResource, Response, json_response, render_async, require_bearer,
+                              unauthorised)
 
 RFC822 = "message/rfc822"
 
 
 def unknown_viewer_token() -> Problem:
-    return Problem(401, "unknown viewer or centre token", kind="unauthorised",
-                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return unauthorised("unknown viewer or centre token", invalid_token=True)
 
 
 async def _json_body(request, central) -> dict:
@@ -69,10 +69,12 @@ class _Authenticated(ProblemResource):
 
     async def admin(self, request) -> str:
         token = require_bearer(request)
-        name = await self.storage.directory.admin_by_token(token)
-        if name is None:
+        principal = await self.storage.directory.principal(token)
+        if principal is None:
+            raise unauthorised("the token is no one's; an administrator token is required", invalid_token=True)
+        if principal.kind != "admin":
             raise Problem(403, "an administrator token is required", kind="forbidden")
-        return name
+        return principal.name
 
 
 # -- /outbox -----------------------------------------------------------------------------------------

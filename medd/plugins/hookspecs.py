@@ -127,8 +127,7 @@ class AccessClaim:
     """Who asks to read or write over HTTP, with what.
 
     ``action`` is ``"query"`` (QIDO-RS), ``"retrieve"`` (WADO-RS), ``"store"``
-    (STOW-RS), ``"package"`` (``POST /packages``) or ``"index"`` (the
-    listener's service list). ``credentials`` is an HTTP bearer token;
+    (STOW-RS) or ``"package"`` (``POST /packages``). ``credentials`` is an HTTP bearer token;
     ``certificate`` the SHA-256 (hex) of a TLS client certificate the peer
     presented and proved; ``cookies`` the request's cookies (a reading-room
     session); ``peer`` the client address. Writes are decided from the

@@ -97,14 +97,7 @@ class RootResource(ProblemResource):
             self.putChild(name, resource)
 
     def render_GET(self, request):
-        return render_async(request, self._services)
-
-    async def _services(self, request) -> Response:
-        claim = access_claim(request, "index", self.api.transport)
-        decision = await self.api.check_access(claim)
-        if not decision.allowed:
-            raise access_refusal(claim, decision)
-        return json_response(200, {"node": "medd", "services": ["/packages", "/dicomweb"]})
+        return json_response(200, {"node": "medd", "services": ["/packages", "/dicomweb"]}).body
 
 
 # --- who may write, decided from the headers -------------------------------------------------
