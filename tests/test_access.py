@@ -101,8 +101,8 @@ async def test_every_central_route_refuses_the_anonymous_and_answers_only_its_cr
     node, base, tokens = await _central(make_central, tmp_path)
     stored = await node.ingest.receive_dicom(testdata("CT_small.dcm"), transport="test", origin="MOD")
     study, series, uid = stored.study_instance_uid, stored.series_instance_uid, stored.uid
-    reads = [f"/dicomweb/studies", f"/dicomweb/studies/{study}", f"/dicomweb/studies/{study}/metadata",
-             f"/dicomweb/studies/{study}/series", f"/dicomweb/series", f"/dicomweb/instances",
+    reads = ["/dicomweb/studies", f"/dicomweb/studies/{study}", f"/dicomweb/studies/{study}/metadata",
+             f"/dicomweb/studies/{study}/series", "/dicomweb/series", "/dicomweb/instances",
              f"/dicomweb/studies/{study}/series/{series}/instances/{uid}",
              f"/dicomweb/studies/{study}/series/{series}/instances/{uid}/metadata"]
     others = ["/outbox", "/outbox/1", f"/api/objects/{uid}", "/api/quarantine", "/api/viewers", "/api/routes",
