@@ -28,10 +28,10 @@ LISTENING = re.compile(r"tls listening on 127\.0\.0\.1:(\d+)")
 class CentralProcess:
     """A central node as ``twistd -n medd`` in its own process; its log goes to a file."""
 
-    def __init__(self, folder: Path, pki, port: int = 0):
+    def __init__(self, folder: Path, certs, port: int = 0):
         folder.mkdir(exist_ok=True)
         self.folder = folder
-        self.ini = write_config(folder, {"tls": f"tcp:{port}:interface=127.0.0.1"}, central_extra(pki),
+        self.ini = write_config(folder, {"tls": f"tcp:{port}:interface=127.0.0.1"}, central_extra(certs),
                                 name="central.test")
         self.log_path = folder / f"twistd-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("w")
