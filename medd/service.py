@@ -81,7 +81,7 @@ class NodeService(MultiService):
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
-            plugins.manager.register(ViewerAccess(self.reading_room), name="medd-viewer-access")
+            plugins.manager.register(ViewerAccess(self.reading_room, self.viewer.settings.push_token), name="medd-viewer-access")
             for name, resource in reading_room_resources(self.reading_room, self.ingest).items():
                 self.web.mount(name, resource)
         elif config.role == "gateway":
