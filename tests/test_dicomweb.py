@@ -296,6 +296,20 @@ async def test_stow_oversized_part_413(make_central):
     assert await node.database.run(index.count_objects) == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_stow_with_too_many_parts_is_413_before_any_is_read(make_central):
+    """A STOW-RS body of many empty parts (a million fit in 42 MB and took 75 s to split) is refused 413
+    as soon as its parts pass MAX_STOW_PARTS; nothing is stored."""
+    from medd.transports.dicomweb import MAX_STOW_PARTS
+
+    node = await make_central(LISTEN)
+    response = await _stow(node, [("application/dicom", b"")] * (MAX_STOW_PARTS + 1))
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert str(MAX_STOW_PARTS) in response.json()["detail"]
+    assert await node.database.run(index.count_objects) == 0
+
+
 def _independently_valid(path) -> dict | None:
     """The true UIDs of a pydicom test file if it is a valid storage object, else None.
 

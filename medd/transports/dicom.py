@@ -59,13 +59,27 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_CONFLICT = 0xA900
 
 
+def readable(sockets: list, timeout: float) -> list:
+    """The sockets among ``sockets`` with data (or a hang-up) to read, waiting at most ``timeout`` seconds.
+
+    ``poll``, not ``select``: select refuses a descriptor numbered 1024 or
+    more, and a node holding a thousand connections on its listeners gives
+    new associations such numbers.
+    """
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+    return [sock for sock in sockets if sock.fileno() in ready]
+
+
 class _PromptDUL(DULServiceProvider):
     """A DUL provider that wakes as soon as there is work, instead of polling.
 
     pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever its
     loop finds nothing to do, so every PDU received and every response sent
     waits for the end of a sleep: about 1 ms per C-STORE, a quarter of what
-    a small object costs in all. Here that sleep becomes a ``select`` on the
+    a small object costs in all. Here that sleep becomes a ``poll`` on the
     peer's socket and on a wake-up socket that :meth:`send_pdu` writes to, so
     incoming data and outgoing responses are handled at once. The wait is
     capped so that pynetdicom's timers (ARTIM, idle) still fire; an idle
@@ -87,8 +101,7 @@ class _PromptDUL(DULServiceProvider):
     def _run_loop_delay(self) -> float:
         peer = getattr(self.socket, "socket", None)
         try:
-            ready, _, _ = select.select([peer, self._wake_r] if peer is not None else [self._wake_r], [], [],
-                                        self.IDLE_WAIT)
+            ready = readable([peer, self._wake_r] if peer is not None else [self._wake_r], self.IDLE_WAIT)
         except (OSError, ValueError):  # a socket closed under us: fall back to pynetdicom's pace
             time.sleep(0.001)
             return 0
@@ -143,6 +156,20 @@ class _DeadlineSocket(AssociationSocket):
     max_pdu_length: int = 16382
     _due = 0.0
     _pdu_type = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether data waits on the socket; pynetdicom's own check uses select
+        and ends the association (Evt17) when the descriptor is 1024 or more."""
+        if self.socket is None or self._is_connected is False:
+            return False
+        try:
+            waiting = bool(readable([self.socket], 0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        # A TLS socket may hold decrypted bytes that poll cannot see.
+        return waiting or bool(getattr(self.socket, "pending", lambda: 0)())
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes == 6:  # the header of the next PDU (dul.DULServiceProvider._read_pdu_data)
