@@ -84,19 +84,21 @@ def _peek(data: bytes) -> tuple[str | None, str | None, str | None]:
     Only to name the instance in the response and to check the target
     study; the ingest path does the real checking.
     """
+
+    def text(ds, keyword):
+        value = ds.get(keyword)
+        return str(value).strip("\0 ") or None if value is not None else None
+
+    # pydicom converts a value when it is read, not when the file is: a
+    # hostile one (an unknown VR, say) raises there.
     try:
         ds = pydicom.dcmread(
             io.BytesIO(data), stop_before_pixels=True,
             specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
         )
+        return text(ds, "SOPClassUID"), text(ds, "SOPInstanceUID"), text(ds, "StudyInstanceUID")
     except Exception:
         return None, None, None
-
-    def text(keyword):
-        value = ds.get(keyword)
-        return str(value).strip("\0 ") or None if value is not None else None
-
-    return text("SOPClassUID"), text("SOPInstanceUID"), text("StudyInstanceUID")
 
 
 class RelatedParser(PushMultipartParser):
