@@ -103,6 +103,10 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self._peer: str | None = None
         self._closing = False
         self._connected = False
+        # Inside dataReceived, and a reply asked for reading to resume there.
+        self._receiving = False
+        self._resume_pending = False
+        self._arrived = bytearray()
         # A frame is due [limits] request_timeout after its first byte, plus its length at the minimum rate;
         # the idle timer above only closes connections that send nothing.
         self.deadline = Deadline(api.reactor, api.limits, "tls")
@@ -149,6 +153,26 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         if self._closing:
             return  # after a too-large frame nothing more is read
         self.resetTimeout()
+        if self._receiving:
+            # Re-entered while a frame is being taken off the buffer (the
+            # receiver trims its buffer only when its loop ends): the loop
+            # below takes these bytes next.
+            self._arrived += data
+            return
+        self._receiving = True
+        try:
+            pending, self._arrived = bytes(self._arrived) + data, bytearray()
+            self._take(pending)
+            while (self._resume_pending or self._arrived) and not self.paused and not self._closing:
+                # Frames answered at once (a refusal before any work) are
+                # taken one after another here, not by recursion.
+                self._resume_pending = False
+                more, self._arrived = bytes(self._arrived), bytearray()
+                self._take(more)
+        finally:
+            self._receiving = False
+
+    def _take(self, data: bytes) -> None:
         if not self.deadline.running and (data or self._unprocessed) and not self.paused:
             self.deadline.start(self, "frame")
         # The frame's bytes earn time as they arrive, not as declared: a
@@ -169,7 +193,12 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
             return
         self.sendString(_encode(reply))
         self.setTimeout(self.idle_timeout)
-        self.resumeProducing()
+        if self._receiving:
+            self.paused = False
+            self.transport.resumeProducing()
+            self._resume_pending = True
+        else:
+            self.resumeProducing()
 
     async def _answer(self, frame: bytes) -> dict:
         try:
