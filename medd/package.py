@@ -186,7 +186,8 @@ def _single_part_message(data: bytes) -> Message | None:
     if end is None:
         return None
     msg = email.message_from_bytes(data[:end.end()], policy=email.policy.compat32)
-    if msg.is_multipart() or msg.get_content_maintype() == "multipart" or msg.get_payload():
+    # decode=True: the undecoded payload would be decoded with the charset the header names.
+    if msg.is_multipart() or msg.get_content_maintype() == "multipart" or msg.get_payload(decode=True):
         return None
     msg.set_payload(data[end.end():].decode("ascii", "surrogateescape"))
     return msg
