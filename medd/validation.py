@@ -26,7 +26,8 @@ AVAILABLE_ROLES = ("central", "viewer", "gateway")
 ARCHIVE_KEYS = ("backend", "volume_size", "batch_bytes", "interval", "batch_objects", "min_age", "centres", "modalities")
 RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
-VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address")
+VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
+                       "ca", "client_cert", "allow_http")
 
 
 def _role_keys() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -135,7 +136,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     elif role == "viewer":
         from medd.viewer.settings import central_settings
 
-        collect(lambda: central_settings(config))
+        collect(lambda: central_settings(config, check_files=check_files))
     elif role == "gateway":
         from medd.gateway.settings import gateway_settings
 

@@ -289,6 +289,11 @@ class RoutingService(Service):
         return self.outbox.stop()
 
 
+# Transports whose peer is a verified client certificate's CN when one was presented (an IP address,
+# which is never a package address, otherwise).
+CERTIFIED_TRANSPORTS = ("tls", "https")
+
+
 class SenderPolicy:
     """Central's answer to ``medd_check_sender``: who may send in whose name.
 
@@ -326,7 +331,7 @@ class SenderPolicy:
     def _centre_refusal(claim, named, by_token) -> str | None:
         if claim.transport in ("http", "https") and by_token is not None and by_token.name == named.name:
             return None
-        if claim.transport == "tls" and (claim.peer or "").strip().lower() in named.addresses:
+        if claim.transport in CERTIFIED_TRANSPORTS and (claim.peer or "").strip().lower() in named.addresses:
             return None
         how = ("over SMTP a centre cannot authenticate yet (no S/MIME): send through its gateway over TLS or HTTPS"
                if claim.transport == "smtp" else
@@ -341,7 +346,7 @@ class SenderPolicy:
             return None  # not a viewer's address: it matches no delivery and attaches only
         if by_token is not None and by_token.address == origin:
             return None
-        if claim.transport == "tls" and (claim.peer or "").strip().lower() == origin:
+        if claim.transport in CERTIFIED_TRANSPORTS and (claim.peer or "").strip().lower() == origin:
             return None
         return (
             f"a {claim.object_type} package from viewer {origin} must be sent authenticated as that viewer "

@@ -3,7 +3,9 @@ imaging centres, and the administrator's API. Mounted on the node's HTTP listene
 
 Every request needs ``Authorization: Bearer <token>``: a viewer's or a
 centre's token for ``/outbox`` (each sees only the deliveries to its own
-address), an administrator's for ``/api``. Nothing here is open.
+address) — or, over HTTPS with ``[tls] client_ca``, the client certificate
+``--client-cert`` issued to that viewer or centre — and an administrator's
+token for ``/api``. Nothing here is open.
 """
 from __future__ import annotations
 
@@ -20,7 +22,16 @@ from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
 from medd.central.storage import CentralStorage
 from medd.ingest import Ingest
-from medd.webresource import Problem, ProblemResource, Response, json_response, render_async, require_bearer
+from medd.webresource import (
+    Problem,
+    ProblemResource,
+    Response,
+    bearer_token,
+    json_response,
+    peer_certificate,
+    render_async,
+    require_bearer,
+)
 
 RFC822 = "message/rfc822"
 
@@ -28,6 +39,19 @@ RFC822 = "message/rfc822"
 def unknown_viewer_token() -> Problem:
     return Problem(401, "unknown viewer or centre token", kind="unauthorised",
                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def outbox_credential(request):
+    """What opens an outbox: the bearer token if the request has one, else the client certificate
+    the HTTPS listener verified (its CN a registered viewer's or centre's address); a 401 problem
+    when there is neither."""
+    token = bearer_token(request)
+    if token is not None:
+        return token
+    certified = peer_certificate(request)
+    if certified is not None:
+        return certified
+    return require_bearer(request)
 
 
 async def _json_body(request, central) -> dict:
@@ -61,8 +85,7 @@ class _Authenticated(ProblemResource):
         self.storage = central.storage
 
     async def outbox_owner(self, request) -> OutboxOwner:
-        token = require_bearer(request)
-        owner = await self.storage.directory.outbox_owner(token)
+        owner = await self.storage.directory.outbox_owner(outbox_credential(request))
         if owner is None:
             raise unknown_viewer_token()
         return owner
@@ -136,7 +159,7 @@ class OutboxItem(_Authenticated):
         return pulled
 
     async def _fetch(self, request) -> Response:
-        pulled = self._found(await self.storage.deliveries.pull_request(require_bearer(request), self.delivery_id))
+        pulled = self._found(await self.storage.deliveries.pull_request(outbox_credential(request), self.delivery_id))
         delivery = pulled.delivery
         package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
         if delivery.state == "queued":
@@ -155,7 +178,7 @@ class OutboxAck(OutboxItem):
         raise Problem(405, "acknowledge with POST", headers={"Allow": "POST"})
 
     async def _ack(self, request) -> Response:
-        delivery = self._found(await self.storage.deliveries.acknowledge(require_bearer(request), self.delivery_id)).delivery
+        delivery = self._found(await self.storage.deliveries.acknowledge(outbox_credential(request), self.delivery_id)).delivery
         return json_response(200, {"id": delivery.id, "state": "delivered" if delivery.state != "opened" else "opened"})
 
 
