@@ -18,9 +18,25 @@ class CentralAccess:
 
     @hookimpl
     def medd_check_access(self, claim: AccessClaim):
+        if claim.action == "send":
+            return ensureDeferred(self._sender(claim))
         if claim.action == "store":
             return AccessDecision(True, who=claim.peer or "")
         return ensureDeferred(self._reader(claim))
+
+    async def _sender(self, claim: AccessClaim) -> AccessDecision:
+        """SMTP AUTH: ``peer`` is the address given as user name, ``credentials`` the password: the
+        token of the centre one of whose addresses that is, or of the viewer at that address."""
+        address, token = (claim.peer or "").strip().lower(), claim.credentials
+        if not token:
+            return AccessDecision(False, reason="no password")
+        centre = await self.directory.centre_claim(address, token)
+        if centre.named is not None and centre.authenticated is not None and centre.named.name == centre.authenticated.name:
+            return AccessDecision(True, who=f"centre {centre.named.name}")
+        viewer = await self.directory.claimants(address, token)
+        if viewer.named is not None and viewer.authenticated is not None and viewer.named.address == viewer.authenticated.address:
+            return AccessDecision(True, who=f"viewer {address}")
+        return AccessDecision(False, reason=f"{address} is no registered centre or viewer address with that token")
 
     async def _reader(self, claim: AccessClaim) -> AccessDecision:
         if not claim.credentials:

@@ -289,6 +289,8 @@ class RoutingService(Service):
         return self.outbox.stop()
 
 
+# Transports that carry a token: a bearer token over HTTP(S), the SMTP AUTH password.
+TOKEN_TRANSPORTS = ("http", "https", "smtp")
 # Transports whose peer is a verified client certificate's CN when one was presented (an IP address,
 # which is never a package address, otherwise).
 CERTIFIED_TRANSPORTS = ("tls", "https")
@@ -299,9 +301,9 @@ class SenderPolicy:
 
     A package whose From is a registered centre's address is accepted only
     from that centre authenticated: its bearer token over HTTP(S), or over
-    the TLS socket a client certificate whose CN is one of its addresses
-    (the CN decides, not the From header). Over SMTP nothing authenticates
-    a centre yet (S/MIME is to come), so it is refused. A From that is no
+    the TLS socket or HTTPS a client certificate whose CN is one of its
+    addresses (the CN decides, not the From header), or over SMTP its token
+    given as the AUTH password (after STARTTLS). A From that is no
     registered centre's is let through, to be quarantined as an unknown
     centre.
 
@@ -329,13 +331,13 @@ class SenderPolicy:
 
     @staticmethod
     def _centre_refusal(claim, named, by_token) -> str | None:
-        if claim.transport in ("http", "https") and by_token is not None and by_token.name == named.name:
+        if claim.transport in TOKEN_TRANSPORTS and by_token is not None and by_token.name == named.name:
             return None
         if claim.transport in CERTIFIED_TRANSPORTS and (claim.peer or "").strip().lower() in named.addresses:
             return None
-        how = ("over SMTP a centre cannot authenticate yet (no S/MIME): send through its gateway over TLS or HTTPS"
+        how = ("over SMTP: AUTH (after STARTTLS) with its address and token"
                if claim.transport == "smtp" else
-               "its bearer token over HTTP(S), or its client certificate over TLS")
+               "its bearer token over HTTP(S), or its client certificate over TLS or HTTPS")
         return f"a package from centre {named.name} ({claim.origin}) must be sent authenticated as that centre: {how}"
 
     async def _viewer_refusal(self, claim) -> str | None:
