@@ -219,6 +219,8 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
             problem("listen", listener, "needs an ssl: endpoint, or [tls] certificate and private_key")
     if "dicom_tls" in listen and cert is None:
         problem("listen", "dicom_tls", "needs [tls] certificate and private_key (DICOM TLS takes a tcp: endpoint)")
+    if get("https", "client_certificates") == "required" and client_ca is None:
+        problem("https", "client_certificates", "required needs [tls] client_ca (the CAs client certificates are checked against)")
     if (get("smtp", "require_starttls") or "no").lower() in ("yes", "true", "on", "1") and cert is None:
         problem("smtp", "require_starttls", "needs [tls] certificate and private_key (the STARTTLS certificate)")
     if client_ca_key is not None and client_ca is None:

@@ -28,9 +28,9 @@ from medd.plugins.host import load_plugins
 from medd.storage import index
 from medd.tlscert import issue_client_certificate, make_self_signed
 from medd.validation import validate
-from tests.conftest import listener_port, write_config
+from tests.conftest import listener_port, testdata, write_config
 from tests.test_routing import FAST, _state, _with_recipient
-from tests.test_tls import image_package
+from tests.test_tls import ORIGIN, image_package
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 VIEWER = "dr-lee@viewers.example"
@@ -388,3 +388,62 @@ def test_viewer_refuses_clear_http_to_another_host(tmp_path, pki):
     assert _problems(tmp_path, {}, base + f"url = https://central.example\nca = {pki.server_cert}\n"
                                           f"client_cert = {pki.right}\n", role="viewer") == []
     assert _problems(tmp_path, {}, base + "url = https://central.example\n", role="viewer") == [("central", "token")]
+
+
+# -- the gateway's clients over TLS --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_to_a_pacs_over_dicom_tls(make_central, pki):
+    """[gateway] results_tls: the C-STORE of a result to the PACS goes over DICOM TLS, verifying the
+    PACS against [gateway] ca and presenting [gateway] client_cert (here a medd node's dicom_tls
+    listener that requires one); without the certificate the PACS turns the association away."""
+    from medd.gateway.results import c_store
+    from medd.gateway.settings import PacsDestination
+
+    pacs = await make_central({"dicom_tls": LOOPBACK}, extra=pki.tls_section())
+    port = listener_port(pacs, "dicom_tls")
+    sr = testdata("CT_small.dcm")
+    destination = PacsDestination("MEDD", "127.0.0.1", port, "GATEWAY", tls=True, tls_ca=str(pki.server_cert),
+                                  tls_client_cert=str(pki.right))
+    assert (await deferToThread(c_store, destination, sr, 20)).outcome == "stored"
+    assert await _stored(pacs) == 1
+    anonymous = PacsDestination("MEDD", "127.0.0.1", port, "GATEWAY", tls=True, tls_ca=str(pki.server_cert))
+    assert (await deferToThread(c_store, anonymous, sr, 20)).outcome == "retry"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_centre_posts_packages_over_https_with_its_client_certificate(make_central, pki, tmp_path):
+    """A gateway forwarding to https://central/packages with [gateway] client_cert and no token is
+    authenticated as the centre whose address is the certificate's CN (201); a certificate for
+    another address sending in that centre's name is refused (403) and nothing is stored."""
+    from twisted.internet import reactor
+
+    from medd.transports.push import HttpSender, PushRefused
+
+    central = await make_central({"https": LOOPBACK}, extra=pki.tls_section() + FAST)
+    ca_key = pki.ca.with_name("ca.key").read_bytes()
+    centre_pem, fingerprint = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
+    (tmp_path / "centre.pem").write_bytes(centre_pem)
+    await central.central_storage.directory.add_centre("centre-a", addresses=[ORIGIN], client_certificate=fingerprint)
+    url = f"https://127.0.0.1:{listener_port(central, 'https')}/packages"
+    sender = HttpSender()
+
+    with pytest.raises(PushRefused) as refused:  # pki.right's CN is the viewer's address, not centre-a's
+        await sender.send(reactor, url, image_package(), {"tls_ca": str(pki.server_cert),
+                                                          "tls_client_cert": str(pki.right)})
+    assert "403" in str(refused.value)
+    assert await _stored(central) == 0
+    code = await sender.send(reactor, url, image_package(), {"tls_ca": str(pki.server_cert),
+                                                             "tls_client_cert": str(tmp_path / "centre.pem")})
+    assert code == 201
+    assert await _stored(central) == 1
+
+
+def test_gateway_refuses_clear_http_to_another_host(tmp_path):
+    """[gateway] central = http:// to a host other than loopback is a config error unless allow_http = yes."""
+    base = "[gateway]\naddress = ct1@centre-a.example\ntoken = t\n"
+    remote = "central = http://central.example/packages\n"
+    assert _problems(tmp_path, {}, base + remote, role="gateway") == [("gateway", "central")]
+    assert _problems(tmp_path, {}, base + remote + "allow_http = yes\n", role="gateway") == []
+    assert _problems(tmp_path, {}, base + "central = http://127.0.0.1:8080/packages\n", role="gateway") == []

@@ -161,7 +161,8 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
             problem("token", "is required to pull central's outbox: the centre's bearer token on central "
                              "(or, over https://, client_cert)")
         elif refusal := clear_http_problem(outbox_url, allow_http):
-            problem("outbox", refusal)
+            if get("outbox"):  # one taken from [gateway] central is reported there
+                problem("outbox", refusal)
         else:
             outbox = PullSettings(url=outbox_url, token=token, poll_interval=seconds("poll_interval", 30.0),
                                   backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout,
