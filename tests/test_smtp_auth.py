@@ -13,19 +13,18 @@ from twisted.internet.threads import deferToThread
 
 from medd.config import ConfigError, load_config
 from medd.storage import index
-from medd.tlscert import make_self_signed
 from tests.conftest import listener_port, write_config
-from tests.test_tls import ORIGIN, image_package
+from tests.test_tls import ORIGIN, image_package, server_tls  # noqa: F401 (server_tls is a fixture)
 
 LISTEN = {"smtp": "tcp:0:interface=127.0.0.1"}
 RECIPIENT = "viewer1@central.test"
 
 
 @pytest.fixture
-def server_cert(tmp_path):
-    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
-    make_self_signed(cert, key)
-    return cert, f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n[smtp]\nrequire_starttls = yes\n"
+def server_cert(request):
+    """The node's certificate and its [tls] section (test_tls's server_tls), with [smtp] require_starttls."""
+    cert, extra = request.getfixturevalue("server_tls")
+    return cert, extra + "[smtp]\nrequire_starttls = yes\n"
 
 
 async def _central(make_central, server_cert):
