@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 ROLES = ("central", "viewer", "gateway")
-LISTENER_KEYS = ("dicom", "smtp", "http", "tls")
+LISTENER_KEYS = ("dicom", "dicom_tls", "smtp", "http", "https", "tls")
 
 #: The keys of the sections every node reads, whatever its role and plugins.
 #: ``[listen]`` is absent: its keys are transport names, checked against the

@@ -217,6 +217,43 @@ async def test_dicom_tls_drops_a_stalled_handshake_within_the_timeout(make_centr
 
 
 @pytest_twisted.ensureDeferred
+async def test_dicom_tls_keeps_the_per_peer_cap_and_the_pdu_deadline(make_central, pki):
+    """On the DICOM TLS port a peer holds at most [limits] max_connections_per_peer associations (the
+    next is closed), and a PDU begun after the handshake but never finished is dropped after
+    [dicom] timeout."""
+    node = await _matrix_node(make_central, pki, extra="[dicom]\ntimeout = 1\n[limits]\nmax_connections_per_peer = 2\n")
+    port = listener_port(node, "dicom_tls")
+
+    def hold_two_then_a_third():
+        held = []
+        for _ in range(2):
+            ae = AE(ae_title="MODALITY1")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", tls_args=(client_context(pki, "right"), "localhost"))
+            assert assoc.is_established
+            held.append(assoc)
+        try:
+            return outcome(dicom_exchange, port, client_context(pki, "right"))
+        finally:
+            for assoc in held:
+                assoc.release()
+
+    assert await deferToThread(hold_two_then_a_third) in ("aborted", "not established")
+    assert await deferToThread(outcome, dicom_exchange, port, client_context(pki, "right")) == "ok"
+
+    def half_a_pdu() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            with client_context(pki, "right").wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"\x01\x00\x00")  # 3 bytes of an A-ASSOCIATE-RQ header
+                try:
+                    return sock.recv(100)  # b"" once the server gives up; a timeout (30 s) fails the test
+                except (ssl.SSLError, ConnectionError):
+                    return b""
+
+    assert await deferToThread(half_a_pdu) == b""
+
+
+@pytest_twisted.ensureDeferred
 async def test_mutual_tls_matrix_on_https(make_central, pki):
     """HTTPS with client_certificates = required: only a certificate from [tls] client_ca gets an HTTP
     answer (here central's 401 problem for a certificate no viewer or centre was registered with)."""
