@@ -452,8 +452,8 @@ async def test_results_to_a_pacs_over_dicom_tls(make_central, pki):
 @pytest_twisted.ensureDeferred
 async def test_a_centre_posts_packages_over_https_with_its_client_certificate(make_central, pki, tmp_path):
     """A gateway forwarding to https://central/packages with [gateway] client_cert and no token is
-    authenticated as the centre whose address is the certificate's CN (201); a certificate for
-    another address sending in that centre's name is refused (403) and nothing is stored."""
+    authenticated as the centre whose address is the certificate's CN (201); a registered viewer's
+    certificate sending in that centre's name is refused (403) and nothing is stored."""
     from twisted.internet import reactor
 
     from medd.transports.push import HttpSender, PushRefused
@@ -463,10 +463,11 @@ async def test_a_centre_posts_packages_over_https_with_its_client_certificate(ma
     centre_pem, fingerprint = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
     (tmp_path / "centre.pem").write_bytes(centre_pem)
     await central.central_storage.directory.add_centre("centre-a", addresses=[ORIGIN], client_certificate=fingerprint)
+    await central.central_storage.directory.add_viewer(VIEWER, None, [], client_certificate=_issued(pki.right)[1])
     url = f"https://127.0.0.1:{listener_port(central, 'https')}/packages"
     sender = HttpSender()
 
-    with pytest.raises(PushRefused) as refused:  # pki.right's CN is the viewer's address, not centre-a's
+    with pytest.raises(PushRefused) as refused:  # pki.right is the viewer's certificate, not centre-a's
         await sender.send(reactor, url, image_package(), {"tls_ca": str(pki.server_cert),
                                                           "tls_client_cert": str(pki.right)})
     assert "403" in str(refused.value)

@@ -74,7 +74,7 @@ def _blobs(node) -> list:
 @pytest_twisted.ensureDeferred
 async def test_spoofed_centre_refused_over_http_smtp_and_tls(make_central, tmp_path):
     """A package whose From is a registered centre's address, sent with no credential or another's, is refused
-    over HTTP (403 problem JSON), SMTP (554) and the TLS socket (`refused`, the certificate's CN decides), and
+    over HTTP (401 problem JSON without a credential or with one that is no one's, 403 with another's), SMTP (554) and the TLS socket (`refused`, the certificate's CN decides), and
     leaves no blob, no row and no delivery; with the centre's token or certificate it is accepted and routed."""
     ca_cert, ca_key = tmp_path / "ca.pem", tmp_path / "ca-key.pem"
     make_self_signed(ca_cert, ca_key, "medd test client CA")
@@ -99,11 +99,12 @@ async def test_spoofed_centre_refused_over_http_smtp_and_tls(make_central, tmp_p
     tls_port = listener_port(central, "tls")
 
     spoof, _ = _image_package("CT_small.dcm")
-    for headers in (RFC822, {**RFC822, "Authorization": f"Bearer {viewer_token}"},
-                    {**RFC822, "Authorization": "Bearer not-a-token"}):
+    for headers in (RFC822, {**RFC822, "Authorization": "Bearer not-a-token"}):
         r = await deferToThread(requests.post, http, data=spoof, headers=headers)
-        assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json", r.text
-        assert r.json()["type"].endswith("unauthenticated") and CENTRE in r.json()["detail"]
+        assert r.status_code == 401 and r.headers["Content-Type"] == "application/problem+json", r.text
+    r = await deferToThread(requests.post, http, data=spoof, headers={**RFC822, "Authorization": f"Bearer {viewer_token}"})
+    assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json", r.text
+    assert r.json()["type"].endswith("unauthenticated") and CENTRE in r.json()["detail"]
     code, reply = await deferToThread(smtp_send, listener_port(central, "smtp"), spoof)
     assert code == 554, reply
     (refused,) = await send_packages(reactor, "127.0.0.1", tls_port, [spoof], ca_pem=server_cert.read_bytes(),
@@ -235,6 +236,32 @@ async def test_centre_outbox_carries_receipts_and_results(make_central):
     await central.routing.kick()
     assert await deferToThread(_outbox, base, centre_token) == []
     assert await _count(central, status_events) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_that_came_before_the_images_goes_home_with_them(make_central):
+    """A viewer's report on a study central holds no image of yet is attached to no centre; the first
+    of the centre's images of that study then sends it home, and each image is told "reported"."""
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"})
+    directory = central.central_storage.directory
+    centre_token = (await directory.add_centre(CENTRE, aes=["CT1"], addresses=[ADDRESS], token=True)).token
+    viewer_token = (await directory.add_viewer(VIEWER, None, [CENTRE])).token
+    first, second = _ct(".1"), _ct(".2")
+    report = text_report_content("Report before images.", "2.25.8181", first.StudyInstanceUID)
+    await central.ingest.receive_package(
+        build_package(report, ReportType().identifier(report), origin=VIEWER, destination="central.test"),
+        transport="http", credentials=viewer_token)
+    await central.routing.kick()
+    assert await central.central_storage.deliveries.pull_waiting(ADDRESS) == []
+
+    for ds in (first, second):
+        assert await deferToThread(_cstore, listener_port(central, "dicom"), ds, "CT1") == 0
+    await central.routing.kick()
+    base = f"http://127.0.0.1:{listener_port(central, 'http')}"
+    listed = await deferToThread(_outbox, base, centre_token)
+    assert [(i["object_type"], i["uid"]) for i in listed if i["object_type"] != "status"] == [("report", "2.25.8181")]
+    reported = sorted(i["uid"] for i in listed if i.get("event") == "reported")
+    assert reported == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
 
 
 def _status_id(event: str, uid: str):

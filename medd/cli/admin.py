@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from medd.central import routing
 from medd.central.storage import CentralStorage
 from medd.central.tracking import history_json, quarantine_json
+from medd.cli.audit import cli_audit_trail, record_credential_change
 from medd.config import load_config
 from medd.storage.database import WallClock, open_database, resolved
 from medd.storage.directory import DirectoryError
@@ -28,7 +29,7 @@ def _central(args):
     config = load_config(args.config)
     database = open_database(config)
     try:
-        yield CentralStorage.over(database, WallClock())
+        yield CentralStorage.over(database, WallClock(), audit=cli_audit_trail(config, database))
     finally:
         database.stop()
 
@@ -89,6 +90,8 @@ def viewers_add(args):
                                                           client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    record_credential_change(args.config, "viewer token" + (" and client certificate" if issued else "") + " issued",
+                             added.viewer.address, "C")
     print(added.token)
     print(f"viewer {added.viewer.address} added ({added.viewer.mode}); the line above is its token, shown once", file=sys.stderr)
 
@@ -102,6 +105,7 @@ def viewers_list(args):
 @_guard
 def viewers_remove(args):
     _run(args, lambda s: s.directory.remove_viewer(args.address))
+    record_credential_change(args.config, "viewer removed: its token and certificate revoked", args.address, "D")
 
 
 @_guard
@@ -132,6 +136,10 @@ def centres_add(args):
                                                         token=args.token, client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    if added.token or issued:
+        record_credential_change(args.config, "centre " + " and ".join(
+            w for w, given in (("token", added.token), ("client certificate", issued)) if given) + " issued",
+            added.centre.name, "C")
     centre = added.centre
     print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases) + _credentials(centre))
     if added.token:
@@ -142,6 +150,7 @@ def centres_add(args):
 @_guard
 def centres_token(args):
     token = _run(args, lambda s: s.directory.issue_centre_token(args.name))
+    record_credential_change(args.config, "centre token replaced (the old one revoked)", args.name, "U")
     print(token)
     print(f"centre {args.name} has a new token (the line above, shown once); the old one no longer works", file=sys.stderr)
 
@@ -154,7 +163,36 @@ def centres_list(args):
 
 @_guard
 def admins_add(args):
-    print(_run(args, lambda s: s.directory.add_admin(args.name)))
+    token = _run(args, lambda s: s.directory.add_admin(args.name))
+    record_credential_change(args.config, "administrator token issued", args.name, "C")
+    print(token)
+
+
+@_guard
+def readers_add(args):
+    if not (args.token or args.client_cert):
+        raise DirectoryError("a reader needs a credential: --token, --client-cert FILE, or both")
+    issued = _issue_client_certificate(args, f"reader:{args.name}")
+    new = _run(args, lambda s: s.directory.add_reader(args.name, args.scope, token=args.token,
+                                                      client_certificate=issued[1] if issued else None))
+    if issued:
+        _write_client_certificate(args, issued)
+    print(f"reader {new.reader.name} may {new.reader.scope} (DICOMweb QIDO-RS and WADO-RS)", file=sys.stderr)
+    if new.token:
+        print(new.token)
+
+
+@_guard
+def readers_list(args):
+    for r in _run(args, lambda s: s.directory.readers()):
+        held = [name for name, has in (("token", r.has_token), ("client certificate", r.client_cert_sha256)) if has]
+        print(f"{r.name:<24} {r.scope:<6} {', '.join(held)}  since {r.created_at:%Y-%m-%d}")
+
+
+@_guard
+def readers_revoke(args):
+    _run(args, lambda s: s.directory.revoke_reader(args.name))
+    print(f"reader {args.name} revoked: its credentials no longer work", file=sys.stderr)
 
 
 @_guard
@@ -275,6 +313,18 @@ def add_admin_commands(sub) -> None:
 
     g = group("admins", "administrators")
     command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")
+
+    g = group("readers", "read credentials for DICOMweb QIDO-RS and WADO-RS on central")
+    p = command(g, "add", readers_add, "register a reader: a token (printed as the last line) and/or a client certificate")
+    p.add_argument("name")
+    p.add_argument("--scope", required=True, choices=["read"],
+                   help="what it may do: read = DICOMweb QIDO-RS and WADO-RS (never write)")
+    p.add_argument("--token", action="store_true", help="issue a bearer token (Authorization: Bearer)")
+    p.add_argument("--client-cert", metavar="FILE",
+                   help="issue a TLS client certificate (CN = reader:NAME) signed by [tls] client_ca_key, written "
+                        "to FILE with its key; central knows it by its SHA-256 on an HTTPS listener")
+    command(g, "list", readers_list, "list readers and their credentials")
+    command(g, "revoke", readers_revoke, "remove a reader; its token and certificate stop working").add_argument("name")
 
     g = group("routes", "routing rules")
     command(g, "list", routes_list, "list routing rules")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from zope.interface import implementer
 
 from medd.config import ConnectionLimits
@@ -82,7 +82,7 @@ class TransportAPI:
 
     def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
                  tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None,
-                 limits: ConnectionLimits = ConnectionLimits()):
+                 limits: ConnectionLimits = ConnectionLimits(), audit=None):
         self.reactor = reactor
         self._ingest = ingest
         self.transport = transport
@@ -98,6 +98,14 @@ class TransportAPI:
         self.web_resources: Mapping[bytes, object] = web_resources
         #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).
         self.queries = queries
+        self._audit = audit
+
+    def audit(self, event: str, **fields) -> Deferred:
+        """Record an access or a refusal in the node's audit trail (:meth:`medd.audit.AuditTrail.record`:
+        ``event`` is one of :data:`medd.audit.EVENTS`); Deferred None once it is committed."""
+        if self._audit is None:
+            return succeed(None)
+        return self._audit.record(event, transport=fields.pop("transport", self.transport), **fields)
 
     def receive_dicom(self, data: bytes, *, origin: str, peer: str | None = None, transport: str | None = None) -> Deferred:
         """Ingest a bare DICOM Part 10 object; Deferred :class:`medd.ingest.Stored`.

@@ -23,13 +23,13 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
 from medd.storage.index import STUDY_FILTERS, Match, ObjectRecord
-from medd.plugins.hookspecs import AccessClaim
 from medd.webresource import (
     RETRY_AFTER,
     Problem,
     ProblemResource,
     Response,
-    bearer_token,
+    access_claim,
+    access_refusal,
     client_ip,
     json_response,
     log_refusal,
@@ -134,6 +134,17 @@ def split_multipart(content, boundary: str) -> list[Part]:
     except MultipartError as e:
         raise Problem(400, f"malformed multipart body: {e}", kind="malformed-multipart") from e
     return parts
+
+
+# What a viewer may store: the objects it makes (a GSPS overlay, an SR report).
+VIEWER_OBJECT_TYPES = ("overlay", "report")
+
+
+def object_type_of(sop_class_uid: str | None) -> str:
+    """The object type a part's SOP class is carried as (``image`` when unknown)."""
+    from medd.objects import object_type_of_class
+
+    return object_type_of_class(sop_class_uid or "")
 
 
 def _failure(part: Part, reason_code: int, reason: str) -> Dataset:
@@ -389,20 +400,21 @@ class DicomWebResource(ProblemResource):
         "_retrieve": "retrieve", "_metadata": "retrieve", "_store": "store",
     }
 
-    async def _authorise(self, request, action: str) -> str:
-        """The claimant's name if the node's access policy allows ``action``; a 401/403 problem otherwise."""
-        credentials = bearer_token(request)
-        cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
-        decision = await self.api.check_access(AccessClaim(
-            action=action, transport=self.api.transport, peer=client_ip(request), credentials=credentials,
-            cookies=cookies,
-        ))
-        if decision.allowed:
-            return decision.who
-        if credentials is None and not cookies:
-            raise Problem(401, f"DICOMweb {action} needs credentials: {decision.reason}", kind="unauthorised",
-                          headers={"WWW-Authenticate": 'Bearer realm="medd"'})
-        raise Problem(403, f"DICOMweb {action} refused: {decision.reason}", kind="forbidden")
+    async def _authorise(self, request, action: str):
+        """The node's access decision for ``action``; a 401/403 problem when it refuses.
+
+        A store was decided from its headers, before its body was read (see
+        :mod:`medd.transports.http`); a read, which has no body, is decided here.
+        """
+        if action == "store":
+            from medd.transports.http import admitted
+
+            return admitted(request)
+        claim = access_claim(request, action, self.api.transport)
+        decision = await self.api.check_access(claim)
+        if not decision.allowed:
+            raise access_refusal(claim, decision)
+        return decision
 
     def _dispatch(self, request, routes):
         async def handle(request):
@@ -410,8 +422,12 @@ class DicomWebResource(ProblemResource):
             if routed is None:
                 raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
             handler, uids = routed
-            await self._authorise(request, self.ACTIONS[handler.__name__])
-            return await handler(request, *uids)
+            action = self.ACTIONS[handler.__name__]
+            decision = await self._authorise(request, action)
+            request.medd_access = decision
+            if action == "store":  # each stored instance is recorded by the ingest
+                return await handler(request, *uids)
+            return await handler(request, *uids, who=decision.who)
 
         return render_async(request, handle)
 
@@ -426,22 +442,30 @@ class DicomWebResource(ProblemResource):
 
     # -- QIDO-RS --
 
-    async def _search_studies(self, request) -> Response:
+    async def _search_studies(self, request, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_studies(query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, study_dataset, rows)
+        return await self._results(request, query, study_dataset, rows, who)
 
-    async def _search_series(self, request, study: str | None = None) -> Response:
+    async def _search_series(self, request, study: str | None = None, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_series(study, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, series_dataset, rows)
+        return await self._results(request, query, series_dataset, rows, who, study)
 
-    async def _search_instances(self, request, study: str | None = None, series: str | None = None) -> Response:
+    async def _search_instances(self, request, study: str | None = None, series: str | None = None, *,
+                                who: str) -> Response:
         query = parse_query(request)
         records = await self.api.queries.search_instances(study, series, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, instance_dataset, records)
+        return await self._results(request, query, instance_dataset, records, who, study, series)
 
-    async def _results(self, request, query: Query, to_dataset, rows: list) -> Response:
+    async def _results(self, request, query: Query, to_dataset, rows: list, who: str, study: str | None = None,
+                       series: str | None = None) -> Response:
+        patients = {row.get("patient_id") if isinstance(row, dict) else row.patient_id for row in rows[: query.limit]}
+        patients.discard(None)
+        await self.api.audit(
+            "query", user=who, peer=client_ip(request), study_instance_uid=study, series_instance_uid=series,
+            patient_id=patients.pop() if len(patients) == 1 else None,
+            detail=f"QIDO-RS {request.uri.decode('latin-1', 'replace')[:512]}: {min(len(rows), query.limit)} found")
         headers = {}
         if len(rows) > query.limit:
             rows = rows[: query.limit]
@@ -470,11 +494,22 @@ class DicomWebResource(ProblemResource):
             raise Problem(404, f"no such {what} is stored here", kind="not-found")
         return found
 
-    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None):
+    async def _audit_retrieve(self, request, who: str, records: list[ObjectRecord], what: str) -> None:
+        patients = {r.patient_id for r in records} - {None}
+        first = records[0]
+        await self.api.audit(
+            "retrieve", user=who, peer=client_ip(request), patient_id=patients.pop() if len(patients) == 1 else None,
+            study_instance_uid=first.study_instance_uid,
+            series_instance_uid=first.series_instance_uid if len({r.series_instance_uid for r in records}) == 1 else None,
+            sop_instance_uid=first.sop_instance_uid if len(records) == 1 else None,
+            detail=f"WADO-RS {what} of {len(records)} instance{'s' if len(records) != 1 else ''}")
+
+    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None, *, who: str):
         accept = (request.getHeader("accept") or "*/*").lower()
         if not any(m in accept for m in ("multipart/related", "*/*", "multipart/*", DICOM)):
             raise Problem(406, f"instances are served as multipart/related; type=\"{DICOM}\", not {accept}")
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "instances")
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         boundary = uuid.uuid4().hex
@@ -509,8 +544,10 @@ class DicomWebResource(ProblemResource):
         request.finish()
         return None
 
-    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
+                        who: str) -> Response:
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "metadata")
         documents = []
         for record in records:
             data = await self.api.queries.read_blob(record.digest)
@@ -531,7 +568,16 @@ class DicomWebResource(ProblemResource):
         parts = await self.api.run_blocking(split_multipart, request.content, boundary)
         if not parts:
             raise Problem(400, "the request carries no instances", kind="malformed-multipart")
+        sender = request.medd_access
+        if sender.role == "viewer":
+            # A viewer stores only what it makes itself; an image in its name is refused whole.
+            others = [p for p in parts if object_type_of(p.sop_class_uid) not in VIEWER_OBJECT_TYPES]
+            if others:
+                raise Problem(403, f"viewer {sender.who} may store only overlays and reports, and part "
+                                   f"{others[0].number} is {object_type_of(others[0].sop_class_uid)}", kind="forbidden")
         peer = client_ip(request)
+        # A registered sender stores in its own name (its package address), as its packages are.
+        origin = sender.address or peer
         base = self._base(request)
         stored, failed, transient = [], [], 0
         for part in parts:
@@ -545,7 +591,7 @@ class DicomWebResource(ProblemResource):
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
             else:
                 try:
-                    result = await self.api.receive_dicom(part.data, origin=peer)
+                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer)
                 except Refused as e:
                     code = {"too-large": FAILURE_OUT_OF_RESOURCES, "conflict": FAILURE_CONFLICT}.get(
                         e.kind, FAILURE_CANNOT_UNDERSTAND)

@@ -68,6 +68,9 @@ class IReadingRoom(Interface):
 
     login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
 
+    def record_access(event, **fields):
+        """Record a login, logout, refused login or view in the node's audit trail (:meth:`medd.audit.AuditTrail.record`)."""
+
     def worklist(query):
         """The :class:`WorklistPage` for a :class:`WorklistQuery`."""
 
@@ -83,8 +86,8 @@ class IReadingRoom(Interface):
     def header(uid):
         """The image's DICOM header: a list of :class:`HeaderElement`."""
 
-    def opened(uid, user):
-        """Record that ``user`` was shown image ``uid`` and tell central; an :class:`OpenedMark`."""
+    def opened(uid, user, peer=None):
+        """Record that ``user`` (at ``peer``) was shown image ``uid`` and tell central; an :class:`OpenedMark`."""
 
     def save_overlay(image_uid, user, annotations):
         """Store the annotations (:class:`Annotation`) as an overlay of the image and send it; its UID.

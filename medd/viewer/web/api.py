@@ -14,7 +14,7 @@ from medd.viewer.contract import CannotAnnotate, UnknownObject
 from medd.viewer.web.errors import WebError
 from medd.viewer.web.serving import UidResource, json_response, serve
 from medd.viewer.web.session import check_csrf
-from medd.webresource import Response, read_body
+from medd.webresource import Response, client_ip, read_body
 
 log = Logger()
 
@@ -82,7 +82,7 @@ class OpenedAction(UidResource):
         session = await self.room.session(request)
         check_csrf(request, session, None)
         try:
-            mark = await self.room.reading_room.opened(self.uid, session.user)
+            mark = await self.room.reading_room.opened(self.uid, session.user, client_ip(request))
         except UnknownObject as e:
             raise WebError(404, f"there is no image {self.uid} in this viewer") from e
         return json_response(200, {"uid": mark.uid, "user": mark.user, "at": mark.at.isoformat(), "first": mark.first})
