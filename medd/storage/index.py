@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.engine import Connection
 
 from medd.objects import KeyInformation
@@ -139,8 +139,17 @@ def same_origin(a: str, b: str) -> bool:
     return a.strip().casefold() == b.strip().casefold()
 
 
+# Statements every stored object runs, built once: SQLAlchemy then compiles and keys each once
+# for the process instead of once per object.
+_OBJECT_BY_UID = select(objects).where(objects.c.sop_instance_uid == bindparam("uid"))
+_RECEIPT_BY_MESSAGE_ID = select(receipts.c.origin, receipts.c.attachment).where(
+    receipts.c.message_id == bindparam("message_id"))
+_INSERT_OBJECT = objects.insert()
+_INSERT_RECEIPT = receipts.insert()
+
+
 def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
-    row = conn.execute(select(objects).where(objects.c.sop_instance_uid == uid)).first()
+    row = conn.execute(_OBJECT_BY_UID, {"uid": uid}).first()
     return ObjectRecord.from_row(row) if row else None
 
 
@@ -170,9 +179,7 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
     after a rollback.
     """
     if receipt is not None:
-        held = conn.execute(
-            select(receipts.c.origin, receipts.c.attachment).where(receipts.c.message_id == receipt.message_id)
-        ).first()
+        held = conn.execute(_RECEIPT_BY_MESSAGE_ID, {"message_id": receipt.message_id}).first()
         if held is not None:
             existing = object_by_uid(conn, record.sop_instance_uid)
             if same_origin(held.origin, receipt.origin) and held.attachment == receipt.attachment:
@@ -189,12 +196,10 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
             return _refuse(conn, record, receipt, "uid", existing.origin,
                            f"UID already stored with other content: {record.sop_instance_uid}", existing)
     if receipt is not None:
-        conn.execute(receipts.insert().values(**receipt.__dict__, received_at=record.received_at))
+        conn.execute(_INSERT_RECEIPT, {**receipt.__dict__, "received_at": record.received_at})
     if existing is not None:
         return StoreOutcome(existing, created=False)
-    # Values as execute parameters, not .values(): the statement then compiles
-    # once for the process instead of being rebuilt and re-keyed per object.
-    conn.execute(objects.insert(), record.__dict__)
+    conn.execute(_INSERT_OBJECT, record.__dict__)
     if with_new is not None:
         with_new(conn, record)
     return StoreOutcome(record, created=True)
