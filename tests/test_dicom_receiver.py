@@ -225,3 +225,28 @@ def test_twistd_runs_a_central_node(tmp_path):
     # twistd re-raises the terminating signal at exit to report how it ended
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "medd central node central.test starting" in out
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_small_odd_big_endian.dcm",
+                                  "image_dfl.dcm"])
+def test_part10_is_what_pynetdicom_encodes(name):
+    """The file the listener stores for a C-STORE is byte for byte what pynetdicom's
+    ``encoded_dataset(include_meta=True)`` gives, for odd and even UID lengths and any
+    transfer syntax."""
+    from io import BytesIO
+
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import PresentationContextTuple
+
+    from medd.transports.dicom import part10
+
+    ds = dcmread(get_testdata_file(name))
+    request = C_STORE()
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x04\x001.2\x00")
+    context = PresentationContextTuple(1, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    event = Event(None, evt.EVT_C_STORE, {"request": request, "context": context})
+    assert part10(event) == event.encoded_dataset(include_meta=True)
