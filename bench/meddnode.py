@@ -56,8 +56,10 @@ class MeddCentral:
     ``twistd -n --pidfile= medd --config <ini>`` with the shipped defaults plus
     ``listen`` ({key: port}) and any ``extra`` INI text."""
 
-    def __init__(self, work: str, listen: dict[str, int], extra: str = "", bin_dir: str = VENV_BIN):
+    def __init__(self, work: str, listen: dict[str, int], extra: str = "", bin_dir: str = VENV_BIN,
+                 dicom: dict[str, str] | None = None):
         self.work, self.listen, self.extra, self.bin_dir = work, listen, extra, bin_dir
+        self.dicom = dicom or {}  # more [dicom] keys
         self.db = os.path.join(work, "index.sqlite")
         self.ini = os.path.join(work, "central.ini")
         self.proc: subprocess.Popen | None = None
@@ -79,8 +81,7 @@ class MeddCentral:
                 path = {self.work}/store
                 [dicom]
                 ae_title = MEDD
-                [listen]
-                """) + listen + "\n" + textwrap.dedent(self.extra))
+                """) + "".join(f"{k} = {v}\n" for k, v in self.dicom.items()) + "[listen]\n" + listen + "\n" + textwrap.dedent(self.extra))
 
     def cli(self, *args: str) -> str:
         """Run ``medd ARGS --config <ini>``; its stdout."""

@@ -19,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from twisted.internet.threads import deferToThread
 
 from medd.storage import index
+from medd.storage.audit import AuditFilter
 from tests.conftest import listener_port
 
 
@@ -86,7 +87,8 @@ async def test_compressed_transfer_syntaxes_accepted(make_central):
 
 @pytest_twisted.ensureDeferred
 async def test_invalid_uid_refused_and_nothing_stored(make_central):
-    """A dataset whose SOP Instance UID is not a UID gets a failure status and leaves no row or blob."""
+    """A dataset whose SOP Instance UID is not a UID gets a failure status, leaves no row or blob,
+    and leaves one refused store in the audit trail."""
     node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
     port = listener_port(node, "dicom")
 
@@ -106,6 +108,10 @@ async def test_invalid_uid_refused_and_nothing_stored(make_central):
     assert status == 0xC000
     assert "not a valid UID" in comment
     assert await node.database.run(index.count_objects) == 0
+    # Refused on the association thread, recorded once in the audit trail with its reason.
+    [record] = await node.audit.search(AuditFilter(event="store"), 10)
+    assert (record.entry.outcome, record.entry.user, record.entry.transport) == (8, "MODALITY1", "dicom")
+    assert "not a valid UID" in record.entry.detail
     assert not [p for p in (node.config.storage_path / "blobs").rglob("*") if p.is_file()]
 
 
@@ -264,3 +270,50 @@ def test_twistd_runs_a_central_node(tmp_path):
     # twistd re-raises the terminating signal at exit to report how it ended
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "medd central node central.test starting" in out
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_small_odd_big_endian.dcm",
+                                  "image_dfl.dcm"])
+def test_part10_is_what_pynetdicom_encodes(name):
+    """The file the listener stores for a C-STORE is byte for byte what pynetdicom's
+    ``encoded_dataset(include_meta=True)`` gives, for odd and even UID lengths and any
+    transfer syntax."""
+    from io import BytesIO
+
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import PresentationContextTuple
+
+    from medd.transports.dicom import part10
+
+    ds = dcmread(get_testdata_file(name))
+    request = C_STORE()
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x04\x001.2\x00")
+    context = PresentationContextTuple(1, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    event = Event(None, evt.EVT_C_STORE, {"request": request, "context": context})
+    assert part10(event) == event.encoded_dataset(include_meta=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_pdu_size_advertised(make_central):
+    """The listener advertises 64 KiB PDUs by default (a small object in one PDU) and
+    ``[dicom] max_pdu_size`` when set; objects sent in PDUs of that size are stored."""
+
+    def negotiate(port: int) -> tuple[int, list[int]]:
+        ae = AE(ae_title="MODALITY1")
+        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", max_pdu=0)
+        try:
+            return assoc.acceptor.maximum_length, [assoc.send_c_store(ds).Status]
+        finally:
+            assoc.release()
+
+    default = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    assert await deferToThread(negotiate, listener_port(default, "dicom")) == (65536, [0])
+    small = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, site="small",
+                               extra="[dicom]\nae_title = MEDD\nmax_pdu_size = 16384\n")
+    assert await deferToThread(negotiate, listener_port(small, "dicom")) == (16384, [0])

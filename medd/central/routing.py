@@ -228,7 +228,8 @@ class Router:
                 for hold in decision.hold:
                     log.warn("quarantined {uid} for {destination}: {reason}", uid=decision.uid,
                              destination=hold.destination or "-", reason=hold.reason)
-            if self.on_routed is not None:
+            # Only a pass that queued something gives the outbox work (a quarantine does not).
+            if self.on_routed is not None and any(d.queue or d.tell for d in batch.decisions):
                 self.on_routed()
 
 

@@ -118,6 +118,14 @@ class TransportAPI:
         """
         return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin, peer=peer)
 
+    def receive_dicom_waiting(self, data: bytes, *, origin: str, peer: str | None = None,
+                              transport: str | None = None):
+        """:meth:`receive_dicom` from a thread of the transport's own that waits for the outcome
+        (never the reactor's): parses and writes the object on that thread and returns the
+        :class:`medd.ingest.Stored`, or raises as the Deferred would fail."""
+        return self._ingest.receive_dicom_waiting(data, transport=transport or self.transport, origin=origin,
+                                                  peer=peer)
+
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may open an association, else the reason to reject it
         (the node's ``medd_accept_association`` decision)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, delete, false, func, or_, select
+from sqlalchemy import and_, bindparam, delete, false, func, or_, select
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector
@@ -302,15 +302,19 @@ def list_centres(conn: Connection) -> list[Centre]:
     return [get_centre(conn, n) for n in names]
 
 
+# Asked by every routing pass: built once, so SQLAlchemy compiles and keys it once.
+_CENTRE_BY_ALIAS = (
+    select(centres.c.name)
+    .join(centre_aliases, centre_aliases.c.centre_id == centres.c.id)
+    .where(and_(centre_aliases.c.kind == bindparam("kind"), centre_aliases.c.value == bindparam("value")))
+)
+
+
 def centre_of(conn: Connection, origin: str, transport: str) -> str | None:
     """The centre a sender belongs to: by calling AE title for DICOM, else by package origin address."""
     kind = "ae" if transport == "dicom" else "address"
     value = origin.strip() if kind == "ae" else origin.strip().lower()
-    row = conn.execute(
-        select(centres.c.name)
-        .join(centre_aliases, centre_aliases.c.centre_id == centres.c.id)
-        .where(and_(centre_aliases.c.kind == kind, centre_aliases.c.value == value))
-    ).first()
+    row = conn.execute(_CENTRE_BY_ALIAS, {"kind": kind, "value": value}).first()
     return row.name if row else None
 
 
@@ -556,11 +560,11 @@ def remove_rule(conn: Connection, rule_id: int) -> None:
         raise DirectoryError(f"no rule {rule_id}")
 
 
+_RULES = select(routing_rules).order_by(routing_rules.c.id)
+
+
 def list_rules(conn: Connection) -> list[Rule]:
-    return [
-        Rule(r.id, r.centre, r.modality, r.object_type, r.destination)
-        for r in conn.execute(select(routing_rules).order_by(routing_rules.c.id))
-    ]
+    return [Rule(r.id, r.centre, r.modality, r.object_type, r.destination) for r in conn.execute(_RULES)]
 
 
 def matching_rules(conn: Connection, centre: str | None, modality: str, object_type: str) -> list[str]:

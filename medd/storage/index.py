@@ -8,7 +8,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from medd.objects import KeyInformation
@@ -139,8 +141,21 @@ def same_origin(a: str, b: str) -> bool:
     return a.strip().casefold() == b.strip().casefold()
 
 
+# Statements every stored object runs, built once: SQLAlchemy then compiles and keys each once
+# for the process instead of once per object.
+_OBJECT_BY_UID = select(objects).where(objects.c.sop_instance_uid == bindparam("uid"))
+_RECEIPT_BY_MESSAGE_ID = select(receipts.c.origin, receipts.c.attachment).where(
+    receipts.c.message_id == bindparam("message_id"))
+_INSERT_OBJECT = objects.insert()
+_INSERT_OBJECT_IF_NEW = {
+    "sqlite": sqlite_insert(objects).on_conflict_do_nothing(index_elements=[objects.c.sop_instance_uid]),
+    "postgresql": postgresql_insert(objects).on_conflict_do_nothing(index_elements=[objects.c.sop_instance_uid]),
+}
+_INSERT_RECEIPT = receipts.insert()
+
+
 def object_by_uid(conn: Connection, uid: str) -> ObjectRecord | None:
-    row = conn.execute(select(objects).where(objects.c.sop_instance_uid == uid)).first()
+    row = conn.execute(_OBJECT_BY_UID, {"uid": uid}).first()
     return ObjectRecord.from_row(row) if row else None
 
 
@@ -170,9 +185,7 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
     after a rollback.
     """
     if receipt is not None:
-        held = conn.execute(
-            select(receipts.c.origin, receipts.c.attachment).where(receipts.c.message_id == receipt.message_id)
-        ).first()
+        held = conn.execute(_RECEIPT_BY_MESSAGE_ID, {"message_id": receipt.message_id}).first()
         if held is not None:
             existing = object_by_uid(conn, record.sop_instance_uid)
             if same_origin(held.origin, receipt.origin) and held.attachment == receipt.attachment:
@@ -180,24 +193,36 @@ def store_object(conn: Connection, record: ObjectRecord, receipt: Receipt | None
             whose = "another origin" if not same_origin(held.origin, receipt.origin) else "another attachment"
             return _refuse(conn, record, receipt, "message-id", held.origin,
                            f"Message-ID already used by {whose}: {receipt.message_id}", None)
+    if _insert_if_new(conn, record):
+        if receipt is not None:
+            conn.execute(_INSERT_RECEIPT, {**receipt.__dict__, "received_at": record.received_at})
+        if with_new is not None:
+            with_new(conn, record)
+        return StoreOutcome(record, created=True)
     existing = object_by_uid(conn, record.sop_instance_uid)
-    if existing is not None:
-        if not same_origin(existing.origin, record.origin):
-            return _refuse(conn, record, receipt, "uid", existing.origin,
-                           f"UID already held for another origin: {record.sop_instance_uid}", existing)
-        if existing.digest != record.digest:
-            return _refuse(conn, record, receipt, "uid", existing.origin,
-                           f"UID already stored with other content: {record.sop_instance_uid}", existing)
+    if not same_origin(existing.origin, record.origin):
+        return _refuse(conn, record, receipt, "uid", existing.origin,
+                       f"UID already held for another origin: {record.sop_instance_uid}", existing)
+    if existing.digest != record.digest:
+        return _refuse(conn, record, receipt, "uid", existing.origin,
+                       f"UID already stored with other content: {record.sop_instance_uid}", existing)
     if receipt is not None:
-        conn.execute(receipts.insert().values(**receipt.__dict__, received_at=record.received_at))
-    if existing is not None:
-        return StoreOutcome(existing, created=False)
-    # Values as execute parameters, not .values(): the statement then compiles
-    # once for the process instead of being rebuilt and re-keyed per object.
-    conn.execute(objects.insert(), record.__dict__)
-    if with_new is not None:
-        with_new(conn, record)
-    return StoreOutcome(record, created=True)
+        conn.execute(_INSERT_RECEIPT, {**receipt.__dict__, "received_at": record.received_at})
+    return StoreOutcome(existing, created=False)
+
+
+def _insert_if_new(conn: Connection, record: ObjectRecord) -> bool:
+    """Insert the object's row unless its UID is already indexed; whether it was inserted.
+
+    One statement (INSERT ... ON CONFLICT DO NOTHING) where the backend has it, rather than a
+    lookup before every insert: a new object, the common case, costs no SELECT."""
+    if_new = _INSERT_OBJECT_IF_NEW.get(conn.dialect.name)
+    if if_new is not None:
+        return conn.execute(if_new, record.__dict__).rowcount == 1
+    if object_by_uid(conn, record.sop_instance_uid) is not None:
+        return False
+    conn.execute(_INSERT_OBJECT, record.__dict__)
+    return True
 
 
 def list_conflicts(conn: Connection, limit: int = 100, offset: int = 0) -> list[Conflict]:

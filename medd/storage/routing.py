@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.engine import Connection
 from twisted.logger import Logger
 
@@ -100,9 +100,26 @@ class RoutingLookups:
     once rather than once per object; the directory cannot change under it.
     """
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, pending: "_PendingRows | None" = None):
         self.conn = conn
         self._memo: dict = {}
+        # The first package To of each object of a routing pass, read in one query (prefetch).
+        self._destinations: dict[str, str | None] = {}
+        # Decisions and quarantine entries of the pass not written yet: written before any
+        # question that reads those tables, so each question sees every decision made before it.
+        self._pending = pending
+
+    def prefetch(self, uids: list[str]) -> None:
+        """Read the package To of every object in ``uids`` in one query, for :meth:`package_destination`."""
+        found: dict[str, str | None] = dict.fromkeys(uids)
+        for row in self.conn.execute(_FIRST_DESTINATIONS, {"uids": uids}):
+            if found[row.uid] is None:
+                found[row.uid] = row.destination.strip().lower()
+        self._destinations.update(found)
+
+    def _written(self) -> None:
+        if self._pending is not None:
+            self._pending.write(self.conn)
 
     def _remember(self, key, compute):
         if key not in self._memo:
@@ -111,6 +128,8 @@ class RoutingLookups:
 
     def package_destination(self, uid: str) -> str | None:
         """The To of the first package that carried ``uid``, if any."""
+        if uid in self._destinations:
+            return self._destinations[uid]
         row = self.conn.execute(
             select(receipts.c.destination).where(receipts.c.uid == uid).order_by(receipts.c.id).limit(1)
         ).first()
@@ -130,6 +149,7 @@ class RoutingLookups:
 
     def study_centre(self, study_uid: str) -> str | None:
         """The registered centre of a study: the one its images were decided to come from, first found."""
+        self._written()
         return self.conn.execute(
             select(routing_decisions.c.centre)
             .join(objects, objects.c.sop_instance_uid == routing_decisions.c.uid)
@@ -141,6 +161,7 @@ class RoutingLookups:
 
     def study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
         """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first."""
+        self._written()
         return [tuple(r) for r in self.conn.execute(
             select(objects.c.sop_instance_uid, objects.c.object_type, routing_decisions.c.centre)
             .join(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
@@ -150,6 +171,7 @@ class RoutingLookups:
 
     def centre_images(self, study_uid: str, centre: str) -> list[str]:
         """UIDs of the images of a study that came from ``centre``, oldest first."""
+        self._written()
         return list(self.conn.execute(
             select(objects.c.sop_instance_uid)
             .join(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
@@ -187,33 +209,66 @@ def undecided(conn: Connection, after_id: int = 0, limit: int = 200) -> list[tup
     return [(r.id, r.sop_instance_uid) for r in conn.execute(q)]
 
 
-def _hold(conn: Connection, uid: str, hold: Hold, at: datetime) -> None:
-    # Logged by the caller once committed: this transaction may be retried or rolled back.
-    conn.execute(quarantine.insert().values(uid=uid, destination=hold.destination, reason=hold.reason, state="held",
-                                            created_at=at))
+# Built once: the statements of a routing pass, so that SQLAlchemy compiles and keys each
+# once for the process rather than once per object.
+_UNDECIDED = (
+    select(objects)
+    .outerjoin(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+    .where(and_(routing_decisions.c.uid.is_(None), objects.c.id > bindparam("after_id")))
+    .order_by(objects.c.id)
+    .limit(bindparam("limit"))
+)
+_FIRST_DESTINATIONS = (
+    select(receipts.c.uid, receipts.c.destination)
+    .where(receipts.c.uid.in_(bindparam("uids", expanding=True)))
+    .order_by(receipts.c.id)
+)
+_INSERT_HOLD = quarantine.insert()
+_INSERT_DECISION = routing_decisions.insert()
 
 
-def record_decision(conn: Connection, decision: RoutingDecision, at: datetime) -> None:
-    """Write a decision: its quarantine entries, its outbox rows, and the decision itself."""
-    for hold in decision.hold:
-        _hold(conn, decision.uid, hold, at)
-    for queued in decision.queue:
-        queue_delivery(conn, queued.uid or decision.uid, queued.destination, at, queued.detail)
-    for told in decision.tell:
-        queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
-    conn.execute(routing_decisions.insert().values(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
-                                                   decided_at=at))
+class _PendingRows:
+    """Quarantine entries and decisions of a routing pass, written together (one executemany each)."""
+
+    def __init__(self):
+        self.holds: list[dict] = []
+        self.decisions: list[dict] = []
+
+    def add(self, decision: RoutingDecision, at: datetime) -> None:
+        # Logged by the caller once committed: this transaction may be retried or rolled back.
+        self.holds += [dict(uid=decision.uid, destination=hold.destination, reason=hold.reason, state="held",
+                            created_at=at) for hold in decision.hold]
+        self.decisions.append(dict(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
+                                   decided_at=at))
+
+    def write(self, conn: Connection) -> None:
+        if self.holds:
+            conn.execute(_INSERT_HOLD, self.holds)
+            self.holds = []
+        if self.decisions:
+            conn.execute(_INSERT_DECISION, self.decisions)
+            self.decisions = []
 
 
 def route_undecided(conn: Connection, policy: Policy, after_id: int, at: datetime, limit: int = 200) -> RoutingPass:
-    rows = undecided(conn, after_id, limit)
-    lookups = RoutingLookups(conn)
+    """Decide up to ``limit`` undecided objects and write the decisions down: their outbox rows as
+    each is decided, their quarantine entries and decisions together. The objects' rows and their
+    package To are read in one query each for the whole pass."""
+    rows = conn.execute(_UNDECIDED, {"after_id": after_id, "limit": limit}).all()
+    pending = _PendingRows()
+    lookups = RoutingLookups(conn, pending)
+    lookups.prefetch([r.sop_instance_uid for r in rows])
     decisions = []
-    for _, uid in rows:
-        decision = policy(object_by_uid(conn, uid), lookups)
-        record_decision(conn, decision, at)
+    for row in rows:
+        decision = policy(ObjectRecord.from_row(row), lookups)
+        for queued in decision.queue:
+            queue_delivery(conn, queued.uid or decision.uid, queued.destination, at, queued.detail)
+        for told in decision.tell:
+            queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
+        pending.add(decision, at)
         decisions.append(decision)
-    return RoutingPass(tuple(decisions), rows[-1][0] if rows else after_id)
+    pending.write(conn)
+    return RoutingPass(tuple(decisions), rows[-1].id if rows else after_id)
 
 
 def list_quarantine(conn: Connection, state: str | None = "held") -> list[QuarantineEntry]:
