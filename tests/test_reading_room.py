@@ -35,7 +35,7 @@ from medd.storage.database import Database
 from medd.storage.inbox import Inbox
 from medd.storage.index import ObjectIndex
 from medd.transports.http import MeddSite
-from medd.viewer import rendering
+from medd import rendering
 from medd.viewer.annotations import check_annotations
 from medd.viewer.contract import IReadingRoom, WorklistQuery
 from medd.storage.outgoing import OutgoingPackages

@@ -1,7 +1,8 @@
 """The viewer's access policies: its DICOMweb serves only a logged-in
 radiologist (the reading room's session cookie), and objects enter a viewer
 only from central's outbox (its requestor) or from its own reading room,
-never from a sender on one of its listeners."""
+never from a sender on one of its listeners. An image whose pixel data its
+DICOMweb sent to a radiologist is recorded as opened by them."""
 from __future__ import annotations
 
 from twisted.internet.defer import ensureDeferred
@@ -30,6 +31,11 @@ class ViewerAccess:
         if user is None:
             return AccessDecision(False, reason="the reading-room session has ended; log in again")
         return AccessDecision(True, who=user)
+
+    @hookimpl
+    def medd_pixel_data_retrieved(self, uid: str, who: str):
+        """A radiologist's browser fetched an image's pixel data (WADO-RS) to show it: the image is opened."""
+        return ensureDeferred(self.reading_room.pixels_shown(uid, who))
 
     @hookimpl
     def medd_check_sender(self, claim: SenderClaim):

@@ -84,7 +84,11 @@ class IReadingRoom(Interface):
         """The image's DICOM header: a list of :class:`HeaderElement`."""
 
     def opened(uid, user):
-        """Record that ``user`` was shown image ``uid`` and tell central; an :class:`OpenedMark`."""
+        """Record that ``user`` was shown image ``uid``, telling central the first time; an :class:`OpenedMark`."""
+
+    def pixels_shown(uid, user):
+        """``user``'s browser fetched the pixel data of ``uid`` for display: :meth:`opened`, once per user and
+        image; an image not in the inbox is ignored."""
 
     def save_overlay(image_uid, user, annotations):
         """Store the annotations (:class:`Annotation`) as an overlay of the image and send it; its UID.

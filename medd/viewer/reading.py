@@ -33,6 +33,8 @@ from medd.viewer.users import check_hash
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
 
 MAX_HEADER_VALUE = 256
+# (user, image) pairs known to be recorded as opened, so that scrolling does not write to the database.
+MAX_SHOWN_REMEMBERED = 100_000
 
 
 def dicom_header(data: bytes) -> list[HeaderElement]:
@@ -87,6 +89,7 @@ class ReadingRoom:
         self.settings = settings
         self.clock = clock
         self.login_throttle = LoginThrottle(clock)
+        self._shown: set[tuple[str, str]] = set()
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -145,13 +148,31 @@ class ReadingRoom:
         await self.outgoing.queue(package, message_id=message_id, attachment=str(attachment), uid=attachment.uid)
 
     async def opened(self, uid: str, user: str) -> OpenedMark:
-        """Record that ``user`` was shown image ``uid`` and tell central (status ``opened``)."""
+        """Record that ``user`` was shown image ``uid``; the first time, tell central (status ``opened``)."""
         record = await self._record(uid)
         mark = await self.inbox.mark_opened(uid, user)
-        content = status_content("opened", uid, user, mark.at)
-        await self._send(content, AttachmentId.of("status", event="opened", uid=uid), record, store_locally=False)
-        self.log.info("{user} opened {uid}", user=user, uid=uid)
+        if mark.first:
+            content = status_content("opened", uid, user, mark.at)
+            await self._send(content, AttachmentId.of("status", event="opened", uid=uid), record, store_locally=False)
+            self.log.info("{user} opened {uid}", user=user, uid=uid)
         return mark
+
+    async def pixels_shown(self, uid: str, user: str) -> None:
+        """``user``'s browser fetched the pixel data of ``uid`` to display it: :meth:`opened`, once per
+        user and image (a viewer fetches a frame again as the radiologist scrolls back)."""
+        key = (user, uid)
+        if key in self._shown:
+            return
+        if len(self._shown) >= MAX_SHOWN_REMEMBERED:
+            self._shown.clear()
+        self._shown.add(key)  # before awaiting: concurrent fetches of one image's frames record it once
+        try:
+            await self.opened(uid, user)
+        except UnknownObject:
+            pass  # not an object of the inbox (nothing to tell central about)
+        except Exception:
+            self._shown.discard(key)  # recorded at the next fetch
+            raise
 
     async def save_overlay(self, image_uid: str, user: str, annotations: list[Annotation]) -> str:
         """Save annotations as a GSPS on the image; returns the overlay's UID.

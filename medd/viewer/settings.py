@@ -1,4 +1,5 @@
-"""The viewer's ``[central]`` section: where central is and how to reach it.
+"""The viewer's ``[central]`` section (where central is and how to reach it)
+and its ``[reading_room]`` section (where OHIF's prebuilt app is).
 
 Validated whole at start-up like the rest of the config; every problem names
 the file, section and key.
@@ -6,6 +7,7 @@ the file, section and key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem
@@ -63,3 +65,23 @@ def central_settings(config: Config) -> CentralSettings:
         raise ConfigError(problems)
     return CentralSettings(url=url, token=token, poll_interval=poll, backoff=Backoff(base=base, max_delay=max_delay),
                            address=address, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class ReadingRoomSettings:
+    """``[reading_room]``: ``ohif``, the folder of OHIF's prebuilt app (its ``index.html``); None for the
+    one ``make ohif`` installs beside the checkout."""
+
+    ohif_dist: Path | None = None
+
+
+def reading_room_settings(config: Config) -> ReadingRoomSettings:
+    """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError`."""
+    text = (config.section("reading_room").get("ohif") or "").strip()
+    if not text:
+        return ReadingRoomSettings()
+    dist = (Path(config.path).resolve().parent / text).resolve()
+    if not (dist / "index.html").is_file():
+        raise ConfigError([ConfigProblem(config.path, "reading_room", "ohif",
+                                         f"{dist} holds no OHIF app (no index.html); run `make ohif`")])
+    return ReadingRoomSettings(ohif_dist=dist)

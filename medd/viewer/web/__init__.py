@@ -15,10 +15,13 @@ files) and :mod:`.api` (the browser's JSON calls: overlays, opened).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.web.resource import Resource
 
 from medd.viewer.web.pages import (HomePage, ImagesResource, LoginAction, LogoutAction, StudiesResource,
                                    WorklistResource)
+from medd.viewer.web.ohif import load_app, ohif_resources
 from medd.viewer.web.resources import STATIC, StaticFiles
 from medd.viewer.web.serving import Room
 from medd.viewer.web.session import CSRF_HEADER, csrf_token
@@ -26,14 +29,17 @@ from medd.viewer.web.session import CSRF_HEADER, csrf_token
 __all__ = ["CSRF_HEADER", "csrf_token", "reading_room_resources"]
 
 
-def reading_room_resources(reading_room, api) -> dict[bytes, Resource]:
+def reading_room_resources(reading_room, api, ohif_dist: Path | None = None) -> dict[bytes, Resource]:
     """The reading room's resources, by first path segment, for the viewer's HTTP listener.
 
     ``reading_room`` provides :class:`~medd.viewer.contract.IReadingRoom`;
-    ``api`` provides ``run_blocking`` for reading bodies and rendering.
+    ``api`` provides ``run_blocking`` for reading bodies and rendering; ``ohif_dist`` is OHIF's
+    prebuilt app (default: where ``make ohif`` installs it).
     """
     room = Room(reading_room, api)
+    resources = ohif_resources(room, load_app(ohif_dist))
     return {
+        **resources,
         b"": HomePage(room),
         b"login": LoginAction(room),
         b"logout": LogoutAction(room),

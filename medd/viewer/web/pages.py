@@ -23,6 +23,7 @@ from medd.viewer.web.api import OpenedAction, OverlaysResource, saved_annotation
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import data, html, page
 from medd.viewer.web.resources import RenderedImage
+from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
 from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
                                      get_cookie, read_form, session_of, set_cookie)
@@ -324,6 +325,8 @@ class WorklistResource(RoomResource):
             tags.td(s.centre),
             tags.td(str(s.images), class_="num"),
             tags.td("✓ reported" if s.has_report else "—", class_="has-report" if s.has_report else "no-report"),
+            tags.td(tags.a("Images", href=viewer_url(s.study_uid), class_="open-images button"),
+                    " ", tags.a("Report", href=link, class_="open-report button secondary")),
             class_="study unread" if s.unread else "study", **data(study_uid=s.study_uid),
         )
 
@@ -332,7 +335,7 @@ class WorklistResource(RoomResource):
             text = "No studies match these filters." if filters else "No studies have arrived in this viewer yet."
             return tags.p(text, class_="empty", id="worklist-empty")
         header = tags.tr(*[tags.th(h) for h in ("", "Patient", "Patient ID", "Study date", "Description", "Modality",
-                                                "Centre", "Images", "Report")])
+                                                "Centre", "Images", "Report", "Open")])
         return tags.table(tags.thead(header), tags.tbody(*[self._row(s) for s in found.studies]),
                           class_="worklist", id="worklist")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.web.static import File
 
-from medd.viewer.rendering import RenderError, render_png
+from medd.rendering import RenderError, render_png
 from medd.viewer.web.errors import WebError
 from medd.viewer.web.serving import UidResource, serve
 from medd.webresource import NotFound, Response

@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from medd.viewer.contract import UnknownObject
-from medd.viewer.rendering import FrameCache, ImageFacts, RenderError, describe
+from medd.rendering import FrameCache, ImageFacts, RenderError, describe
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import error_page
 from medd.viewer.web.session import Session, session_of

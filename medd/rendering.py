@@ -1,4 +1,5 @@
-"""Server-side rendering of stored DICOM images to PNG for the reading room.
+"""Server-side rendering of stored DICOM images: PNG for the reading room's
+tests and pages, JPEG thumbnails for DICOMweb (``.../thumbnail``).
 
 Decoding goes through pydicom's pixel handlers (pylibjpeg and its plugins
 for JPEG, JPEG 2000 and RLE); nothing here is a codec. Everything in this
@@ -191,7 +192,24 @@ def _window(array: np.ndarray, center: float, width: float) -> np.ndarray:
 
 def render_png(data: bytes, *, frame: int = 0, center: float | None = None, width: float | None = None,
                max_size: int | None = None, cache: FrameCache | None = None, cache_key: str | None = None) -> bytes:
-    """Blocking: frame ``frame`` (0-based) of a stored Part 10 image as a PNG.
+    """Blocking: frame ``frame`` (0-based) of a stored Part 10 image as a PNG (see :func:`render_image`)."""
+    out = BytesIO()
+    render_image(data, frame=frame, center=center, width=width, max_size=max_size, cache=cache,
+                 cache_key=cache_key).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def render_thumbnail(data: bytes, max_size: int) -> bytes:
+    """Blocking: the first frame of a stored Part 10 image as a JPEG no larger than ``max_size`` square."""
+    out = BytesIO()
+    image = render_image(data, max_size=max_size)
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def render_image(data: bytes, *, frame: int = 0, center: float | None = None, width: float | None = None,
+                 max_size: int | None = None, cache: FrameCache | None = None, cache_key: str | None = None):
+    """Blocking: frame ``frame`` (0-based) of a stored Part 10 image as a PIL image.
 
     Grayscale images use the given window, else the object's own
     WindowCenter/Width, else the frame's min/max; MONOCHROME1 is inverted
@@ -236,6 +254,4 @@ def render_png(data: bytes, *, frame: int = 0, center: float | None = None, widt
         image = Image.fromarray(np.ascontiguousarray(pixels), "L")
     if max_size:
         image.thumbnail((max_size, max_size))
-    out = BytesIO()
-    image.save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+    return image
