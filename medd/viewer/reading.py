@@ -10,12 +10,10 @@ queued, durably, for central.
 from __future__ import annotations
 
 import email.utils
-import io
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import highdicom as hd
-from pydicom import dcmread
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -24,7 +22,7 @@ from medd.package import AttachmentId, build_package
 from medd.plugins.objecttypes import status_content
 from medd.storage.inbox import OpenedMark, StudyDetail, WorklistPage, WorklistQuery
 from medd.viewer.annotations import Annotation, AnnotationError
-from medd.viewer.contract import HeaderElement, IReadingRoom, OverlayView, ReportView, UnknownObject
+from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
 from medd.viewer.throttling import LoginThrottle
@@ -32,40 +30,8 @@ from medd.viewer.users import check_hash
 
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
 
-MAX_HEADER_VALUE = 256
 # (user, image) pairs known to be recorded as opened, so that scrolling does not write to the database.
 MAX_SHOWN_REMEMBERED = 100_000
-
-
-def dicom_header(data: bytes) -> list[HeaderElement]:
-    """Every element, file meta first; nested items' keywords indented with '>'."""
-    ds = dcmread(io.BytesIO(data))
-    out: list[HeaderElement] = []
-
-    def walk(dataset, depth: int) -> None:
-        for elem in dataset:
-            tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
-            keyword = ">" * depth + (elem.keyword or elem.name)
-            if elem.VR == "SQ":
-                out.append(HeaderElement(tag, keyword, "SQ", f"{len(elem.value)} item(s)"))
-                for item in elem.value:
-                    walk(item, depth + 1)
-                continue
-            if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.tag == 0x7FE00010:
-                raw = elem.value
-                value = f"<{len(raw)} bytes>" if isinstance(raw, (bytes, bytearray)) else "<binary>"
-            else:
-                try:
-                    value = str(elem.value) if elem.value is not None else ""
-                except Exception as e:  # a value pydicom cannot convert; show that rather than fail
-                    value = f"<unreadable: {type(e).__name__}>"
-            if len(value) > MAX_HEADER_VALUE:
-                value = value[:MAX_HEADER_VALUE] + "…"
-            out.append(HeaderElement(tag, keyword, str(elem.VR), value))
-
-    walk(ds.file_meta, 0)
-    walk(ds, 0)
-    return out
 
 
 @implementer(IReadingRoom)
@@ -118,10 +84,6 @@ class ReadingRoom:
         """The stored Part 10 file of an object."""
         record = await self._record(uid)
         return await self.ingest.read_blob(record.digest)
-
-    async def header(self, uid: str) -> list[HeaderElement]:
-        data = await self.instance_bytes(uid)
-        return await self.ingest.run_blocking(dicom_header, data)
 
     # -- what the radiologist does -----------------------------------------------------------------
 
