@@ -11,6 +11,7 @@ into DIR.
 from __future__ import annotations
 
 import copy
+import email
 import os
 import re
 from io import BytesIO
@@ -20,16 +21,20 @@ import pydicom
 import pytest
 import pytest_twisted
 from PIL import Image
+import requests
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.encaps import get_frame
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 from twisted.internet.threads import deferToThread
 
 from medd.viewer.users import add_user
 from medd.viewer.web.ohif import default_dist
 from tests.conftest import listener_port
-from tests.test_reading_room import _browser_login, _browser_or_skip, CHROMIUM, CHROMIUM_ARGS
+from tests import test_reading_room
+from tests.test_reading_room import CHROMIUM, CHROMIUM_ARGS, _browser_login, _browser_or_skip, _login
 
 SLICES = 50
+room_site = test_reading_room.room_site  # the fixture: a real reading room with three studies, served on loopback
 
 
 def ct_stack(slices: int = SLICES, recipient: str | None = None) -> list[pydicom.Dataset]:
@@ -179,3 +184,115 @@ def _drive_ohif(base: str, scenario):
             return result
         finally:
             browser.close()
+
+
+# --- the viewer's DICOMweb as OHIF uses it, over a real reading room on loopback ----------------------
+
+ANY_SYNTAX = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+def _parts(response) -> list[tuple[str, bytes]]:
+    """The (Content-Type, body) of each part of a multipart/related response."""
+    message = email.message_from_bytes(
+        b"Content-Type: " + response.headers["Content-Type"].encode() + b"\r\n\r\n" + response.content)
+    assert message.is_multipart()
+    return [(part["Content-Type"], part.get_payload(decode=True)) for part in message.get_payload()]
+
+
+def _frames_url(base: str, ds) -> str:
+    return (f"{base}/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/frames")
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_in_the_stored_syntax_or_decoded_and_each_image_opened_once_per_user(room_site):
+    """WADO-RS frames: with transfer-syntax=* each frame comes in its stored syntax (native bytes, an RLE
+    fragment), with octet-stream alone it is decoded to Explicit VR Little Endian (pydicom's own decoding); a
+    frame list gives one part per frame; no such frame is 404, a bad list 400, a type medd cannot make 406.
+    Metadata and thumbnails open nothing; frames open their image once per user, whatever the number of fetches."""
+    base, room = room_site.base, room_site.room
+    stored = {name: pydicom.dcmread(BytesIO(await room.instance_bytes(uid))) for name, uid in room_site.by_name.items()}
+    ct, rle, ybr = stored["CT_small.dcm"], stored["MR_small_RLE.dcm"], stored["examples_ybr_color.dcm"]
+
+    def browse():
+        s = _login(base)
+        series = f"{base}/dicomweb/studies/{rle.StudyInstanceUID}/series/{rle.SeriesInstanceUID}"
+        metadata = s.get(series + "/metadata")
+        assert metadata.status_code == 200 and metadata.headers["Content-Type"] == "application/dicom+json"
+        (document,) = metadata.json()
+        assert document["00020010"]["Value"] == [RLELossless] and "7FE00010" not in document
+        thumbnail = s.get(series + "/thumbnail", params={"viewport": "64,64"}, headers={"Accept": "image/jpeg"})
+        assert thumbnail.headers["Content-Type"] == "image/jpeg" and max(Image.open(BytesIO(thumbnail.content)).size) == 64
+        return s
+
+    s = await deferToThread(browse)
+    assert await room_site.queued() == []
+
+    def fetch():
+        answers = {}
+        native = s.get(_frames_url(base, ct) + "/1", headers={"Accept": ANY_SYNTAX})
+        assert native.status_code == 200 and native.headers["Content-Type"].startswith("multipart/related")
+        ((kind, data),) = _parts(native)
+        assert kind == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+        assert data == ct.PixelData
+        for _ in range(3):
+            ((kind, data),) = _parts(s.get(_frames_url(base, rle) + "/1", headers={"Accept": ANY_SYNTAX}))
+        assert kind == f"application/octet-stream; transfer-syntax={RLELossless}"
+        assert data == get_frame(rle.PixelData, 0, number_of_frames=1)
+        ((kind, data),) = _parts(s.get(_frames_url(base, rle) + "/1",
+                                       headers={"Accept": 'multipart/related; type="application/octet-stream"'}))
+        assert kind == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+        assert (np.frombuffer(data, dtype=rle.pixel_array.dtype.newbyteorder("<")).reshape(64, 64)
+                == rle.pixel_array).all()
+        parts = _parts(s.get(_frames_url(base, ybr) + "/1,30", headers={"Accept": ANY_SYNTAX}))
+        assert [kind for kind, _ in parts] == [f"application/octet-stream; transfer-syntax={ybr.file_meta.TransferSyntaxUID}"] * 2
+        assert parts[0][1] == get_frame(ybr.PixelData, 0, number_of_frames=30)
+        assert parts[1][1] == get_frame(ybr.PixelData, 29, number_of_frames=30)
+        answers["past the end"] = s.get(_frames_url(base, ybr) + "/31", headers={"Accept": ANY_SYNTAX})
+        answers["frame 0"] = s.get(_frames_url(base, ybr) + "/0", headers={"Accept": ANY_SYNTAX})
+        answers["not a list"] = s.get(_frames_url(base, ybr) + "/1;2", headers={"Accept": ANY_SYNTAX})
+        answers["png"] = s.get(_frames_url(base, rle) + "/1", headers={"Accept": "multipart/related; type=image/png"})
+        bob = _login(base, "bob", "hunter22")
+        answers["bob"] = bob.get(_frames_url(base, ct) + "/1", headers={"Accept": ANY_SYNTAX})
+        return answers
+
+    await add_user(room.accounts, "bob", "hunter22")
+    answers = await deferToThread(fetch)
+    assert [answers[k].status_code for k in ("past the end", "frame 0", "not a list", "png", "bob")] == [
+        404, 400, 400, 406, 200]
+    assert "the image has 30 frame(s)" in answers["past the end"].json()["detail"]
+    queued = [p.attachment for p in await room_site.queued()]
+    uids = [room_site.by_name[n] for n in ("CT_small.dcm", "MR_small_RLE.dcm", "examples_ybr_color.dcm")]
+    assert sorted(queued) == sorted([f"status; event=opened; uid={uid}" for uid in uids]
+                                    + [f"status; event=opened; uid={uids[0]}"])
+    assert (await room.study("1.2.826.0.1.1", "bob")).series[0].instances[0].opened
+    assert not (await room.study("1.2.826.0.1.2", "bob")).series[0].instances[0].opened
+
+
+@pytest_twisted.ensureDeferred
+async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration(room_site):
+    """/ohif/... is OHIF's page for a logged-in user, with a Content-Security-Policy that allows only this site,
+    its own inline scripts (by hash) and WebAssembly, and without the service worker; app-config.js points the
+    data source at this node's /dicomweb; the bundle's assets come with the media types their loaders check.
+    A STOW-RS from the reading-room session is refused: the viewer stores nothing over DICOMweb."""
+    _ohif_or_skip()
+    base = room_site.base
+
+    def check():
+        s = _login(base)
+        page = s.get(base + "/ohif/viewer", params={"StudyInstanceUIDs": "1.2.826.0.1.1"})
+        assert page.status_code == 200 and "app.bundle" in page.text and "init-service-worker" not in page.text
+        policy = page.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "'wasm-unsafe-eval'" in policy and "'unsafe-eval'" not in policy
+        assert "'sha256-" in policy and "frame-ancestors 'none'" in policy and "connect-src 'self' data: blob:" in policy
+        config = s.get(base + "/app-config.js")
+        assert config.headers["Content-Type"].startswith("text/javascript")
+        assert "wadoRoot: window.location.origin + '/dicomweb'" in config.text
+        wasm = next(p.name for p in default_dist().iterdir() if p.suffix == ".wasm")
+        assert s.get(f"{base}/{wasm}").headers["Content-Type"] == "application/wasm"
+        assert requests.get(base + "/sw.js").status_code == 404
+        stow = s.post(base + "/dicomweb/studies", data=b"--x--",
+                      headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+        assert stow.status_code == 403 and "central's outbox" in stow.json()["detail"]
+
+    await deferToThread(check)
