@@ -10,7 +10,6 @@ into DIR.
 """
 from __future__ import annotations
 
-import copy
 import email
 import os
 import re
@@ -22,11 +21,11 @@ import pytest
 import pytest_twisted
 from PIL import Image
 import requests
-from pydicom.data import get_testdata_file
 from pydicom.encaps import get_frame
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from twisted.internet.threads import deferToThread
 
+from medd.demo import ct_stack as demo_stack
 from medd.viewer.users import add_user
 from medd.viewer.web.ohif import default_dist
 from tests.conftest import listener_port
@@ -37,32 +36,12 @@ SLICES = 50
 room_site = test_reading_room.room_site  # the fixture: a real reading room with three studies, served on loopback
 
 
-def ct_stack(slices: int = SLICES, recipient: str | None = None) -> list[pydicom.Dataset]:
-    """A CT series of ``slices`` axial slices made from pydicom's CT_small.dcm: new study, series and
-    instance UIDs, consecutive slice positions 5 mm apart, and a patient the banner can show."""
-    study, series = generate_uid(), generate_uid()
-    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    out = []
-    for n in range(1, slices + 1):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = n
-        z = f"{-75.7 + 5.0 * (n - 1):.2f}"
-        ds.ImagePositionPatient = ["-158.135803", "-179.035797", z]
-        ds.SliceLocation = z
-        ds.SeriesDescription = "AXIAL STACK"
-        ds.PatientName, ds.PatientID = "STACK^TESSA", "P-STACK-1"
-        ds.PatientBirthDate, ds.PatientSex = "19610412", "F"
-        ds.StudyDate, ds.AccessionNumber = "20240305", "ACC-4711"
-        if recipient:
-            ds.NamesOfIntendedRecipientsOfResults = recipient
-        # A pattern that differs from slice to slice, so that scrolling shows another image.
-        pixels = ds.pixel_array.copy()
-        pixels[(n * 2) % 120:(n * 2) % 120 + 8, :] = pixels.max()
-        ds.PixelData = pixels.tobytes()
-        out.append(ds)
-    return out
+def ct_stack(recipient: str) -> list[pydicom.Dataset]:
+    """The demo's CT stack (:func:`medd.demo.ct_stack`) of :data:`SLICES` slices, for ``recipient``."""
+    stack = demo_stack(SLICES)
+    for ds in stack:
+        ds.NamesOfIntendedRecipientsOfResults = recipient
+    return stack
 
 
 def _ohif_or_skip():
