@@ -39,6 +39,11 @@ def port_open(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
+def pinned(cpus: set[int] | None):
+    """A Popen ``preexec_fn`` that keeps the child (and every thread it starts) on ``cpus``."""
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -56,6 +61,7 @@ class MeddCentral:
         self.db = os.path.join(work, "index.sqlite")
         self.ini = os.path.join(work, "central.ini")
         self.proc: subprocess.Popen | None = None
+        self.cpus: set[int] | None = None  # run on these CPUs only (os.sched_setaffinity), e.g. to stand for a host of its own
 
     def write_config(self) -> None:
         if os.path.exists(self.work):
@@ -92,7 +98,8 @@ class MeddCentral:
         with open(os.path.join(self.work, "twistd.log"), "ab") as logf:
             self.proc = subprocess.Popen([os.path.join(self.bin_dir, "twistd"), "-n", "--pidfile=", "medd",
                                           "--config", self.ini],
-                                         cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=pinned(self.cpus))
         t0 = time.monotonic()
         while not all(port_open(port) for port in self.listen.values()):
             if self.proc.poll() is not None:

@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from medd.audit import MAJOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditTrail
 from medd.objects import Content, InvalidObject, classify, parse_part10
 from medd.package import Package, read_package
 from medd.plugins.hookspecs import SenderClaim
@@ -46,6 +47,10 @@ class Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
+        # Already in the audit trail (the ingest records every refusal once).
+        self.audited = False
+        # For a refused sender: the origin the package claimed.
+        self.origin: str | None = None
 
 
 class StoreFailed(Exception):
@@ -79,14 +84,17 @@ class Ingest:
     before anything is parsed or written. ``index_with`` is handed to
     :meth:`~medd.storage.index.ObjectIndex.store_object`: what the role
     writes beside a new object in its index transaction (the gateway queues
-    it for central there, so one commit makes both durable).
+    it for central there, so one commit makes both durable). ``audit`` is the
+    node's :class:`~medd.audit.AuditTrail`: every store, refused or not, is
+    recorded (a stored one in its index transaction), a refused sender as a
+    refused authentication, an ``opened`` status as a view.
     """
 
     def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
-                 index_with: Callable | None = None):
+                 index_with: Callable | None = None, audit: AuditTrail | None = None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -96,6 +104,7 @@ class Ingest:
         self._restore = restore
         self._admit = admit
         self._index_with = index_with
+        self.audit = audit
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -132,7 +141,8 @@ class Ingest:
     def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Deferred:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder); ``peer`` is the
         connection's client IP, if there is one."""
-        return ensureDeferred(self._receive_dicom(data, transport, origin, peer))
+        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer),
+                                            transport=transport, user=origin, peer=peer))
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
@@ -151,7 +161,31 @@ class Ingest:
         (an HTTP bearer token); ``peer`` is the connection's identity (client
         IP, or a TLS client certificate's CN).
         """
-        return ensureDeferred(self._receive_package(data, transport, peer, credentials))
+        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials),
+                                            transport=transport, peer=peer))
+
+    async def _audited(self, receiving, **who) -> "Stored":
+        """``await receiving``, recording a refusal or failure that the index transaction did not."""
+        try:
+            return await receiving
+        except Refused as e:
+            if self.audit is not None and not e.audited:
+                event = "auth-refused" if e.kind == "unauthenticated" else "store"
+                await self._audit_quietly(event, outcome=SERIOUS_FAILURE, detail=e.reason,
+                                          **{**who, "user": e.origin or who.get("user")})
+                e.audited = True
+            raise
+        except StoreFailed as e:
+            if self.audit is not None:
+                await self._audit_quietly("store", outcome=MAJOR_FAILURE, detail=str(e), **who)
+            raise
+
+    async def _audit_quietly(self, event: str, **fields) -> None:
+        try:
+            await self.audit.record(event, **fields)
+        except Exception:
+            # Its cause (the database) already fails the store itself, which the sender is told.
+            log.failure("cannot record the {event} refusal in the audit trail", event=event)
 
     # -- implementation -------------------------------------------------------------------------
 
@@ -189,7 +223,7 @@ class Ingest:
             received_at=self.index.now(),
             peer=peer,
         )
-        outcome = await self._index(record, None, blob)
+        outcome = await self._index(record, None, blob, peer)
         return self._stored(outcome)
 
     def _read_package(self, data: bytes, store: bool):
@@ -211,7 +245,9 @@ class Ingest:
         )
         verdict = await hook_value(self.plugins.manager.hook.medd_check_sender(claim=claim))
         if verdict:
-            raise Refused(verdict, "unauthenticated")
+            refused = Refused(verdict, "unauthenticated")
+            refused.origin = claim.origin
+            raise refused
 
     async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
         self._check_size(data, transport)
@@ -235,7 +271,7 @@ class Ingest:
         if package.attachment.type == "status":
             return await self._status(package, receipt)
         record = self._package_record(package, blob, transport, peer)
-        outcome = await self._index(record, receipt, blob)
+        outcome = await self._index(record, receipt, blob, peer)
         stored = self._stored(outcome, package.message_id)
         log.info(
             "package {message_id} from {origin} ({attachment}) {what}",
@@ -275,11 +311,31 @@ class Ingest:
             created = await self._record_status(event)
         except Exception as e:
             raise StoreFailed(f"cannot index the status message: {e}") from e
+        if created and event.event == "opened" and self.audit is not None:
+            await self.audit.record("view", user=event.user, credential=receipt.origin, peer=receipt.peer,
+                                    transport=receipt.transport, sop_instance_uid=event.uid,
+                                    detail=f"opened on {event.viewer or receipt.origin}")
         return Stored(uid=params["uid"], object_type="status", digest=None, created=created, message_id=package.message_id)
 
-    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob) -> StoreOutcome:
+    def _audit_store(self, record: ObjectRecord, peer: str | None):
+        """What writes the store's audit record in the index transaction (None without an audit trail)."""
+        if self.audit is None:
+            return None
+
+        def then(conn, outcome: StoreOutcome) -> None:
+            detail = outcome.conflict or (None if outcome.created else "already stored")
+            entry = self.audit.entry(
+                "store", outcome=SERIOUS_FAILURE if outcome.conflict else SUCCESS, user=record.origin, peer=peer,
+                transport=record.transport, patient_id=record.patient_id,
+                study_instance_uid=record.study_instance_uid, series_instance_uid=record.series_instance_uid,
+                sop_instance_uid=record.sop_instance_uid, detail=detail)
+            self.audit.appender(entry)(conn)
+
+        return then
+
+    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None) -> StoreOutcome:
         try:
-            outcome = await self.index.store_object(record, receipt, self._index_with)
+            outcome = await self.index.store_object(record, receipt, self._index_with, self._audit_store(record, peer))
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e
@@ -289,7 +345,11 @@ class Ingest:
         if outcome.conflict:
             log.warn("{uid} from {origin} refused as a conflict: {reason}", uid=record.sop_instance_uid,
                      origin=record.origin, reason=outcome.conflict)
-            raise Refused(outcome.conflict, "conflict")
+            refused = Refused(outcome.conflict, "conflict")
+            refused.audited = self.audit is not None
+            raise refused
+        if self.audit is not None:
+            self.audit.recorded()
         if outcome.created:
             await self._notify(outcome.record)
         return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from medd.audit import AuditTrail, SyslogForwarder, tls_connector
 from medd.blobsweep import BlobSweep
 from medd.central.access import CentralAccess
 from medd.central.archiving import make_archiving
@@ -13,6 +14,7 @@ from medd.config import Config
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
+from medd.storage.audit import AuditLog
 from medd.storage.database import Database
 from medd.storage.index import ObjectIndex
 from medd.validation import NodeSettings, validate
@@ -37,12 +39,18 @@ class NodeService(MultiService):
         self.blobs = plugins.storage[("blobstore", backend)](config)
         check_storage(plugins, "blobstore", self.blobs, backend)
         self.index = ObjectIndex(self.database, self.clock)
+        self.audit = AuditTrail(AuditLog(self.database, self.clock, config.name))
+        audit_settings = settings.audit
+        if audit_settings is not None and audit_settings.syslog_host:
+            self.syslog = SyslogForwarder(self.audit, audit_settings, tls_connector(reactor, audit_settings), self.clock)
+            self.syslog.setName("audit-syslog")
+            self.syslog.setServiceParent(self)
         self.archiving = make_archiving(reactor, config, plugins, self.database, self.blobs, clock=self.clock)
         if self.archiving is not None:
             self.archiving.setServiceParent(self)
         record_status = admit = index_with = None
         if config.role == "central":
-            self.central_storage = CentralStorage.over(self.database, self.clock)
+            self.central_storage = CentralStorage.over(self.database, self.clock, audit=self.audit)
             plugins.manager.register(SenderPolicy(self.central_storage.directory), name="medd-central-sender-policy")
             plugins.manager.register(CentralAccess(self.central_storage.directory), name="medd-central-access")
             record_status = self.central_storage.deliveries.record_status
@@ -58,7 +66,7 @@ class NodeService(MultiService):
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status, admit=admit, index_with=index_with,
-            restore=self.archiving.restore_digest if self.archiving is not None else None,
+            restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
         )
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")
@@ -92,7 +100,7 @@ class NodeService(MultiService):
                                           settings=settings.central)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
-            for name, resource in central_resources(self.central_storage, self.routing, self.ingest).items():
+            for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit).items():
                 self.web.mount(name, resource)
         web_resources = self.web.freeze()
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
@@ -101,6 +109,7 @@ class NodeService(MultiService):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(key),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
+                audit=self.audit,
             )
             listener = plugins.transports[key].listener(endpoint, api)
             listener.setName(f"listen-{key}")

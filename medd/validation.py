@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from medd.audit import AUDIT_KEYS, audit_settings
 from medd.config import CORE_KEYS, ROLES, Config, ConfigError, ConfigProblem, read_config
 from medd.plugins.host import Plugins, load_plugins
 from medd.plugins.settings import SectionCheck
@@ -52,6 +53,8 @@ class NodeSettings:
     central: object | None = None
     #: ``[gateway]`` (:class:`medd.gateway.settings.GatewaySettings`) on a gateway node.
     gateway: object | None = None
+    #: ``[audit]`` (:class:`medd.audit.AuditSettings`), on every node.
+    audit: object | None = None
 
 
 def validate_file(path: str | os.PathLike, *, extra_plugins: Iterable[object] = (),
@@ -96,6 +99,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     known: dict[str, set[str]] = {s: set(keys) for s, keys in CORE_KEYS.items()}
     known["archive"] = set(ARCHIVE_KEYS)
     known["retention"] = set(RETENTION_KEYS)
+    known["audit"] = set(AUDIT_KEYS)
     for sections in ([role_keys[role]] if role in role_keys else list(role_keys.values())):
         for section, keys in sections.items():
             known.setdefault(section, set()).update(keys)
@@ -129,6 +133,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     if archive is not None and ("archive", archive.backend) not in plugins.storage:
         problem("archive", "backend", f"no archive plugin named {archive.backend!r}")
 
+    audit = collect(lambda: audit_settings(config, check_files=check_files))
     central = gateway = None
     if role == "central":
         from medd.central.settings import central_node_settings
@@ -151,7 +156,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
             check(view)
         except Exception as e:  # a plugin's bug must not hide the other problems
             problem(section, None, f"the check of {source} failed: {type(e).__name__}: {e}")
-    return NodeSettings(config, plugins, central, gateway), problems
+    return NodeSettings(config, plugins, central, gateway, audit), problems
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -30,8 +30,12 @@ class Problem(Exception):
     """An HTTP error answered with an RFC 9457 problem document."""
 
     def __init__(self, status: int, detail: str, *, kind: str | None = None, title: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, who: str | None = None, audited: bool = False):
         super().__init__(detail)
+        # A 401/403 is a refused authentication: recorded in the node's audit trail (with ``who``, if the
+        # credential named someone) unless it already is (``audited``: the ingest records its own).
+        self.who = who
+        self.audited = audited
         self.status = status
         self.detail = detail
         # Problems specific to medd have their own type; plain HTTP errors are about:blank.
@@ -55,7 +59,8 @@ def problem_from_ingest(error: Exception) -> Problem:
         if error.kind == "too-large":
             return Problem(413, error.reason, kind="too-large", title="Object too large")
         if error.kind == "unauthenticated":
-            return Problem(403, error.reason, kind="unauthenticated", title="Sender not authenticated")
+            return Problem(403, error.reason, kind="unauthenticated", title="Sender not authenticated",
+                           audited=error.audited)
         if error.kind == "conflict":
             return Problem(409, error.reason, kind="conflict", title="Identifier already held")
         return Problem(400, error.reason, kind="invalid", title="Invalid object")
@@ -144,6 +149,7 @@ def render_async(request, handler) -> object:
             response = await handler(request)
         except Problem as problem:
             log_refusal(request, problem)
+            await audit_refusal(request, problem)
             if not gone:
                 write_problem(request, problem)
             return
@@ -158,6 +164,22 @@ def render_async(request, handler) -> object:
 
     ensureDeferred(run())
     return NOT_DONE_YET
+
+
+async def audit_refusal(request, problem: Problem) -> None:
+    """Record a 401/403 in the audit trail of the node whose HTTP listener took the request
+    (its site carries the listener's :class:`~medd.plugins.api.TransportAPI`)."""
+    api = getattr(getattr(request, "site", None), "api", None)
+    if problem.status not in (401, 403) or problem.audited or api is None:
+        return
+    problem.audited = True
+    credential = "bearer token" if bearer_token(request) else "session" if request.received_cookies else None
+    try:
+        await api.audit("auth-refused", outcome=4, user=problem.who, credential=credential, peer=client_ip(request),
+                        detail=f"{request.method.decode('latin-1')} {request.path.decode('latin-1', 'replace')}: "
+                               f"{problem.status} {problem.detail}")
+    except Exception:
+        log.failure("cannot record a refusal in the audit trail")
 
 
 def log_refusal(request, problem: Problem) -> None:

@@ -503,3 +503,20 @@ async def test_each_package_of_a_batch_is_marked_by_its_own_reply(make_central, 
     await forwarder.idle()
     states = [(await gateway.forwarding.of_object(ds.SOPInstanceUID)) for ds in dss]
     assert [s.state for s in states] == [SENT, REFUSED, SENT, SENT]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_from_a_modality_is_forwarded_as_a_report(make_central, pki):
+    """The forwarder names a package's attachment from the gateway's index row (it does not open the
+    object again): an SR sent by the centre reaches central as a report of its study, which central
+    accepts only if the Medd-Attachment tells the truth about the content."""
+    central, gateway, _ = await start_pair(make_central, pki)
+    sr = pydicom.dcmread(pydicom.data.get_testdata_file("test-SR.dcm"))
+    stored = await gateway.ingest.receive_dicom(_part10(sr), transport="dicom", origin="CT1")
+    assert stored.created
+    [item] = await gateway.forwarding.waiting_batch(5)
+    assert (item.object_type, item.study_uid) == ("report", sr.StudyInstanceUID)
+    await gateway.gateway.forwarder.kick()
+    record = await central.index.object_by_uid(sr.SOPInstanceUID)
+    assert (record.object_type, record.study_instance_uid, record.origin) == ("report", sr.StudyInstanceUID,
+                                                                            GATEWAY_ADDRESS)

@@ -18,6 +18,7 @@ FORBIDDEN = [
     ("medd.storage", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.plugins", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.ingest", ROLES + ASSEMBLY + ("medd.transports",)),
+    ("medd.audit", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.webresource", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.scheduling", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.package", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),

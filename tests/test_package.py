@@ -84,3 +84,36 @@ def test_medd_package_cli(lookup, tmp_path):
     bad.write_text("hello")
     proc = subprocess.run([str(BIN / "medd"), "package", str(bad), "--to", "x@y.example"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a DICOM Part 10 file" in proc.stderr
+
+
+def test_text_package_keeps_exact_bytes_and_headers_cannot_be_injected(lookup):
+    """A text report travels in base64 (its CRLFs and missing final newline survive); a header value
+    with a line break (which would smuggle a header) is refused when the package is built."""
+    text = "Impression:\r\nno acute findings"
+    content = text_report_content(text, "2.25.10", "2.25.11")
+    data = build_package(content, ReportType().identifier(content), origin="dr@v.example", destination="central.test")
+    msg = email.message_from_bytes(data)
+    assert msg.get_content_type() == "text/plain" and msg.get_param("charset") == "utf-8"
+    assert msg["Content-Transfer-Encoding"] == "base64"
+    assert read_package(data, lookup).content.data == text.encode()
+    with pytest.raises(ValueError, match="line break"):
+        build_package(content, ReportType().identifier(content), origin="dr@v.example",
+                      destination="central.test\r\nMedd-Attachment: image; uid=1.2.3")
+
+
+def test_multipart_packages_are_still_read(lookup):
+    """A package wrapped by a mail client (multipart/mixed with a note beside the object) is read by the
+    full MIME parser; the object part's bytes come back exact."""
+    from email.mime.application import MIMEApplication
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
+    content = parse_part10(testdata("CT_small.dcm"))
+    outer = MIMEMultipart()
+    for name, value in (("From", "ct1@centre-a.example"), ("To", "dr@v.example"), ("Message-ID", "<1@centre-a.example>"),
+                        ("Medd-Attachment", str(ImageType().identifier(content)))):
+        outer[name] = value
+    outer.attach(MIMEText("CT from centre A"))
+    outer.attach(MIMEApplication(content.data, "dicom"))
+    package = read_package(outer.as_bytes(), lookup)
+    assert package.content.data == content.data and package.origin == "ct1@centre-a.example"

@@ -237,6 +237,32 @@ async def test_centre_outbox_carries_receipts_and_results(make_central):
     assert await _count(central, status_events) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_report_that_came_before_the_images_goes_home_with_them(make_central):
+    """A viewer's report on a study central holds no image of yet is attached to no centre; the first
+    of the centre's images of that study then sends it home, and each image is told "reported"."""
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"})
+    directory = central.central_storage.directory
+    centre_token = (await directory.add_centre(CENTRE, aes=["CT1"], addresses=[ADDRESS], token=True)).token
+    viewer_token = (await directory.add_viewer(VIEWER, None, [CENTRE])).token
+    first, second = _ct(".1"), _ct(".2")
+    report = text_report_content("Report before images.", "2.25.8181", first.StudyInstanceUID)
+    await central.ingest.receive_package(
+        build_package(report, ReportType().identifier(report), origin=VIEWER, destination="central.test"),
+        transport="http", credentials=viewer_token)
+    await central.routing.kick()
+    assert await central.central_storage.deliveries.pull_waiting(ADDRESS) == []
+
+    for ds in (first, second):
+        assert await deferToThread(_cstore, listener_port(central, "dicom"), ds, "CT1") == 0
+    await central.routing.kick()
+    base = f"http://127.0.0.1:{listener_port(central, 'http')}"
+    listed = await deferToThread(_outbox, base, centre_token)
+    assert [(i["object_type"], i["uid"]) for i in listed if i["object_type"] != "status"] == [("report", "2.25.8181")]
+    reported = sorted(i["uid"] for i in listed if i.get("event") == "reported")
+    assert reported == sorted([first.SOPInstanceUID, second.SOPInstanceUID])
+
+
 def _status_id(event: str, uid: str):
     from medd.package import AttachmentId
 

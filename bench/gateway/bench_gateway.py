@@ -24,7 +24,7 @@ import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from meddnode import HOST, VENV_BIN, MeddCentral, dcmtk_tool, log  # noqa: E402
+from meddnode import HOST, VENV_BIN, MeddCentral, dcmtk_tool, log, pinned, proc_cpu_s  # noqa: E402
 
 
 class MeddGateway(MeddCentral):
@@ -65,13 +65,18 @@ def make_pki(folder: str) -> dict:
     return {"cert": cert, "key": key, "client": client}
 
 
-def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float) -> float:
+#: With --pin: the node under test (plain central, or the gateway) on CPU 0; storescu and the
+#: central behind the gateway on CPU 1, as if the gateway and central were hosts of their own.
+UNDER_TEST, OTHERS = {0}, {1}
+
+
+def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float, cpus: set[int] | None = None) -> float:
     """Time one storescu of the corpus; checks every object got Success on one association."""
     cmd = [storescu, "-v", "-aet", "BENCHSCU", "-aec", "MEDD", "+sd", "+r", HOST, str(port), cdir]
     subprocess.run(["sync"], check=False)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=timeout)
+                       stderr=subprocess.STDOUT, timeout=timeout, preexec_fn=pinned(cpus))
     dt = time.perf_counter() - t0
     out = p.stdout.decode(errors="replace")
     ok, assoc = out.count("Received Store Response (Success)"), out.count("Requesting Association")
@@ -80,44 +85,53 @@ def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float) ->
     return dt
 
 
-def measure_central(a, cdir: str, n: int, storescu: str) -> float:
+def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
+    """(storescu wall seconds, central's CPU seconds over the run)."""
     node = MeddCentral(os.path.join(a.work, "central"), {"dicom": a.port}, bin_dir=a.bin)
+    node.cpus = UNDER_TEST if a.pin else None
     node.write_config()
     node.start()
     try:
-        dt = storescu_run(storescu, a.port, cdir, n, a.timeout)
+        cpu0 = proc_cpu_s(node.proc.pid)
+        dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+        cpu = proc_cpu_s(node.proc.pid) - cpu0
         if node.stored_count() != n:
             raise SystemExit(f"plain central stored {node.stored_count()} of {n}")
     finally:
         node.stop()
-    return dt
+    return dt, cpu
 
 
-def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float]:
+def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float, float, float]:
+    """(intake s, forwarded s, the gateway's CPU s, the central behind it's CPU s) until all reached central."""
     central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
                           extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
                                 f"client_ca = {pki['cert']}\n")
     gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
                           pki["client"], bin_dir=a.bin)
+    if a.pin:
+        gateway.cpus, central.cpus = UNDER_TEST, OTHERS
     central.write_config()
     gateway.write_config()
     central.start()
     gateway.start()
     try:
+        cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
         t0 = time.perf_counter()
-        intake = storescu_run(storescu, a.port, cdir, n, a.timeout)
+        intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
         deadline = time.monotonic() + a.timeout
         while central.stored_count() < n:
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {central.stored_count()} of {n} reached central within {a.timeout}s")
             time.sleep(0.02)
         forwarded = time.perf_counter() - t0
+        cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
         if central.query("SELECT count(distinct sop_instance_uid) FROM objects")[0][0] != n:
             raise SystemExit("central holds duplicates")
     finally:
         gateway.stop()
         central.stop()
-    return intake, forwarded
+    return intake, forwarded, *cpu
 
 
 def main() -> None:
@@ -129,6 +143,8 @@ def main() -> None:
     ap.add_argument("--bin", default=VENV_BIN, help="folder holding twistd and medd")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the raw rows and the summary here")
+    ap.add_argument("--pin", action="store_true",
+                    help="the node under test on CPU 0; storescu and the central behind the gateway on CPU 1")
     a = ap.parse_args()
     storescu = dcmtk_tool("storescu")
     files = [f for f in os.listdir(a.corpus) if os.path.isfile(os.path.join(a.corpus, f))]
@@ -138,21 +154,27 @@ def main() -> None:
         pki = make_pki(os.path.join(work, "pki"))
         rows = []
         for rep in range(1, a.reps + 1):
-            central = measure_central(a, a.corpus, n, storescu)
-            intake, forwarded = measure_gateway(a, a.corpus, n, storescu, pki)
-            row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded)
+            central, central_cpu = measure_central(a, a.corpus, n, storescu)
+            intake, forwarded, gateway_cpu, behind_cpu = measure_gateway(a, a.corpus, n, storescu, pki)
+            row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded,
+                       central_cpu_s=central_cpu, gateway_cpu_s=gateway_cpu, behind_cpu_s=behind_cpu)
             rows.append(row)
             log(f"rep {rep}: central {n / central:7.1f} obj/s   gateway intake {n / intake:7.1f} obj/s   "
-                f"forwarded {n / forwarded:7.1f} obj/s")
+                f"forwarded {n / forwarded:7.1f} obj/s   CPU ms/obj: central {central_cpu / n * 1000:.2f}, "
+                f"gateway {gateway_cpu / n * 1000:.2f}, central behind it {behind_cpu / n * 1000:.2f}")
     med = {k: statistics.median(n / r[k] for r in rows) for k in ("central_s", "gateway_intake_s", "forwarded_s")}
     c, g, f = med["central_s"], med["gateway_intake_s"], med["forwarded_s"]
     print(f"{n} objects ({a.corpus}), {a.reps} reps, medians:")
     print(f"  plain central intake      {c:7.1f} obj/s   1.00")
     print(f"  gateway intake            {g:7.1f} obj/s   {g / c:.2f} of central")
     print(f"  forwarded to central/TLS  {f:7.1f} obj/s   {f / c:.2f} of central, {f / g:.2f} of gateway intake")
+    cpu = {k: statistics.median(r[k] / n * 1000 for r in rows) for k in ("central_cpu_s", "gateway_cpu_s", "behind_cpu_s")}
+    print(f"  CPU ms/obj: plain central {cpu['central_cpu_s']:.2f}; gateway {cpu['gateway_cpu_s']:.2f} "
+          f"({cpu['gateway_cpu_s'] / cpu['central_cpu_s']:.2f} of central, intake and forwarding); "
+          f"central behind it {cpu['behind_cpu_s']:.2f}")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"rows": rows, "median_obj_s": med}, fh, indent=2)
+            json.dump({"rows": rows, "median_obj_s": med, "median_cpu_ms_per_obj": cpu}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from medd.objects import Content
-from medd.package import AttachmentId, build_package
+from medd.package import AttachmentId, attachment_for, build_package
 from medd.plugins.objecttypes import status_part
 from medd.scheduling import Backoff, CoalescingPass
 from medd.storage.connector import utc
@@ -45,11 +45,8 @@ class RetryPolicy:
 
 def attachment_of(record: ObjectRecord) -> AttachmentId:
     """The Medd-Attachment of an indexed object, from its key information."""
-    if record.object_type == "overlay":
-        return AttachmentId.of("overlay", uid=record.sop_instance_uid, image_uid=record.referenced_image_uid)
-    if record.object_type == "report":
-        return AttachmentId.of("report", uid=record.sop_instance_uid, study_uid=record.study_instance_uid)
-    return AttachmentId.of("image", uid=record.sop_instance_uid)
+    return attachment_for(record.object_type, record.sop_instance_uid, study_uid=record.study_instance_uid,
+                          image_uid=record.referenced_image_uid)
 
 
 def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: str) -> bytes:

@@ -114,7 +114,12 @@ def _receipts(record: ObjectRecord, sender: Sender, queue: list[Queue], hold: li
               lookups: RoutingLookups) -> tuple[list[Queue], list[Tell]]:
     """What goes back to the centre: for its own objects, status packages (received, then routed
     or quarantined); for a viewer's overlay or report on its study, the result itself (and
-    "reported" for each of its images of the study)."""
+    "reported" for each of its images of the study).
+
+    A result can reach central before any image of its study from a centre (the images were
+    quarantined as an unknown centre's, or are still on their way): it was decided with no
+    centre. The first of the centre's images of the study then sends it home, and each image
+    is told "reported" for the reports its study already has."""
     home = lookups.centre_outbox(sender.centre)
     if home is None:
         return [], []
@@ -123,7 +128,14 @@ def _receipts(record: ObjectRecord, sender: Sender, queue: list[Queue], hold: li
         tell = [Tell(home, "received", uid, params=(("time", record.received_at.isoformat()),))]
         tell += [Tell(home, "routed", uid, q.destination, (("viewer", q.destination),)) for q in queue]
         tell += [Tell(home, "quarantined", uid, h.destination or h.reason, (("reason", h.reason),)) for h in hold]
-        return [], tell
+        if record.object_type != "image":
+            return [], tell
+        results = [(r, kind, centre) for r, kind, centre in lookups.study_results(record.study_instance_uid)
+                   if centre in (None, sender.centre)]
+        late = [Queue(home, f"result home to centre {sender.centre} (it came before the study's images)", uid=r)
+                for r, _, centre in results if centre is None]
+        tell += [Tell(home, "reported", uid, r, (("report", r),)) for r, kind, _ in results if kind == "report"]
+        return late, tell
     tell = []
     if record.object_type == "report":
         tell = [Tell(home, "reported", image, uid, (("report", uid),))

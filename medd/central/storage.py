@@ -18,10 +18,16 @@ class CentralStorage:
     tracking: Tracking
 
     @classmethod
-    def over(cls, database, clock) -> "CentralStorage":
-        """The connectors of ``database``, every stamp taken from ``clock`` (the reactor in a node)."""
-        return cls(Directory(database, clock), Routing(database, clock), Deliveries(database, clock),
-                   Tracking(database, clock))
+    def over(cls, database, clock, *, audit=None) -> "CentralStorage":
+        """The connectors of ``database``, every stamp taken from ``clock`` (the reactor in a node).
+        With ``audit`` (a :class:`~medd.audit.AuditTrail`), deliveries and route corrections are
+        recorded in it, in their own transactions."""
+        from medd.audit import correction_recorder, export_recorder
+
+        exported = export_recorder(audit) if audit is not None else None
+        corrected = correction_recorder(audit) if audit is not None else None
+        return cls(Directory(database, clock), Routing(database, clock, corrected),
+                   Deliveries(database, clock, exported), Tracking(database, clock))
 
     @property
     def clock(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from twisted.web.resource import Resource
 
@@ -19,8 +20,11 @@ from medd.storage.directory import DirectoryError, OutboxOwner
 from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
 from medd.central.storage import CentralStorage
+from medd.audit import AuditTrail, audit_time, credential_change, record_json
 from medd.ingest import Ingest
-from medd.webresource import Problem, ProblemResource, Response, json_response, render_async, require_bearer
+from medd.storage.audit import AuditFilter
+from medd.webresource import (Problem, ProblemResource, Response, client_ip, json_response, render_async,
+                              require_bearer)
 
 RFC822 = "message/rfc822"
 
@@ -52,6 +56,7 @@ class CentralWeb:
     storage: CentralStorage
     routing: RoutingService
     ingest: Ingest
+    audit: AuditTrail
 
 
 class _Authenticated(ProblemResource):
@@ -71,8 +76,14 @@ class _Authenticated(ProblemResource):
         token = require_bearer(request)
         name = await self.storage.directory.admin_by_token(token)
         if name is None:
-            raise Problem(403, "an administrator token is required", kind="forbidden")
+            owner = await self.storage.directory.outbox_owner(token)
+            raise Problem(403, "an administrator token is required", kind="forbidden",
+                          who=owner.address if owner is not None else None)
         return name
+
+    def record(self, request, event: str, **fields):
+        """Deferred: ``event`` recorded in the audit trail, with the request's peer address."""
+        return self.central.audit.record(event, peer=client_ip(request), transport="http", **fields)
 
 
 # -- /outbox -----------------------------------------------------------------------------------------
@@ -96,6 +107,8 @@ class OutboxResource(_Authenticated):
     async def _list(self, request) -> Response:
         owner = await self.outbox_owner(request)
         waiting = await self.storage.deliveries.pull_waiting(owner.address)
+        await self.record(request, "query", user=owner.address, credential=owner.address,
+                          detail=f"GET /outbox: {len(waiting)} waiting")
         return json_response(200, [_listed(w.delivery, w.record) for w in waiting])
 
 
@@ -139,6 +152,11 @@ class OutboxItem(_Authenticated):
         pulled = self._found(await self.storage.deliveries.pull_request(require_bearer(request), self.delivery_id))
         delivery = pulled.delivery
         package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
+        r = pulled.record
+        await self.record(request, "retrieve", user=pulled.owner.address, credential=pulled.owner.address,
+                          patient_id=r.patient_id if r else None, study_instance_uid=r.study_instance_uid if r else None,
+                          series_instance_uid=r.series_instance_uid if r else None, sop_instance_uid=delivery.uid,
+                          detail=f"GET /outbox/{delivery.id}")
         if delivery.state == "queued":
             await self.storage.deliveries.mark_sent(delivery.id, delivery.attempts + 1, f"fetched by {pulled.owner.address}")
         return Response(200, RFC822, package, {"Medd-Delivery": str(delivery.id)})
@@ -174,6 +192,7 @@ class ApiResource(_Authenticated):
         self.putChild(b"centres", CentresResource(central))
         self.putChild(b"routes", RoutesResource(central))
         self.putChild(b"conflicts", ConflictsResource(central))
+        self.putChild(b"audit", AuditResource(central))
 
 
 class ObjectsResource(_Authenticated):
@@ -192,8 +211,10 @@ class ObjectResource(_Authenticated):
         return render_async(request, self._get)
 
     async def _get(self, request) -> Response:
-        await self.admin(request)
+        admin = await self.admin(request)
         history = await self.storage.tracking.object_history(self.uid)
+        await self.record(request, "query", user=admin, credential=admin, sop_instance_uid=self.uid[:64],
+                          detail=f"GET /api/objects: {'found' if history else 'not found'}")
         if history is None:
             raise Problem(404, f"no object {self.uid}")
         return json_response(200, history_json(history))
@@ -209,11 +230,12 @@ class ConflictsResource(_Authenticated):
         return render_async(request, self._list)
 
     async def _list(self, request) -> Response:
-        await self.admin(request)
+        admin = await self.admin(request)
         raw = request.args.get(b"limit", [b"100"])[0]
         if not raw.isdigit() or not 0 < int(raw) <= 1000:
             raise Problem(400, "limit is a whole number from 1 to 1000", kind="invalid")
         found = await self.central.ingest.index.conflicts(int(raw))
+        await self.record(request, "query", user=admin, credential=admin, detail=f"GET /api/conflicts: {len(found)}")
         return json_response(200, [
             {**dataclasses.asdict(c), "refused_at": c.refused_at.isoformat()} for c in found])
 
@@ -231,9 +253,11 @@ class QuarantineResource(_Authenticated):
         return render_async(request, self._list)
 
     async def _list(self, request) -> Response:
-        await self.admin(request)
+        admin = await self.admin(request)
         state = request.args.get(b"state", [b"held"])[0].decode() or None
         entries = await self.storage.routing.quarantined(None if state == "all" else state)
+        await self.record(request, "query", user=admin, credential=admin,
+                          detail=f"GET /api/quarantine: {len(entries)}")
         return json_response(200, [quarantine_json(e) for e in entries])
 
 
@@ -294,13 +318,15 @@ class ViewersResource(_Collection):
         return json_response(200, [dataclasses.asdict(v) for v in viewers])
 
     async def _add(self, request) -> Response:
-        await self.admin(request)
+        admin = await self.admin(request)
         body = await _json_body(request, self.central)
         try:
             added = await self.storage.directory.add_viewer(body.get("address", ""), body.get("push"),
                                                             body.get("authorise", []))
         except DirectoryError as e:
             raise Problem(409, str(e), kind="directory") from e
+        await credential_change(self.central.audit, "viewer token issued", added.viewer.address, action="C", admin=admin,
+                                peer=client_ip(request), transport="http")
         return json_response(201, {**dataclasses.asdict(added.viewer), "token": added.token})
 
 
@@ -319,7 +345,7 @@ class CentresResource(_Collection):
         return json_response(200, [_centre_json(c) for c in await self.storage.directory.centres()])
 
     async def _add(self, request) -> Response:
-        await self.admin(request)
+        admin = await self.admin(request)
         body = await _json_body(request, self.central)
         lists = {key: body.get(key, []) for key in ("ae", "address", "network")}
         if not body.get("name") or not all(isinstance(v, list) for v in lists.values()):
@@ -329,6 +355,9 @@ class CentresResource(_Collection):
                                                             token=bool(body.get("token")))
         except DirectoryError as e:
             raise Problem(409, str(e), kind="directory") from e
+        if added.token:
+            await credential_change(self.central.audit, "centre token issued", added.centre.name, action="C", admin=admin,
+                                    peer=client_ip(request), transport="http")
         return json_response(201, {**_centre_json(added.centre), **({"token": added.token} if added.token else {})})
 
 
@@ -350,6 +379,69 @@ class RoutesResource(_Collection):
         return json_response(201, dataclasses.asdict(rule))
 
 
-def central_resources(storage: CentralStorage, routing: RoutingService, ingest: Ingest) -> dict[bytes, Resource]:
-    central = CentralWeb(storage, routing, ingest)
+# -- /api/audit -----------------------------------------------------------------------------------------
+
+AUDIT_PAGE = 100
+AUDIT_MAX_PAGE = 1000
+
+
+def audit_filter(args: dict[str, str]) -> AuditFilter:
+    """The filter of ``GET /api/audit`` (and ``medd audit``): ``since``, ``until`` (ISO 8601), ``patient``,
+    ``user``, ``event``, ``after`` (the last id of the previous page); ValueError names the bad one."""
+    from medd.audit import EVENTS
+
+    def when(key):
+        if not args.get(key):
+            return None
+        try:
+            return audit_time(args[key])
+        except ValueError:
+            raise ValueError(f"{key}={args[key][:40]!r} is not an ISO 8601 date or time") from None
+
+    event = args.get("event") or None
+    if event is not None and event not in EVENTS:
+        raise ValueError(f"event={event[:40]!r} is none of {', '.join(EVENTS)}")
+    after = args.get("after") or "0"
+    if not after.isdigit() or len(after) > 18:
+        raise ValueError(f"after={after[:40]!r} is not a record id")
+    return AuditFilter(since=when("since"), until=when("until"), patient_id=args.get("patient") or None,
+                       user=args.get("user") or None, event=event, after_id=int(after))
+
+
+class AuditResource(_Authenticated):
+    """``GET /api/audit?since=&until=&patient=&user=&event=&after=&limit=``: the audit trail, oldest first,
+    a page of at most ``limit`` (100, at most 1000); ``next`` is the URL of the next page."""
+
+    isLeaf = True
+    KEYS = ("since", "until", "patient", "user", "event", "after", "limit")
+
+    def render_GET(self, request):
+        return render_async(request, self._list)
+
+    async def _list(self, request) -> Response:
+        admin = await self.admin(request)
+        args = {k.decode("latin-1"): v[0].decode("utf-8", "replace") for k, v in request.args.items()}
+        unknown = sorted(set(args) - set(self.KEYS))
+        if unknown:
+            raise Problem(400, f"unknown query key {unknown[0][:40]!r}; supported: {', '.join(self.KEYS)}", kind="invalid")
+        raw = args.get("limit") or str(AUDIT_PAGE)
+        if not raw.isdigit() or not 0 < int(raw) <= AUDIT_MAX_PAGE:
+            raise Problem(400, f"limit is a whole number from 1 to {AUDIT_MAX_PAGE}", kind="invalid")
+        try:
+            where = audit_filter(args)
+        except ValueError as e:
+            raise Problem(400, str(e), kind="invalid") from e
+        records = await self.central.audit.search(where, int(raw))
+        # Reading the trail is itself an access (ATNA "Audit Log Used" is a query of it).
+        await self.record(request, "query", user=admin, credential=admin, patient_id=where.patient_id,
+                          detail=f"GET /api/audit: {len(records)} records")
+        body = {"records": [record_json(r) for r in records], "next": None}
+        if len(records) == int(raw):
+            body["next"] = "/api/audit?" + urlencode({**{k: v for k, v in args.items() if v}, "after": records[-1].id})
+        return json_response(200, body)
+
+
+def central_resources(storage: CentralStorage, routing: RoutingService, ingest: Ingest,
+                      audit: AuditTrail) -> dict[bytes, Resource]:
+    central = CentralWeb(storage, routing, ingest, audit)
     return {b"outbox": OutboxResource(central), b"api": ApiResource(central)}

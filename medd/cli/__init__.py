@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     add_archive_commands(sub)
 
     from medd.cli.admin import add_admin_commands
+    from medd.cli.audit import add_audit_commands
+
+    add_audit_commands(sub)
 
     add_admin_commands(sub)
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from medd.central import routing
 from medd.central.storage import CentralStorage
 from medd.central.tracking import history_json, quarantine_json
+from medd.cli.audit import cli_audit_trail, record_credential_change
 from medd.config import load_config
 from medd.storage.database import WallClock, open_database, resolved
 from medd.storage.directory import DirectoryError
@@ -28,7 +29,7 @@ def _central(args):
     config = load_config(args.config)
     database = open_database(config)
     try:
-        yield CentralStorage.over(database, WallClock())
+        yield CentralStorage.over(database, WallClock(), audit=cli_audit_trail(config, database))
     finally:
         database.stop()
 
@@ -89,6 +90,8 @@ def viewers_add(args):
                                                           client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    record_credential_change(args.config, "viewer token" + (" and client certificate" if issued else "") + " issued",
+                             added.viewer.address, "C")
     print(added.token)
     print(f"viewer {added.viewer.address} added ({added.viewer.mode}); the line above is its token, shown once", file=sys.stderr)
 
@@ -102,6 +105,7 @@ def viewers_list(args):
 @_guard
 def viewers_remove(args):
     _run(args, lambda s: s.directory.remove_viewer(args.address))
+    record_credential_change(args.config, "viewer removed: its token and certificate revoked", args.address, "D")
 
 
 @_guard
@@ -132,6 +136,10 @@ def centres_add(args):
                                                         token=args.token, client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    if added.token or issued:
+        record_credential_change(args.config, "centre " + " and ".join(
+            w for w, given in (("token", added.token), ("client certificate", issued)) if given) + " issued",
+            added.centre.name, "C")
     centre = added.centre
     print(f"centre {centre.name}: " + ", ".join(f"{k} {v}" for k, v in centre.aliases) + _credentials(centre))
     if added.token:
@@ -142,6 +150,7 @@ def centres_add(args):
 @_guard
 def centres_token(args):
     token = _run(args, lambda s: s.directory.issue_centre_token(args.name))
+    record_credential_change(args.config, "centre token replaced (the old one revoked)", args.name, "U")
     print(token)
     print(f"centre {args.name} has a new token (the line above, shown once); the old one no longer works", file=sys.stderr)
 
@@ -154,7 +163,9 @@ def centres_list(args):
 
 @_guard
 def admins_add(args):
-    print(_run(args, lambda s: s.directory.add_admin(args.name)))
+    token = _run(args, lambda s: s.directory.add_admin(args.name))
+    record_credential_change(args.config, "administrator token issued", args.name, "C")
+    print(token)
 
 
 @_guard

@@ -36,6 +36,10 @@ def users_add(args) -> int:
     try:
         password = _read_password(args)
         _with_accounts(args, lambda accounts: add_user(accounts, args.name, password, replace=args.replace))
+        from medd.cli.audit import record_credential_change
+
+        record_credential_change(args.config, "reading-room password " + ("replaced" if args.replace else "set"),
+                                 args.name, "U" if args.replace else "C")
     except (UserError, OSError) as e:
         print(f"medd: {e}", file=sys.stderr)
         return 2

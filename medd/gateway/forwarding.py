@@ -23,8 +23,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from medd.ingest import StoreFailed
-from medd.objects import InvalidObject
-from medd.package import build_package, decode_content
+from medd.objects import Content, InvalidObject
+from medd.package import attachment_for, build_package, decode_content
 from medd.plugins.interfaces import IBatchSender
 from medd.scheduling import CoalescingPass
 from medd.storage.forwarding import LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, Forwarding, ForwardingItem
@@ -143,14 +143,22 @@ class ForwardingService(Service):
         return sent
 
     def _package(self, item: ForwardingItem, data: bytes) -> bytes:
-        """Blocking: the object's package, From the centre, To central, with the item's Message-ID."""
-        content = decode_content("application/dicom", data)
-        for object_type in self.object_types:
-            if object_type.recognise(content):
-                attachment = object_type.identifier(content)
-                break
+        """Blocking: the object's package, From the centre, To central, with the item's Message-ID.
+
+        Its Medd-Attachment comes from the object's index row; an object
+        queued without one is opened to name it."""
+        if item.object_type is not None:
+            content = Content(media_type="application/dicom", data=data)
+            attachment = attachment_for(item.object_type, item.uid, study_uid=item.study_uid,
+                                        image_uid=item.referenced_image_uid)
         else:
-            raise InvalidObject("no object type carries this content")
+            content = decode_content("application/dicom", data)
+            for object_type in self.object_types:
+                if object_type.recognise(content):
+                    attachment = object_type.identifier(content)
+                    break
+            else:
+                raise InvalidObject("no object type carries this content")
         return build_package(content, attachment, origin=self.settings.address,
                              destination=self.settings.central_name, message_id=item.message_id)
 

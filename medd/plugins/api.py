@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -85,7 +85,7 @@ class TransportAPI:
 
     def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
                  tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None,
-                 limits: ConnectionLimits = ConnectionLimits()):
+                 limits: ConnectionLimits = ConnectionLimits(), audit=None):
         self.reactor = reactor
         self._ingest = ingest
         self.transport = transport
@@ -101,6 +101,14 @@ class TransportAPI:
         self.web_resources: Mapping[bytes, object] = web_resources
         #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).
         self.queries = queries
+        self._audit = audit
+
+    def audit(self, event: str, **fields) -> Deferred:
+        """Record an access or a refusal in the node's audit trail (:meth:`medd.audit.AuditTrail.record`:
+        ``event`` is one of :data:`medd.audit.EVENTS`); Deferred None once it is committed."""
+        if self._audit is None:
+            return succeed(None)
+        return self._audit.record(event, transport=fields.pop("transport", self.transport), **fields)
 
     def receive_dicom(self, data: bytes, *, origin: str, peer: str | None = None, transport: str | None = None) -> Deferred:
         """Ingest a bare DICOM Part 10 object; Deferred :class:`medd.ingest.Stored`.
@@ -139,10 +147,10 @@ class TransportAPI:
         ``medd_check_access`` policy says, and a refusal when none answers."""
         return check_access(self._ingest.plugins.manager, claim)
 
-    def pixel_data_retrieved(self, uid: str, who: str) -> Deferred:
-        """Tell the node's ``medd_pixel_data_retrieved`` hooks that ``who`` was sent the pixel data of
-        ``uid``; Deferred None once they are done (a hook's failure is logged, never raised)."""
-        return pixel_data_retrieved(self._ingest.plugins.manager, uid, who)
+    def pixel_data_retrieved(self, uid: str, who: str, peer: str | None = None) -> Deferred:
+        """Tell the node's ``medd_pixel_data_retrieved`` hooks that ``who`` (at ``peer``) was sent the pixel
+        data of ``uid``; Deferred None once they are done (a hook's failure is logged, never raised)."""
+        return pixel_data_retrieved(self._ingest.plugins.manager, uid, who, peer)
 
 
 def check_access(manager, claim) -> Deferred:
@@ -159,11 +167,11 @@ def check_access(manager, claim) -> Deferred:
     return ensureDeferred(decide())
 
 
-def pixel_data_retrieved(manager, uid: str, who: str) -> Deferred:
+def pixel_data_retrieved(manager, uid: str, who: str, peer: str | None) -> Deferred:
     from medd.plugins.host import hook_value
 
     async def notify():
-        for result in manager.hook.medd_pixel_data_retrieved(uid=uid, who=who):
+        for result in manager.hook.medd_pixel_data_retrieved(uid=uid, who=who, peer=peer):
             try:
                 await hook_value(result)
             except Exception:

@@ -208,15 +208,25 @@ def mark_opened(conn: Connection, uid: str, viewer: str, user: str | None, when:
     return len(rows)
 
 
-def mark_delivered(conn: Connection, delivery: Delivery, at: datetime, detail: str) -> None:
-    """Move a delivery to delivered, and tell the object's centre that its object reached the viewer."""
+def mark_delivered(conn: Connection, delivery: Delivery, at: datetime, detail: str, exported=None) -> None:
+    """Move a delivery to delivered, and tell the object's centre that its object reached the viewer.
+    ``exported(conn, delivery, detail)``, if given, records the export in the same transaction."""
     set_state(conn, delivery.id, "delivered", at, detail, next_attempt_at=None, last_error=None)
+    if exported is not None:
+        exported(conn, delivery, detail)
     if delivery.status is None:
         tell_centre(conn, delivery.uid, "delivered", at, delivery.destination, viewer=delivery.destination,
                     time=at.isoformat())
 
 
 class Deliveries(Connector):
+    """The outbox. ``exported(conn, delivery, detail)`` is called in the transaction that moves a
+    delivery to delivered (central's audit trail records the export there)."""
+
+    def __init__(self, database, clock, exported=None):
+        super().__init__(database, clock)
+        self.exported = exported
+
     """The outbox. Every method returns a Deferred and is one transaction; every
     state change is stamped from the injected clock."""
 
@@ -247,7 +257,7 @@ class Deliveries(Connector):
         def thd(conn) -> None:
             row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
             if row is not None:
-                mark_delivered(conn, Delivery.from_row(row), at, detail)
+                mark_delivered(conn, Delivery.from_row(row), at, detail, self.exported)
 
         return self.db.run(thd)
 
@@ -290,7 +300,7 @@ class Deliveries(Connector):
                 return PullRequest(None)
             delivery = delivery_for(conn, delivery_id, owner.address)
             if delivery is not None and delivery.state in PENDING:
-                mark_delivered(conn, delivery, at, f"acknowledged by {owner.address}")
+                mark_delivered(conn, delivery, at, f"acknowledged by {owner.address}", self.exported)
             return PullRequest(owner, delivery)
 
         return self.db.run(thd)

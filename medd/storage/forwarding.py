@@ -44,12 +44,17 @@ class ForwardingItem:
     last_attempt_at: datetime | None
     queued_at: datetime
     sent_at: datetime | None
+    # From the object's index row, when the query joined it (:func:`waiting_batch`):
+    # what its package's Medd-Attachment is made of, without opening the object.
+    object_type: str | None = None
+    referenced_image_uid: str | None = None
 
     @classmethod
     def from_row(cls, r) -> "ForwardingItem":
+        m = r._mapping
         return cls(r.id, r.uid, r.study_uid, r.message_id, r.digest, r.size, r.state, r.attempts,
                    aware(r.next_attempt_at), r.last_error, aware(r.last_attempt_at), aware(r.queued_at),
-                   aware(r.sent_at))
+                   aware(r.sent_at), m.get("object_type"), m.get("referenced_image_uid"))
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,11 @@ class CentralReceipt:
         return cls(r.uid, r.event, r.viewer, r.user, r.event_time, r.reason, aware(r.received_at))
 
 
-def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: datetime) -> bool:
-    """Queue ``record`` once (by UID); False if it was queued before."""
-    if conn.execute(select(gateway_forwarding.c.id).where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
+def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: datetime, *, new: bool = False) -> bool:
+    """Queue ``record`` once (by UID); False if it was queued before. ``new``: its index row is
+    being inserted in this transaction, so it cannot have been queued (the UID is unique in both)."""
+    if not new and conn.execute(select(gateway_forwarding.c.id)
+                                .where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
         return False
     conn.execute(gateway_forwarding.insert().values(
         uid=record.sop_instance_uid, study_uid=record.study_instance_uid, message_id=message_id, digest=record.digest,
@@ -149,7 +156,7 @@ def queue_new_object(message_id: Callable[[], str], *, results: bool = False) ->
 
     def queue_with_index(conn: Connection, record: ObjectRecord) -> None:
         if record.transport not in NOT_FORWARDED_TRANSPORTS:
-            queue_object(conn, record, message_id(), record.received_at)
+            queue_object(conn, record, message_id(), record.received_at, new=True)
         elif results and record.object_type in RESULT_TYPES:
             queue_result(conn, record, record.received_at, result_skip_reason(record))
 
@@ -173,8 +180,10 @@ def head_of_line(conn: Connection) -> ForwardingItem | None:
 
 def waiting_batch(conn: Connection, limit: int) -> list[ForwardingItem]:
     """The head of line and up to ``limit - 1`` waiting behind it, in arrival order."""
-    rows = conn.execute(select(gateway_forwarding).where(gateway_forwarding.c.state == WAITING)
-                        .order_by(gateway_forwarding.c.id).limit(limit))
+    f = gateway_forwarding
+    rows = conn.execute(select(f, objects.c.object_type, objects.c.referenced_image_uid)
+                        .outerjoin(objects, objects.c.sop_instance_uid == f.c.uid)
+                        .where(f.c.state == WAITING).order_by(f.c.id).limit(limit))
     return [ForwardingItem.from_row(r) for r in rows]
 
 

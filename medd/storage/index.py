@@ -394,9 +394,18 @@ class ObjectIndex(Connector):
     """The object index of a node, whatever its role. Every method returns a Deferred."""
 
     def store_object(self, record: ObjectRecord, receipt: Receipt | None = None,
-                     with_new: Callable[[Connection, ObjectRecord], None] | None = None):
-        """Deferred :class:`StoreOutcome`; see :func:`store_object`."""
-        return self.db.run(lambda conn: store_object(conn, record, receipt, with_new))
+                     with_new: Callable[[Connection, ObjectRecord], None] | None = None,
+                     then: Callable[[Connection, StoreOutcome], None] | None = None):
+        """Deferred :class:`StoreOutcome`; see :func:`store_object`. ``then(conn, outcome)``
+        writes what the outcome calls for in the same transaction (the ingest's audit record)."""
+
+        def run(conn):
+            outcome = store_object(conn, record, receipt, with_new)
+            if then is not None:
+                then(conn, outcome)
+            return outcome
+
+        return self.db.run(run)
 
     def conflicts(self, limit: int = 100, offset: int = 0):
         """Deferred list of :class:`Conflict`, newest first: what was refused as already held."""

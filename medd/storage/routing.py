@@ -32,10 +32,11 @@ class CorrectionError(ValueError):
 
 @dataclass(frozen=True)
 class Queue:
-    """Part of a decision: queue the object for ``destination``."""
+    """Part of a decision: queue the object (or another, ``uid``) for ``destination``."""
 
     destination: str
     detail: str
+    uid: str | None = None  # another object than the decision's: a result that found its centre late
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,15 @@ class RoutingLookups:
             .limit(1)
         ).scalar()
 
+    def study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
+        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first."""
+        return [tuple(r) for r in self.conn.execute(
+            select(objects.c.sop_instance_uid, objects.c.object_type, routing_decisions.c.centre)
+            .join(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid)
+            .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type.in_(("overlay", "report"))))
+            .order_by(objects.c.id)
+        )]
+
     def centre_images(self, study_uid: str, centre: str) -> list[str]:
         """UIDs of the images of a study that came from ``centre``, oldest first."""
         return list(self.conn.execute(
@@ -188,7 +198,7 @@ def record_decision(conn: Connection, decision: RoutingDecision, at: datetime) -
     for hold in decision.hold:
         _hold(conn, decision.uid, hold, at)
     for queued in decision.queue:
-        queue_delivery(conn, decision.uid, queued.destination, at, queued.detail)
+        queue_delivery(conn, queued.uid or decision.uid, queued.destination, at, queued.detail)
     for told in decision.tell:
         queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
     conn.execute(routing_decisions.insert().values(uid=decision.uid, centre=decision.centre, outcome=decision.outcome,
@@ -231,7 +241,8 @@ def _held(conn: Connection, entry_id: int):
     return row
 
 
-def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, verify: Verify, at: datetime) -> int:
+def correct_route(conn: Connection, entry_id: int, destination: str, admin: str, verify: Verify, at: datetime,
+                  corrected=None) -> int:
     """Re-verify with the new destination; release and queue it, or raise CorrectionError."""
     row = _held(conn, entry_id)
     destination = destination.strip().lower()
@@ -243,18 +254,30 @@ def correct_route(conn: Connection, entry_id: int, destination: str, admin: str,
         quarantine_id=entry_id, admin=admin, action="route", old_route=row.destination, new_route=destination, at=at))
     delivery_id = queue_delivery(conn, row.uid, destination, at, f"released from quarantine by {admin}")
     tell_centre(conn, row.uid, "routed", at, destination, viewer=destination)
+    if corrected is not None:
+        corrected(conn, row.uid, admin, "U", f"quarantine entry {entry_id} routed to {destination} "
+                                             f"(was {row.destination or 'none'})")
     return delivery_id or 0
 
 
-def reject(conn: Connection, entry_id: int, reason: str, admin: str, at: datetime) -> None:
+def reject(conn: Connection, entry_id: int, reason: str, admin: str, at: datetime, corrected=None) -> None:
     row = _held(conn, entry_id)
+    if corrected is not None:
+        corrected(conn, row.uid, admin, "D", f"quarantine entry {entry_id} rejected: {reason}")
     conn.execute(update(quarantine).where(quarantine.c.id == entry_id).values(state="rejected", resolved_at=at))
     conn.execute(corrections.insert().values(
         quarantine_id=entry_id, admin=admin, action="reject", old_route=row.destination, new_route=None, reason=reason, at=at))
 
 
 class Routing(Connector):
-    """Routing decisions and the quarantine. Every method returns a Deferred and is one transaction."""
+    """Routing decisions and the quarantine. Every method returns a Deferred and is one transaction.
+
+    ``corrected(conn, uid, admin, action, detail)`` is called in the transaction of an administrator's
+    correction (central's audit trail records it there, whether it came from the CLI or the API)."""
+
+    def __init__(self, database, clock, corrected=None):
+        super().__init__(database, clock)
+        self.corrected = corrected
 
     def route_undecided(self, policy: Policy, after_id: int = 0, limit: int = 200):
         """Deferred :class:`RoutingPass`: up to ``limit`` objects with ids above ``after_id`` and no
@@ -275,8 +298,8 @@ class Routing(Connector):
         """Deferred id of the queued delivery; fails with :class:`CorrectionError` (nothing
         changed) unless the entry is held and ``verify`` finds no reason to refuse."""
         at = self.now()
-        return self.db.run(lambda conn: correct_route(conn, entry_id, destination, admin, verify, at))
+        return self.db.run(lambda conn: correct_route(conn, entry_id, destination, admin, verify, at, self.corrected))
 
     def reject(self, entry_id: int, reason: str, admin: str):
         at = self.now()
-        return self.db.run(lambda conn: reject(conn, entry_id, reason, admin, at))
+        return self.db.run(lambda conn: reject(conn, entry_id, reason, admin, at, self.corrected))

@@ -163,6 +163,42 @@ archived_objects = Table(
 Index("ix_objects_study_series", objects.c.study_instance_uid, objects.c.series_instance_uid)
 
 
+# --- the audit trail: one row per access, append-only (PS3.15 A.5 / RFC 3881) --------------
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("node", String(255), nullable=False),
+    # What happened: medd's name for it (store, query, ...), the ATNA EventActionCode (C/R/U/D/E)
+    # and the RFC 3881 EventOutcomeIndicator (0, 4, 8, 12).
+    Column("event", String(32), nullable=False, index=True),
+    Column("action", String(1), nullable=False),
+    Column("outcome", Integer, nullable=False),
+    # Who: a person or account name, the credential it used, the network address, how it came.
+    Column("user", String(255), index=True),
+    Column("credential", String(255)),
+    Column("peer", String(255)),
+    Column("transport", String(16)),
+    # What: the patient and the objects, where known.
+    Column("patient_id", String(64), index=True),
+    Column("study_instance_uid", UID),
+    Column("series_instance_uid", UID),
+    Column("sop_instance_uid", UID, index=True),
+    Column("detail", Text),
+)
+
+# How far the audit trail has been sent to each syslog (the audit table itself is never updated).
+audit_forwarded = Table(
+    "audit_forwarded",
+    metadata,
+    Column("target", String(255), primary_key=True),
+    Column("last_id", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def all_tables() -> MetaData:
     """``metadata`` with every table medd declares: the modules of central's, the
     viewer's and the gateway's tables register theirs on it when imported."""

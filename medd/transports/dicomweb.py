@@ -468,8 +468,11 @@ class DicomWebResource(ProblemResource):
             if routed is None:
                 raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
             handler, uids = routed
-            request.medd_claimant = await self._authorise(request, self.ACTIONS[handler.__name__])
-            return await handler(request, *uids)
+            action = self.ACTIONS[handler.__name__]
+            who = await self._authorise(request, action)
+            if action == "store":  # each stored instance is recorded by the ingest
+                return await handler(request, *uids)
+            return await handler(request, *uids, who=who)
 
         return render_async(request, handle)
 
@@ -484,22 +487,30 @@ class DicomWebResource(ProblemResource):
 
     # -- QIDO-RS --
 
-    async def _search_studies(self, request) -> Response:
+    async def _search_studies(self, request, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_studies(query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, study_dataset, rows)
+        return await self._results(request, query, study_dataset, rows, who)
 
-    async def _search_series(self, request, study: str | None = None) -> Response:
+    async def _search_series(self, request, study: str | None = None, *, who: str) -> Response:
         query = parse_query(request)
         rows = await self.api.queries.search_series(study, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, series_dataset, rows)
+        return await self._results(request, query, series_dataset, rows, who, study)
 
-    async def _search_instances(self, request, study: str | None = None, series: str | None = None) -> Response:
+    async def _search_instances(self, request, study: str | None = None, series: str | None = None, *,
+                                who: str) -> Response:
         query = parse_query(request)
         records = await self.api.queries.search_instances(study, series, query.matches, query.limit + 1, query.offset)
-        return await self._results(request, query, instance_dataset, records)
+        return await self._results(request, query, instance_dataset, records, who, study, series)
 
-    async def _results(self, request, query: Query, to_dataset, rows: list) -> Response:
+    async def _results(self, request, query: Query, to_dataset, rows: list, who: str, study: str | None = None,
+                       series: str | None = None) -> Response:
+        patients = {row.get("patient_id") if isinstance(row, dict) else row.patient_id for row in rows[: query.limit]}
+        patients.discard(None)
+        await self.api.audit(
+            "query", user=who, peer=client_ip(request), study_instance_uid=study, series_instance_uid=series,
+            patient_id=patients.pop() if len(patients) == 1 else None,
+            detail=f"QIDO-RS {request.uri.decode('latin-1', 'replace')[:512]}: {min(len(rows), query.limit)} found")
         headers = {}
         if len(rows) > query.limit:
             rows = rows[: query.limit]
@@ -528,11 +539,22 @@ class DicomWebResource(ProblemResource):
             raise Problem(404, f"no such {what} is stored here", kind="not-found")
         return found
 
-    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None):
+    async def _audit_retrieve(self, request, who: str, records: list[ObjectRecord], what: str) -> None:
+        patients = {r.patient_id for r in records} - {None}
+        first = records[0]
+        await self.api.audit(
+            "retrieve", user=who, peer=client_ip(request), patient_id=patients.pop() if len(patients) == 1 else None,
+            study_instance_uid=first.study_instance_uid,
+            series_instance_uid=first.series_instance_uid if len({r.series_instance_uid for r in records}) == 1 else None,
+            sop_instance_uid=first.sop_instance_uid if len(records) == 1 else None,
+            detail=f"WADO-RS {what} of {len(records)} instance{'s' if len(records) != 1 else ''}")
+
+    async def _retrieve(self, request, study: str, series: str | None = None, sop: str | None = None, *, who: str):
         accept = (request.getHeader("accept") or "*/*").lower()
         if not any(m in accept for m in ("multipart/related", "*/*", "multipart/*", DICOM)):
             raise Problem(406, f"instances are served as multipart/related; type=\"{DICOM}\", not {accept}")
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "instances")
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         boundary = uuid.uuid4().hex
@@ -566,12 +588,14 @@ class DicomWebResource(ProblemResource):
         request.unregisterProducer()
         request.finish()
         for record in records:
-            await self.api.pixel_data_retrieved(record.sop_instance_uid, request.medd_claimant)
+            await self.api.pixel_data_retrieved(record.sop_instance_uid, who, client_ip(request))
         return None
 
-    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None):
+    async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
+                        who: str):
         """The dicom+json of each instance without its pixel data, streamed one stored object at a time."""
         records = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, records, "metadata")
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         request.setResponseCode(200)
@@ -599,7 +623,8 @@ class DicomWebResource(ProblemResource):
         request.finish()
         return None
 
-    async def _frames(self, request, study: str, series: str, sop: str, numbers: list[int]) -> Response:
+    async def _frames(self, request, study: str, series: str, sop: str, numbers: list[int], *,
+                      who: str) -> Response:
         """Frames of one instance as multipart/related, in the stored transfer syntax when the client
         accepts it, else Explicit VR Little Endian (PS3.18 8.7.3)."""
         accepted = parse_accept(request.getHeader("accept"))
@@ -607,6 +632,7 @@ class DicomWebResource(ProblemResource):
             raise Problem(406, "frames are served as multipart/related; type=\"application/octet-stream\" (or the "
                                "stored image media type), not " + (request.getHeader("accept") or ""))
         (record,) = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, [record], f"frames {','.join(map(str, numbers))[:64]}")
         data = await self.api.queries.read_blob(record.digest)
         try:
             frames = await self.api.run_blocking(read_frames, data, numbers, accepted)
@@ -622,10 +648,11 @@ class DicomWebResource(ProblemResource):
         ) + f"--{boundary}--\r\n".encode("ascii")
         first = frames[0]
         response = Response(200, f'multipart/related; type="{first.media_type}"; boundary={boundary}', body)
-        await self.api.pixel_data_retrieved(sop, request.medd_claimant)
+        await self.api.pixel_data_retrieved(sop, who, client_ip(request))
         return response
 
-    async def _thumbnail(self, request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+    async def _thumbnail(self, request, study: str, series: str | None = None, sop: str | None = None, *,
+                         who: str) -> Response:
         """A JPEG of the instance (of the middle instance of a series, of the first series of a study),
         rendered by the node: a thumbnail, not the image (its pixel data is not "retrieved")."""
         accept = (request.getHeader("accept") or "*/*").lower()
@@ -638,6 +665,7 @@ class DicomWebResource(ProblemResource):
         first_series = records[0].series_instance_uid
         records = [r for r in records if r.series_instance_uid == first_series]
         record = records[len(records) // 2]
+        await self._audit_retrieve(request, who, [record], "thumbnail")
         data = await self.api.queries.read_blob(record.digest)
         try:
             jpeg = await self.api.run_blocking(render_thumbnail, data, size)

@@ -33,9 +33,9 @@ class ViewerAccess:
         return AccessDecision(True, who=user)
 
     @hookimpl
-    def medd_pixel_data_retrieved(self, uid: str, who: str):
+    def medd_pixel_data_retrieved(self, uid: str, who: str, peer: str | None):
         """A radiologist's browser fetched an image's pixel data (WADO-RS) to show it: the image is opened."""
-        return ensureDeferred(self.reading_room.pixels_shown(uid, who))
+        return ensureDeferred(self.reading_room.pixels_shown(uid, who, peer))
 
     @hookimpl
     def medd_check_sender(self, claim: SenderClaim):

@@ -57,6 +57,9 @@ class IReadingRoom(Interface):
 
     login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
 
+    def record_access(event, **fields):
+        """Record a login, logout, refused login or view in the node's audit trail (:meth:`medd.audit.AuditTrail.record`)."""
+
     def worklist(query):
         """The :class:`WorklistPage` for a :class:`WorklistQuery`."""
 
@@ -69,12 +72,13 @@ class IReadingRoom(Interface):
     def instance_bytes(uid):
         """The stored Part 10 bytes of an image; :class:`UnknownObject` if absent."""
 
-    def opened(uid, user):
-        """Record that ``user`` was shown image ``uid``, telling central the first time; an :class:`OpenedMark`."""
+    def opened(uid, user, peer=None):
+        """Record that ``user`` (at ``peer``) was shown image ``uid``, telling central the first time; an
+        :class:`OpenedMark`."""
 
-    def pixels_shown(uid, user):
-        """``user``'s browser fetched the pixel data of ``uid`` for display: :meth:`opened`, once per user and
-        image; an image not in the inbox is ignored."""
+    def pixels_shown(uid, user, peer=None):
+        """``user``'s browser (at ``peer``) fetched the pixel data of ``uid`` for display: :meth:`opened`, once
+        per user and image; an image not in the inbox is ignored."""
 
     def save_overlay(image_uid, user, annotations):
         """Store the annotations (:class:`Annotation`) as an overlay of the image and send it; its UID.

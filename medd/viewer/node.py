@@ -30,7 +30,7 @@ class ViewerServices(MultiService):
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
-                                        self.outgoing, node.config.name, self.settings, clock)
+                                        self.outgoing, node.config.name, self.settings, clock, audit=node.audit)
 
     def stopService(self):
         d = super().stopService()

@@ -46,7 +46,7 @@ class ReadingRoom:
 
     log = Logger()
 
-    def __init__(self, inbox, accounts, ingest, outgoing, node_name: str, settings, clock):
+    def __init__(self, inbox, accounts, ingest, outgoing, node_name: str, settings, clock, audit=None):
         self.inbox = inbox
         self.accounts = accounts
         self.ingest = ingest
@@ -56,6 +56,7 @@ class ReadingRoom:
         self.clock = clock
         self.login_throttle = LoginThrottle(clock)
         self._shown: set[tuple[str, str]] = set()
+        self.audit = audit
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -109,19 +110,24 @@ class ReadingRoom:
             await self.ingest.receive_package(package, transport="local", peer=None)
         await self.outgoing.queue(package, message_id=message_id, attachment=str(attachment), uid=attachment.uid)
 
-    async def opened(self, uid: str, user: str) -> OpenedMark:
-        """Record that ``user`` was shown image ``uid``; the first time, tell central (status ``opened``)."""
+    async def opened(self, uid: str, user: str, peer: str | None = None) -> OpenedMark:
+        """Record that ``user`` (at ``peer``) was shown image ``uid``; the first time, tell central (status
+        ``opened``)."""
         record = await self._record(uid)
         mark = await self.inbox.mark_opened(uid, user)
+        await self.record_access("view", user=user, credential="session", peer=peer,
+                                 patient_id=record.patient_id, study_instance_uid=record.study_instance_uid,
+                                 series_instance_uid=getattr(record, "series_instance_uid", None),
+                                 sop_instance_uid=uid, detail="opened in the reading room")
         if mark.first:
             content = status_content("opened", uid, user, mark.at)
             await self._send(content, AttachmentId.of("status", event="opened", uid=uid), record, store_locally=False)
             self.log.info("{user} opened {uid}", user=user, uid=uid)
         return mark
 
-    async def pixels_shown(self, uid: str, user: str) -> None:
-        """``user``'s browser fetched the pixel data of ``uid`` to display it: :meth:`opened`, once per
-        user and image (a viewer fetches a frame again as the radiologist scrolls back)."""
+    async def pixels_shown(self, uid: str, user: str, peer: str | None = None) -> None:
+        """``user``'s browser (at ``peer``) fetched the pixel data of ``uid`` to display it: :meth:`opened`,
+        once per user and image (a viewer fetches a frame again as the radiologist scrolls back)."""
         key = (user, uid)
         if key in self._shown:
             return
@@ -129,7 +135,7 @@ class ReadingRoom:
             self._shown.clear()
         self._shown.add(key)  # before awaiting: concurrent fetches of one image's frames record it once
         try:
-            await self.opened(uid, user)
+            await self.opened(uid, user, peer)
         except UnknownObject:
             pass  # not an object of the inbox (nothing to tell central about)
         except Exception:
@@ -207,6 +213,11 @@ class ReadingRoom:
         return out
 
     # -- users and sessions ------------------------------------------------------------------------
+
+    async def record_access(self, event: str, **fields) -> None:
+        """Record ``event`` (login, logout, a refused login, a view) in the node's audit trail."""
+        if self.audit is not None:
+            await self.audit.record(event, transport="http", **fields)
 
     async def check_password(self, name: str, password: str) -> bool:
         stored = await self.accounts.password_hash(name)

@@ -164,9 +164,13 @@ class LoginAction(RoomResource):
             # Refused before the password is checked: while throttled, the right one does not work either.
             log.warn("reading room login for {user} from {peer} throttled for {wait} s", user=username, peer=peer,
                      wait=wait)
+            await self.room.reading_room.record_access("auth-refused", outcome=8, user=username, credential="password",
+                                                       peer=peer, detail=f"login throttled for {wait} s")
             return await self._throttled(request, wait, username, next_path)
         if not await self.room.reading_room.check_password(username, password):
             log.warn("reading room login refused for {user} from {peer}", user=username, peer=peer)
+            await self.room.reading_room.record_access("auth-refused", outcome=4, user=username, credential="password",
+                                                       peer=peer, detail="unknown user name or wrong password")
             return await login_form(request, status=401, username=username, next_path=next_path,
                                     message="Unknown user name or wrong password.")
         throttle.succeeded(username, peer)
@@ -174,6 +178,7 @@ class LoginAction(RoomResource):
         set_cookie(request, SESSION_COOKIE, token)
         set_cookie(request, LOGIN_COOKIE, "", max_age=0)
         log.info("reading room login: {user}", user=username)
+        await self.room.reading_room.record_access("login", user=username, credential="password", peer=peer)
         return redirect(next_path)
 
     @staticmethod
@@ -218,6 +223,8 @@ class LogoutAction(RoomResource):
             return redirect("/")
         check_csrf(request, session, form)
         await self.room.reading_room.end_session(session.token)
+        await self.room.reading_room.record_access("logout", user=session.user, credential="session",
+                                                   peer=client_ip(request))
         set_cookie(request, SESSION_COOKIE, "", max_age=0)
         return redirect("/")
 
