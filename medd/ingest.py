@@ -239,9 +239,11 @@ class Ingest:
         return bool(self.plugins.manager.hook.medd_check_sender.get_hookimpls())
 
     async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None) -> None:
+        keyinfo = package.content.keyinfo
         claim = SenderClaim(
             object_type=package.attachment.type, origin=package.origin.strip().lower(), transport=transport,
             peer=peer, credentials=credentials,
+            study_uid=(keyinfo.study_instance_uid if keyinfo is not None else None) or package.attachment.get("study-uid"),
         )
         verdict = await hook_value(self.plugins.manager.hook.medd_check_sender(claim=claim))
         if verdict:

@@ -339,8 +339,13 @@ def _referenced_images(ds: Dataset) -> tuple[str, ...]:
 
 def classify(keyinfo: KeyInformation) -> str:
     """The object-type name a DICOM object is carried as by default."""
-    if keyinfo.sop_class_uid == GSPS_SOP_CLASS:
+    return object_type_of_class(keyinfo.sop_class_uid)
+
+
+def object_type_of_class(sop_class_uid: str) -> str:
+    """The object-type name an object of this SOP class is carried as by default."""
+    if sop_class_uid == GSPS_SOP_CLASS:
         return "overlay"
-    if keyinfo.sop_class_uid.startswith(SR_SOP_CLASS_PREFIX) or keyinfo.sop_class_uid == ENCAPSULATED_PDF_SOP_CLASS:
+    if sop_class_uid.startswith(SR_SOP_CLASS_PREFIX) or sop_class_uid == ENCAPSULATED_PDF_SOP_CLASS:
         return "report"
     return "image"

@@ -81,7 +81,7 @@ class NodeService(MultiService):
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
-            plugins.manager.register(ViewerAccess(self.reading_room), name="medd-viewer-access")
+            plugins.manager.register(ViewerAccess(self.reading_room, self.viewer.settings.push_token), name="medd-viewer-access")
             from medd.viewer.settings import reading_room_settings
 
             ohif_dist = reading_room_settings(config).ohif_dist

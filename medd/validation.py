@@ -27,7 +27,8 @@ AVAILABLE_ROLES = ("central", "viewer", "gateway")
 ARCHIVE_KEYS = ("backend", "volume_size", "batch_bytes", "interval", "batch_objects", "min_age", "centres", "modalities")
 RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
-VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address")
+VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
+                       "push_token")
 # A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
 VIEWER_READING_ROOM_KEYS = ("ohif",)
 

@@ -99,9 +99,52 @@ def require_bearer(request) -> str:
     """The bearer token of ``request``; a 401 problem when there is none."""
     token = bearer_token(request)
     if token is None:
-        raise Problem(401, "this resource needs Authorization: Bearer <token>", kind="unauthorised",
-                      headers={"WWW-Authenticate": 'Bearer realm="medd"'})
+        raise unauthorised("this resource needs Authorization: Bearer <token>")
     return token
+
+
+def unauthorised(detail: str, *, invalid_token: bool = False) -> Problem:
+    """401: no credential, or one that proves no one (RFC 6750 section 3)."""
+    challenge = 'Bearer realm="medd"' + (', error="invalid_token"' if invalid_token else "")
+    return Problem(401, detail, kind="unauthorised", title="Unauthorized", headers={"WWW-Authenticate": challenge})
+
+
+def access_refusal(claim, decision) -> Problem:
+    """The problem an access refusal is answered with: 403 for an authenticated claimant, else 401."""
+    if decision.authenticated:
+        return Problem(403, f"{claim.action} refused: {decision.reason}", kind="forbidden", who=decision.who or None)
+    return unauthorised(f"{claim.action} needs credentials: {decision.reason}", invalid_token=claim.presented)
+
+
+def client_certificate_sha256(request) -> str | None:
+    """SHA-256 (hex) of the TLS client certificate the peer presented on this request's connection, if any.
+
+    The handshake proved the peer holds its key; whose it is, the node's directory decides.
+    """
+    from twisted.internet.interfaces import ISSLTransport
+
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if transport is None or not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        cert = transport.getPeerCertificate()
+    except Exception:
+        return None
+    if cert is None:
+        return None
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.to_cryptography().fingerprint(hashes.SHA256()).hex()
+
+
+def access_claim(request, action: str, transport: str):
+    """The :class:`~medd.plugins.hookspecs.AccessClaim` of a request: its bearer token,
+    client certificate and cookies (available once its headers are in)."""
+    from medd.plugins.hookspecs import AccessClaim
+
+    cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
+    return AccessClaim(action=action, transport=transport, peer=client_ip(request), credentials=bearer_token(request),
+                       cookies=cookies, certificate=client_certificate_sha256(request))
 
 
 def media_type_of(request) -> tuple[str, dict[str, str]]:
@@ -170,14 +213,19 @@ async def audit_refusal(request, problem: Problem) -> None:
     """Record a 401/403 in the audit trail of the node whose HTTP listener took the request
     (its site carries the listener's :class:`~medd.plugins.api.TransportAPI`)."""
     api = getattr(getattr(request, "site", None), "api", None)
+    credential = "bearer token" if bearer_token(request) else "session" if request.received_cookies else None
+    await record_refusal(api, problem, f"{request.method.decode('latin-1')} {request.path.decode('latin-1', 'replace')}",
+                         credential, client_ip(request))
+
+
+async def record_refusal(api, problem: Problem, what: str, credential: str | None, peer: str | None) -> None:
+    """Record ``problem``, a 401/403 answered to ``what`` (method and path), once, through ``api``."""
     if problem.status not in (401, 403) or problem.audited or api is None:
         return
     problem.audited = True
-    credential = "bearer token" if bearer_token(request) else "session" if request.received_cookies else None
     try:
-        await api.audit("auth-refused", outcome=4, user=problem.who, credential=credential, peer=client_ip(request),
-                        detail=f"{request.method.decode('latin-1')} {request.path.decode('latin-1', 'replace')}: "
-                               f"{problem.status} {problem.detail}")
+        await api.audit("auth-refused", outcome=4, user=problem.who, credential=credential, peer=peer,
+                        detail=f"{what}: {problem.status} {problem.detail}")
     except Exception:
         log.failure("cannot record a refusal in the audit trail")
 

@@ -94,3 +94,22 @@ def listener_port(node, key: str) -> int:
     listener = node.getServiceNamed(f"listen-{key}")
     port = listener.port
     return port if isinstance(port, int) else port.getHost().port
+
+
+CENTRE_ADDRESS = "ct1@centre-a.example"
+VIEWER_ADDRESS = "viewer@central.test"
+
+
+async def centre_token(node, name: str = "centre-a", address: str = CENTRE_ADDRESS) -> str:
+    """Register an imaging centre on central ``node`` with a new bearer token (its packages and
+    STOW-RS are accepted only with it) and return the token."""
+    return (await node.central_storage.directory.add_centre(name, addresses=[address], token=True)).token
+
+
+async def viewer_token(node, address: str = VIEWER_ADDRESS) -> str:
+    """Register a pull viewer on central ``node`` and return its bearer token."""
+    return (await node.central_storage.directory.add_viewer(address)).token
+
+
+def bearer(token: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **headers}

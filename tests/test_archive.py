@@ -522,6 +522,8 @@ async def test_volumes_are_filed_by_the_registered_centre(archive_node, tmp_path
     directory = node.central_storage.directory
     await directory.add_centre("centre-a", aes=["CTA1", "CTA2"])
     await directory.add_centre("centre-b", aes=["MRB1", "MRB2"])
+    # The viewer whose overlay comes back, authenticated by its token.
+    viewer = await directory.add_viewer("dr@viewers.example", None, ["centre-a"])
     # Before volumes went by the registered centre, centre-a's objects were filed under the AE title.
     old = await node.archiving.catalogue.open_volume("CTA1", "CT")
 
@@ -535,7 +537,8 @@ async def test_volumes_are_filed_by_the_registered_centre(archive_node, tmp_path
             first_image = data
     overlay = parse_part10(_gsps_for(first_image))
     await node.ingest.receive_package(build_package(overlay, OverlayType().identifier(overlay), origin="dr@viewers.example",
-                                                    destination="central.test"), transport="http")
+                                                    destination="central.test"), transport="http",
+                                      credentials=viewer.token)
     await node.routing.kick()
     report = await node.archiving.run_once()
     assert report.archived == len(sent) + 1

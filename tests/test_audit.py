@@ -174,11 +174,17 @@ async def test_every_action_leaves_exactly_one_audit_record(make_central, tmp_pa
     r = await _get(f"{c_http}/api/audit", headers={"Authorization": f"Bearer {viewer_token}"})
     assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
     await on_central.one("auth-refused", user=VIEWER)
-    # ... and a package in the viewer's name without its credential (refused by the sender policy).
+    # ... a package with no credential at all (refused from its headers, before its body is read) ...
     forged = status_content("opened", ct.SOPInstanceUID, "mallory")
     package = build_package(forged, AttachmentId.of("status", event="opened", uid=ct.SOPInstanceUID), origin=VIEWER,
                             destination="central@central")
     r = await _post(f"{c_http}/packages", data=package, headers={"Content-Type": "message/rfc822"})
+    assert r.status_code == 401
+    await on_central.one("auth-refused", outcome=4, credential=None, peer="127.0.0.1")
+    # ... and one in the viewer's name with another sender's credential (refused by the sender policy).
+    centre_token = await central.central_storage.directory.issue_centre_token("centre-a")
+    r = await _post(f"{c_http}/packages", data=package, headers={"Content-Type": "message/rfc822",
+                                                                 "Authorization": f"Bearer {centre_token}"})
     assert r.status_code == 403
     await on_central.one("auth-refused", outcome=8, user=VIEWER, transport="http")
 
@@ -228,7 +234,7 @@ async def test_api_audit_filters_pages_and_refuses(make_central, tmp_path):
         r = await _get(f"{base}?{bad}", headers=auth)
         assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json", bad
     assert (await _get(base)).status_code == 401
-    assert (await _get(base, headers={"Authorization": "Bearer wrong"})).status_code == 403
+    assert (await _get(base, headers={"Authorization": "Bearer wrong"})).status_code == 401  # a token that is no one's
     refusals = await central.audit.search(AuditFilter(event="auth-refused"), 10)
     assert len(refusals) == 2
 

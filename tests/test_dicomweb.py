@@ -13,7 +13,7 @@ from pydicom.uid import UID
 from twisted.internet.threads import deferToThread
 
 from medd.storage import index
-from tests.conftest import all_testdata_files, listener_port, testdata
+from tests.conftest import all_testdata_files, bearer, centre_token, listener_port, testdata
 
 LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
 STORAGE_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4."
@@ -29,8 +29,30 @@ async def _reader(node) -> dict[str, str]:
 READERS: list[str] = []
 
 
+class _ReadAndWrite(requests.auth.AuthBase):
+    """Bearer auth by method: a reader's token reads, a registered centre's token stores (STOW-RS)."""
+
+    def __init__(self, read: str, write: str):
+        self.read, self.write = read, write
+
+    def __call__(self, r):
+        r.headers["Authorization"] = f"Bearer {self.write if r.method == 'POST' else self.read}"
+        return r
+
+
 async def _client(node) -> DICOMwebClient:
-    return DICOMwebClient(url=f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb", headers=await _reader(node))
+    """A dicomweb-client that reads as an administrator and stores as centre-a."""
+    session = requests.Session()
+    session.auth = _ReadAndWrite((await _reader(node))["Authorization"].split()[1], await _writer(node))
+    return DICOMwebClient(url=f"http://127.0.0.1:{listener_port(node, 'http')}/dicomweb", session=session)
+
+
+async def _writer(node) -> str:
+    """centre-a's token (registered on first use): STOW-RS takes instances only from a registered sender."""
+    token = getattr(node, "test_centre_token", None)
+    if token is None:
+        token = node.test_centre_token = await centre_token(node)
+    return token
 
 
 def _url(node, path: str) -> str:
@@ -47,13 +69,15 @@ def _multipart(parts: list[tuple[str, bytes]], boundary: str = "medd-test-bounda
 
 async def _stow(node, parts: list[tuple[str, bytes]], path: str = "/studies") -> requests.Response:
     body, ctype = _multipart(parts)
-    return await deferToThread(requests.post, _url(node, path), data=body, headers={"Content-Type": ctype}, timeout=60)
+    return await deferToThread(requests.post, _url(node, path), data=body,
+                               headers=bearer(await _writer(node), **{"Content-Type": ctype}), timeout=60)
 
 
 @pytest_twisted.ensureDeferred
 async def test_reading_needs_an_administrators_token(make_central):
     """Anonymous QIDO-RS and WADO-RS on central are 401 problem JSON (with WWW-Authenticate), a token
-    that is no administrator's is 403, an administrator's is served."""
+    that is no one's is 401 (invalid_token), a centre's (which may only write) 403, an administrator's
+    is served."""
     node = await make_central(LISTEN)
     stored = await node.ingest.receive_dicom(testdata("CT_small.dcm"), transport="test", origin="MOD")
     for path in ("/studies", f"/studies/{stored.study_instance_uid}", f"/studies/{stored.study_instance_uid}/metadata"):
@@ -62,7 +86,11 @@ async def test_reading_needs_an_administrators_token(make_central):
         assert anonymous.headers["Content-Type"] == "application/problem+json"
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
         wrong = await deferToThread(requests.get, _url(node, path), headers={"Authorization": "Bearer nope"}, timeout=30)
-        assert wrong.status_code == 403, path
+        assert wrong.status_code == 401, path
+        assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
+        writer = await deferToThread(requests.get, _url(node, path), headers=bearer(await _writer(node)), timeout=30)
+        assert writer.status_code == 403, path
+        assert writer.json()["type"] == "urn:medd:problem:forbidden"
     served = await deferToThread(requests.get, _url(node, "/studies"), headers=await _reader(node), timeout=30)
     assert served.status_code == 200 and len(served.json()) == 1
 
@@ -275,12 +303,12 @@ async def test_stow_bad_requests(make_central):
     """A STOW-RS request of the wrong media type is 415; a multipart body that is cut short is 400; both store nothing."""
     node = await make_central(LISTEN)
     wrong = await deferToThread(requests.post, _url(node, "/studies"), data=testdata("CT_small.dcm"),
-                                headers={"Content-Type": "application/dicom"}, timeout=30)
+                                headers=bearer(await _writer(node), **{"Content-Type": "application/dicom"}), timeout=30)
     assert wrong.status_code == 415
     assert wrong.headers["Content-Type"] == "application/problem+json"
     body, ctype = _multipart([("application/dicom", testdata("CT_small.dcm"))])
     cut = await deferToThread(requests.post, _url(node, "/studies"), data=body[: len(body) // 2],
-                              headers={"Content-Type": ctype}, timeout=30)
+                              headers=bearer(await _writer(node), **{"Content-Type": ctype}), timeout=30)
     assert cut.status_code == 400
     assert cut.headers["Content-Type"] == "application/problem+json"
     assert await node.database.run(index.count_objects) == 0

@@ -510,13 +510,21 @@ async def test_a_report_from_a_modality_is_forwarded_as_a_report(make_central, p
     """The forwarder names a package's attachment from the gateway's index row (it does not open the
     object again): an SR sent by the centre reaches central as a report of its study, which central
     accepts only if the Medd-Attachment tells the truth about the content."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
     central, gateway, _ = await start_pair(make_central, pki)
+    # Reports are taken only from a registered centre (here by its client certificate), for its own studies.
+    fingerprint = x509.load_pem_x509_certificate(pki["client"].read_bytes()).fingerprint(hashes.SHA256()).hex()
+    await central.central_storage.directory.add_centre("centre-a", addresses=[GATEWAY_ADDRESS],
+                                                       client_certificate=fingerprint)
     sr = pydicom.dcmread(pydicom.data.get_testdata_file("test-SR.dcm"))
-    stored = await gateway.ingest.receive_dicom(_part10(sr), transport="dicom", origin="CT1")
-    assert stored.created
-    [item] = await gateway.forwarding.waiting_batch(5)
-    assert (item.object_type, item.study_uid) == ("report", sr.StudyInstanceUID)
+    # A centre reports only on a study of its own: the study's image goes first, as a modality sends it.
+    [image] = datasets(1, study=sr.StudyInstanceUID)
+    for ds in (image, sr):
+        assert (await gateway.ingest.receive_dicom(_part10(ds), transport="dicom", origin="CT1")).created
     await gateway.gateway.forwarder.kick()
+    assert (await gateway.forwarding.of_object(sr.SOPInstanceUID)).state == SENT
     record = await central.index.object_by_uid(sr.SOPInstanceUID)
     assert (record.object_type, record.study_instance_uid, record.origin) == ("report", sr.StudyInstanceUID,
                                                                             GATEWAY_ADDRESS)

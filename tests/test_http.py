@@ -19,7 +19,7 @@ from medd.plugins.interfaces import ITransport
 from medd.plugins.objecttypes import BUILTIN_OBJECT_TYPES, status_content, text_report_content
 from medd.storage import index
 from medd.transports.http import HttpTransport, MeddSite
-from tests.conftest import listener_port, testdata
+from tests.conftest import bearer, centre_token, listener_port, testdata, viewer_token
 
 LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
 PACKAGE_HEADERS = {"Content-Type": "message/rfc822"}
@@ -34,7 +34,9 @@ def _image_package(name: str = "CT_small.dcm", **kw) -> tuple[bytes, str]:
     return data, content.keyinfo.sop_instance_uid
 
 
-async def _post(port: int, body, headers=PACKAGE_HEADERS) -> requests.Response:
+async def _post(port: int, body, headers=PACKAGE_HEADERS, token: str | None = None) -> requests.Response:
+    if token is not None:
+        headers = bearer(token, **headers)
     return await deferToThread(requests.post, f"http://127.0.0.1:{port}/packages", data=body, headers=headers, timeout=30)
 
 
@@ -80,14 +82,15 @@ async def test_package_created_then_idempotent(make_central):
     """A new package is answered 201 with its UID and Message-ID; the same package again is 200 and still one row and one blob."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
     data, uid = _image_package(message_id="<pkg-1@centre-a.example>")
 
-    first = await _post(port, data)
+    first = await _post(port, data, token=token)
     assert first.status_code == 201
     assert first.headers["Content-Type"] == "application/json"
     assert first.json() == {"uid": uid, "message_id": "<pkg-1@centre-a.example>", "created": True, "object_type": "image"}
 
-    again = await _post(port, data)
+    again = await _post(port, data, token=token)
     assert again.status_code == 200
     assert again.json()["created"] is False
     assert await node.database.run(index.count_objects) == 1
@@ -102,13 +105,14 @@ async def test_report_and_status_packages(make_central):
     """Packages of the other object types (a plain-text report, a status message) are accepted over HTTP too."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await viewer_token(node)
     by_name = {t.name: t for t in BUILTIN_OBJECT_TYPES}
     report = text_report_content("No findings.", uid="1.2.826.0.1.3680043.8.498.1", study_uid="1.2.826.0.1.3680043.8.498.2")
     status = status_content("opened", "1.2.826.0.1.3680043.8.498.3", "dr.who")
     for object_type, content in (("report", report), ("status", status)):
         data = build_package(content, by_name[object_type].identifier(content),
                              origin="viewer@central.test", destination="central@central.test")
-        response = await _post(port, data)
+        response = await _post(port, data, token=token)
         assert response.status_code == 201, response.text
         assert response.json()["object_type"] == object_type
 
@@ -118,8 +122,9 @@ async def test_lying_attachment_header_refused(make_central):
     """A Medd-Attachment header naming another UID than the object's is 400 problem JSON, and nothing is stored."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
     data, uid = _image_package(attachment=AttachmentId.of("image", uid="1.2.826.0.1.3680043.8.498.99"))
-    response = await _post(port, data)
+    response = await _post(port, data, token=token)
     assert response.status_code == 400
     assert response.headers["Content-Type"] == "application/problem+json"
     problem = response.json()
@@ -136,6 +141,7 @@ async def test_malformed_mime_refused(make_central):
     broken base64 DICOM part) are each 400 problem JSON and change nothing."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
     good, uid = _image_package()
     head = (
         b"From: ct1@centre-a.example\r\nTo: viewer@central.test\r\nMessage-ID: <bad@centre-a.example>\r\n"
@@ -148,7 +154,7 @@ async def test_malformed_mime_refused(make_central):
         good[: len(good) // 2],  # truncated: the DICOM object inside is cut short
     ]
     for body in bodies:
-        response = await _post(port, body)
+        response = await _post(port, body, token=token)
         assert response.status_code == 400, (body[:60], response.text)
         assert response.headers["Content-Type"] == "application/problem+json"
         assert response.json()["detail"]
@@ -160,8 +166,9 @@ async def test_wrong_content_type_is_415(make_central):
     """A package must be posted as message/rfc822; anything else is 415 and nothing is read."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
     data, _ = _image_package()
-    response = await _post(port, data, headers={"Content-Type": "application/octet-stream"})
+    response = await _post(port, data, headers={"Content-Type": "application/octet-stream"}, token=token)
     assert response.status_code == 415
     assert response.headers["Content-Type"] == "application/problem+json"
     assert response.headers["Accept-Post"] == "message/rfc822"
@@ -188,10 +195,11 @@ async def test_oversized_body_refused_413(make_central):
     (Content-Length) or only discovered while it streams (chunked); nothing is stored."""
     node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
     port = listener_port(node, "http")
+    token = await centre_token(node)
     data, _ = _image_package()
     assert len(data) > 10 * 1024
 
-    declared = await _post(port, data)
+    declared = await _post(port, data, token=token)
     assert declared.status_code == 413
     assert declared.headers["Content-Type"] == "application/problem+json"
     assert declared.json()["type"] == "urn:medd:problem:too-large"
@@ -200,7 +208,7 @@ async def test_oversized_body_refused_413(make_central):
         for i in range(0, len(data), 4096):
             yield data[i : i + 4096]
 
-    chunked = await _post(port, chunks())
+    chunked = await _post(port, chunks(), token=token)
     assert chunked.status_code == 413
     assert chunked.json()["status"] == 413
     assert await _nothing_stored(node)
@@ -211,7 +219,7 @@ async def test_oversized_body_refused_413(make_central):
         AttachmentId.of("report", uid="1.2.826.0.1.3680043.8.498.5", study_uid="1.2.826.0.1.3680043.8.498.6"),
         origin="viewer@central.test", destination="central@central.test",
     )
-    assert (await _post(port, small)).status_code == 201
+    assert (await _post(port, small, token=await viewer_token(node))).status_code == 201
 
 
 @pytest_twisted.ensureDeferred
@@ -245,13 +253,14 @@ async def test_store_failure_is_503_with_retry_after(make_central, monkeypatch):
     Retry-After, a problem saying to try again, and nothing is indexed."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
 
     def disk_full(data):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(node.blobs, "put", disk_full)
     data, _ = _image_package()
-    response = await _post(port, data)
+    response = await _post(port, data, token=token)
     assert response.status_code == 503
     assert response.headers["Retry-After"].isdigit()
     assert response.json()["type"] == "urn:medd:problem:store-failed"
@@ -265,13 +274,14 @@ async def test_refusals_are_logged(make_central):
 
     node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
     port = listener_port(node, "http")
+    token = await centre_token(node)
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
         lying, _ = _image_package("rtplan.dcm", attachment=AttachmentId.of("image", uid="1.2.826.0.1.3680043.8.498.7"))
-        assert (await _post(port, lying)).status_code == 400
+        assert (await _post(port, lying, token=token)).status_code == 400
         big, _ = _image_package()
-        assert (await _post(port, big)).status_code == 413
+        assert (await _post(port, big, token=token)).status_code == 413
     finally:
         globalLogPublisher.removeObserver(events.append)
     refusals = [e for e in events if "refused" in e.get("log_format", "")]
@@ -350,15 +360,17 @@ async def test_text_report_is_no_dicom_instance_in_qido(make_central):
     report-only study appear there."""
     node = await make_central(LISTEN)
     port = listener_port(node, "http")
+    token = await centre_token(node)
     data, uid = _image_package()
-    assert (await _post(port, data)).status_code == 201
+    assert (await _post(port, data, token=token)).status_code == 201
     study = (await node.database.run(lambda c: index.object_by_uid(c, uid))).study_instance_uid
     by_name = {t.name: t for t in BUILTIN_OBJECT_TYPES}
+    from_viewer = await viewer_token(node)
     for report_uid, study_uid in (("1.2.826.0.1.3680043.8.498.11", study), ("1.2.826.0.1.3680043.8.498.12", "1.2.826.0.1.3680043.8.498.13")):
         report = text_report_content("Seen.", uid=report_uid, study_uid=study_uid)
         package = build_package(report, by_name["report"].identifier(report), origin="viewer@central.test",
                                 destination="central@central.test")
-        assert (await _post(port, package)).status_code == 201
+        assert (await _post(port, package, token=from_viewer)).status_code == 201
     reader = {"Authorization": "Bearer " + await node.central_storage.directory.add_admin("reader")}
     studies = (await deferToThread(requests.get, f"http://127.0.0.1:{port}/dicomweb/studies", headers=reader)).json()
     assert [s["0020000D"]["Value"][0] for s in studies] == [study]
@@ -382,8 +394,9 @@ async def test_https_push_verifies_the_receiver_against_the_configured_ca(make_c
     node = await make_central({"http": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"})
     url = f"https://127.0.0.1:{listener_port(node, 'http')}/packages"
     data, uid = _image_package(message_id="<https-1@centre-a.example>")
+    token = await centre_token(node)
     with pytest.raises(Exception):
-        await HttpSender().send(reactor, url, data, {})
+        await HttpSender().send(reactor, url, data, {"http_token": token})
     assert await node.database.run(index.count_objects) == 0
-    assert await HttpSender().send(reactor, url, data, {"tls_ca": str(cert)}) == 201
+    assert await HttpSender().send(reactor, url, data, {"tls_ca": str(cert), "http_token": token}) == 201
     assert (await node.database.run(lambda c: index.object_by_uid(c, uid))) is not None

@@ -96,15 +96,18 @@ def _gsps_for(image_bytes: bytes) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_overlay_report_and_status_packages(make_central, db_url):
-    """Overlay, text report and status packages are accepted and recorded with their identifiers."""
+    """Overlay, text report and status packages from a registered viewer, sent with its token, are accepted
+    and recorded with their identifiers."""
     node = await make_central(db_url=db_url)
+    token = (await node.central_storage.directory.add_viewer("dr-lee@viewers.example")).token
     image = testdata("CT_small.dcm")
     image_uid = parse_part10(image).keyinfo.sop_instance_uid
     overlay = parse_part10(_gsps_for(image))
     ov_id = OverlayType().identifier(overlay)
     assert ov_id.get("image-uid") == image_uid
     stored = await node.ingest.receive_package(
-        build_package(overlay, ov_id, origin="dr-lee@viewers.example", destination="central.test"), transport="test"
+        build_package(overlay, ov_id, origin="dr-lee@viewers.example", destination="central.test"), transport="test",
+        credentials=token,
     )
     assert stored.object_type == "overlay"
     record = await node.database.run(lambda c: index.object_by_uid(c, overlay.keyinfo.sop_instance_uid))
@@ -113,7 +116,7 @@ async def test_overlay_report_and_status_packages(make_central, db_url):
     report = text_report_content("No acute findings.", "2.25.1234", overlay.keyinfo.study_instance_uid)
     stored = await node.ingest.receive_package(
         build_package(report, ReportType().identifier(report), origin="dr-lee@viewers.example", destination="central.test"),
-        transport="test",
+        transport="test", credentials=token,
     )
     record = await node.database.run(lambda c: index.object_by_uid(c, "2.25.1234"))
     assert (record.object_type, record.media_type, record.study_instance_uid) == (
@@ -123,8 +126,8 @@ async def test_overlay_report_and_status_packages(make_central, db_url):
     status = status_content("opened", image_uid, "dr-lee")
     pkg = build_package(status, AttachmentId.of("status", event="opened", uid=image_uid),
                         origin="dr-lee@viewers.example", destination="central.test")
-    first = await node.ingest.receive_package(pkg, transport="test")
-    again = await node.ingest.receive_package(pkg, transport="test")
+    first = await node.ingest.receive_package(pkg, transport="test", credentials=token)
+    again = await node.ingest.receive_package(pkg, transport="test", credentials=token)
     assert first.created and not again.created
     assert await _count(node, status_events) == 1
 

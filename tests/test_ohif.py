@@ -272,6 +272,6 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
         assert requests.get(base + "/sw.js").status_code == 404
         stow = s.post(base + "/dicomweb/studies", data=b"--x--",
                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
-        assert stow.status_code == 403 and "central's outbox" in stow.json()["detail"]
+        assert stow.status_code == 403 and "only from central" in stow.json()["detail"]
 
     await deferToThread(check)

@@ -25,6 +25,9 @@ PUSH = "dr-push@viewers.example"
 PULL = "dr-pull@viewers.example"
 # centre-a's bearer token: its packages over HTTP are accepted only with it.
 CENTRE_A_TOKEN = "centre-a-token-" + "x" * 32
+# Central's [push] http_token, the [central] push_token of a medd viewer it pushes to over HTTP.
+PUSH_TOKEN = "central-pushes-with-this-" + "p" * 32
+PUSH_EXTRA = f"[push]\nhttp_token = {PUSH_TOKEN}\n"
 
 
 def _cstore(port: int, datasets, calling="MODALITY1"):
@@ -56,15 +59,30 @@ def _package(name: str, to: str, origin: str = "ct1@centre-a.example", uid_suffi
     return build_package(content, ImageType().identifier(content), origin=origin, destination=to), content.keyinfo.sop_instance_uid
 
 
-async def _setup_directory(node, push_port: int | None):
+async def _setup_directory(node, push_url: str = "smtp://127.0.0.1:9", push_viewer_token: str | None = None):
     directory = node.central_storage.directory
     await directory.add_centre("centre-a", aes=["MODALITY1"], addresses=["ct1@centre-a.example"], token=CENTRE_A_TOKEN)
     await directory.add_centre("centre-b", aes=["MODALITY2"])
-    push_url = f"smtp://127.0.0.1:{push_port}" if push_port else "smtp://127.0.0.1:9"
-    await directory.add_viewer(PUSH, push_url, ["centre-a"])
+    await directory.add_viewer(PUSH, push_url, ["centre-a"], token=push_viewer_token)
     pull = await directory.add_viewer(PULL, None, ["centre-a:CT"])
     await directory.add_rule(PUSH, centre="centre-a", modality="MR")
     return pull.token, await directory.add_admin("alice")
+
+
+# The bearer token of the push viewer PUSH on central (its requests to central).
+PUSH_VIEWER_TOKEN = "dr-push-sends-with-this-" + "v" * 32
+
+
+async def _push_viewer(make_central, central):
+    """A medd viewer node PUSH for ``central`` to push to at its ``POST /packages`` (the URL returned), which
+    it takes by the token both know (central's [push] http_token, the viewer's [central] push_token).
+    Register it with that URL and PUSH_VIEWER_TOKEN."""
+    from tests.test_viewer import LOOPBACK, _fake_clock, _viewer_extra
+
+    extra = _viewer_extra(listener_port(central, "http"), PUSH_VIEWER_TOKEN) + f"push_token = {PUSH_TOKEN}\n"
+    viewer = await make_central({"http": LOOPBACK}, site="viewer-push", role="viewer", name=PUSH, clock=_fake_clock(),
+                                extra=extra)
+    return viewer, f"http://127.0.0.1:{listener_port(viewer, 'http')}/packages"
 
 
 async def _state(node, uid, destination):
@@ -88,7 +106,7 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
     viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
     central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"}, extra=FAST,
                                  db_url=db_url)
-    pull_token, admin_token = await _setup_directory(central, listener_port(viewer, "smtp"))
+    pull_token, admin_token = await _setup_directory(central, f"smtp://127.0.0.1:{listener_port(viewer, 'smtp')}")
     http = f"http://127.0.0.1:{listener_port(central, 'http')}"
     dicom_port = listener_port(central, "dicom")
 
@@ -152,8 +170,12 @@ async def test_route_verify_quarantine_correct_deliver_and_open(make_central, db
     # the radiologist opens it: a status package from the viewer
     status = build_package(status_content("opened", ct.SOPInstanceUID, "dr-pull"),
                            AttachmentId.of("status", event="opened", uid=ct.SOPInstanceUID), origin=PULL, destination="central.test")
-    # a status in the viewer's name but without its token is refused and changes nothing
+    # a status in the viewer's name but without its token is refused and changes nothing: anonymous, 401;
+    # with another's credential (centre-a's token), 403
     r = await deferToThread(requests.post, f"{http}/packages", data=status, headers={"Content-Type": "message/rfc822"})
+    assert r.status_code == 401, r.text
+    r = await deferToThread(requests.post, f"{http}/packages", data=status, headers={
+        "Content-Type": "message/rfc822", "Authorization": f"Bearer {CENTRE_A_TOKEN}"})
     assert r.status_code == 403 and "authenticated as that viewer" in r.json()["detail"]
     assert await _state(central, ct.SOPInstanceUID, PULL) == "delivered"
     r = await deferToThread(requests.post, f"{http}/packages", data=status,
@@ -178,7 +200,7 @@ async def test_unknown_centre_is_quarantined(make_central):
     """An object from a calling AE title that is no registered centre is quarantined, whatever its own
     Institution Name says, and nothing is queued."""
     central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
-    await _setup_directory(central, None)
+    await _setup_directory(central)
     ds = _with_recipient("CT_small.dcm", recipient=PULL)
     ds.InstitutionName = "centre-a"
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds], "STRANGER") == [0]
@@ -218,23 +240,31 @@ def test_medd_cli_directory_and_quarantine(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
     """A push viewer reached over the TLS socket transport (server certificate verified against
-    [push] tls_ca) or over HTTP POST /packages receives its object, and central records it delivered."""
+    [push] tls_ca) or over HTTP POST /packages (a medd viewer node, taking central's push by the token both
+    know) receives its object, and central records it delivered."""
+    from medd.storage import index
     from medd.tlscert import make_self_signed
 
-    cert, key = tmp_path / "v-cert.pem", tmp_path / "v-key.pem"
-    make_self_signed(cert, key, "127.0.0.1")
-    listen = {"tls": "tcp:0:interface=127.0.0.1"} if scheme == "tls" else {"http": "tcp:0:interface=127.0.0.1"}
-    viewer = await make_central(listen, extra=f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n", site="viewer-push")
-    port = listener_port(viewer, scheme)
-    url = f"tls://127.0.0.1:{port}" if scheme == "tls" else f"http://127.0.0.1:{port}/packages"
-    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST + f"[push]\ntls_ca = {cert}\n")
+    listen = {"dicom": "tcp:0:interface=127.0.0.1"}
+    if scheme == "tls":
+        cert, key = tmp_path / "v-cert.pem", tmp_path / "v-key.pem"
+        make_self_signed(cert, key, "127.0.0.1")
+        central = await make_central(listen, extra=FAST + f"[push]\ntls_ca = {cert}\n")
+        await central.central_storage.directory.add_centre("centre-a", aes=["MODALITY1"])
+        viewer = await make_central({"tls": "tcp:0:interface=127.0.0.1"}, site="viewer-push",
+                                    extra=f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n")
+        await central.central_storage.directory.add_viewer(PUSH, f"tls://127.0.0.1:{listener_port(viewer, 'tls')}",
+                                                           ["centre-a"])
+    else:
+        central = await make_central({**listen, "http": "tcp:0:interface=127.0.0.1"}, extra=FAST + PUSH_EXTRA)
+        await central.central_storage.directory.add_centre("centre-a", aes=["MODALITY1"])
+        viewer, url = await _push_viewer(make_central, central)
+        await central.central_storage.directory.add_viewer(PUSH, url, ["centre-a"], token=PUSH_VIEWER_TOKEN)
 
-    await central.central_storage.directory.add_centre("centre-a", aes=["MODALITY1"])
-    await central.central_storage.directory.add_viewer(PUSH, url, ["centre-a"])
     ds = _with_recipient("CT_small.dcm", recipient=PUSH)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds]) == [0]
     await _delivered(central)
-    record = await viewer.index.object_by_uid(ds.SOPInstanceUID)
+    record = await viewer.database.run(lambda c: index.object_by_uid(c, ds.SOPInstanceUID))
     assert record.transport == scheme and record.origin == "central@central.test"
     assert await _state(central, ds.SOPInstanceUID, PUSH) == "delivered"
 
@@ -243,13 +273,15 @@ async def test_push_over_tls_and_http(make_central, tmp_path, scheme):
 async def test_overlays_and_reports_attach_and_follow_rules(make_central):
     """An overlay and a report sent back by a viewer are attached to their image and study; the report is
     routed on because a rule for reports says so, the overlay (no rule) is only attached and goes home to
-    the centre of its study (which has a token, hence an outbox)."""
+    the centre of its study (which has a token, hence an outbox). The push viewer is a medd viewer node."""
     from medd.plugins.objecttypes import OverlayType, ReportType, text_report_content
+    from medd.storage import index
     from tests.test_ingest import _gsps_for
 
-    viewer = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="viewer-push")
-    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1"}, extra=FAST)
-    pull_token, _ = await _setup_directory(central, listener_port(viewer, "smtp"))
+    central = await make_central({"dicom": "tcp:0:interface=127.0.0.1", "http": "tcp:0:interface=127.0.0.1"},
+                                 extra=FAST + PUSH_EXTRA)
+    viewer, url = await _push_viewer(make_central, central)
+    pull_token, _ = await _setup_directory(central, url, PUSH_VIEWER_TOKEN)
     await central.central_storage.directory.add_rule(PUSH, centre="centre-a", object_type="report")
     ct = _with_recipient("CT_small.dcm", recipient=PULL)
     assert await deferToThread(_cstore, listener_port(central, "dicom"), [ct]) == [0]
@@ -263,7 +295,7 @@ async def test_overlays_and_reports_attach_and_follow_rules(make_central):
                                           transport="http", credentials=pull_token)
 
     await _delivered(central)
-    assert await viewer.index.object_by_uid("2.25.4242") is not None
+    assert await viewer.database.run(lambda c: index.object_by_uid(c, "2.25.4242")) is not None
     history = await central.central_storage.tracking.object_history(ct.SOPInstanceUID)
     assert [o.uid for o in history.overlays] == [overlay.keyinfo.sop_instance_uid]
     assert [r.uid for r in history.reports] == ["2.25.4242"]
@@ -342,7 +374,7 @@ async def test_viewer_packages_need_the_viewer_authenticated(make_central):
     from medd.plugins.objecttypes import ReportType, text_report_content
 
     central = await make_central()
-    pull_token, _ = await _setup_directory(central, None)
+    pull_token, _ = await _setup_directory(central)
     other_token = (await central.central_storage.directory.add_viewer("other@viewers.example", None, [])).token
 
     def report(uid):

@@ -192,10 +192,7 @@ async def test_undeclared_oversize_refused_at_end_of_data(make_central):
     the session stays usable and a small package sent next is stored."""
     node = await make_central(LISTEN, extra="[limits]\nmax_object_size = 10K\n")
     big, big_uid = image_package()
-    small = build_package(
-        status_content("opened", big_uid, "dr.who"), AttachmentId.of("status", event="opened", uid=big_uid),
-        origin="viewer1@central.test", destination=RECIPIENT,
-    )
+    small, small_uid = image_package("SC_rgb_small_odd.dcm")
 
     def session():
         with smtplib.SMTP("127.0.0.1", listener_port(node, "smtp"), timeout=30) as client:
@@ -211,8 +208,10 @@ async def test_undeclared_oversize_refused_at_end_of_data(make_central):
     assert big_code == 552
     assert big_reply.startswith(b"5.3.4")
     assert small_code == 250, small_reply
-    assert await node.database.run(index.count_objects) == 0
-    assert blob_files(node) == []
+    assert await node.database.run(index.count_objects) == 1
+    assert await node.database.run(lambda c: index.object_by_uid(c, big_uid)) is None
+    assert await node.database.run(lambda c: index.object_by_uid(c, small_uid)) is not None
+    assert len(blob_files(node)) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -241,18 +240,21 @@ async def test_no_starttls_without_certificate(make_central):
 
 
 @pytest_twisted.ensureDeferred
-async def test_status_package_accepted(make_central):
-    """A status message package gets 250 and its event is recorded."""
+async def test_status_package_refused(make_central):
+    """A status package over SMTP is refused with 554 5.6.0 and records nothing: nothing authenticates a viewer
+    over SMTP (a viewer sends its status to POST /packages with its token), and no one else may send one."""
     node = await make_central(LISTEN)
+    viewer = "viewer1@central.test"
+    await node.central_storage.directory.add_viewer(viewer)
     uid = "1.2.826.0.1.3680043.8.498.1"
-    package = build_package(
-        status_content("opened", uid, "dr.who"), AttachmentId.of("status", event="opened", uid=uid),
-        origin="viewer1@central.test", destination=RECIPIENT,
-    )
-    code, reply = await deferToThread(send, listener_port(node, "smtp"), package)
-    assert code == 250, reply
-    rows = await node.database.run(lambda c: c.execute(select(status_events.c.event, status_events.c.uid)).all())
-    assert [tuple(r) for r in rows] == [("opened", uid)]
+    for origin in (viewer, "stranger@elsewhere.example"):
+        package = build_package(
+            status_content("opened", uid, "dr.who"), AttachmentId.of("status", event="opened", uid=uid),
+            origin=origin, destination=RECIPIENT,
+        )
+        code, reply = await deferToThread(send, listener_port(node, "smtp"), package)
+        assert code == 554 and reply.startswith(b"5.6.0"), reply
+    assert await node.database.run(lambda c: c.execute(select(status_events.c.event, status_events.c.uid)).all()) == []
 
 
 @pytest_twisted.ensureDeferred

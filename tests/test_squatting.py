@@ -25,7 +25,7 @@ from medd.storage.blobstore import FileBlobStore
 from medd.storage.database import Database
 from medd.storage.index import ObjectIndex
 from medd.storage.viewer_tables import viewer_outgoing
-from tests.conftest import listener_port, testdata
+from tests.conftest import bearer, centre_token, listener_port, testdata
 
 
 def _blob_files(node):
@@ -106,18 +106,20 @@ async def test_cstore_same_ae_other_content_is_a_conflict_same_content_idempoten
 @pytest_twisted.ensureDeferred
 async def test_http_package_uid_squatted_is_409(make_central):
     """Over POST /packages, an object whose UID another origin holds is 409 problem JSON of kind
-    conflict; resending the holder's own package stays 200 created:false. The administrator sees
+    conflict; resending the holder's own package stays 200 created:false. The squatter is a registered
+    centre (nothing anonymous is taken), each centre sends with its own token. The administrator sees
     the conflict at GET /api/conflicts; nobody else does."""
     node = await make_central({"http": "tcp:0:interface=127.0.0.1"})
     url = f"http://127.0.0.1:{listener_port(node, 'http')}/packages"
-    headers = {"Content-Type": "message/rfc822"}
+    squatter = bearer(await centre_token(node, "evil", "attacker@evil.example"), **{"Content-Type": "message/rfc822"})
+    centre = bearer(await centre_token(node, "centre-a", "ct1@centre-a.example"), **{"Content-Type": "message/rfc822"})
     squat, uid = _package("attacker@evil.example", "<a-1@evil.example>")
     real, _ = _package("ct1@centre-a.example", "<c-1@centre-a.example>")
-    first = await deferToThread(requests.post, url, data=squat, headers=headers, timeout=30)
+    first = await deferToThread(requests.post, url, data=squat, headers=squatter, timeout=30)
     assert first.status_code == 201 and first.json()["created"] is True
-    again = await deferToThread(requests.post, url, data=squat, headers=headers, timeout=30)
+    again = await deferToThread(requests.post, url, data=squat, headers=squatter, timeout=30)
     assert again.status_code == 200 and again.json()["created"] is False
-    refused = await deferToThread(requests.post, url, data=real, headers=headers, timeout=30)
+    refused = await deferToThread(requests.post, url, data=real, headers=centre, timeout=30)
     assert refused.status_code == 409
     assert refused.headers["Content-Type"].startswith("application/problem+json")
     assert refused.json()["type"] == "urn:medd:problem:conflict"

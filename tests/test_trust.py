@@ -74,7 +74,7 @@ def _blobs(node) -> list:
 @pytest_twisted.ensureDeferred
 async def test_spoofed_centre_refused_over_http_smtp_and_tls(make_central, tmp_path):
     """A package whose From is a registered centre's address, sent with no credential or another's, is refused
-    over HTTP (403 problem JSON), SMTP (554) and the TLS socket (`refused`, the certificate's CN decides), and
+    over HTTP (401 problem JSON without a credential or with one that is no one's, 403 with another's), SMTP (554) and the TLS socket (`refused`, the certificate's CN decides), and
     leaves no blob, no row and no delivery; with the centre's token or certificate it is accepted and routed."""
     ca_cert, ca_key = tmp_path / "ca.pem", tmp_path / "ca-key.pem"
     make_self_signed(ca_cert, ca_key, "medd test client CA")
@@ -99,11 +99,12 @@ async def test_spoofed_centre_refused_over_http_smtp_and_tls(make_central, tmp_p
     tls_port = listener_port(central, "tls")
 
     spoof, _ = _image_package("CT_small.dcm")
-    for headers in (RFC822, {**RFC822, "Authorization": f"Bearer {viewer_token}"},
-                    {**RFC822, "Authorization": "Bearer not-a-token"}):
+    for headers in (RFC822, {**RFC822, "Authorization": "Bearer not-a-token"}):
         r = await deferToThread(requests.post, http, data=spoof, headers=headers)
-        assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json", r.text
-        assert r.json()["type"].endswith("unauthenticated") and CENTRE in r.json()["detail"]
+        assert r.status_code == 401 and r.headers["Content-Type"] == "application/problem+json", r.text
+    r = await deferToThread(requests.post, http, data=spoof, headers={**RFC822, "Authorization": f"Bearer {viewer_token}"})
+    assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json", r.text
+    assert r.json()["type"].endswith("unauthenticated") and CENTRE in r.json()["detail"]
     code, reply = await deferToThread(smtp_send, listener_port(central, "smtp"), spoof)
     assert code == 554, reply
     (refused,) = await send_packages(reactor, "127.0.0.1", tls_port, [spoof], ca_pem=server_cert.read_bytes(),

@@ -472,8 +472,9 @@ def test_viewer_config_is_checked(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_viewer_serves_dicomweb_only_to_a_logged_in_radiologist_and_takes_no_packages(make_central):
-    """A viewer's DICOMweb answers 401 without a reading-room session and 200 with one; its STOW-RS and
-    POST /packages refuse everyone (objects reach a viewer only through central's outbox), storing nothing."""
+    """A viewer's DICOMweb answers 401 without a reading-room session (or with one that has ended) and 200
+    with one; its STOW-RS refuses everyone (403 with a session) and POST /packages anyone but central (401),
+    storing nothing."""
     central, viewer, _ = await _central_and_viewer(make_central, _fake_clock())
     ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
     await _send_to_viewer(central, viewer, ct)
@@ -482,7 +483,7 @@ async def test_viewer_serves_dicomweb_only_to_a_logged_in_radiologist_and_takes_
     anonymous = await deferToThread(requests.get, f"{base}/dicomweb/studies", timeout=30)
     assert anonymous.status_code == 401 and anonymous.headers["Content-Type"] == "application/problem+json"
     stale = await deferToThread(requests.get, f"{base}/dicomweb/studies", cookies={"medd_session": "forged"}, timeout=30)
-    assert stale.status_code == 403
+    assert stale.status_code == 401
     session = await viewer.reading_room.create_session("dr-lee")
     studies = await deferToThread(requests.get, f"{base}/dicomweb/studies", cookies={"medd_session": session}, timeout=30)
     assert studies.status_code == 200
@@ -502,5 +503,5 @@ async def test_viewer_serves_dicomweb_only_to_a_logged_in_radiologist_and_takes_
                             origin="ct1@centre-a.example", destination=VIEWER)
     posted = await deferToThread(requests.post, f"{base}/packages", data=package,
                                  headers={"Content-Type": "message/rfc822"}, timeout=30)
-    assert posted.status_code == 403 and "central's outbox" in posted.json()["detail"]
+    assert posted.status_code == 401 and "only from central" in posted.json()["detail"]
     assert await viewer.database.run(count_objects) == before

@@ -1,15 +1,20 @@
-"""Central's access policy for DICOMweb (the ``medd_check_access`` hook).
+"""Central's access policy for its HTTP listener (the ``medd_check_access`` hook).
 
-QIDO-RS and WADO-RS read patients' data: only an administrator's bearer
-token may. STOW-RS stays open to any sender for now, exactly as C-STORE is
-(the imaging centre is who sent it, and an unknown sender's objects are
-quarantined); it becomes credential-only with the centres' credentials.
+Nothing is open. QIDO-RS and WADO-RS read patients' data: an administrator's
+token or a reader's credential (``medd readers add NAME --scope read``) may.
+STOW-RS and ``POST /packages`` write: a registered centre or a registered
+viewer, each by its own credential (a viewer only its own object types, which
+the ingest checks once the objects are read). Every decision is made from the
+request's headers, before its body is read.
 """
 from __future__ import annotations
 
 from twisted.internet.defer import ensureDeferred
 
 from medd.plugins.hookspecs import AccessClaim, AccessDecision, hookimpl
+
+READS = ("query", "retrieve")
+WRITES = ("store", "package")
 
 
 class CentralAccess:
@@ -18,14 +23,29 @@ class CentralAccess:
 
     @hookimpl
     def medd_check_access(self, claim: AccessClaim):
-        if claim.action == "store":
-            return AccessDecision(True, who=claim.peer or "")
-        return ensureDeferred(self._reader(claim))
+        return ensureDeferred(self._decide(claim))
 
-    async def _reader(self, claim: AccessClaim) -> AccessDecision:
-        if not claim.credentials:
-            return AccessDecision(False, reason="an administrator's token (Authorization: Bearer) is required")
-        admin = await self.directory.admin_by_token(claim.credentials)
-        if admin is None:
-            return AccessDecision(False, reason="the token is not an administrator's")
-        return AccessDecision(True, who=admin)
+    async def _decide(self, claim: AccessClaim) -> AccessDecision:
+        needed = self._needed(claim.action)
+        if not (claim.credentials or claim.certificate):
+            return AccessDecision(False, reason=f"{needed} is required")
+        principal = await self.directory.principal(claim.credentials, claim.certificate)
+        if principal is None:
+            return AccessDecision(False, reason=f"the credential is no one's; {needed} is required")
+        address = principal.addresses[0] if principal.addresses else ""
+        allowed = (
+            (claim.action in READS and (principal.kind == "admin" or principal.scope == "read"))
+            or (claim.action in WRITES and principal.kind in ("centre", "viewer") and bool(address))
+        )
+        if not allowed:
+            return AccessDecision(False, who=principal.name, authenticated=True, role=principal.kind,
+                                  reason=f"{principal.kind} {principal.name} may not; {needed} is required")
+        return AccessDecision(True, who=principal.name, authenticated=True, role=principal.kind, address=address)
+
+    @staticmethod
+    def _needed(action: str) -> str:
+        if action in READS:
+            return "an administrator's token or a reader's credential (Authorization: Bearer, or its client certificate)"
+        if action in WRITES:
+            return "a registered centre's or viewer's credential (Authorization: Bearer, or its client certificate)"
+        return f"no credential may {action}"

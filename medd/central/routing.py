@@ -72,6 +72,12 @@ def _in_networks(peer: str | None, networks: tuple[str, ...]) -> bool:
     return any(address in ipaddress.ip_network(n) for n in networks)
 
 
+def _from_viewer(record: ObjectRecord, lookups: RoutingLookups) -> bool:
+    """Whether a package came in a registered viewer's name (which the sender policy lets in only from
+    that viewer authenticated); a calling AE title never names a viewer."""
+    return record.transport != "dicom" and lookups.is_viewer(record.origin.strip().lower())
+
+
 def sender_of(record: ObjectRecord, lookups: RoutingLookups) -> Sender:
     """The centre that sent ``record``; for an overlay or report coming back from a viewer,
     the centre of the study it is about.
@@ -88,7 +94,9 @@ def sender_of(record: ObjectRecord, lookups: RoutingLookups) -> Sender:
             centre = None
     if centre is not None:
         return Sender(centre, own=True)
-    if record.object_type in ("overlay", "report"):
+    # Only a registered viewer's overlay or report (which the sender policy let in only
+    # authenticated) is filed under the centre of its study; from anyone else it is quarantined.
+    if record.object_type in ("overlay", "report") and _from_viewer(record, lookups):
         study_centre = lookups.study_centre(record.study_instance_uid)
         if study_centre is not None:
             return Sender(study_centre)
@@ -157,7 +165,7 @@ def route(record: ObjectRecord, lookups: RoutingLookups, node_name: str) -> Rout
         source = "routing rule"
     outcome, queue, hold = "routed", [], []
     if not destinations:
-        if record.object_type in ("overlay", "report"):
+        if record.object_type in ("overlay", "report") and (centre is not None or _from_viewer(record, lookups)):
             outcome = "attached"  # kept with its image/study; no rule sends it on
         else:
             reason = "no route: no package To, no (0040,1010) recipients and no matching rule"
@@ -302,20 +310,23 @@ class RoutingService(Service):
 
 
 class SenderPolicy:
-    """Central's answer to ``medd_check_sender``: who may send in whose name.
+    """Central's answer to ``medd_check_sender``: who may send what in whose name.
 
-    A package whose From is a registered centre's address is accepted only
-    from that centre authenticated: its bearer token over HTTP(S), or over
-    the TLS socket a client certificate whose CN is one of its addresses
-    (the CN decides, not the From header). Over SMTP nothing authenticates
-    a centre yet (S/MIME is to come), so it is refused. A From that is no
-    registered centre's is let through, to be quarantined as an unknown
-    centre.
+    The sender is who its connection proves it to be: the centre or viewer
+    whose bearer token came with it (HTTP(S)), or over the TLS socket the
+    centre or viewer one of whose addresses is its client certificate's CN.
+    The package's From is only a claim, checked against that:
 
-    A status, overlay or report package whose From is a registered viewer is
-    accepted only from that viewer authenticated: its bearer token (HTTP) or
-    a TLS client certificate whose CN is its address. Otherwise anyone could
-    mark an image opened in the viewer's name, or attach a report as it.
+    - From a registered centre's address: only from that centre authenticated
+      (over SMTP nothing authenticates a centre yet, so it is refused); an
+      overlay or report only on a study of its own.
+    - From a registered viewer's address: only from that viewer
+      authenticated, and only what a viewer makes (status, overlay, report).
+    - From any other address: never a status, overlay or report (anyone could
+      attach a "signed" report to a study); never from an authenticated
+      centre or viewer writing in another's name. An image is let through, to
+      be quarantined as from an unknown centre.
+
     Registered with the node's plugin manager by central's assembly.
     """
 
@@ -327,35 +338,36 @@ class SenderPolicy:
         return ensureDeferred(self._check(claim))
 
     async def _check(self, claim) -> str | None:
-        found = await self.directory.centre_claim(claim.origin, claim.credentials)
-        if found.named is not None:
-            return self._centre_refusal(claim, found.named, found.authenticated)
-        if claim.object_type not in VIEWER_TYPES:
+        origin = claim.origin
+        found = await self.directory.sender_facts(origin, claim.credentials, claim.study_uid,
+                                                  claim.peer if claim.transport == "tls" else None)
+        if found.named_centre is not None:
+            refusal = self._centre_refusal(claim, found.named_centre, found.centre)
+            if refusal is None and claim.object_type in ("overlay", "report") and not found.own_study:
+                refusal = (f"centre {found.named_centre.name} may send a {claim.object_type} only on a study of its "
+                           f"own, and study {claim.study_uid or '(none)'} is not")
+            return refusal
+        if found.named_viewer is not None:
+            if found.viewer is None or found.viewer.address != origin:
+                return (f"a {claim.object_type} package from viewer {origin} must be sent authenticated as that "
+                        "viewer (its bearer token over HTTP, or its client certificate over TLS)")
+            if claim.object_type not in VIEWER_TYPES:
+                return (f"viewer {origin} may send only what a viewer makes (status, overlay, report), "
+                        f"not an {claim.object_type}")
             return None
-        return await self._viewer_refusal(claim)
+        if claim.object_type in VIEWER_TYPES:
+            return (f"a {claim.object_type} is accepted only from a registered viewer or centre, authenticated; "
+                    f"{origin} is neither")
+        sender = found.centre.name if found.centre else found.viewer.address if found.viewer else None
+        if sender is not None:
+            return f"{sender} is authenticated, and sends only in its own name, not as {origin}"
+        return None
 
     @staticmethod
-    def _centre_refusal(claim, named, by_token) -> str | None:
-        if claim.transport in ("http", "https") and by_token is not None and by_token.name == named.name:
-            return None
-        if claim.transport == "tls" and (claim.peer or "").strip().lower() in named.addresses:
+    def _centre_refusal(claim, named, authenticated) -> str | None:
+        if claim.transport in ("http", "https", "tls") and authenticated is not None and authenticated.name == named.name:
             return None
         how = ("over SMTP a centre cannot authenticate yet (no S/MIME): send through its gateway over TLS or HTTPS"
                if claim.transport == "smtp" else
                "its bearer token over HTTP(S), or its client certificate over TLS")
         return f"a package from centre {named.name} ({claim.origin}) must be sent authenticated as that centre: {how}"
-
-    async def _viewer_refusal(self, claim) -> str | None:
-        origin = claim.origin
-        found = await self.directory.claimants(origin, claim.credentials)
-        named, by_token = found.named, found.authenticated
-        if named is None:
-            return None  # not a viewer's address: it matches no delivery and attaches only
-        if by_token is not None and by_token.address == origin:
-            return None
-        if claim.transport == "tls" and (claim.peer or "").strip().lower() == origin:
-            return None
-        return (
-            f"a {claim.object_type} package from viewer {origin} must be sent authenticated as that viewer "
-            "(its bearer token over HTTP, or its client certificate over TLS)"
-        )

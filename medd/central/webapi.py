@@ -24,14 +24,13 @@ from medd.audit import AuditTrail, audit_time, credential_change, record_json
 from medd.ingest import Ingest
 from medd.storage.audit import AuditFilter
 from medd.webresource import (Problem, ProblemResource, Response, client_ip, json_response, render_async,
-                              require_bearer)
+                              require_bearer, unauthorised)
 
 RFC822 = "message/rfc822"
 
 
 def unknown_viewer_token() -> Problem:
-    return Problem(401, "unknown viewer or centre token", kind="unauthorised",
-                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return unauthorised("unknown viewer or centre token", invalid_token=True)
 
 
 async def _json_body(request, central) -> dict:
@@ -74,12 +73,12 @@ class _Authenticated(ProblemResource):
 
     async def admin(self, request) -> str:
         token = require_bearer(request)
-        name = await self.storage.directory.admin_by_token(token)
-        if name is None:
-            owner = await self.storage.directory.outbox_owner(token)
-            raise Problem(403, "an administrator token is required", kind="forbidden",
-                          who=owner.address if owner is not None else None)
-        return name
+        principal = await self.storage.directory.principal(token)
+        if principal is None:
+            raise unauthorised("the token is no one's; an administrator token is required", invalid_token=True)
+        if principal.kind != "admin":
+            raise Problem(403, "an administrator token is required", kind="forbidden", who=principal.name)
+        return principal.name
 
     def record(self, request, event: str, **fields):
         """Deferred: ``event`` recorded in the audit trail, with the request's peer address."""

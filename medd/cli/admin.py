@@ -169,6 +169,33 @@ def admins_add(args):
 
 
 @_guard
+def readers_add(args):
+    if not (args.token or args.client_cert):
+        raise DirectoryError("a reader needs a credential: --token, --client-cert FILE, or both")
+    issued = _issue_client_certificate(args, f"reader:{args.name}")
+    new = _run(args, lambda s: s.directory.add_reader(args.name, args.scope, token=args.token,
+                                                      client_certificate=issued[1] if issued else None))
+    if issued:
+        _write_client_certificate(args, issued)
+    print(f"reader {new.reader.name} may {new.reader.scope} (DICOMweb QIDO-RS and WADO-RS)", file=sys.stderr)
+    if new.token:
+        print(new.token)
+
+
+@_guard
+def readers_list(args):
+    for r in _run(args, lambda s: s.directory.readers()):
+        held = [name for name, has in (("token", r.has_token), ("client certificate", r.client_cert_sha256)) if has]
+        print(f"{r.name:<24} {r.scope:<6} {', '.join(held)}  since {r.created_at:%Y-%m-%d}")
+
+
+@_guard
+def readers_revoke(args):
+    _run(args, lambda s: s.directory.revoke_reader(args.name))
+    print(f"reader {args.name} revoked: its credentials no longer work", file=sys.stderr)
+
+
+@_guard
 def routes_list(args):
     rules = _run(args, lambda s: s.directory.rules())
     for r in rules:
@@ -286,6 +313,18 @@ def add_admin_commands(sub) -> None:
 
     g = group("admins", "administrators")
     command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")
+
+    g = group("readers", "read credentials for DICOMweb QIDO-RS and WADO-RS on central")
+    p = command(g, "add", readers_add, "register a reader: a token (printed as the last line) and/or a client certificate")
+    p.add_argument("name")
+    p.add_argument("--scope", required=True, choices=["read"],
+                   help="what it may do: read = DICOMweb QIDO-RS and WADO-RS (never write)")
+    p.add_argument("--token", action="store_true", help="issue a bearer token (Authorization: Bearer)")
+    p.add_argument("--client-cert", metavar="FILE",
+                   help="issue a TLS client certificate (CN = reader:NAME) signed by [tls] client_ca_key, written "
+                        "to FILE with its key; central knows it by its SHA-256 on an HTTPS listener")
+    command(g, "list", readers_list, "list readers and their credentials")
+    command(g, "revoke", readers_revoke, "remove a reader; its token and certificate stop working").add_argument("name")
 
     g = group("routes", "routing rules")
     command(g, "list", routes_list, "list routing rules")

@@ -40,6 +40,8 @@ class SenderClaim:
     transport: str
     peer: Optional[str] = None
     credentials: Optional[str] = None
+    #: The study an overlay or report is about (from the object itself), if any.
+    study_uid: Optional[str] = None
 
 
 @hookspec
@@ -122,12 +124,14 @@ def medd_register_config(
 
 @dataclass(frozen=True)
 class AccessClaim:
-    """Who asks to read or write through a query protocol (DICOMweb), with what.
+    """Who asks to read or write over HTTP, with what.
 
-    ``action`` is ``"query"`` (QIDO-RS), ``"retrieve"`` (WADO-RS) or
-    ``"store"`` (STOW-RS). ``credentials`` is an HTTP bearer token;
-    ``cookies`` the request's cookies (a reading-room session); ``peer``
-    the client address or a verified client certificate's CN.
+    ``action`` is ``"query"`` (QIDO-RS), ``"retrieve"`` (WADO-RS), ``"store"``
+    (STOW-RS) or ``"package"`` (``POST /packages``). ``credentials`` is an HTTP bearer token;
+    ``certificate`` the SHA-256 (hex) of a TLS client certificate the peer
+    presented and proved; ``cookies`` the request's cookies (a reading-room
+    session); ``peer`` the client address. Writes are decided from the
+    request's headers, before its body is read.
     """
 
     action: str
@@ -135,20 +139,34 @@ class AccessClaim:
     peer: Optional[str] = None
     credentials: Optional[str] = None
     cookies: Any = None
+    certificate: Optional[str] = None
+
+    @property
+    def presented(self) -> bool:
+        """Whether the claimant presented any credential at all (else a refusal is 401)."""
+        return bool(self.credentials or self.certificate or self.cookies)
 
 
 @dataclass(frozen=True)
 class AccessDecision:
-    """The answer to an :class:`AccessClaim`: allowed or not, for whom, and why not."""
+    """The answer to an :class:`AccessClaim`: allowed or not, for whom, and why not.
+
+    ``authenticated`` says the credential proved who the claimant is: a refusal of an
+    authenticated claimant is 403, of anyone else 401. ``role`` is what the claimant is
+    (``"admin"``, ``"reader"``, ``"centre"``, ``"viewer"``, ``"radiologist"``,
+    ``"central"``) and ``address`` the package address it writes as, if any."""
 
     allowed: bool
     who: str = ""
     reason: str = ""
+    authenticated: bool = False
+    role: str = ""
+    address: str = ""
 
 
 @hookspec(firstresult=True)
 def medd_check_access(claim: AccessClaim) -> "Union[None, AccessDecision, Deferred, Awaitable[AccessDecision]]":
-    """Decision: may this claimant query, retrieve or store? Return an
+    """Decision: may this claimant query, retrieve, store or post a package? Return an
     :class:`AccessDecision` (or a Deferred/coroutine of one), or None for no
     opinion. Nothing is served anonymously: with no implementation, or none
     that answers, the request is refused. Central and the viewer each

@@ -17,13 +17,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, false, func, or_, select
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector
-from medd.storage.routing_tables import admins, authorisations, centre_aliases, centres, routing_rules, viewers
+from medd.storage.routing_tables import (admins, authorisations, centre_aliases, centres, readers, routing_decisions,
+                                         routing_rules, viewers)
+from medd.storage.schema import objects
 
 PUSH_SCHEMES = ("smtp", "tls", "http", "https")
+# What a reader's credential may do: "read" is DICOMweb QIDO-RS and WADO-RS.
+READER_SCOPES = ("read",)
 
 
 class DirectoryError(ValueError):
@@ -112,6 +116,50 @@ class Claimants:
 
     named: Viewer | None  # the registered viewer at the package's origin address
     authenticated: Viewer | None  # the viewer whose token came with it
+
+
+@dataclass(frozen=True)
+class Reader:
+    name: str
+    scope: str
+    has_token: bool
+    client_cert_sha256: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewReader:
+    """A reader just registered, with its token if one was issued (shown once, stored only hashed)."""
+
+    reader: Reader
+    token: str | None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a credential (a bearer token or a TLS client certificate) proves the caller to be.
+
+    ``kind`` is ``"admin"``, ``"reader"``, ``"centre"`` or ``"viewer"``; ``name`` the
+    administrator's, reader's or centre's name, or the viewer's address; ``addresses`` the
+    package addresses it may send as (a centre's; a viewer's own)."""
+
+    kind: str
+    name: str
+    scope: str = ""
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SenderFacts:
+    """What central knows about a package's sender: whose addresses its From is, who its
+    connection proves it to be (token, or TLS client certificate CN), and whether the study
+    an overlay or report is about is the proven centre's own."""
+
+    named_centre: Centre | None  # the registered centre one of whose addresses is the From
+    centre: Centre | None  # the centre the connection proves
+    named_viewer: Viewer | None  # the registered viewer at the From
+    viewer: Viewer | None  # the viewer the connection proves
+    own_study: bool = False  # the study has images that came from ``centre``
 
 
 def new_token() -> str:
@@ -376,6 +424,94 @@ def admin_by_token(conn: Connection, token: str) -> str | None:
     return conn.execute(select(admins.c.name).where(admins.c.token_hash == hash_token(token))).scalar()
 
 
+def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: str | None,
+                 certificate_cn: str | None) -> SenderFacts:
+    cn = (certificate_cn or "").strip().lower() or None
+    centre = centre_by_token(conn, token) if token else None
+    viewer = viewer_by_token(conn, token) if token else None
+    if cn is not None:
+        centre = centre or centre_at_address(conn, cn)
+        viewer = viewer or get_viewer(conn, cn)
+    own = bool(centre is not None and study_uid and study_of_centre(conn, study_uid, centre))
+    return SenderFacts(centre_at_address(conn, origin), centre, get_viewer(conn, origin), viewer, own)
+
+
+def study_of_centre(conn: Connection, study_uid: str, centre: Centre) -> bool:
+    """Whether ``study_uid`` has an image from ``centre``: routed as the centre's, or received from one
+    of its package addresses."""
+    found = conn.execute(
+        select(objects.c.id)
+        .select_from(objects.outerjoin(routing_decisions, routing_decisions.c.uid == objects.c.sop_instance_uid))
+        .where(and_(objects.c.study_instance_uid == study_uid, objects.c.object_type == "image",
+                    or_(routing_decisions.c.centre == centre.name,
+                        func.lower(objects.c.origin).in_(centre.addresses) if centre.addresses else false())))
+        .limit(1)
+    ).first()
+    return found is not None
+
+
+# -- readers -----------------------------------------------------------------------------------------
+
+
+def _reader(row) -> Reader:
+    return Reader(row.name, row.scope, row.token_hash is not None, row.client_cert_sha256, row.created_at)
+
+
+def add_reader(conn: Connection, name: str, scope: str, *, token: bool, client_certificate: str | None,
+               at: datetime) -> NewReader:
+    if scope not in READER_SCOPES:
+        raise DirectoryError(f"unknown scope {scope!r}; scopes: {', '.join(READER_SCOPES)}")
+    if not (token or client_certificate):
+        raise DirectoryError("a reader needs a credential: --token, --client-cert, or both")
+    if conn.execute(select(readers.c.id).where(readers.c.name == name)).first():
+        raise DirectoryError(f"reader {name} already exists")
+    issued = new_token() if token else None
+    conn.execute(readers.insert().values(name=name, scope=scope, token_hash=hash_token(issued) if issued else None,
+                                         client_cert_sha256=client_certificate, created_at=at))
+    row = conn.execute(select(readers).where(readers.c.name == name)).one()
+    return NewReader(_reader(row), issued)
+
+
+def list_readers(conn: Connection) -> list[Reader]:
+    return [_reader(row) for row in conn.execute(select(readers).order_by(readers.c.name))]
+
+
+def revoke_reader(conn: Connection, name: str) -> None:
+    if conn.execute(delete(readers).where(readers.c.name == name)).rowcount == 0:
+        raise DirectoryError(f"no reader {name}")
+
+
+def principal_by_token(conn: Connection, token: str) -> Principal | None:
+    """Whose bearer token this is: an administrator, a reader, a centre or a viewer."""
+    admin = admin_by_token(conn, token)
+    if admin is not None:
+        return Principal("admin", admin)
+    row = conn.execute(select(readers).where(readers.c.token_hash == hash_token(token))).first()
+    if row is not None:
+        return Principal("reader", row.name, row.scope)
+    centre = centre_by_token(conn, token)
+    if centre is not None:
+        return Principal("centre", centre.name, addresses=centre.addresses)
+    viewer = viewer_by_token(conn, token)
+    if viewer is not None:
+        return Principal("viewer", viewer.address, addresses=(viewer.address,))
+    return None
+
+
+def principal_by_certificate(conn: Connection, fingerprint: str) -> Principal | None:
+    """Whose TLS client certificate (SHA-256 of its DER) this is: a reader, a centre or a viewer."""
+    row = conn.execute(select(readers).where(readers.c.client_cert_sha256 == fingerprint)).first()
+    if row is not None:
+        return Principal("reader", row.name, row.scope)
+    name = conn.execute(select(centres.c.name).where(centres.c.client_cert_sha256 == fingerprint)).scalar()
+    if name is not None:
+        return Principal("centre", name, addresses=get_centre(conn, name).addresses)
+    address = conn.execute(select(viewers.c.address).where(viewers.c.client_cert_sha256 == fingerprint)).scalar()
+    if address is not None:
+        return Principal("viewer", address, addresses=(address,))
+    return None
+
+
 # -- routing rules ---------------------------------------------------------------------------------
 
 
@@ -513,6 +649,11 @@ class Directory(Connector):
 
         return self.db.run(thd)
 
+    def sender_facts(self, origin: str, token: str | None, study_uid: str | None = None,
+                     certificate_cn: str | None = None):
+        """Deferred :class:`SenderFacts` of a package's sender, looked up in one transaction."""
+        return self.db.run(lambda conn: sender_facts(conn, origin, token, study_uid, certificate_cn))
+
     def client_certificate(self, address: str):
         """Deferred SHA-256 of the client certificate issued to a viewer, or None."""
         return self.db.run(lambda conn: client_certificate_of(conn, address))
@@ -533,6 +674,36 @@ class Directory(Connector):
     def admin_by_token(self, token: str):
         """Deferred name of the administrator whose token this is, or None."""
         return self.db.run(lambda conn: admin_by_token(conn, token))
+
+    # readers
+
+    def add_reader(self, name: str, scope: str, *, token: bool = False, client_certificate: str | None = None):
+        """Deferred :class:`NewReader`; ``client_certificate`` is the SHA-256 of one issued to it."""
+        at = self.now()
+        return self.db.run(lambda conn: add_reader(conn, name, scope, token=token,
+                                                   client_certificate=client_certificate, at=at))
+
+    def readers(self):
+        """Deferred list of :class:`Reader`, by name."""
+        return self.db.run(list_readers)
+
+    def revoke_reader(self, name: str):
+        """Remove a reader: its token and certificate stop working at once."""
+        return self.db.run(lambda conn: revoke_reader(conn, name))
+
+    # who a credential is
+
+    def principal(self, token: str | None, certificate: str | None = None):
+        """Deferred :class:`Principal` of a bearer token or, failing that, of a client
+        certificate's SHA-256; None when neither is anyone's."""
+
+        def thd(conn) -> Principal | None:
+            found = principal_by_token(conn, token) if token else None
+            if found is None and certificate:
+                found = principal_by_certificate(conn, certificate)
+            return found
+
+        return self.db.run(thd)
 
     # routing rules
 

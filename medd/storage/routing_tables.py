@@ -63,6 +63,19 @@ admins = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# Read credentials (`medd readers add NAME --scope read`): DICOMweb QIDO-RS and WADO-RS on central.
+# A reader holds a bearer token (its SHA-256), a TLS client certificate (its SHA-256), or both.
+readers = Table(
+    "readers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("scope", String(16), nullable=False),  # "read"
+    Column("token_hash", String(64), unique=True),
+    Column("client_cert_sha256", String(64), unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 routing_rules = Table(
     "routing_rules",
     metadata,

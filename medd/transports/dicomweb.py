@@ -30,13 +30,13 @@ from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
 from medd.rendering import RenderError, render_thumbnail
 from medd.storage.index import STUDY_FILTERS, Match, ObjectRecord
-from medd.plugins.hookspecs import AccessClaim
 from medd.webresource import (
     RETRY_AFTER,
     Problem,
     ProblemResource,
     Response,
-    bearer_token,
+    access_claim,
+    access_refusal,
     client_ip,
     json_response,
     log_refusal,
@@ -147,6 +147,17 @@ def split_multipart(content, boundary: str) -> list[Part]:
     except MultipartError as e:
         raise Problem(400, f"malformed multipart body: {e}", kind="malformed-multipart") from e
     return parts
+
+
+# What a viewer may store: the objects it makes (a GSPS overlay, an SR report).
+VIEWER_OBJECT_TYPES = ("overlay", "report")
+
+
+def object_type_of(sop_class_uid: str | None) -> str:
+    """The object type a part's SOP class is carried as (``image`` when unknown)."""
+    from medd.objects import object_type_of_class
+
+    return object_type_of_class(sop_class_uid or "")
 
 
 def _failure(part: Part, reason_code: int, reason: str) -> Dataset:
@@ -447,20 +458,21 @@ class DicomWebResource(ProblemResource):
         "_store": "store",
     }
 
-    async def _authorise(self, request, action: str) -> str:
-        """The claimant's name if the node's access policy allows ``action``; a 401/403 problem otherwise."""
-        credentials = bearer_token(request)
-        cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
-        decision = await self.api.check_access(AccessClaim(
-            action=action, transport=self.api.transport, peer=client_ip(request), credentials=credentials,
-            cookies=cookies,
-        ))
-        if decision.allowed:
-            return decision.who
-        if credentials is None and not cookies:
-            raise Problem(401, f"DICOMweb {action} needs credentials: {decision.reason}", kind="unauthorised",
-                          headers={"WWW-Authenticate": 'Bearer realm="medd"'})
-        raise Problem(403, f"DICOMweb {action} refused: {decision.reason}", kind="forbidden")
+    async def _authorise(self, request, action: str):
+        """The node's access decision for ``action``; a 401/403 problem when it refuses.
+
+        A store was decided from its headers, before its body was read (see
+        :mod:`medd.transports.http`); a read, which has no body, is decided here.
+        """
+        if action == "store":
+            from medd.transports.http import admitted
+
+            return admitted(request)
+        claim = access_claim(request, action, self.api.transport)
+        decision = await self.api.check_access(claim)
+        if not decision.allowed:
+            raise access_refusal(claim, decision)
+        return decision
 
     def _dispatch(self, request, routes):
         async def handle(request):
@@ -469,10 +481,11 @@ class DicomWebResource(ProblemResource):
                 raise Problem(404, f"no DICOMweb resource at {request.path.decode('latin-1', 'replace')}")
             handler, uids = routed
             action = self.ACTIONS[handler.__name__]
-            who = await self._authorise(request, action)
+            decision = await self._authorise(request, action)
+            request.medd_access = decision
             if action == "store":  # each stored instance is recorded by the ingest
                 return await handler(request, *uids)
-            return await handler(request, *uids, who=who)
+            return await handler(request, *uids, who=decision.who)
 
         return render_async(request, handle)
 
@@ -687,7 +700,16 @@ class DicomWebResource(ProblemResource):
         parts = await self.api.run_blocking(split_multipart, request.content, boundary)
         if not parts:
             raise Problem(400, "the request carries no instances", kind="malformed-multipart")
+        sender = request.medd_access
+        if sender.role == "viewer":
+            # A viewer stores only what it makes itself; an image in its name is refused whole.
+            others = [p for p in parts if object_type_of(p.sop_class_uid) not in VIEWER_OBJECT_TYPES]
+            if others:
+                raise Problem(403, f"viewer {sender.who} may store only overlays and reports, and part "
+                                   f"{others[0].number} is {object_type_of(others[0].sop_class_uid)}", kind="forbidden")
         peer = client_ip(request)
+        # A registered sender stores in its own name (its package address), as its packages are.
+        origin = sender.address or peer
         base = self._base(request)
         stored, failed, transient = [], [], 0
         for part in parts:
@@ -701,7 +723,7 @@ class DicomWebResource(ProblemResource):
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
             else:
                 try:
-                    result = await self.api.receive_dicom(part.data, origin=peer)
+                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer)
                 except Refused as e:
                     code = {"too-large": FAILURE_OUT_OF_RESOURCES, "conflict": FAILURE_CONFLICT}.get(
                         e.kind, FAILURE_CANNOT_UNDERSTAND)

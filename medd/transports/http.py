@@ -2,13 +2,16 @@
 
 A package is posted as ``message/rfc822``; DICOMweb (STOW-RS, QIDO-RS,
 WADO-RS) lives under ``/dicomweb`` in :mod:`medd.transports.dicomweb`. Every
-error is an RFC 9457 problem document, and a request body larger than the
-node's object size limit is refused from its headers, before it is read.
+error is an RFC 9457 problem document. A request body larger than the node's
+object size limit, and a write (``POST /packages``, STOW-RS) that the node's
+access policy refuses, are refused from the request's headers, before the
+body is read.
 """
 from __future__ import annotations
 
 from io import BytesIO
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.web import http
@@ -23,15 +26,19 @@ from medd.transports.dicomweb import DicomWebResource
 from medd.transports.listener import EndpointListener
 from medd.webresource import (
     PROBLEM_JSON,
+    RETRY_AFTER,
     Problem,
     ProblemResource,
     Response,
+    access_claim,
+    access_refusal,
     bearer_token,
     client_ip,
     json_response,
     media_type_of,
     problem_from_ingest,
     read_body,
+    record_refusal,
     render_async,
 )
 
@@ -64,6 +71,7 @@ class PackagesResource(ProblemResource):
         if media_type != PACKAGE_MEDIA_TYPE:
             raise Problem(415, f"a package is posted as {PACKAGE_MEDIA_TYPE}, not {media_type or 'no media type'}",
                           headers={"Accept-Post": PACKAGE_MEDIA_TYPE})
+        admitted(request)
         data = await self.api.run_blocking(read_body, request.content)
         try:
             stored = await self.api.receive_package(data, peer=client_ip(request), credentials=bearer_token(request))
@@ -94,6 +102,30 @@ class RootResource(ProblemResource):
         return json_response(200, {"node": "medd", "services": ["/packages", "/dicomweb"]}).body
 
 
+# --- who may write, decided from the headers -------------------------------------------------
+
+# The first path segment of a POST whose body becomes stored objects, and the access action it needs.
+WRITE_ACTIONS = {b"packages": "package", b"dicomweb": "store"}
+
+
+def write_action(method: bytes, path: bytes) -> str | None:
+    """The access action of a request that writes objects (``POST /packages``, STOW-RS), else None."""
+    if method != b"POST":
+        return None
+    first = path.split(b"?", 1)[0].lstrip(b"/").split(b"/", 1)[0]
+    return WRITE_ACTIONS.get(first)
+
+
+def admitted(request):
+    """The :class:`~medd.plugins.hookspecs.AccessDecision` that let this write in from its headers.
+
+    A write that reached its resource without one (a site other than :class:`MeddSite`) is refused."""
+    decision = getattr(request, "medd_access", None)
+    if decision is None or not decision.allowed:
+        raise Problem(403, "this write was not admitted by the node's access policy", kind="forbidden")
+    return decision
+
+
 # --- the request-size guard and the site -----------------------------------------------------
 
 
@@ -106,6 +138,10 @@ class GuardedRequest(Request):
     """
 
     max_body_size: int = 0  # set by the site
+    #: The access decision that admitted a write, from its headers (see :meth:`_admit`).
+    medd_access = None
+    _admission = None  # the Deferred decision while it is pending
+    _process_waiting = False
     # Twisted would parse form bodies on the reactor thread; no medd resource
     # takes forms, so they are left alone.
     _parsePOSTFormSubmission = False
@@ -118,6 +154,63 @@ class GuardedRequest(Request):
             self._refuse_oversized(f"a request body of {length} bytes exceeds the limit of {self.max_body_size} bytes")
             return
         super().gotLength(length)
+        action = write_action(self.channel._command, self.channel._path)
+        if action is not None:
+            self._admit(action)
+
+    def _admit(self, action: str) -> None:
+        """Ask the node's access policy about a write before its body is read.
+
+        The connection stops being read until the answer is in (what one read
+        already brought is kept, within the size limit); a refusal is answered
+        at once, a ``100 Continue`` is sent only to an admitted request.
+        """
+        api = self.channel.site.api
+        continues = (self.requestHeaders.getRawHeaders(b"expect") or [b""])[0].lower() == b"100-continue"
+        self.requestHeaders.removeHeader(b"expect")
+        network = self.channel._networkProducer
+        network.pauseProducing()
+        claim = access_claim(self, action, api.transport)
+        # The channel forgets the request line once the body is in: what is audited is kept now.
+        what = f"{self.channel._command.decode('latin-1')} {self.channel._path.decode('latin-1', 'replace')}"
+        self._admission = api.check_access(claim)
+
+        def decided(decision):
+            self._admission = None
+            if self.channel is None or self._refused:
+                return
+            if not decision.allowed:
+                problem = access_refusal(claim, decision)
+                credential = "bearer token" if claim.credentials else "client certificate" if claim.certificate else None
+                ensureDeferred(record_refusal(api, problem, what, credential, claim.peer))
+                self._refuse(problem)
+            else:
+                self.medd_access = decision
+                if not self.channel._handlingRequest and continues:
+                    self.channel._send100Continue()
+            if self._process_waiting:
+                self._process_waiting = False
+                self.process()
+            elif not self.channel._handlingRequest:
+                network.resumeProducing()
+
+        def failed(failure):
+            log.failure("the access check of a {action} from {peer} failed", failure, action=action, peer=claim.peer)
+            return Problem(503, "medd cannot check credentials now; try again later", kind="store-failed",
+                           headers={"Retry-After": str(RETRY_AFTER)})
+
+        def refuse_unchecked(problem):
+            self._admission = None
+            if self.channel is None or self._refused:
+                return
+            self._refuse(problem)
+            if self._process_waiting:
+                self._process_waiting = False
+                self.process()
+            elif not self.channel._handlingRequest:
+                network.resumeProducing()
+
+        self._admission.addCallbacks(decided, lambda f: refuse_unchecked(failed(f)))
 
     def handleContentChunk(self, data):
         if self._refused:
@@ -132,20 +225,29 @@ class GuardedRequest(Request):
         super().handleContentChunk(data)
 
     def _refuse_oversized(self, detail: str) -> None:
+        self._refuse(Problem(413, detail, kind="too-large", title="Request too large"))
+
+    def _refuse(self, problem: Problem) -> None:
+        """Answer ``problem`` before the body is read, then drain what the client already sent and close."""
         self._refused = True
         if self.content is not None:
             self.content.close()
         self.content = BytesIO()
         peer = client_ip(self)
-        log.warn("HTTP request from {peer} refused with 413: {detail}", peer=peer, detail=detail)
+        log.warn("HTTP request from {peer} refused with {status}: {detail}", peer=peer, status=problem.status,
+                 detail=problem.detail)
         # The request line is not handed to the Request until the body is in,
         # so the answer is written the way Twisted answers a bad request: raw.
-        problem = Problem(413, detail, kind="too-large", title="Request too large")
         body = problem.body()
+        reason = http.RESPONSES.get(problem.status, b"Error").decode("ascii")
+        if problem.status == 413:
+            reason = "Content Too Large"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in problem.headers.items())
         head = (
-            "HTTP/1.1 413 Content Too Large\r\n"
+            f"HTTP/1.1 {problem.status} {reason}\r\n"
             f"Content-Type: {PROBLEM_JSON}\r\n"
             f"Content-Length: {len(body)}\r\n"
+            f"{extra}"
             "Connection: close\r\n\r\n"
         ).encode("ascii")
         # No "100 Continue" for a body that is refused.
@@ -158,6 +260,10 @@ class GuardedRequest(Request):
             transport.loseConnection()
 
     def process(self):
+        if self._admission is not None:
+            # The body is in before the access policy answered: wait for it.
+            self._process_waiting = True
+            return
         if self._refused:
             # The refusal is already on its way; the drained body is done.
             self.channel.transport.loseConnection()

@@ -23,6 +23,9 @@ class CentralSettings(PullSettings):
     # central's address, the To of status, overlay and report packages; when
     # empty, the From of the packages central sent is answered.
     address: str | None = None
+    # The bearer token central pushes with (its [push] http_token); without it the
+    # viewer's POST /packages takes nothing.
+    push_token: str | None = None
 
 
 def _positive(config: Config, key: str, default: str | None, problems: list) -> float | None:
@@ -61,10 +64,14 @@ def central_settings(config: Config) -> CentralSettings:
     max_delay = _positive(config, "retry_max_delay", "300", problems)
     timeout = _positive(config, "timeout", "60", problems)
     address = (section.get("address") or "").strip() or None
+    push_token = (section.get("push_token") or "").strip() or None
+    if push_token is not None and len(push_token) < 32:
+        problems.append(ConfigProblem(config.path, "central", "push_token",
+                                      "is too short to be a secret: use at least 32 random characters"))
     if problems:
         raise ConfigError(problems)
     return CentralSettings(url=url, token=token, poll_interval=poll, backoff=Backoff(base=base, max_delay=max_delay),
-                           address=address, timeout=timeout)
+                           address=address, timeout=timeout, push_token=push_token)
 
 
 @dataclass(frozen=True)
