@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 ROLES = ("central", "viewer", "gateway")
-LISTENER_KEYS = ("dicom", "smtp", "http", "tls")
+LISTENER_KEYS = ("dicom", "dicom_tls", "smtp", "http", "https", "tls")
 
 #: The keys of the sections every node reads, whatever its role and plugins.
 #: ``[listen]`` is absent: its keys are transport names, checked against the
@@ -214,12 +214,21 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
             problem("tls", k, f"no such file: {base / v}")
     if (cert is None) != (key is None):
         problem("tls", "private_key" if key is None else "certificate", "certificate and private_key go together")
-    if "tls" in listen and cert is None and not listen["tls"].startswith("ssl:"):
-        problem("listen", "tls", "needs an ssl: endpoint, or [tls] certificate and private_key")
+    for listener in ("tls", "https"):
+        if listener in listen and cert is None and not listen[listener].startswith("ssl:"):
+            problem("listen", listener, "needs an ssl: endpoint, or [tls] certificate and private_key")
+    if "dicom_tls" in listen and cert is None:
+        problem("listen", "dicom_tls", "needs [tls] certificate and private_key (DICOM TLS takes a tcp: endpoint)")
+    if get("https", "client_certificates") == "required" and client_ca is None:
+        problem("https", "client_certificates", "required needs [tls] client_ca (the CAs client certificates are checked against)")
+    if (get("smtp", "require_starttls") or "no").lower() in ("yes", "true", "on", "1") and cert is None:
+        problem("smtp", "require_starttls", "needs [tls] certificate and private_key (the STARTTLS certificate)")
     if client_ca_key is not None and client_ca is None:
         problem("tls", "client_ca_key", "needs [tls] client_ca (the CA certificate it belongs to)")
-    if client_ca is not None and listen.get("tls", "").startswith("ssl:"):
-        problem("tls", "client_ca", "applies only to a tls listener on a tcp: endpoint; an ssl: endpoint string carries its own TLS settings")
+    on_ssl = [k for k in ("tls", "https") if listen.get(k, "").startswith("ssl:")]
+    if client_ca is not None and on_ssl:
+        problem("tls", "client_ca", f"applies only to {' and '.join(on_ssl)} listeners on tcp: endpoints; an ssl: "
+                                    "endpoint string carries its own TLS settings")
 
     if parser.defaults():
         problem("DEFAULT", None, "medd reads no [DEFAULT] section; put each key in its own section")

@@ -186,10 +186,20 @@ def _single_part_message(data: bytes) -> Message | None:
     if end is None:
         return None
     msg = email.message_from_bytes(data[:end.end()], policy=email.policy.compat32)
-    if msg.is_multipart() or msg.get_content_maintype() == "multipart" or msg.get_payload():
+    # decode=True: the undecoded payload would be decoded with the charset the header names.
+    if msg.is_multipart() or msg.get_content_maintype() == "multipart" or msg.get_payload(decode=True):
         return None
     msg.set_payload(data[end.end():].decode("ascii", "surrogateescape"))
     return msg
+
+
+def header(msg: Message, name: str) -> str:
+    """A header's value ('' when absent); InvalidObject for one holding bytes
+    that are not ASCII (the compat32 parser hands those back as a Header)."""
+    value = msg.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidObject(f"the {name} header holds bytes that are not ASCII")
+    return value
 
 
 def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Message]:
@@ -210,7 +220,7 @@ def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Me
     if msg.defects:
         raise InvalidObject(f"malformed MIME message: {msg.defects[0].__class__.__name__}")
     for name in ("From", "To", "Message-ID", HEADER):
-        if not msg.get(name, "").strip():
+        if not header(msg, name).strip():
             raise InvalidObject(f"package has no {name} header")
     part = _single_part(msg)
     if part.defects:
@@ -226,11 +236,11 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
     :class:`InvalidObject` (content problems). Blocking.
     """
     msg, part = parse_package(data, max_size)
-    attachment = AttachmentId.parse(msg[HEADER])
+    attachment = AttachmentId.parse(header(msg, HEADER))
     object_type = object_types(attachment.type)
     if object_type is None:
         raise InvalidObject(f"unknown object type {attachment.type!r} in {HEADER}")
-    cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    cte = (header(part, "Content-Transfer-Encoding") or "7bit").strip().lower()
     if cte not in ("base64", "quoted-printable", "7bit", "8bit", "binary"):
         raise InvalidObject(f"unsupported Content-Transfer-Encoding {cte!r}")
     payload = part.get_payload(decode=True)
@@ -240,17 +250,17 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
         raise InvalidObject(f"malformed object part: {part.defects[0].__class__.__name__}")
     content = decode_content(part.get_content_type(), payload, max_size)
     object_type.validate(attachment, content)
-    _, origin = email.utils.parseaddr(msg["From"])
-    _, destination = email.utils.parseaddr(msg["To"])
+    _, origin = email.utils.parseaddr(header(msg, "From"))
+    _, destination = email.utils.parseaddr(header(msg, "To"))
     if not origin or not destination:
         raise InvalidObject("From and To must each hold one address")
     return Package(
-        message_id=msg["Message-ID"].strip(),
+        message_id=header(msg, "Message-ID").strip(),
         origin=origin,
         destination=destination,
         attachment=attachment,
         content=content,
-        date=(msg["Date"] or "").strip(),
+        date=header(msg, "Date").strip(),
     )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import treq
@@ -28,10 +27,11 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from medd.ingest import Refused
 from medd.scheduling import Backoff, CoalescingPass
+from medd.transports.tlscontexts import HttpsPolicy
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,42 @@ class PullSettings:
     """Where central is and how this node reaches it."""
 
     url: str  # base URL, no trailing slash: https://central.example:8443
-    token: str  # this node's bearer token on central
+    token: str | None  # this node's bearer token on central (None: it authenticates by client_cert)
     poll_interval: float
     # Between attempts while central is unreachable: base seconds, doubling up to max_delay.
     backoff: Backoff = Backoff(base=1.0, max_delay=300.0)
     timeout: float = 60.0
     # PEM of the CA that signed central's HTTPS certificate (None: the platform's trust store).
     ca: str | None = None
+    # PEM of this node's client certificate and key, presented to central over HTTPS.
+    client_cert: str | None = None
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def clear_http_problem(url: str, allow_http: bool) -> str | None:
+    """Why ``url`` may not be used to reach central, or None.
+
+    Over plain ``http://`` the node's bearer token and patients' images cross
+    the network in clear text; that is refused unless central is on this
+    host (loopback) or the site says ``allow_http = yes`` (a link already
+    protected by a VPN or TLS-terminating proxy).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or allow_http or is_loopback(parts.hostname or ""):
+        return None
+    return (f"{url} is clear-text HTTP to another host: tokens and images would cross the network "
+            "unencrypted; use https:// (with ca), or set allow_http = yes if the link is protected otherwise")
+
 
 PACKAGE_MEDIA_TYPE = "message/rfc822"
 # Statuses that say the package itself is unacceptable.
@@ -73,32 +102,30 @@ def _detail(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace")
 
 
-def https_policy(ca_path: str | None) -> BrowserLikePolicyForHTTPS:
-    """Verify HTTPS servers against the CA in ``ca_path`` (PEM), else the platform's trust store."""
-    if ca_path is None:
-        return BrowserLikePolicyForHTTPS()
-    from twisted.internet.ssl import trustRootFromCertificates
-
-    from medd.transports.tls import pem_certificates
-
-    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(pem_certificates(Path(ca_path).read_bytes())))
-
-
 class CentralClient:
     """central's ``/outbox`` and ``/packages`` over one persistent connection pool (treq), every
-    request with the node's bearer token."""
+    request with the node's bearer token, or over HTTPS with its client certificate.
+
+    Central's HTTPS certificate is verified for the URL's host name against
+    ``settings.ca`` (else the platform's trust store), TLS 1.2 or later
+    (:mod:`medd.transports.tlscontexts`). The CA and certificate files are
+    read here: build the client while the node is assembled.
+    """
 
     def __init__(self, reactor, settings: PullSettings, *, pool: HTTPConnectionPool | None = None):
         self.reactor = reactor
         self.settings = settings
         self.pool = pool or HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
-        self.http = HTTPClient(Agent(reactor, contextFactory=https_policy(settings.ca), pool=self.pool))
+        policy = HttpsPolicy.from_files(settings.ca, settings.client_cert)
+        self.http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self.pool))
 
     def close(self):
         return self.pool.closeCachedConnections()
 
     def _headers(self, **extra: str) -> dict:
+        if self.settings.token is None:
+            return extra
         return {"Authorization": f"Bearer {self.settings.token}", **extra}
 
     async def _request(self, method: str, path: str, **kw) -> tuple[int, bytes, object]:

@@ -106,12 +106,15 @@ class NodeService(MultiService):
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
         queries = IndexQueries(self.index, self.ingest)
         for key, endpoint in sorted(config.listen.items()):
+            transport = plugins.transports[key]
+            # A transport may share another's section (dicom_tls reads [dicom]).
+            section = getattr(transport, "settings_section", key)
             api = TransportAPI(
-                reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(key),
+                reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(section),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
                 audit=self.audit,
             )
-            listener = plugins.transports[key].listener(endpoint, api)
+            listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")
             listener.setServiceParent(self)
 

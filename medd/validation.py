@@ -28,7 +28,7 @@ ARCHIVE_KEYS = ("backend", "volume_size", "batch_bytes", "interval", "batch_obje
 RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
 VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
-                       "push_token")
+                       "push_token", "ca", "client_cert", "allow_http")
 # A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
 VIEWER_READING_ROOM_KEYS = ("ohif",)
 
@@ -143,8 +143,8 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     elif role == "viewer":
         from medd.viewer.settings import central_settings, reading_room_settings
 
-        collect(lambda: central_settings(config))
-        collect(lambda: reading_room_settings(config))
+        collect(lambda: central_settings(config, check_files=check_files))
+        collect(lambda: reading_room_settings(config, check_files=check_files))
     elif role == "gateway":
         from medd.gateway.settings import gateway_settings
 

@@ -89,6 +89,40 @@ def client_ip(request) -> str:
     return getattr(address, "host", None) or str(address)
 
 
+@dataclass(frozen=True)
+class PeerCertificate:
+    """A client certificate the HTTPS listener verified against ``[tls] client_ca``."""
+
+    common_name: str  # the subject's CN, lower case: a viewer's or a centre's address
+    sha256: str  # hex fingerprint of the DER certificate
+
+
+def peer_certificate(request) -> PeerCertificate | None:
+    """The verified client certificate of ``request``, on an HTTPS listener that verifies them;
+    None otherwise (plain HTTP, no certificate, or an ``ssl:`` endpoint medd did not configure)."""
+    site = getattr(request.channel, "site", None)
+    if not getattr(site, "identify_by_certificate", False):
+        return None
+    get = getattr(request.channel.transport, "getPeerCertificate", None)
+    cert = get() if get is not None else None
+    if cert is None:
+        return None
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    x509 = cert.to_cryptography()
+    names = x509.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    return PeerCertificate(str(names[0].value).strip().lower(), x509.fingerprint(hashes.SHA256()).hex())
+
+
+def request_peer(request) -> str:
+    """Who a request comes from: a verified client certificate's CN, else the client's IP address."""
+    certified = peer_certificate(request)
+    return certified.common_name if certified is not None else client_ip(request)
+
+
 def bearer_token(request) -> str | None:
     """The token of an ``Authorization: Bearer`` header, if there is one."""
     scheme, _, token = (request.getHeader("authorization") or "").strip().partition(" ")

@@ -99,7 +99,7 @@ BAD_CONFIGS = [
     ("AE title too long", "central", "[dicom]\nae_title = A_CALLED_AE_TITLE_TOO_LONG\n", ("dicom", "ae_title")),
     ("misspelt dicom key", "central", "[dicom]\nae_tittle = MEDD\n", ("dicom", "ae_tittle")),
     ("dicom on a unix socket", "central", "[listen]\ndicom = unix:/tmp/medd-dicom.sock\n", ("listen", "dicom")),
-    ("a section for a transport that reads none", "central", "[smtp]\nport = 25\n", ("smtp", None)),
+    ("a section for a transport that reads none", "central", "[http]\nport = 8080\n", ("http", None)),
     ("keys in [DEFAULT]", "central", "[DEFAULT]\nretry_base = 5\n", ("DEFAULT", None)),
 ]
 

@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from medd.config import ConnectionLimits
 from medd.transports.deadlines import PeerCappedFactory
 from medd.transports.http import MeddSite
+from medd.transports.smtp import PackageSMTPFactory
 from medd.transports.tls import PackageFrameFactory
 from twisted.internet.protocol import Factory, Protocol
 
@@ -97,6 +98,32 @@ def test_tls_frame_at_the_minimum_rate_is_not_cut():
     assert api.received == [payload]
     api.reactor.advance(120)  # the frame is in: its deadline ended with it (the receiver's own stringReceived)
     assert not transport.disconnected
+
+
+def test_drip_fed_smtp_command_line_is_aborted_at_its_deadline():
+    """An SMTP command drip-fed one byte every 10 s (Twisted's idle timer restarts on each) is aborted
+    30 s after its first byte."""
+    api = _API()
+    smtp, transport = _connect(PackageSMTPFactory(api))
+    assert transport.value().startswith(b"220 ")
+    _drip(api.reactor, smtp, transport, b"EHLO attacker.example" + b"x" * 100 + b"\r\n", every=10)
+    assert transport.disconnected
+    assert 30 <= api.reactor.seconds() <= 40
+
+
+def test_drip_fed_smtp_message_is_aborted_at_its_deadline():
+    """After DATA, a message drip-fed one byte a second is aborted 30 s after DATA, though lines keep coming."""
+    api = _API()
+    smtp, transport = _connect(PackageSMTPFactory(api))
+    for line in (b"EHLO centre-a.example", b"MAIL FROM:<ct1@centre-a.example>", b"RCPT TO:<central@central.test>",
+                 b"DATA"):
+        smtp.dataReceived(line + b"\r\n")
+    assert b"\r\n354 " in transport.value()
+    started = api.reactor.seconds()
+    _drip(api.reactor, smtp, transport, b"X-Drip: 1\r\n" * 100, every=1)
+    assert transport.disconnected
+    assert 30 <= api.reactor.seconds() - started <= 32
+    assert api.received == []
 
 
 class _Silent(Protocol):

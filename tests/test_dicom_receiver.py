@@ -110,6 +110,45 @@ async def test_invalid_uid_refused_and_nothing_stored(make_central):
 
 
 @pytest_twisted.ensureDeferred
+async def test_cstore_while_the_node_holds_over_1024_descriptors(make_central):
+    """An association whose socket is descriptor 1024 or more is served: pynetdicom's select() refused those
+    and aborted the association at once, so a node holding a thousand connections on its listeners (stalled
+    ones, say) turned every modality away."""
+    import resource
+
+    node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})
+    port = listener_port(node, "dicom")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert filler[-1] >= 1024
+        # The modality in its own process: its socket is not ours to number.
+        script = (
+            "import sys\n"
+            "from pydicom import dcmread\n"
+            "from pynetdicom import AE\n"
+            "ds = dcmread(sys.argv[2])\n"
+            "ae = AE(ae_title='MODALITY1')\n"
+            "ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)\n"
+            "assoc = ae.associate('127.0.0.1', int(sys.argv[1]), ae_title='MEDD')\n"
+            "print('established' if assoc.is_established else 'refused')\n"
+            "if assoc.is_established:\n"
+            "    print('status', assoc.send_c_store(ds).Status)\n"
+            "    assoc.release()\n"
+        )
+        run = await deferToThread(subprocess.run, [sys.executable, "-c", script, str(port),
+                                                   get_testdata_file("CT_small.dcm")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert "established" in run.stdout and "status 0" in run.stdout, run.stdout[-2000:]
+    assert await node.database.run(index.count_objects) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_cecho(make_central):
     """C-ECHO succeeds (modalities check the route with it)."""
     node = await make_central({"dicom": "tcp:0:interface=127.0.0.1"})

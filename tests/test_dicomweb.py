@@ -324,6 +324,35 @@ async def test_stow_oversized_part_413(make_central):
     assert await node.database.run(index.count_objects) == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_stow_part_with_an_unreadable_value_fails_alone_not_500(make_central):
+    """A part whose SOP Class UID has an unknown VR (found by fuzz/target_mime) is refused as that
+    instance's failure (409, 0xC000); it used to escape the quick look at the part as a 500."""
+    node = await make_central(LISTEN)
+    data = testdata("CT_small.dcm")
+    at = data.index(b"\x08\x00\x16\x00UI", 132 + 200)  # the dataset's (0008,0016), not the meta's
+    bad = data[:at + 4] + b"U!" + data[at + 6:]
+    response = await _stow(node, [("application/dicom", bad)])
+    assert response.status_code == 409, response.text
+    failed = response.json()["00081198"]["Value"]
+    assert failed[0]["00081197"]["Value"] == [0xC000]
+    assert await node.database.run(index.count_objects) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_with_too_many_parts_is_413_before_any_is_read(make_central):
+    """A STOW-RS body of many empty parts (a million fit in 42 MB and took 75 s to split) is refused 413
+    as soon as its parts pass MAX_STOW_PARTS; nothing is stored."""
+    from medd.transports.dicomweb import MAX_STOW_PARTS
+
+    node = await make_central(LISTEN)
+    response = await _stow(node, [("application/dicom", b"")] * (MAX_STOW_PARTS + 1))
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert str(MAX_STOW_PARTS) in response.json()["detail"]
+    assert await node.database.run(index.count_objects) == 0
+
+
 def _independently_valid(path) -> dict | None:
     """The true UIDs of a pydicom test file if it is a valid storage object, else None.
 

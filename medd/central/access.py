@@ -5,7 +5,9 @@ token or a reader's credential (``medd readers add NAME --scope read``) may.
 STOW-RS and ``POST /packages`` write: a registered centre or a registered
 viewer, each by its own credential (a viewer only its own object types, which
 the ingest checks once the objects are read). Every decision is made from the
-request's headers, before its body is read.
+request's headers, before its body is read. SMTP AUTH (action ``send``) is
+decided here too: the user name is a centre's or viewer's address, the
+password its token.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class CentralAccess:
 
     @hookimpl
     def medd_check_access(self, claim: AccessClaim):
+        if claim.action == "send":
+            return ensureDeferred(self._sender(claim))
         return ensureDeferred(self._decide(claim))
 
     async def _decide(self, claim: AccessClaim) -> AccessDecision:
@@ -49,3 +53,16 @@ class CentralAccess:
         if action in WRITES:
             return "a registered centre's or viewer's credential (Authorization: Bearer, or its client certificate)"
         return f"no credential may {action}"
+
+    async def _sender(self, claim: AccessClaim) -> AccessDecision:
+        """SMTP AUTH: ``peer`` is the address given as user name, ``credentials`` the password: the
+        token of the centre one of whose addresses that is, or of the viewer at that address."""
+        address, token = (claim.peer or "").strip().lower(), claim.credentials
+        if not token:
+            return AccessDecision(False, reason="no password")
+        facts = await self.directory.sender_facts(address, token)
+        if facts.named_centre is not None and facts.centre is not None and facts.named_centre.name == facts.centre.name:
+            return AccessDecision(True, who=f"centre {facts.centre.name}", authenticated=True, role="centre")
+        if facts.named_viewer is not None and facts.viewer is not None and facts.named_viewer.address == facts.viewer.address:
+            return AccessDecision(True, who=f"viewer {address}", authenticated=True, role="viewer")
+        return AccessDecision(False, reason=f"{address} is no registered centre or viewer address with that token")

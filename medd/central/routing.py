@@ -309,17 +309,26 @@ class RoutingService(Service):
         return self.outbox.stop()
 
 
+# Transports whose peer is a verified client certificate's CN when one was presented (an IP address,
+# which is never a package address, otherwise).
+CERTIFIED_TRANSPORTS = ("tls", "https")
+# Transports on which a centre can prove itself: a bearer token over HTTP(S), the SMTP AUTH password
+# (accepted only after STARTTLS), a client certificate over TLS or HTTPS.
+AUTHENTICATING_TRANSPORTS = ("http", "https", "tls", "smtp")
+
+
 class SenderPolicy:
     """Central's answer to ``medd_check_sender``: who may send what in whose name.
 
     The sender is who its connection proves it to be: the centre or viewer
-    whose bearer token came with it (HTTP(S)), or over the TLS socket the
-    centre or viewer one of whose addresses is its client certificate's CN.
+    whose bearer token came with it (HTTP(S), or the SMTP AUTH password), or
+    over the TLS socket or HTTPS the centre or viewer one of whose addresses
+    is its verified client certificate's CN.
     The package's From is only a claim, checked against that:
 
     - From a registered centre's address: only from that centre authenticated
-      (over SMTP nothing authenticates a centre yet, so it is refused); an
-      overlay or report only on a study of its own.
+      (over SMTP: AUTH after STARTTLS with its token); an overlay or report
+      only on a study of its own.
     - From a registered viewer's address: only from that viewer
       authenticated, and only what a viewer makes (status, overlay, report).
     - From any other address: never a status, overlay or report (anyone could
@@ -340,7 +349,7 @@ class SenderPolicy:
     async def _check(self, claim) -> str | None:
         origin = claim.origin
         found = await self.directory.sender_facts(origin, claim.credentials, claim.study_uid,
-                                                  claim.peer if claim.transport == "tls" else None)
+                                                  claim.peer if claim.transport in CERTIFIED_TRANSPORTS else None)
         if found.named_centre is not None:
             refusal = self._centre_refusal(claim, found.named_centre, found.centre)
             if refusal is None and claim.object_type in ("overlay", "report") and not found.own_study:
@@ -365,9 +374,9 @@ class SenderPolicy:
 
     @staticmethod
     def _centre_refusal(claim, named, authenticated) -> str | None:
-        if claim.transport in ("http", "https", "tls") and authenticated is not None and authenticated.name == named.name:
+        if claim.transport in AUTHENTICATING_TRANSPORTS and authenticated is not None and authenticated.name == named.name:
             return None
-        how = ("over SMTP a centre cannot authenticate yet (no S/MIME): send through its gateway over TLS or HTTPS"
+        how = ("over SMTP: AUTH (after STARTTLS) with its address and token"
                if claim.transport == "smtp" else
-               "its bearer token over HTTP(S), or its client certificate over TLS")
+               "its bearer token over HTTP(S), or its client certificate over TLS or HTTPS")
         return f"a package from centre {named.name} ({claim.origin}) must be sent authenticated as that centre: {how}"

@@ -3,7 +3,9 @@ imaging centres, and the administrator's API. Mounted on the node's HTTP listene
 
 Every request needs ``Authorization: Bearer <token>``: a viewer's or a
 centre's token for ``/outbox`` (each sees only the deliveries to its own
-address), an administrator's for ``/api``. Nothing here is open.
+address) — or, over HTTPS with ``[tls] client_ca``, the client certificate
+``--client-cert`` issued to that viewer or centre — and an administrator's
+token for ``/api``. Nothing here is open.
 """
 from __future__ import annotations
 
@@ -23,14 +25,27 @@ from medd.central.storage import CentralStorage
 from medd.audit import AuditTrail, audit_time, credential_change, record_json
 from medd.ingest import Ingest
 from medd.storage.audit import AuditFilter
-from medd.webresource import (Problem, ProblemResource, Response, client_ip, json_response, render_async,
-                              require_bearer, unauthorised)
+from medd.webresource import (Problem, ProblemResource, Response, bearer_token, client_ip, json_response,
+                              peer_certificate, render_async, require_bearer, unauthorised)
 
 RFC822 = "message/rfc822"
 
 
 def unknown_viewer_token() -> Problem:
     return unauthorised("unknown viewer or centre token", invalid_token=True)
+
+
+def outbox_credential(request):
+    """What opens an outbox: the bearer token if the request has one, else the client certificate
+    the HTTPS listener verified (its CN a registered viewer's or centre's address); a 401 problem
+    when there is neither."""
+    token = bearer_token(request)
+    if token is not None:
+        return token
+    certified = peer_certificate(request)
+    if certified is not None:
+        return certified
+    return require_bearer(request)
 
 
 async def _json_body(request, central) -> dict:
@@ -65,8 +80,7 @@ class _Authenticated(ProblemResource):
         self.storage = central.storage
 
     async def outbox_owner(self, request) -> OutboxOwner:
-        token = require_bearer(request)
-        owner = await self.storage.directory.outbox_owner(token)
+        owner = await self.storage.directory.outbox_owner(outbox_credential(request))
         if owner is None:
             raise unknown_viewer_token()
         return owner
@@ -148,7 +162,7 @@ class OutboxItem(_Authenticated):
         return pulled
 
     async def _fetch(self, request) -> Response:
-        pulled = self._found(await self.storage.deliveries.pull_request(require_bearer(request), self.delivery_id))
+        pulled = self._found(await self.storage.deliveries.pull_request(outbox_credential(request), self.delivery_id))
         delivery = pulled.delivery
         package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
         r = pulled.record
@@ -172,7 +186,7 @@ class OutboxAck(OutboxItem):
         raise Problem(405, "acknowledge with POST", headers={"Allow": "POST"})
 
     async def _ack(self, request) -> Response:
-        delivery = self._found(await self.storage.deliveries.acknowledge(require_bearer(request), self.delivery_id)).delivery
+        delivery = self._found(await self.storage.deliveries.acknowledge(outbox_credential(request), self.delivery_id)).delivery
         return json_response(200, {"id": delivery.id, "state": "delivered" if delivery.state != "opened" else "opened"})
 
 

@@ -46,7 +46,13 @@ def c_store(destination, data: bytes, timeout: float) -> StoreOutcome:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls:
+        from medd.transports.tlscontexts import stdlib_client_context
+
+        # DICOM TLS (PS3.15 B.1): the PACS verified against [gateway] ca, the gateway's client_cert presented.
+        tls_args = (stdlib_client_context(destination.tls_ca, destination.tls_client_cert), destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         return StoreOutcome("retry", f"association with {destination} {why}")

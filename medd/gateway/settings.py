@@ -6,18 +6,20 @@ section and key.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem, _parse_size
-from medd.pull import PullSettings
+from medd.pull import PullSettings, clear_http_problem
 from medd.scheduling import Backoff
 
 #: Every key the gateway reads from ``[gateway]``.
 GATEWAY_KEYS = (
     "address", "central", "central_name", "ca", "client_cert", "token", "outbox", "accept_ae", "watch",
     "watch_interval", "max_spool", "poll_interval", "retry_base", "retry_max_delay", "timeout", "results_to",
+    "allow_http", "results_tls",
 )
 
 
@@ -29,9 +31,13 @@ class PacsDestination:
     host: str
     port: int
     calling_ae: str = "MEDD"  # the gateway's own AE title ([dicom] ae_title)
+    # [gateway] results_tls: DICOM TLS to the PACS, verified against [gateway] ca, presenting client_cert.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 def _is_ae_title(ae: str) -> bool:
@@ -101,6 +107,12 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
             return default
         return value
 
+    def flag(key: str) -> bool:
+        text = (get(key) or "no").lower()
+        if text not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+            problem(key, f"must be yes or no, not {text!r}")
+        return text in ("yes", "true", "on", "1")
+
     def path(key: str, *, directory: bool = False) -> Path | None:
         text = get(key)
         if text is None:
@@ -128,8 +140,12 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
     if parts.scheme == "tls" and client_cert is None:
         problem("client_cert", "is required with a tls:// central: the PEM (certificate and key) central issued "
                                "to this centre")
-    if parts.scheme in ("http", "https") and token is None:
-        problem("token", f"is required with an {parts.scheme}:// central: the centre's bearer token on central")
+    if parts.scheme in ("http", "https") and token is None and not (parts.scheme == "https" and client_cert):
+        problem("token", f"is required with an {parts.scheme}:// central: the centre's bearer token on central "
+                         "(or, over https://, client_cert)")
+    allow_http = flag("allow_http")
+    if parts.scheme == "http" and (refusal := clear_http_problem(central, allow_http)):
+        problem("central", refusal)
 
     base, max_delay = seconds("retry_base", 1.0), seconds("retry_max_delay", 300.0)
     timeout = seconds("timeout", 60.0)
@@ -141,12 +157,17 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
         op = urlsplit(outbox_url)
         if op.scheme not in ("http", "https") or not op.hostname:
             problem("outbox", f"must be an http:// or https:// URL, not {outbox_url!r}")
-        elif token is None:
-            problem("token", "is required to pull central's outbox: the centre's bearer token on central")
+        elif token is None and not (op.scheme == "https" and client_cert):
+            problem("token", "is required to pull central's outbox: the centre's bearer token on central "
+                             "(or, over https://, client_cert)")
+        elif refusal := clear_http_problem(outbox_url, allow_http):
+            if get("outbox"):  # one taken from [gateway] central is reported there
+                problem("outbox", refusal)
         else:
             outbox = PullSettings(url=outbox_url, token=token, poll_interval=seconds("poll_interval", 30.0),
                                   backoff=Backoff(base=base, max_delay=max_delay), timeout=timeout,
-                                  ca=str(ca) if ca else None)
+                                  ca=str(ca) if ca else None,
+                                  client_cert=str(client_cert) if client_cert and op.scheme == "https" else None)
 
     accept = tuple(a for a in (get("accept_ae") or "").replace(",", " ").split() if a)
     for ae in accept:
@@ -167,6 +188,12 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
             results_to = parse_pacs_destination(get("results_to"), config.section("dicom").get("ae_title") or "MEDD")
         except ValueError as e:
             problem("results_to", str(e))
+    if flag("results_tls"):
+        if results_to is None:
+            problem("results_tls", "needs results_to")
+        else:
+            results_to = dataclasses.replace(results_to, tls=True, tls_ca=str(ca) if ca else None,
+                                             tls_client_cert=str(client_cert) if client_cert else None)
     if problems:
         raise ConfigError(problems)
     return GatewaySettings(

@@ -273,13 +273,14 @@ class Deliveries(Connector):
         """Deferred list of :class:`WaitingDelivery` for a pull viewer or a centre, oldest first."""
         return self.db.run(lambda conn: pull_waiting(conn, address))
 
-    def pull_request(self, token: str, delivery_id: int):
-        """Deferred :class:`PullRequest`: whose outbox ``token`` opens (a viewer's or a centre's), the
+    def pull_request(self, credential, delivery_id: int):
+        """Deferred :class:`PullRequest`: whose outbox ``credential`` (a token, or a verified client
+        certificate: :func:`medd.storage.directory.outbox_owner_of`) opens (a viewer's or a centre's), the
         delivery and its object, in one transaction (a pull viewer asks this for every package, and
         each separate database call would wait its turn behind ingest's commits)."""
 
         def thd(conn) -> PullRequest:
-            owner = directory.outbox_owner_by_token(conn, token)
+            owner = directory.outbox_owner_of(conn, credential)
             if owner is None:
                 return PullRequest(None)
             delivery = delivery_for(conn, delivery_id, owner.address)
@@ -289,13 +290,13 @@ class Deliveries(Connector):
 
         return self.db.run(thd)
 
-    def acknowledge(self, token: str, delivery_id: int):
-        """Deferred :class:`PullRequest` (without the object): the delivery in ``token``'s outbox,
+    def acknowledge(self, credential, delivery_id: int):
+        """Deferred :class:`PullRequest` (without the object): the delivery in ``credential``'s outbox,
         moved to delivered if it was pending, in one transaction."""
         at = self.now()
 
         def thd(conn) -> PullRequest:
-            owner = directory.outbox_owner_by_token(conn, token)
+            owner = directory.outbox_owner_of(conn, credential)
             if owner is None:
                 return PullRequest(None)
             delivery = delivery_for(conn, delivery_id, owner.address)

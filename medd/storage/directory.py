@@ -274,6 +274,29 @@ def outbox_owner_by_token(conn: Connection, token: str) -> OutboxOwner | None:
     return None
 
 
+def outbox_owner_by_certificate(conn: Connection, common_name: str, sha256: str) -> OutboxOwner | None:
+    """The viewer or centre whose outbox a verified client certificate opens: the one registered at
+    its CN with this very certificate (the SHA-256 recorded when ``--client-cert`` issued it, so a
+    certificate issued again replaces the old one)."""
+    address = common_name.strip().lower()
+    row = conn.execute(select(viewers.c.address, viewers.c.client_cert_sha256).where(viewers.c.address == address)).first()
+    if row is not None and row.client_cert_sha256 and hmac.compare_digest(row.client_cert_sha256, sha256.lower()):
+        return OutboxOwner("viewer", row.address, row.address)
+    centre = centre_at_address(conn, address)
+    if (centre is not None and centre.address and centre.client_cert_sha256
+            and hmac.compare_digest(centre.client_cert_sha256, sha256.lower())):
+        return OutboxOwner("centre", centre.name, centre.address)
+    return None
+
+
+def outbox_owner_of(conn: Connection, credential) -> OutboxOwner | None:
+    """Whose outbox ``credential`` opens: a bearer token (str), or a verified client certificate
+    (anything with ``common_name`` and ``sha256``, e.g. :class:`medd.webresource.PeerCertificate`)."""
+    if isinstance(credential, str):
+        return outbox_owner_by_token(conn, credential)
+    return outbox_owner_by_certificate(conn, credential.common_name, credential.sha256)
+
+
 def list_centres(conn: Connection) -> list[Centre]:
     names = conn.execute(select(centres.c.name).order_by(centres.c.name)).scalars().all()
     return [get_centre(conn, n) for n in names]
@@ -599,9 +622,10 @@ class Directory(Connector):
 
         return self.db.run(thd)
 
-    def outbox_owner(self, token: str):
-        """Deferred :class:`OutboxOwner` whose outbox ``token`` opens, or None."""
-        return self.db.run(lambda conn: outbox_owner_by_token(conn, token))
+    def outbox_owner(self, credential):
+        """Deferred :class:`OutboxOwner` whose outbox ``credential`` (a token, or a verified client
+        certificate) opens, or None."""
+        return self.db.run(lambda conn: outbox_owner_of(conn, credential))
 
     def centre(self, name: str):
         """Deferred :class:`Centre` or None."""

@@ -19,7 +19,7 @@ from medd.storage.schema import objects, receipts
 from medd.storage.viewer_tables import viewer_opened
 
 # Transports by which central's packages reach a viewer: their From is central's address.
-CENTRAL_TRANSPORTS = ("pull", "http", "smtp", "tls")
+CENTRAL_TRANSPORTS = ("pull", "http", "https", "smtp", "tls")
 
 
 @dataclass(frozen=True)

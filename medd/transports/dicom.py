@@ -7,8 +7,10 @@ happened: success only once the object is fsync'd and indexed.
 """
 from __future__ import annotations
 
+import copy
 import select
 import socket
+import ssl
 import threading
 import time
 
@@ -27,6 +29,7 @@ from medd.ingest import Refused, StoreFailed
 from medd.plugins.api import CannotListen
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.tlscontexts import stdlib_server_context
 
 # Transfer syntaxes accepted for every storage SOP class: the uncompressed
 # ones plus the compressed syntaxes modalities actually send.
@@ -58,13 +61,27 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_CONFLICT = 0xA900
 
 
+def readable(sockets: list, timeout: float) -> list:
+    """The sockets among ``sockets`` with data (or a hang-up) to read, waiting at most ``timeout`` seconds.
+
+    ``poll``, not ``select``: select refuses a descriptor numbered 1024 or
+    more, and a node holding a thousand connections on its listeners gives
+    new associations such numbers.
+    """
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+    return [sock for sock in sockets if sock.fileno() in ready]
+
+
 class _PromptDUL(DULServiceProvider):
     """A DUL provider that wakes as soon as there is work, instead of polling.
 
     pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever its
     loop finds nothing to do, so every PDU received and every response sent
     waits for the end of a sleep: about 1 ms per C-STORE, a quarter of what
-    a small object costs in all. Here that sleep becomes a ``select`` on the
+    a small object costs in all. Here that sleep becomes a ``poll`` on the
     peer's socket and on a wake-up socket that :meth:`send_pdu` writes to, so
     incoming data and outgoing responses are handled at once. The wait is
     capped so that pynetdicom's timers (ARTIM, idle) still fire; an idle
@@ -86,8 +103,7 @@ class _PromptDUL(DULServiceProvider):
     def _run_loop_delay(self) -> float:
         peer = getattr(self.socket, "socket", None)
         try:
-            ready, _, _ = select.select([peer, self._wake_r] if peer is not None else [self._wake_r], [], [],
-                                        self.IDLE_WAIT)
+            ready = readable([peer, self._wake_r] if peer is not None else [self._wake_r], self.IDLE_WAIT)
         except (OSError, ValueError):  # a socket closed under us: fall back to pynetdicom's pace
             time.sleep(0.001)
             return 0
@@ -143,6 +159,20 @@ class _DeadlineSocket(AssociationSocket):
     _due = 0.0
     _pdu_type = 0
 
+    @property
+    def ready(self) -> bool:
+        """Whether data waits on the socket; pynetdicom's own check uses select
+        and ends the association (Evt17) when the descriptor is 1024 or more."""
+        if self.socket is None or self._is_connected is False:
+            return False
+        try:
+            waiting = bool(readable([self.socket], 0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        # A TLS socket may hold decrypted bytes that poll cannot see.
+        return waiting or bool(getattr(self.socket, "pending", lambda: 0)())
+
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes == 6:  # the header of the next PDU (dul.DULServiceProvider._read_pdu_data)
             self._due = time.monotonic() + self.timeout
@@ -170,7 +200,9 @@ class _DeadlineSocket(AssociationSocket):
 
 class _PromptRequestHandler(RequestHandler):
     """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`,
-    and closes a connection past ``[limits] max_connections_per_peer``."""
+    and closes a connection past ``[limits] max_connections_per_peer``. On the
+    DICOM TLS listener the TLS handshake happens here, on the association's own
+    thread and within ``[dicom] timeout``."""
 
     log = Logger()
 
@@ -182,7 +214,25 @@ class _PromptRequestHandler(RequestHandler):
                           peer=host, count=mine)
             self.request.close()
             return
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+            return
         super().handle()
+
+    def _handshake(self) -> bool:
+        host = self.client_address[0]
+        try:
+            # A peer that connects and says nothing holds only this thread, and only until the timeout.
+            self.request.settimeout(self.server.pdu_timeout)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; TimeoutError too
+            self.log.warn("dicom tls handshake with {peer} failed: {reason}", peer=host, reason=str(e) or type(e).__name__)
+            try:
+                self.request.close()
+            except OSError:
+                pass
+            return False
+        return True
 
     def _create_association(self):
         assoc = super()._create_association()
@@ -204,13 +254,44 @@ class _PromptRequestHandler(RequestHandler):
         return assoc
 
 
+class _AcceptorContexts(list):
+    """The listener's presentation contexts, which pynetdicom deep-copies for
+    every association it accepts: 70 ms of CPU for our 170 contexts of 16
+    transfer syntaxes, most of it copying UID strings, which are immutable.
+    A copy of each context with its own list of the same UIDs is as good, so
+    a burst of connections (200 stalled ones reconnecting) does not keep a
+    modality's association waiting for seconds."""
+
+    def __deepcopy__(self, memo):
+        copies = []
+        for context in self:
+            mine = copy.copy(context)
+            mine._transfer_syntax = list(context._transfer_syntax)
+            copies.append(mine)
+        return copies
+
+
 class _NoDelayServer(ThreadedAssociationServer):
     """Sets TCP_NODELAY on every accepted socket: with Nagle's algorithm on,
-    each C-STORE response waits for a delayed ACK (~40 ms)."""
+    each C-STORE response waits for a delayed ACK (~40 ms).
+
+    With an ``ssl_context`` (the DICOM TLS listener), the accepted socket is
+    wrapped without its handshake: pynetdicom would do it here, on the one
+    acceptor thread, where a peer that never completes it would stop every
+    other connection; :class:`_PromptRequestHandler` does it on the
+    association's thread instead.
+    """
+
+    # socketserver listens with a backlog of 5: a burst of connections (a
+    # peer reconnecting 200 stalled ones) fills it, and a modality's SYN is
+    # dropped and retried a second or more later. Twisted's listeners use 50.
+    request_queue_size = 128
 
     def get_request(self):
-        sock, address = super().get_request()
+        sock, address = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
 
@@ -239,14 +320,17 @@ DEFAULT_AE_TITLE = "MEDD"
 
 
 class DicomListener(Service):
-    """A pynetdicom Storage SCP feeding the node's ingest path."""
+    """A pynetdicom Storage SCP feeding the node's ingest path; over DICOM TLS
+    (PS3.15 B.1) when given an ``ssl_context``."""
 
     log = Logger()
 
-    def __init__(self, reactor, description: str, api):
+    def __init__(self, reactor, description: str, api, ssl_context: ssl.SSLContext | None = None):
         self.reactor = reactor
         self.description = description
         self.api = api
+        self.ssl_context = ssl_context
+        self.label = "dicom_tls" if ssl_context is not None else "dicom"
         # [dicom] ae_title, validated with the rest of the config at start.
         self.ae_title = api.settings.get("ae_title") or DEFAULT_AE_TITLE
         self.timeout = float(api.settings.get("timeout") or DEFAULT_TIMEOUT)
@@ -318,9 +402,11 @@ class DicomListener(Service):
                 evt_handlers=[(evt.EVT_C_STORE, self._handle_store), (evt.EVT_REQUESTED, self._handle_requested)],
                 server_class=_NoDelayServer,
                 request_handler=_PromptRequestHandler,
+                ssl_context=self.ssl_context,
             )
         except OSError as e:
-            raise CannotListen.from_error("dicom", self.description, e) from e
+            raise CannotListen.from_error(self.label, self.description, e) from e
+        self.server.contexts = _AcceptorContexts(self.server.contexts)
         self.server.pdu_timeout = self.timeout
         self.server.max_per_peer = self.api.limits.max_connections_per_peer
         self.server.min_rate = self.api.limits.min_transfer_rate
@@ -333,7 +419,7 @@ class DicomListener(Service):
             self._bind()
         thread = threading.Thread(target=self.server.serve_forever, name="medd-dicom-acceptor", daemon=True)
         thread.start()
-        self.log.info("dicom listening on {host}:{port} as {ae}", host=self.server.server_address[0],
+        self.log.info("{label} listening on {host}:{port} as {ae}", label=self.label, host=self.server.server_address[0],
                       port=self.server.server_address[1], ae=self.ae_title)
 
     @property
@@ -366,9 +452,25 @@ class DicomTransport:
         return DicomListener(api.reactor, endpoint, api)
 
 
+@implementer(ITransport)
+class DicomTlsTransport:
+    """The same receiver over TLS (``[listen] dicom_tls``), from the node's ``[tls]`` files: TLS 1.2+
+    with the BCP 195 suites, and a client certificate required when ``[tls] client_ca`` is set. It
+    answers to ``[dicom] ae_title`` and keeps ``[dicom] timeout``, like the plain listener."""
+
+    name = "dicom_tls"
+    description = "DICOM C-STORE/C-ECHO receiver over TLS (pynetdicom, PS3.15 B.1 secure transport)"
+    #: The config section whose keys this listener reads (TransportAPI.settings).
+    settings_section = "dicom"
+
+    def listener(self, endpoint: str, api):
+        return DicomListener(api.reactor, endpoint, api, ssl_context=stdlib_server_context(api.tls))
+
+
 @hookimpl
 def medd_register_transports(register) -> None:
     register(DicomTransport())
+    register(DicomTlsTransport())
 
 
 def check_dicom_section(section) -> None:
@@ -385,14 +487,15 @@ def check_dicom_section(section) -> None:
 
 
 def check_dicom_endpoint(section) -> None:
-    description = section.get("dicom")
-    if description is None:
-        return
-    try:
-        endpoint_address(None, description)
-    except ValueError as e:  # the endpoint string itself is checked by the core
-        if "needs a tcp:" in str(e):
-            section.problem("dicom", str(e))
+    for key in ("dicom", "dicom_tls"):
+        description = section.get(key)
+        if description is None:
+            continue
+        try:
+            endpoint_address(None, description)
+        except ValueError as e:  # the endpoint string itself is checked by the core
+            if "needs a tcp:" in str(e):
+                section.problem(key, str(e).replace("the dicom listener", f"the {key} listener"))
 
 
 @hookimpl
@@ -400,5 +503,5 @@ def medd_register_config(register) -> None:
     # [dicom] ae_title: the called AE title the listener answers to.
     # [dicom] timeout: seconds for association negotiation, a DIMSE message, an idle association and one PDU.
     register("dicom", ["ae_title", "timeout"], check_dicom_section)
-    # pynetdicom binds its own socket: only tcp:/tcp6: endpoints will do.
-    register("listen", ["dicom"], check_dicom_endpoint)
+    # pynetdicom binds its own socket: only tcp:/tcp6: endpoints will do (dicom_tls: TLS from [tls]).
+    register("listen", ["dicom", "dicom_tls"], check_dicom_endpoint)

@@ -1,4 +1,4 @@
-"""The HTTP transport (twisted.web): ``POST /packages`` and DICOMweb.
+"""The HTTP and HTTPS transports (twisted.web): ``POST /packages`` and DICOMweb.
 
 A package is posted as ``message/rfc822``; DICOMweb (STOW-RS, QIDO-RS,
 WADO-RS) lives under ``/dicomweb`` in :mod:`medd.transports.dicomweb`. Every
@@ -14,6 +14,7 @@ from io import BytesIO
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -24,6 +25,7 @@ from medd.plugins.interfaces import ITransport
 from medd.transports.deadlines import Deadline
 from medd.transports.dicomweb import DicomWebResource
 from medd.transports.listener import EndpointListener
+from medd.transports.tlscontexts import ServerFiles
 from medd.webresource import (
     PROBLEM_JSON,
     RETRY_AFTER,
@@ -40,6 +42,7 @@ from medd.webresource import (
     read_body,
     record_refusal,
     render_async,
+    request_peer,
 )
 
 log = Logger()
@@ -74,7 +77,7 @@ class PackagesResource(ProblemResource):
         admitted(request)
         data = await self.api.run_blocking(read_body, request.content)
         try:
-            stored = await self.api.receive_package(data, peer=client_ip(request), credentials=bearer_token(request))
+            stored = await self.api.receive_package(data, peer=request_peer(request), credentials=bearer_token(request))
         except (Refused, StoreFailed) as e:
             raise problem_from_ingest(e) from e
         body = {
@@ -315,6 +318,8 @@ class NoDelayChannel(http.HTTPChannel):
 
 class MeddSite(Site):
     protocol = NoDelayChannel
+    #: True on an HTTPS listener that verifies client certificates against [tls] client_ca.
+    identify_by_certificate = False
 
     def __init__(self, api):
         super().__init__(RootResource(api))
@@ -344,6 +349,46 @@ class HttpTransport:
         return EndpointListener(api.reactor, endpoint, MeddSite(api), "http", api.limits)
 
 
+#: ``[https] client_certificates``: what the HTTPS listener asks of a client when ``[tls] client_ca`` is set.
+CLIENT_CERTIFICATE_MODES = ("optional", "required")
+
+
+@implementer(ITransport)
+class HttpsTransport:
+    """The same site over TLS (``[listen] https``), from the node's ``[tls]`` files, TLS 1.2+ with
+    the BCP 195 suites. With ``[tls] client_ca`` a client certificate is verified when presented
+    (``[https] client_certificates = optional``, the default: bearer tokens still work) or
+    required (``= required``); a verified certificate's CN names the peer (the outbox, a package's
+    sender). An ``ssl:`` endpoint string is used as it is, and names peers by address only."""
+
+    name = "https"
+    description = "HTTPS receiver: the HTTP transport's site over TLS, client certificates optional or required"
+
+    def listener(self, endpoint: str, api):
+        site = MeddSite(api)
+        if endpoint.startswith("ssl:"):
+            return EndpointListener(api.reactor, endpoint, site, "https", api.limits)
+        files = ServerFiles.read(api.tls, f"https listener on {endpoint!r}")
+        required = (api.settings.get("client_certificates") or "optional").strip() == "required"
+        # Only a certificate this node verified against [tls] client_ca may name a peer.
+        site.identify_by_certificate = files.client_ca is not None
+        tls = TLSMemoryBIOFactory(files.options(require_client_certificate=required), False, site)
+        return EndpointListener(api.reactor, endpoint, tls, "https", api.limits)
+
+
+def check_https_section(section) -> None:
+    mode = section.get("client_certificates")
+    if mode is not None and mode not in CLIENT_CERTIFICATE_MODES:
+        section.problem("client_certificates", f"must be one of {', '.join(CLIENT_CERTIFICATE_MODES)}, not {mode!r}")
+
+
 @hookimpl
 def medd_register_transports(register) -> None:
     register(HttpTransport())
+    register(HttpsTransport())
+
+
+@hookimpl
+def medd_register_config(register) -> None:
+    # [https] client_certificates: optional (default) or required, when [tls] client_ca is set.
+    register("https", ["client_certificates"], check_https_section)

@@ -134,12 +134,14 @@ class HttpSender:
         import treq
         from twisted.web.client import Agent, HTTPConnectionPool
 
-        from medd.pull import https_policy
+        from medd.transports.tlscontexts import HttpsPolicy
 
         pool = HTTPConnectionPool(reactor, persistent=False)
         # [push] tls_ca (a gateway's [gateway] ca): the CA that signed the
-        # receiver's HTTPS certificate, else the platform's trust store.
-        policy = await deferToThreadPool(reactor, reactor.getThreadPool(), https_policy, settings.get("tls_ca"))
+        # receiver's HTTPS certificate, else the platform's trust store; and
+        # tls_client_cert (a gateway's [gateway] client_cert), presented to it.
+        policy = await deferToThreadPool(reactor, reactor.getThreadPool(), HttpsPolicy.from_files,
+                                         settings.get("tls_ca"), settings.get("tls_client_cert"))
         client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
         headers = {b"Content-Type": [b"message/rfc822"]}
         if settings.get("http_token"):

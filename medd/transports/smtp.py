@@ -3,15 +3,31 @@
 The 250 after DATA is sent only once the package is fsync'd and indexed; a
 refused package gets a 5xx that says why, a failure of medd itself a 451 so
 the sending MTA retries. SIZE is advertised and enforced, STARTTLS offered
-when ``[tls]`` names a certificate.
+when ``[tls]`` names a certificate; with ``[smtp] require_starttls = yes`` a
+MAIL FROM before it is answered 530.
+
+A centre that sends mail directly authenticates with SMTP AUTH (RFC 4954,
+SASL PLAIN or LOGIN), offered and accepted only once the session is
+encrypted: the user name is the address it sends from, the password the
+bearer token central issued to that centre (or viewer). Twisted's cred
+checks it (a :class:`SenderTokenChecker` asking the node's
+``medd_check_access`` policy, action ``"send"``); the token then goes with
+every package of the session to the sender policy (``medd_check_sender``),
+as a bearer token does over HTTP.
 """
 from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
 from twisted.mail.smtp import (
     ESMTP,
@@ -21,14 +37,16 @@ from twisted.mail.smtp import (
     SMTPBadRcpt,
     SMTPServerError,
 )
+from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from twisted.mail.smtp import DATA as DATA_MODE
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
-from medd.plugins.hookspecs import hookimpl
+from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.deadlines import Deadline
 from medd.transports.listener import EndpointListener
+from medd.transports.tlscontexts import server_tls_options
 
 log = Logger()
 
@@ -59,9 +77,10 @@ class PackageMessage:
     client cannot make the node hold more than one object's worth of bytes.
     """
 
-    def __init__(self, api, peer: str):
+    def __init__(self, api, peer: str, credentials: str | None = None):
         self.api = api
         self.peer = peer
+        self.credentials = credentials
         self.limit = api.max_object_size
         self.size = 0
         self.buffer: bytearray | None = bytearray()
@@ -91,7 +110,7 @@ class PackageMessage:
         data = await self.api.run_blocking(bytes, buffer)
         del buffer
         try:
-            return await self.api.receive_package(data, transport="smtp", peer=self.peer)
+            return await self.api.receive_package(data, transport="smtp", peer=self.peer, credentials=self.credentials)
         except Refused as e:
             # A conflict is permanent too: resending the same Message-ID or UID will not help.
             code, status = {"too-large": (552, "5.3.4"), "conflict": (554, "5.7.0")}.get(e.kind, (554, "5.6.0"))
@@ -128,9 +147,10 @@ class FurtherRecipient:
 class PackageDelivery:
     """One mail transaction (MAIL FROM to the end of DATA)."""
 
-    def __init__(self, api, peer: str):
+    def __init__(self, api, peer: str, credentials: str | None = None):
         self.api = api
         self.peer = peer
+        self.credentials = credentials
         self.message: PackageMessage | None = None
 
     def receivedHeader(self, helo, origin, recipients):
@@ -149,21 +169,80 @@ class PackageDelivery:
 
     def _message(self):
         if self.message is None:
-            self.message = PackageMessage(self.api, self.peer)
+            self.message = PackageMessage(self.api, self.peer, self.credentials)
             return self.message
         return FurtherRecipient()
 
 
 @implementer(IMessageDeliveryFactory)
 class PackageDeliveryFactory:
-    """Per connection: a fresh :class:`PackageDelivery` for each MAIL FROM."""
+    """Per connection: a fresh :class:`PackageDelivery` for each MAIL FROM; after AUTH, one that
+    carries the sender's token (``credentials``)."""
+
+    def __init__(self, api, peer: str, credentials: str | None = None):
+        self.api = api
+        self.peer = peer
+        self.credentials = credentials
+
+    def getMessageDelivery(self) -> PackageDelivery:
+        return PackageDelivery(self.api, self.peer, self.credentials)
+
+
+# -- AUTH (twisted.cred) -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmtpLogin:
+    """The avatar ID of a successful AUTH: who (the address given as user name) and the token it proved."""
+
+    address: str
+    token: str
+
+
+@implementer(ICredentialsChecker)
+class SenderTokenChecker:
+    """Checks an AUTH user name (a sender's address) and password (its token) against the node's
+    access policy (``medd_check_access``, action ``"send"``): on central, the token of the centre
+    or viewer that address belongs to. A node without such a policy accepts no one."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, api):
+        self.api = api
+
+    def requestAvatarId(self, credentials):
+        return ensureDeferred(self._check(credentials))
+
+    async def _check(self, credentials) -> SmtpLogin:
+        try:
+            address = credentials.username.decode("utf-8").strip().lower()
+            token = credentials.password.decode("utf-8").strip()
+        except (AttributeError, UnicodeDecodeError) as e:
+            raise UnauthorizedLogin("user name and password must be UTF-8") from e
+        if not address or not token:
+            raise UnauthorizedLogin("empty user name or password")
+        decision = await self.api.check_access(
+            AccessClaim(action="send", transport="smtp", peer=address, credentials=token))
+        if not decision.allowed:
+            log.warn("SMTP AUTH as {address} refused: {reason}", address=address, reason=decision.reason)
+            raise UnauthorizedLogin(decision.reason)
+        return SmtpLogin(address, token)
+
+
+@implementer(IRealm)
+class SenderRealm:
+    """Gives an authenticated session a delivery factory whose packages carry its token."""
 
     def __init__(self, api, peer: str):
         self.api = api
         self.peer = peer
 
-    def getMessageDelivery(self) -> PackageDelivery:
-        return PackageDelivery(self.api, self.peer)
+    def requestAvatar(self, avatar_id: SmtpLogin, mind, *interfaces):
+        if IMessageDeliveryFactory not in interfaces:
+            raise NotImplementedError("only IMessageDeliveryFactory")
+        log.info("SMTP sender at {peer} authenticated as {address}", peer=self.peer, address=avatar_id.address)
+        factory = PackageDeliveryFactory(self.api, self.peer, credentials=avatar_id.token)
+        return IMessageDeliveryFactory, factory, lambda: None
 
 
 _SIZE_PARAM = re.compile(rb"^SIZE=(?P<size>\S*)$", re.I)
@@ -175,9 +254,10 @@ class PackageSMTP(ESMTP):
 
     noisy = False
 
-    def __init__(self, api, context_factory=None):
-        super().__init__(contextFactory=context_factory)
+    def __init__(self, api, context_factory=None, *, require_starttls: bool = False):
+        super().__init__(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}, contextFactory=context_factory)
         self.api = api
+        self.require_starttls = require_starttls
         self.host = api.node_name
         self._tls_just_started = False
         # A command line is due [limits] request_timeout after its first byte; a
@@ -190,16 +270,38 @@ class PackageSMTP(ESMTP):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        peer = self.transport.getPeer()
-        self.deliveryFactory = PackageDeliveryFactory(self.api, getattr(peer, "host", str(peer)))
+        peer = getattr(self.transport.getPeer(), "host", str(self.transport.getPeer()))
+        self.deliveryFactory = PackageDeliveryFactory(self.api, peer)
+        self.portal = Portal(SenderRealm(self.api, peer), [SenderTokenChecker(self.api)])
         super().connectionMade()
+
+    @property
+    def encrypted(self) -> bool:
+        """After STARTTLS, or on a listener that is TLS from the start (an ``ssl:`` endpoint)."""
+        return self.startedTLS or ISSLTransport.providedBy(self.transport)
 
     def extensions(self):
         ext = super().extensions()
         ext[b"SIZE"] = [str(self.api.max_object_size).encode("ascii")]
+        if not self.encrypted:
+            # A password is never offered a place in clear text (RFC 4954 4).
+            del ext[b"AUTH"]
         return ext
 
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.encrypted:
+            self.sendCode(538, b"5.7.11 encryption required: STARTTLS first")
+            return
+        super().ext_AUTH(rest)
+
+    def _ebAuthenticated(self, reason) -> None:
+        self.challenger = None
+        super()._ebAuthenticated(reason)
+
     def do_MAIL(self, rest: bytes) -> None:
+        if self.require_starttls and not self.encrypted:
+            self.sendCode(530, b"5.7.0 must issue a STARTTLS command first")
+            return
         m = self.mail_re.match(rest)
         if not self._from and m and m.group("opts"):
             for param in m.group("opts").split():
@@ -285,12 +387,13 @@ class PackageSMTP(ESMTP):
 class PackageSMTPFactory(ServerFactory):
     noisy = False
 
-    def __init__(self, api, context_factory=None):
+    def __init__(self, api, context_factory=None, *, require_starttls: bool = False):
         self.api = api
         self.context_factory = context_factory
+        self.require_starttls = require_starttls
 
     def buildProtocol(self, addr) -> PackageSMTP:
-        protocol = PackageSMTP(self.api, self.context_factory)
+        protocol = PackageSMTP(self.api, self.context_factory, require_starttls=self.require_starttls)
         protocol.factory = self
         # The idle timeout runs on the node's reactor, not the global one.
         protocol.callLater = self.api.reactor.callLater
@@ -298,7 +401,8 @@ class PackageSMTPFactory(ServerFactory):
 
 
 def starttls_context(certificate: str, private_key: str):
-    """The STARTTLS context from the PEM files named in ``[tls]``.
+    """The STARTTLS context from the PEM files named in ``[tls]``, to the BCP 195 policy
+    (:mod:`medd.transports.tlscontexts`; no client certificate is asked for).
 
     Blocking file reads: called once, while the node is assembled.
     """
@@ -307,7 +411,7 @@ def starttls_context(certificate: str, private_key: str):
             cert_pem = f.read()
         with open(private_key, "rb") as f:
             key_pem = f.read()
-        return PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem).options()
+        return server_tls_options(cert_pem, key_pem)
     except Exception as e:
         raise ValueError(
             f"[tls] certificate {certificate} / private_key {private_key} cannot be used for STARTTLS: {e}"
@@ -317,15 +421,33 @@ def starttls_context(certificate: str, private_key: str):
 @implementer(ITransport)
 class SMTPTransport:
     name = "smtp"
-    description = "SMTP receiver (Twisted ESMTP) for packages, with SIZE and STARTTLS"
+    description = "SMTP receiver (Twisted ESMTP) for packages, with SIZE, STARTTLS and AUTH PLAIN/LOGIN over TLS"
 
     def listener(self, endpoint: str, api):
         context = None
         if api.tls.certificate and api.tls.private_key:
             context = starttls_context(api.tls.certificate, api.tls.private_key)
-        return EndpointListener(api.reactor, endpoint, PackageSMTPFactory(api, context), "smtp", api.limits)
+        require = _yes(api.settings.get("require_starttls"))
+        factory = PackageSMTPFactory(api, context, require_starttls=require)
+        return EndpointListener(api.reactor, endpoint, factory, "smtp", api.limits)
+
+
+def _yes(text: str | None) -> bool:
+    return (text or "no").strip().lower() in ("yes", "true", "on", "1")
+
+
+def check_smtp_section(section) -> None:
+    text = section.get("require_starttls")
+    if text is not None and text.strip().lower() not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        section.problem("require_starttls", f"must be yes or no, not {text!r}")
 
 
 @hookimpl
 def medd_register_transports(register) -> None:
     register(SMTPTransport())
+
+
+@hookimpl
+def medd_register_config(register) -> None:
+    # [smtp] require_starttls: refuse MAIL FROM (530) until the session is encrypted ([tls] certificate needed).
+    register("smtp", ["require_starttls"], check_smtp_section)

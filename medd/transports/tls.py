@@ -31,20 +31,11 @@ certificate's subject common name; otherwise by its IP address.
 from __future__ import annotations
 
 import json
-import re
 
 from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    PrivateCertificate,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -56,12 +47,10 @@ from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.deadlines import Deadline
 from medd.transports.listener import EndpointListener
+from medd.transports.tlscontexts import ServerFiles, client_tls_options
 
 # Reply frames are small JSON objects; a client refuses anything bigger.
 MAX_REPLY_SIZE = 64 * 1024
-
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
 
 def _encode(reply: dict) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode("utf-8")
@@ -73,14 +62,6 @@ def _set_nodelay(transport) -> None:
     set_nodelay = getattr(transport, "setTcpNoDelay", None)
     if set_nodelay is not None:
         set_nodelay(True)
-
-
-def pem_certificates(pem: bytes) -> list[Certificate]:
-    """Every certificate in a PEM bundle, in order."""
-    blocks = _PEM_CERTIFICATE.findall(pem)
-    if not blocks:
-        raise ValueError("no PEM certificate found")
-    return [Certificate.loadPEM(block) for block in blocks]
 
 
 class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
@@ -103,6 +84,10 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self._peer: str | None = None
         self._closing = False
         self._connected = False
+        # Inside dataReceived, and a reply asked for reading to resume there.
+        self._receiving = False
+        self._resume_pending = False
+        self._arrived = bytearray()
         # A frame is due [limits] request_timeout after its first byte, plus its length at the minimum rate;
         # the idle timer above only closes connections that send nothing.
         self.deadline = Deadline(api.reactor, api.limits, "tls")
@@ -149,6 +134,26 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         if self._closing:
             return  # after a too-large frame nothing more is read
         self.resetTimeout()
+        if self._receiving:
+            # Re-entered while a frame is being taken off the buffer (the
+            # receiver trims its buffer only when its loop ends): the loop
+            # below takes these bytes next.
+            self._arrived += data
+            return
+        self._receiving = True
+        try:
+            pending, self._arrived = bytes(self._arrived) + data, bytearray()
+            self._take(pending)
+            while (self._resume_pending or self._arrived) and not self.paused and not self._closing:
+                # Frames answered at once (a refusal before any work) are
+                # taken one after another here, not by recursion.
+                self._resume_pending = False
+                more, self._arrived = bytes(self._arrived), bytearray()
+                self._take(more)
+        finally:
+            self._receiving = False
+
+    def _take(self, data: bytes) -> None:
         if not self.deadline.running and (data or self._unprocessed) and not self.paused:
             self.deadline.start(self, "frame")
         # The frame's bytes earn time as they arrive, not as declared: a
@@ -169,7 +174,12 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
             return
         self.sendString(_encode(reply))
         self.setTimeout(self.idle_timeout)
-        self.resumeProducing()
+        if self._receiving:
+            self.paused = False
+            self.transport.resumeProducing()
+            self._resume_pending = True
+        else:
+            self.resumeProducing()
 
     async def _answer(self, frame: bytes) -> dict:
         try:
@@ -220,43 +230,15 @@ class PackageFrameFactory(Factory):
         return protocol
 
 
-def server_tls_options(certificate_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None) -> CertificateOptions:
-    """TLS server options from PEM files; with ``client_ca_pem``, client certificates are required.
-
-    Certificates after the first in ``certificate_pem`` are sent as the chain.
-    """
-    _, *chain = pem_certificates(certificate_pem)
-    # loadPEM takes the first certificate and the private key it finds.
-    private = PrivateCertificate.loadPEM(certificate_pem + b"\n" + key_pem)
-    kwargs = {}
-    if client_ca_pem is not None:
-        kwargs["trustRoot"] = trustRootFromCertificates(pem_certificates(client_ca_pem))
-    return CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        extraCertChain=[c.original for c in chain],
-        **kwargs,
-    )
-
-
 def tls_listener(endpoint: str, api) -> EndpointListener:
     """The listening service: an ``ssl:`` endpoint as configured, any other
-    endpoint wrapped in TLS from ``[tls] certificate`` / ``private_key``."""
+    endpoint wrapped in TLS from ``[tls] certificate`` / ``private_key`` (and
+    ``client_ca``: mutual TLS), to the BCP 195 policy of :mod:`medd.transports.tlscontexts`."""
     if endpoint.startswith("ssl:"):
         return EndpointListener(api.reactor, endpoint, PackageFrameFactory(api), "tls", api.limits)
-    if not (api.tls.certificate and api.tls.private_key):
-        raise ValueError(f"the tls listener on {endpoint!r} needs [tls] certificate and private_key")
-    with open(api.tls.certificate, "rb") as f:
-        certificate_pem = f.read()
-    with open(api.tls.private_key, "rb") as f:
-        key_pem = f.read()
-    client_ca_pem = None
-    if api.tls.client_ca:
-        with open(api.tls.client_ca, "rb") as f:
-            client_ca_pem = f.read()
-    options = server_tls_options(certificate_pem, key_pem, client_ca_pem)
-    frames = PackageFrameFactory(api, identify_by_certificate=client_ca_pem is not None)
-    return EndpointListener(api.reactor, endpoint, TLSMemoryBIOFactory(options, False, frames), "tls", api.limits)
+    files = ServerFiles.read(api.tls, f"tls listener on {endpoint!r}")
+    frames = PackageFrameFactory(api, identify_by_certificate=files.client_ca is not None)
+    return EndpointListener(api.reactor, endpoint, TLSMemoryBIOFactory(files.options(), False, frames), "tls", api.limits)
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -320,19 +302,6 @@ class PackageFrameSender(Int32StringReceiver):
         if not self.answered.called:
             self.answered.errback(TransferIncomplete(self.replies, self._problem or reason.getErrorMessage()))
         self.closed.callback(None)
-
-
-def client_tls_options(server_name: str, *, ca_pem: bytes | str | None = None, client_cert: bytes | str | None = None):
-    """Client TLS options: verify the server as ``server_name`` against
-    ``ca_pem`` (else the platform's trust store); present ``client_cert``
-    (PEM holding certificate and private key) when given."""
-    trust = trustRootFromCertificates(pem_certificates(_bytes(ca_pem))) if ca_pem is not None else platformTrust()
-    own = PrivateCertificate.loadPEM(_bytes(client_cert)) if client_cert is not None else None
-    return optionsForClientTLS(server_name, trustRoot=trust, clientCertificate=own)
-
-
-def _bytes(pem: bytes | str) -> bytes:
-    return pem.encode("ascii") if isinstance(pem, str) else pem
 
 
 async def send_packages(

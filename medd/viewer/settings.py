@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem
-from medd.pull import PullSettings
+from medd.pull import PullSettings, clear_http_problem
 from medd.scheduling import Backoff
 
 
@@ -44,7 +44,7 @@ def _positive(config: Config, key: str, default: str | None, problems: list) -> 
     return value
 
 
-def central_settings(config: Config) -> CentralSettings:
+def central_settings(config: Config, *, check_files: bool = True) -> CentralSettings:
     """The ``[central]`` settings of a viewer node, or :class:`ConfigError` naming every problem."""
     problems: list[ConfigProblem] = []
     section = config.section("central")
@@ -55,10 +55,26 @@ def central_settings(config: Config) -> CentralSettings:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             problems.append(ConfigProblem(config.path, "central", "url", f"must be an http:// or https:// URL, not {url!r}"))
-    token = (section.get("token") or "").strip()
-    if not token:
+    folder = Path(config.path).resolve().parent
+    files = {}
+    for key in ("ca", "client_cert"):
+        text = (section.get(key) or "").strip()
+        if text:
+            files[key] = folder / text
+            if check_files and not files[key].is_file():
+                problems.append(ConfigProblem(config.path, "central", key, f"no such file: {files[key]}"))
+    allow_http = _yes_no(config, "allow_http", problems)
+    if url and urlsplit(url).scheme in ("http", "https"):
+        refusal = clear_http_problem(url, allow_http)
+        if refusal:
+            problems.append(ConfigProblem(config.path, "central", "url", refusal))
+    if url and "client_cert" in files and urlsplit(url).scheme != "https":
+        problems.append(ConfigProblem(config.path, "central", "client_cert", "is presented only over https://"))
+    token = (section.get("token") or "").strip() or None
+    if token is None and "client_cert" not in files:
         problems.append(ConfigProblem(config.path, "central", "token",
-                                      "is required: the viewer token printed by `medd viewers add` on central"))
+                                      "is required (the viewer token printed by `medd viewers add` on central), "
+                                      "unless client_cert names the certificate `--client-cert` issued"))
     poll = _positive(config, "poll_interval", None, problems)
     base = _positive(config, "retry_base", "1", problems)
     max_delay = _positive(config, "retry_max_delay", "300", problems)
@@ -71,7 +87,20 @@ def central_settings(config: Config) -> CentralSettings:
     if problems:
         raise ConfigError(problems)
     return CentralSettings(url=url, token=token, poll_interval=poll, backoff=Backoff(base=base, max_delay=max_delay),
-                           address=address, timeout=timeout, push_token=push_token)
+                           address=address, timeout=timeout, push_token=push_token, ca=_str(files.get("ca")),
+                           client_cert=_str(files.get("client_cert")))
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _yes_no(config: Config, key: str, problems: list) -> bool:
+    text = (config.section("central").get(key) or "no").strip().lower()
+    if text not in ("yes", "no", "true", "false", "1", "0", "on", "off"):
+        problems.append(ConfigProblem(config.path, "central", key, f"must be yes or no, not {text!r}"))
+        return False
+    return text in ("yes", "true", "1", "on")
 
 
 @dataclass(frozen=True)
@@ -82,13 +111,13 @@ class ReadingRoomSettings:
     ohif_dist: Path | None = None
 
 
-def reading_room_settings(config: Config) -> ReadingRoomSettings:
+def reading_room_settings(config: Config, *, check_files: bool = True) -> ReadingRoomSettings:
     """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError`."""
     text = (config.section("reading_room").get("ohif") or "").strip()
     if not text:
         return ReadingRoomSettings()
     dist = (Path(config.path).resolve().parent / text).resolve()
-    if not (dist / "index.html").is_file():
+    if check_files and not (dist / "index.html").is_file():
         raise ConfigError([ConfigProblem(config.path, "reading_room", "ohif",
                                          f"{dist} holds no OHIF app (no index.html); run `make ohif`")])
     return ReadingRoomSettings(ohif_dist=dist)
