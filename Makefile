@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test venv clean test-tools
+.PHONY: run test venv clean test-tools ohif
+
+# OHIF Viewer 3's prebuilt app (the reading room's image viewer), from the npm
+# registry at the version and integrity pinned in ohif/package-lock.json.
+OHIF_DIST = ohif/node_modules/@ohif/app/dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +23,27 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-run: venv
+$(OHIF_DIST)/index.html: ohif/package.json ohif/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q nodejs npm || \
+		  { apt-get update -q && apt-get install -y -q nodejs npm; }; }; } \
+		|| { echo "npm is missing: apt-get install nodejs npm"; exit 1; }
+	npm ci --prefix ohif --ignore-scripts --no-audit --no-fund
+	touch $@
+
+ohif: $(OHIF_DIST)/index.html
+
+run: venv ohif
 	$(BIN)/medd demo
 
 # System tools some tests drive: Debian's chromium (the reading room's browser
-# tests) and DCMTK's storescu (a modality-grade SCU). Installed when missing and
+# tests), DCMTK's storescu (a modality-grade SCU) and npm (for `make ohif`). Installed when missing and
 # we are root with apt-get; otherwise those tests skip with the reason.
 test-tools:
 	@missing=""; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -37,8 +52,8 @@ test-tools:
 			|| echo "could not install$$missing: the tests that need them will skip"; \
 	fi
 
-test: venv test-tools
+test: venv test-tools ohif
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache ohif/node_modules

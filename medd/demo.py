@@ -1,7 +1,7 @@
 """The all-in-one demo site: a gateway, a central node and a viewer on
-loopback, SQLite; sample images from pydicom's test data are C-STOREd into the
-gateway, forwarded to central over mutual TLS, and reach the reading room by
-themselves."""
+loopback, SQLite; sample images from pydicom's test data (and a CT stack made
+from one of them) are C-STOREd into the gateway, forwarded to central over
+mutual TLS, and reach the reading room by themselves."""
 from __future__ import annotations
 
 import configparser
@@ -18,6 +18,7 @@ SAMPLES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dc
 DEMO_CENTRE = "demo-centre"
 DEMO_AE = "DEMO_CT"
 DEMO_USER, DEMO_PASSWORD = "demo", "demo"
+STACK_SLICES = 40
 
 
 def _prepare(config_path: Path, gateway_config_path: Path | None = None) -> None:
@@ -79,13 +80,52 @@ def _add_user(viewer_config) -> None:
         db.stop()
 
 
-def _cstore(port: int, called_ae: str, files: list[Path]) -> list[int]:
-    """Blocking: the demo centre's modality sends ``files`` in one association; the statuses."""
+def ct_stack(slices: int = STACK_SLICES):
+    """Blocking: a CT series of ``slices`` axial slices made from pydicom's CT_small.dcm (new study, series and
+    instance UIDs, slice positions 5 mm apart, a band that moves from slice to slice), so that the reading room
+    has a stack to scroll."""
+    import copy
+
     from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    base = dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = base.pixel_array
+    out = []
+    for n in range(1, slices + 1):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n
+        z = f"{-75.7 + 5.0 * (n - 1):.2f}"
+        ds.ImagePositionPatient = ["-158.135803", "-179.035797", z]
+        ds.SliceLocation = z
+        ds.SeriesDescription = "AXIAL STACK"
+        ds.PatientName, ds.PatientID = "STACK^TESSA", "P-STACK-1"
+        ds.PatientBirthDate, ds.PatientSex = "19610412", "F"
+        ds.StudyDate, ds.AccessionNumber = "20240305", "ACC-4711"
+        band = pixels.copy()
+        band[(n * 2) % 120:(n * 2) % 120 + 8, :] = pixels.max()
+        ds.PixelData = band.tobytes()
+        out.append(ds)
+    return out
+
+
+def _samples():
+    """Blocking: the sample images (pydicom's test files, which it may fetch) and a CT stack."""
+    import pydicom.data
+    from pydicom import dcmread
+
+    return [dcmread(pydicom.data.get_testdata_file(name)) for name in SAMPLES] + ct_stack()
+
+
+def _cstore(port: int, called_ae: str, datasets) -> list[int]:
+    """Blocking: the demo centre's modality sends ``datasets`` in one association; the statuses."""
     from pynetdicom import AE
 
     ae = AE(ae_title=DEMO_AE)
-    datasets = [dcmread(f) for f in files]
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
@@ -126,20 +166,26 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
     gateway = make_node(reactor, gateway_config) if gateway_config else None
 
     async def seed():
-        import pydicom.data
+        from io import BytesIO
+
         from twisted.internet.threads import deferToThread
 
-        # pydicom may fetch a sample it has not cached: off the reactor, like the reads below.
-        files = await deferToThread(lambda: [Path(pydicom.data.get_testdata_file(name)) for name in SAMPLES])
+        # pydicom may fetch a sample it has not cached: off the reactor, like the encoding below.
+        datasets = await deferToThread(_samples)
         if gateway is not None:
             # The demo centre's modality C-STOREs them into its gateway, which forwards them to central.
             port = int(gateway_config.listen["dicom"].split(":")[1])
             called = gateway_config.section("dicom").get("ae_title") or "MEDD"
-            await deferToThread(_cstore, port, called, files)
+            await deferToThread(_cstore, port, called, datasets)
         else:
-            for path in files:
+            for ds in datasets:
                 # As if the demo centre's modality had sent them over DICOM.
-                data = await central.ingest.run_blocking(path.read_bytes)
+                def encode(ds=ds):
+                    out = BytesIO()
+                    ds.save_as(out, enforce_file_format=True)
+                    return out.getvalue()
+
+                data = await central.ingest.run_blocking(encode)
                 await central.ingest.receive_dicom(data, transport="dicom", origin=DEMO_AE)
         listen = config.listen
         print("\nmedd demo site is up (Ctrl-C stops it).", flush=True)
@@ -151,7 +197,8 @@ def run_demo(config_path: Path, site: Path, viewer_config_path: Path | None = No
                   f"  (.venv/bin/medd gateway status --config {gateway_config_path})")
         if viewer:
             print("  reading room      http://127.0.0.1:8081/   log in as demo / demo")
-            print("                    (sample images arrive in the worklist within a few seconds)")
+            print(f"                    (sample images and a {STACK_SLICES}-slice CT arrive in the worklist within a few"
+                  " seconds;\n                    each study's Images button opens it in OHIF)")
             print(f"  admin API token   {admin_token}")
             print("                    e.g. curl -H 'Authorization: Bearer <token>' http://127.0.0.1:8080/api/quarantine")
         if "http" in listen:

@@ -82,7 +82,10 @@ class NodeService(MultiService):
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
             plugins.manager.register(ViewerAccess(self.reading_room, self.viewer.settings.push_token), name="medd-viewer-access")
-            for name, resource in reading_room_resources(self.reading_room, self.ingest).items():
+            from medd.viewer.settings import reading_room_settings
+
+            ohif_dist = reading_room_settings(config).ohif_dist
+            for name, resource in reading_room_resources(self.reading_room, self.ingest, ohif_dist).items():
                 self.web.mount(name, resource)
         elif config.role == "gateway":
             from medd.gateway.node import GatewayServices

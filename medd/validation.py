@@ -29,6 +29,8 @@ RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
 VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
                        "push_token", "ca", "client_cert", "allow_http")
+# A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
+VIEWER_READING_ROOM_KEYS = ("ohif",)
 
 
 def _role_keys() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -37,7 +39,7 @@ def _role_keys() -> dict[str, dict[str, tuple[str, ...]]]:
 
     return {
         "central": {"delivery": DELIVERY_KEYS, "push": PUSH_KEYS},
-        "viewer": {"central": VIEWER_CENTRAL_KEYS},
+        "viewer": {"central": VIEWER_CENTRAL_KEYS, "reading_room": VIEWER_READING_ROOM_KEYS},
         "gateway": {"gateway": GATEWAY_KEYS},
     }
 
@@ -139,9 +141,10 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
 
         central = collect(lambda: central_node_settings(config, check_files=check_files))
     elif role == "viewer":
-        from medd.viewer.settings import central_settings
+        from medd.viewer.settings import central_settings, reading_room_settings
 
         collect(lambda: central_settings(config, check_files=check_files))
+        collect(lambda: reading_room_settings(config, check_files=check_files))
     elif role == "gateway":
         from medd.gateway.settings import gateway_settings
 

@@ -336,8 +336,9 @@ async def test_viewer_node_serves_and_takes_only_its_radiologists_and_central(ma
     for path in ("/dicomweb/studies", f"/dicomweb/studies/{ct.StudyInstanceUID}"):
         r = await deferToThread(requests.get, base + path, timeout=30)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer"), path
-    for path in ("/worklist", f"/studies/{ct.StudyInstanceUID}", f"/images/{ct.SOPInstanceUID}",
-                 f"/images/{ct.SOPInstanceUID}/render.png"):
+    for path in ("/worklist", f"/studies/{ct.StudyInstanceUID}", f"/ohif/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}",
+                 f"/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+                 "/frames/1"):
         r = await deferToThread(requests.get, base + path, allow_redirects=False, timeout=30)
         assert r.status_code in (303, 401) and b"CompressedSamples" not in r.content, (path, r.status_code)
         assert r.status_code == 401 or r.headers["Location"].startswith("/?next="), path

@@ -136,10 +136,18 @@ async def test_every_action_leaves_exactly_one_audit_record(make_central, tmp_pa
     from medd.viewer.web import CSRF_HEADER, csrf_token
 
     csrf = {CSRF_HEADER: csrf_token(session.cookies["medd_session"])}
-    r = await deferToThread(session.post, f"{v_http}/images/{ct.SOPInstanceUID}/opened", headers=csrf, timeout=30)
+    # The image is shown when the viewer (OHIF) fetches its frame over the viewer's DICOMweb.
+    frame = (f"{v_http}/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+             f"/instances/{ct.SOPInstanceUID}/frames/1")
+    r = await deferToThread(session.get, frame, timeout=30,
+                            headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
     assert r.status_code == 200
-    await on_viewer.one("view", action="R", user="dr-lee", patient_id=ct.PatientID,
-                        sop_instance_uid=ct.SOPInstanceUID, peer="127.0.0.1")
+    records = {record.entry.event: record.entry for record in await on_viewer.new()}
+    assert sorted(records) == ["retrieve", "view"]
+    assert records["retrieve"].sop_instance_uid == ct.SOPInstanceUID and records["retrieve"].user == "dr-lee"
+    view = records["view"]
+    assert (view.action, view.user, view.patient_id, view.sop_instance_uid, view.peer) == (
+        "R", "dr-lee", ct.PatientID, ct.SOPInstanceUID, "127.0.0.1")
     assert await viewer.viewer.outgoing.kick() == 0
     await on_central.one("view", user="dr-lee", credential=VIEWER, sop_instance_uid=ct.SOPInstanceUID)
     r = await deferToThread(session.post, f"{v_http}/logout", data={"csrf": csrf[CSRF_HEADER]},

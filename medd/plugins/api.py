@@ -15,10 +15,13 @@ from types import MappingProxyType
 from typing import Mapping
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from medd.config import ConnectionLimits
 from medd.plugins.interfaces import IObjectQueries
+
+log = Logger()
 
 
 class CannotListen(Exception):
@@ -152,6 +155,11 @@ class TransportAPI:
         ``medd_check_access`` policy says, and a refusal when none answers."""
         return check_access(self._ingest.plugins.manager, claim)
 
+    def pixel_data_retrieved(self, uid: str, who: str, peer: str | None = None) -> Deferred:
+        """Tell the node's ``medd_pixel_data_retrieved`` hooks that ``who`` (at ``peer``) was sent the pixel
+        data of ``uid``; Deferred None once they are done (a hook's failure is logged, never raised)."""
+        return pixel_data_retrieved(self._ingest.plugins.manager, uid, who, peer)
+
 
 def check_access(manager, claim) -> Deferred:
     """Ask the ``medd_check_access`` hook; no answer is a refusal (nothing is served anonymously)."""
@@ -165,6 +173,19 @@ def check_access(manager, claim) -> Deferred:
         return verdict
 
     return ensureDeferred(decide())
+
+
+def pixel_data_retrieved(manager, uid: str, who: str, peer: str | None) -> Deferred:
+    from medd.plugins.host import hook_value
+
+    async def notify():
+        for result in manager.hook.medd_pixel_data_retrieved(uid=uid, who=who, peer=peer):
+            try:
+                await hook_value(result)
+            except Exception:
+                log.failure("a medd_pixel_data_retrieved hook failed for {uid}", uid=uid)
+
+    return ensureDeferred(notify())
 
 
 @implementer(IObjectQueries)

@@ -174,6 +174,18 @@ def medd_check_access(claim: AccessClaim) -> "Union[None, AccessDecision, Deferr
     """
 
 
+@hookspec
+def medd_pixel_data_retrieved(uid: str, who: str, peer: Optional[str]) -> "Union[None, Deferred, Awaitable[None]]":
+    """Notification: the pixel data of object ``uid`` was sent, over a query protocol (DICOMweb WADO-RS
+    frames or the whole instance, not a thumbnail), to ``who`` (the :class:`AccessDecision`'s claimant)
+    at ``peer`` (the client address).
+
+    Called once per object and response, after the response was written. May return a Deferred or
+    coroutine, which is awaited; a failure is only logged. The viewer implements it to record that a
+    radiologist opened an image.
+    """
+
+
 @hookspec(firstresult=True)
 def medd_accept_association(
     calling_ae: str, called_ae: str, peer: str,

@@ -2,11 +2,16 @@
 
 Stored instances enter through the same ingest path as every other
 receiver; searches run on the index; retrieval streams the stored Part 10
-bytes, one blob at a time as the client takes them.
+bytes (and metadata), one blob at a time as the client takes them. Frames
+are cut from one stored object at a time (:mod:`medd.frames`); thumbnails
+are rendered by the node (:mod:`medd.rendering`). Sending an object's pixel
+data (an instance or its frames) is told to the ``medd_pixel_data_retrieved``
+hook with the claimant's name.
 """
 from __future__ import annotations
 
 import io
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -20,8 +25,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from medd.frames import FrameError, parse_accept, read_frames
 from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
+from medd.rendering import RenderError, render_thumbnail
 from medd.storage.index import STUDY_FILTERS, Match, ObjectRecord
 from medd.webresource import (
     RETRY_AFTER,
@@ -61,6 +68,12 @@ _CHUNK = 64 * 1024
 # Parts in one STOW-RS request: a study's worth, far below what costs memory
 # and minutes (a million empty parts fit in 42 MB and took 75 s to split).
 MAX_STOW_PARTS = 10_000
+# The frame list of a WADO-RS frames request (".../frames/1,2,3") in a route's shape.
+FRAME_LIST = "<frames>"
+MAX_FRAMES_PER_REQUEST = 1000
+# Thumbnails: the side of the square they fit in, unless the client asks (viewport=w,h) within these.
+THUMBNAIL_SIZE = 128
+THUMBNAIL_SIZES = (16, 1024)
 
 
 # --- STOW-RS -------------------------------------------------------------------------------
@@ -248,7 +261,17 @@ def dicom_json(datasets) -> list[dict]:
 def metadata_of(data: bytes) -> dict:
     """Blocking: the dicom+json of a stored object, without its pixel data."""
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return ds.to_json_dict(suppress_invalid_tags=True)
+    document = ds.to_json_dict(suppress_invalid_tags=True)
+    # The stored transfer syntax, which viewers read to decode the frames (PS3.18 F.2.7).
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax:
+        document["00020010"] = {"vr": "UI", "Value": [str(syntax)]}
+    return document
+
+
+def metadata_json(data: bytes) -> bytes:
+    """Blocking: :func:`metadata_of` encoded as JSON."""
+    return json.dumps(metadata_of(data)).encode("utf-8")
 
 
 # --- QIDO-RS query parameters ----------------------------------------------------------------
@@ -320,6 +343,31 @@ def parse_query(request) -> Query:
     return Query(matches, limit, offset)
 
 
+def frame_numbers(text: str) -> list[int]:
+    """The frame numbers of a frame list ("1,2,3"); :class:`Problem` (400) for anything else."""
+    items = text.split(",")
+    if len(items) > MAX_FRAMES_PER_REQUEST:
+        raise Problem(400, f"ask for at most {MAX_FRAMES_PER_REQUEST} frames at once", kind="bad-frames")
+    numbers = []
+    for item in items:
+        if not _DIGITS.match(item) or len(item) > 9 or int(item) < 1:
+            raise Problem(400, f"{text[:40]!r} is not a list of frame numbers from 1 (e.g. 1,2,3)", kind="bad-frames")
+        numbers.append(int(item))
+    return numbers
+
+
+def thumbnail_size(request) -> int:
+    """The ``viewport=w,h`` a thumbnail should fit in (its larger side), within :data:`THUMBNAIL_SIZES`."""
+    raw = (request.args.get(b"viewport") or [b""])[0].decode("ascii", "replace")
+    if not raw:
+        return THUMBNAIL_SIZE
+    sides = raw.split(",")
+    if len(sides) != 2 or not all(_DIGITS.match(v) and len(v) <= 5 for v in sides):
+        raise Problem(400, f"viewport={raw[:40]!r} is not a width,height in pixels", kind="bad-query")
+    low, high = THUMBNAIL_SIZES
+    return min(max(max(int(v) for v in sides), low), high)
+
+
 # --- WADO-RS flow control ------------------------------------------------------------------
 
 
@@ -377,6 +425,10 @@ class DicomWebResource(ProblemResource):
         ("studies", None, "metadata"): "_metadata",
         ("studies", None, "series", None, "metadata"): "_metadata",
         ("studies", None, "series", None, "instances", None, "metadata"): "_metadata",
+        ("studies", None, "series", None, "instances", None, "frames", FRAME_LIST): "_frames",
+        ("studies", None, "thumbnail"): "_thumbnail",
+        ("studies", None, "series", None, "thumbnail"): "_thumbnail",
+        ("studies", None, "series", None, "instances", None, "thumbnail"): "_thumbnail",
     }
     POST_ROUTES = {
         ("studies",): "_store",
@@ -394,19 +446,25 @@ class DicomWebResource(ProblemResource):
             if i % 2 == 1 and segments[i - 1] in ("studies", "series", "instances"):
                 uids.append(segment)
                 shape.append(None)
+            elif i % 2 == 1 and segments[i - 1] == "frames":
+                uids.append(segment)
+                shape.append(FRAME_LIST)
             else:
                 shape.append(segment)
         name = routes.get(tuple(shape))
         if name is None:
             return None
+        if shape[-1] == FRAME_LIST:
+            uids[-1] = frame_numbers(uids[-1])
         for uid in uids:
-            if not is_valid_uid(uid):
+            if isinstance(uid, str) and not is_valid_uid(uid):
                 raise Problem(400, f"{uid!r} is not a valid UID", kind="bad-uid")
         return getattr(self, name), uids
 
     ACTIONS = {
         "_search_studies": "query", "_search_series": "query", "_search_instances": "query",
-        "_retrieve": "retrieve", "_metadata": "retrieve", "_store": "store",
+        "_retrieve": "retrieve", "_metadata": "retrieve", "_frames": "retrieve", "_thumbnail": "retrieve",
+        "_store": "store",
     }
 
     async def _authorise(self, request, action: str):
@@ -551,17 +609,91 @@ class DicomWebResource(ProblemResource):
             return None
         request.unregisterProducer()
         request.finish()
+        for record in records:
+            await self.api.pixel_data_retrieved(record.sop_instance_uid, who, client_ip(request))
         return None
 
     async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
-                        who: str) -> Response:
+                        who: str):
+        """The dicom+json of each instance without its pixel data, streamed one stored object at a time."""
         records = await self._instances(study, series, sop)
         await self._audit_retrieve(request, who, records, "metadata")
-        documents = []
-        for record in records:
-            data = await self.api.queries.read_blob(record.digest)
-            documents.append(await self.api.run_blocking(metadata_of, data))
-        return json_response(200, documents, DICOM_JSON)
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request.setResponseCode(200)
+        request.setHeader("Content-Type", DICOM_JSON)
+        flow = _Flow()
+        request.registerProducer(flow, True)
+        try:
+            for i, record in enumerate(records):
+                await flow.ready()
+                if gone or flow.stopped:
+                    return None
+                data = await self.api.queries.read_blob(record.digest)
+                document = await self.api.run_blocking(metadata_json, data)
+                if gone:
+                    return None
+                request.write((b"[" if i == 0 else b",") + document)
+            request.write(b"]")
+        except Exception:
+            log.failure("WADO-RS metadata of {uid} failed midway", uid=sop or series or study)
+            if not gone:
+                request.unregisterProducer()
+                request.loseConnection()
+            return None
+        request.unregisterProducer()
+        request.finish()
+        return None
+
+    async def _frames(self, request, study: str, series: str, sop: str, numbers: list[int], *,
+                      who: str) -> Response:
+        """Frames of one instance as multipart/related, in the stored transfer syntax when the client
+        accepts it, else Explicit VR Little Endian (PS3.18 8.7.3)."""
+        accepted = parse_accept(request.getHeader("accept"))
+        if not accepted:
+            raise Problem(406, "frames are served as multipart/related; type=\"application/octet-stream\" (or the "
+                               "stored image media type), not " + (request.getHeader("accept") or ""))
+        (record,) = await self._instances(study, series, sop)
+        await self._audit_retrieve(request, who, [record], f"frames {','.join(map(str, numbers))[:64]}")
+        data = await self.api.queries.read_blob(record.digest)
+        try:
+            frames = await self.api.run_blocking(read_frames, data, numbers, accepted)
+        except FrameError as e:
+            raise Problem(e.status, str(e), kind="frames") from e
+        del data
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            (f"--{boundary}\r\nContent-Type: {frame.media_type}; transfer-syntax={frame.transfer_syntax}\r\n"
+             f"Content-Location: {self._base(request)}/studies/{study}/series/{series}/instances/{sop}/frames/"
+             f"{frame.number}\r\nContent-Length: {len(frame.data)}\r\n\r\n").encode("ascii") + frame.data + b"\r\n"
+            for frame in frames
+        ) + f"--{boundary}--\r\n".encode("ascii")
+        first = frames[0]
+        response = Response(200, f'multipart/related; type="{first.media_type}"; boundary={boundary}', body)
+        await self.api.pixel_data_retrieved(sop, who, client_ip(request))
+        return response
+
+    async def _thumbnail(self, request, study: str, series: str | None = None, sop: str | None = None, *,
+                         who: str) -> Response:
+        """A JPEG of the instance (of the middle instance of a series, of the first series of a study),
+        rendered by the node: a thumbnail, not the image (its pixel data is not "retrieved")."""
+        accept = (request.getHeader("accept") or "*/*").lower()
+        if not any(m in accept for m in ("image/jpeg", "image/*", "*/*")):
+            raise Problem(406, f"thumbnails are served as image/jpeg, not {accept}")
+        size = thumbnail_size(request)
+        records = [r for r in await self._instances(study, series, sop) if r.rows]
+        if not records:
+            raise Problem(404, "there is no image to make a thumbnail of", kind="not-found")
+        first_series = records[0].series_instance_uid
+        records = [r for r in records if r.series_instance_uid == first_series]
+        record = records[len(records) // 2]
+        await self._audit_retrieve(request, who, [record], "thumbnail")
+        data = await self.api.queries.read_blob(record.digest)
+        try:
+            jpeg = await self.api.run_blocking(render_thumbnail, data, size)
+        except RenderError as e:
+            raise Problem(404, f"instance {record.sop_instance_uid} has no thumbnail: {e}", kind="not-found") from e
+        return Response(200, "image/jpeg", jpeg)
 
     # -- STOW-RS --
 

@@ -3,7 +3,9 @@ radiologist (the reading room's session cookie), and objects enter a viewer
 only from central: its outbox (the requestor), central's push to
 ``POST /packages`` with the token configured on both sides (central's
 ``[push] http_token``, the viewer's ``[central] push_token``), or the
-viewer's own reading room; never from another sender on one of its listeners."""
+viewer's own reading room; never from another sender on one of its listeners.
+An image whose pixel data its DICOMweb sent to a radiologist is recorded as
+opened by them."""
 from __future__ import annotations
 
 import hmac
@@ -44,6 +46,11 @@ class ViewerAccess:
         if user is None:
             return AccessDecision(False, reason="the reading-room session has ended; log in again")
         return AccessDecision(True, who=user, authenticated=True, role="radiologist")
+
+    @hookimpl
+    def medd_pixel_data_retrieved(self, uid: str, who: str, peer: str | None):
+        """A radiologist's browser fetched an image's pixel data (WADO-RS) to show it: the image is opened."""
+        return ensureDeferred(self.reading_room.pixels_shown(uid, who, peer))
 
     @hookimpl
     def medd_check_sender(self, claim: SenderClaim):

@@ -4,8 +4,7 @@ and the dataclasses that cross it. The web layer reads only these attributes.
 
 The inbox's views (worklist rows and pages, a study with its series and
 images) are the :class:`~medd.storage.inbox.Inbox` connector's dataclasses,
-re-exported here; overlays, reports and header elements are read from the
-stored objects by the reading room.
+re-exported here; overlays and reports are read from the stored objects by the reading room.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from medd.storage.inbox import (InstanceView, OpenedMark, SeriesView, StudyDetai
 from medd.viewer.annotations import Annotation, AnnotationError
 
 __all__ = [
-    "Annotation", "AnnotationError", "CannotAnnotate", "HeaderElement", "IReadingRoom", "InstanceView", "OpenedMark", "OverlayView",
+    "Annotation", "AnnotationError", "CannotAnnotate", "IReadingRoom", "InstanceView", "OpenedMark", "OverlayView",
     "ReportView", "SeriesView", "StudyDetail", "StudyRow", "UnknownObject", "WorklistPage", "WorklistQuery",
 ]
 
@@ -53,16 +52,6 @@ class ReportView:
     origin: str
 
 
-@dataclass(frozen=True)
-class HeaderElement:
-    """One element of an object's DICOM header, as the image page lists it."""
-
-    tag: str  # "(0010,0010)"
-    keyword: str  # nested items are prefixed with ">" per level
-    vr: str
-    value: str  # shortened; binary values as "<n bytes>"
-
-
 class IReadingRoom(Interface):
     """What the reading room's web UI may ask of the viewer node. Each method is a coroutine."""
 
@@ -83,11 +72,13 @@ class IReadingRoom(Interface):
     def instance_bytes(uid):
         """The stored Part 10 bytes of an image; :class:`UnknownObject` if absent."""
 
-    def header(uid):
-        """The image's DICOM header: a list of :class:`HeaderElement`."""
-
     def opened(uid, user, peer=None):
-        """Record that ``user`` (at ``peer``) was shown image ``uid`` and tell central; an :class:`OpenedMark`."""
+        """Record that ``user`` (at ``peer``) was shown image ``uid``, telling central the first time; an
+        :class:`OpenedMark`."""
+
+    def pixels_shown(uid, user, peer=None):
+        """``user``'s browser (at ``peer``) fetched the pixel data of ``uid`` for display: :meth:`opened`, once
+        per user and image; an image not in the inbox is ignored."""
 
     def save_overlay(image_uid, user, annotations):
         """Store the annotations (:class:`Annotation`) as an overlay of the image and send it; its UID.

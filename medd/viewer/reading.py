@@ -10,12 +10,10 @@ queued, durably, for central.
 from __future__ import annotations
 
 import email.utils
-import io
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import highdicom as hd
-from pydicom import dcmread
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -24,7 +22,7 @@ from medd.package import AttachmentId, build_package
 from medd.plugins.objecttypes import status_content
 from medd.storage.inbox import OpenedMark, StudyDetail, WorklistPage, WorklistQuery
 from medd.viewer.annotations import Annotation, AnnotationError
-from medd.viewer.contract import HeaderElement, IReadingRoom, OverlayView, ReportView, UnknownObject
+from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
 from medd.viewer.throttling import LoginThrottle
@@ -32,38 +30,8 @@ from medd.viewer.users import check_hash
 
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
 
-MAX_HEADER_VALUE = 256
-
-
-def dicom_header(data: bytes) -> list[HeaderElement]:
-    """Every element, file meta first; nested items' keywords indented with '>'."""
-    ds = dcmread(io.BytesIO(data))
-    out: list[HeaderElement] = []
-
-    def walk(dataset, depth: int) -> None:
-        for elem in dataset:
-            tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
-            keyword = ">" * depth + (elem.keyword or elem.name)
-            if elem.VR == "SQ":
-                out.append(HeaderElement(tag, keyword, "SQ", f"{len(elem.value)} item(s)"))
-                for item in elem.value:
-                    walk(item, depth + 1)
-                continue
-            if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.tag == 0x7FE00010:
-                raw = elem.value
-                value = f"<{len(raw)} bytes>" if isinstance(raw, (bytes, bytearray)) else "<binary>"
-            else:
-                try:
-                    value = str(elem.value) if elem.value is not None else ""
-                except Exception as e:  # a value pydicom cannot convert; show that rather than fail
-                    value = f"<unreadable: {type(e).__name__}>"
-            if len(value) > MAX_HEADER_VALUE:
-                value = value[:MAX_HEADER_VALUE] + "…"
-            out.append(HeaderElement(tag, keyword, str(elem.VR), value))
-
-    walk(ds.file_meta, 0)
-    walk(ds, 0)
-    return out
+# (user, image) pairs known to be recorded as opened, so that scrolling does not write to the database.
+MAX_SHOWN_REMEMBERED = 100_000
 
 
 @implementer(IReadingRoom)
@@ -87,6 +55,7 @@ class ReadingRoom:
         self.settings = settings
         self.clock = clock
         self.login_throttle = LoginThrottle(clock)
+        self._shown: set[tuple[str, str]] = set()
         self.audit = audit
 
     def now(self) -> datetime:
@@ -117,10 +86,6 @@ class ReadingRoom:
         record = await self._record(uid)
         return await self.ingest.read_blob(record.digest)
 
-    async def header(self, uid: str) -> list[HeaderElement]:
-        data = await self.instance_bytes(uid)
-        return await self.ingest.run_blocking(dicom_header, data)
-
     # -- what the radiologist does -----------------------------------------------------------------
 
     async def _central_address(self, record=None) -> str:
@@ -146,17 +111,36 @@ class ReadingRoom:
         await self.outgoing.queue(package, message_id=message_id, attachment=str(attachment), uid=attachment.uid)
 
     async def opened(self, uid: str, user: str, peer: str | None = None) -> OpenedMark:
-        """Record that ``user`` (at ``peer``) was shown image ``uid`` and tell central (status ``opened``)."""
+        """Record that ``user`` (at ``peer``) was shown image ``uid``; the first time, tell central (status
+        ``opened``)."""
         record = await self._record(uid)
         mark = await self.inbox.mark_opened(uid, user)
         await self.record_access("view", user=user, credential="session", peer=peer,
                                  patient_id=record.patient_id, study_instance_uid=record.study_instance_uid,
                                  series_instance_uid=getattr(record, "series_instance_uid", None),
                                  sop_instance_uid=uid, detail="opened in the reading room")
-        content = status_content("opened", uid, user, mark.at)
-        await self._send(content, AttachmentId.of("status", event="opened", uid=uid), record, store_locally=False)
-        self.log.info("{user} opened {uid}", user=user, uid=uid)
+        if mark.first:
+            content = status_content("opened", uid, user, mark.at)
+            await self._send(content, AttachmentId.of("status", event="opened", uid=uid), record, store_locally=False)
+            self.log.info("{user} opened {uid}", user=user, uid=uid)
         return mark
+
+    async def pixels_shown(self, uid: str, user: str, peer: str | None = None) -> None:
+        """``user``'s browser (at ``peer``) fetched the pixel data of ``uid`` to display it: :meth:`opened`,
+        once per user and image (a viewer fetches a frame again as the radiologist scrolls back)."""
+        key = (user, uid)
+        if key in self._shown:
+            return
+        if len(self._shown) >= MAX_SHOWN_REMEMBERED:
+            self._shown.clear()
+        self._shown.add(key)  # before awaiting: concurrent fetches of one image's frames record it once
+        try:
+            await self.opened(uid, user, peer)
+        except UnknownObject:
+            pass  # not an object of the inbox (nothing to tell central about)
+        except Exception:
+            self._shown.discard(key)  # recorded at the next fetch
+            raise
 
     async def save_overlay(self, image_uid: str, user: str, annotations: list[Annotation]) -> str:
         """Save annotations as a GSPS on the image; returns the overlay's UID.

@@ -1,4 +1,5 @@
-"""The viewer's ``[central]`` section: where central is and how to reach it.
+"""The viewer's ``[central]`` section (where central is and how to reach it)
+and its ``[reading_room]`` section (where OHIF's prebuilt app is).
 
 Validated whole at start-up like the rest of the config; every problem names
 the file, section and key.
@@ -100,3 +101,23 @@ def _yes_no(config: Config, key: str, problems: list) -> bool:
         problems.append(ConfigProblem(config.path, "central", key, f"must be yes or no, not {text!r}"))
         return False
     return text in ("yes", "true", "1", "on")
+
+
+@dataclass(frozen=True)
+class ReadingRoomSettings:
+    """``[reading_room]``: ``ohif``, the folder of OHIF's prebuilt app (its ``index.html``); None for the
+    one ``make ohif`` installs beside the checkout."""
+
+    ohif_dist: Path | None = None
+
+
+def reading_room_settings(config: Config, *, check_files: bool = True) -> ReadingRoomSettings:
+    """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError`."""
+    text = (config.section("reading_room").get("ohif") or "").strip()
+    if not text:
+        return ReadingRoomSettings()
+    dist = (Path(config.path).resolve().parent / text).resolve()
+    if check_files and not (dist / "index.html").is_file():
+        raise ConfigError([ConfigProblem(config.path, "reading_room", "ohif",
+                                         f"{dist} holds no OHIF app (no index.html); run `make ohif`")])
+    return ReadingRoomSettings(ohif_dist=dist)

@@ -2,23 +2,24 @@
 
 Server-rendered pages (twisted.web.template, so every value is escaped) over
 the viewer's :class:`~medd.viewer.contract.IReadingRoom`: login, the
-worklist, a study with its series and report, and an image view whose pixels
-are rendered to PNG on the server (:mod:`medd.viewer.rendering`, on the
-node's blocking pool). Zoom, pan, frame scrolling and drawing run in the
-browser (``static/reading-room.js``), with annotations kept in image pixel
-coordinates (:mod:`medd.viewer.annotations`).
+worklist, a study with its series and report. The images are shown by OHIF
+Viewer 3 (:mod:`.ohif`), which reads them from the node's own DICOMweb
+with the session cookie; pixel data it fetches marks the image opened
+(:mod:`medd.viewer.access`).
 
 The modules, by concern: :mod:`.session` (cookies, CSRF, forms),
 :mod:`.serving` and :mod:`.layout` (answering, the page skeleton),
-:mod:`.pages` (the HTML pages), :mod:`.resources` (rendered frames, static
-files) and :mod:`.api` (the browser's JSON calls: overlays, opened).
+:mod:`.pages` (the HTML pages), :mod:`.ohif` (OHIF's app and configuration)
+and :mod:`.resources` (static files).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.web.resource import Resource
 
-from medd.viewer.web.pages import (HomePage, ImagesResource, LoginAction, LogoutAction, StudiesResource,
-                                   WorklistResource)
+from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, StudiesResource, WorklistResource
+from medd.viewer.web.ohif import load_app, ohif_resources
 from medd.viewer.web.resources import STATIC, StaticFiles
 from medd.viewer.web.serving import Room
 from medd.viewer.web.session import CSRF_HEADER, csrf_token
@@ -26,19 +27,21 @@ from medd.viewer.web.session import CSRF_HEADER, csrf_token
 __all__ = ["CSRF_HEADER", "csrf_token", "reading_room_resources"]
 
 
-def reading_room_resources(reading_room, api) -> dict[bytes, Resource]:
+def reading_room_resources(reading_room, api, ohif_dist: Path | None = None) -> dict[bytes, Resource]:
     """The reading room's resources, by first path segment, for the viewer's HTTP listener.
 
     ``reading_room`` provides :class:`~medd.viewer.contract.IReadingRoom`;
-    ``api`` provides ``run_blocking`` for reading bodies and rendering.
+    ``api`` provides ``run_blocking`` for reading bodies and rendering; ``ohif_dist`` is OHIF's
+    prebuilt app (default: where ``make ohif`` installs it).
     """
     room = Room(reading_room, api)
+    resources = ohif_resources(room, load_app(ohif_dist))
     return {
+        **resources,
         b"": HomePage(room),
         b"login": LoginAction(room),
         b"logout": LogoutAction(room),
         b"worklist": WorklistResource(room),
         b"studies": StudiesResource(room),
-        b"images": ImagesResource(room),
         b"static": StaticFiles(str(STATIC)),
     }

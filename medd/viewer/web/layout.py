@@ -39,10 +39,7 @@ def page(title: str, session: Session | None, *content, body_class: str = "") ->
         tags.title(f"{title} · medd reading room"),
         tags.link(rel="icon", href="data:,"),  # no favicon request, no 404 in the log
         tags.link(rel="stylesheet", href="/static/reading-room.css"),
-        tags.script(src="/static/reading-room.js", defer="defer"),
     )
-    if session is not None:
-        head(tags.meta(name="csrf-token", content=session.csrf))
     return tags.html(
         head,
         tags.body(

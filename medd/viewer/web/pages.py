@@ -1,13 +1,12 @@
-"""The reading room's HTML pages: login and logout, the worklist, a study
-with its series and reports (and the report form), and the image view.
+"""The reading room's HTML pages: login and logout, the worklist, and a
+study with its series and reports (and the report form). The images are
+shown by OHIF (:mod:`.ohif`); each study links to it.
 
-Every GET here only reads: the image page's script sends "opened" as its own
-POST (:class:`medd.viewer.web.api.OpenedAction`) once the image is shown.
+Every GET here only reads.
 """
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import re
 import secrets
@@ -19,10 +18,9 @@ from twisted.web.template import Tag, tags
 
 from medd.viewer.contract import ReportView, SeriesView, StudyRow, UnknownObject, WorklistPage, WorklistQuery
 from medd.viewer.reports import ReportError
-from medd.viewer.web.api import OpenedAction, OverlaysResource, saved_annotations
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import data, html, page
-from medd.viewer.web.resources import RenderedImage
+from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
 from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
                                      get_cookie, read_form, session_of, set_cookie)
@@ -331,6 +329,8 @@ class WorklistResource(RoomResource):
             tags.td(s.centre),
             tags.td(str(s.images), class_="num"),
             tags.td("✓ reported" if s.has_report else "—", class_="has-report" if s.has_report else "no-report"),
+            tags.td(tags.a("Images", href=viewer_url(s.study_uid), class_="open-images button"),
+                    " ", tags.a("Report", href=link, class_="open-report button secondary")),
             class_="study unread" if s.unread else "study", **data(study_uid=s.study_uid),
         )
 
@@ -339,7 +339,7 @@ class WorklistResource(RoomResource):
             text = "No studies match these filters." if filters else "No studies have arrived in this viewer yet."
             return tags.p(text, class_="empty", id="worklist-empty")
         header = tags.tr(*[tags.th(h) for h in ("", "Patient", "Patient ID", "Study date", "Description", "Modality",
-                                                "Centre", "Images", "Report")])
+                                                "Centre", "Images", "Report", "Open")])
         return tags.table(tags.thead(header), tags.tbody(*[self._row(s) for s in found.studies]),
                           class_="worklist", id="worklist")
 
@@ -400,39 +400,39 @@ class StudyPage(UidResource):
             tags.dt("Study UID"), tags.dd(self.uid, class_="uid"),
             class_="summary",
         )
-        series_sections = [self._series(series) for series in study.series]
+        series_sections = [self._series(self.uid, series) for series in study.series]
         if not series_sections:
             series_sections = [tags.p("This study has no images in this viewer.", class_="empty")]
         report_section = self._reports(session, reports, saved)
         return await html(200, page(f"Study of {name or self.uid}", session,
                                     tags.h1("Study ", tags.span(name, class_="patient")), summary,
+                                    tags.p(tags.a("Open the images", href=viewer_url(self.uid),
+                                                  class_="button open-images")),
                                     tags.div(tags.section(tags.h2("Series"), *series_sections, class_="series-list"),
                                              report_section, class_="study-layout")))
 
     @staticmethod
-    def _series(series: SeriesView) -> Tag:
+    def _series(study_uid: str, series: SeriesView) -> Tag:
         title = " · ".join(x for x in (
             _text(series.modality),
             f"Series {series.series_number}" if series.series_number else "",
             _text(series.series_description),
             f"{len(series.instances)} image(s)",
         ) if x)
-        cards = []
-        for i in series.instances:
-            caption = [f"#{i.instance_number or '?'}", f"{_text(i.columns) or '?'}×{_text(i.rows) or '?'}"]
-            if i.frames > 1:
-                caption.append(f"{i.frames} frames")
-            if i.overlays:
-                caption.append("overlay")
-            cards.append(tags.li(tags.a(
-                tags.img(src=f"/images/{quote(i.uid)}/render.png?size={THUMBNAIL}", alt=f"image {caption[0]}",
-                         loading="lazy", width=str(THUMBNAIL), height=str(THUMBNAIL)),
-                tags.span(" · ".join(caption), class_="caption"),
-                href=f"/images/{quote(i.uid)}", class_="thumbnail opened" if i.opened else "thumbnail",
-                **data(uid=i.uid),
-                title=_text(i.transfer_syntax_uid),
-            )))
-        return tags.section(tags.h3(title), tags.ul(*cards, class_="thumbnails"), class_="series")
+        opened = sum(1 for i in series.instances if i.opened)
+        # The thumbnail is the node's rendering (DICOMweb's .../thumbnail): showing it opens no image.
+        thumbnail = (f"/dicomweb/studies/{quote(study_uid)}/series/{quote(series.series_uid or '')}/thumbnail"
+                     f"?viewport={THUMBNAIL},{THUMBNAIL}")
+        if series.series_uid is None:
+            thumbnail = "data:,"
+        return tags.section(
+            tags.a(tags.img(src=thumbnail, alt=f"series {series.series_number or ''}", loading="lazy",
+                            width=str(THUMBNAIL), height=str(THUMBNAIL)),
+                   href=viewer_url(study_uid), class_="thumbnail opened" if opened else "thumbnail",
+                   **data(series_uid=series.series_uid)),
+            tags.div(tags.h3(title), tags.p(f"{opened} of {len(series.instances)} opened by you", class_="caption")),
+            class_="series",
+        )
 
     def _reports(self, session: Session, reports: list[ReportView], saved: str) -> Tag:
         items = []
@@ -497,114 +497,3 @@ class ReportAction(UidResource):
         log.info("report {report} on study {study} signed by {user}", report=report_uid, study=self.uid,
                  user=session.user)
         return redirect(f"/studies/{quote(self.uid)}?saved=signed#report-saved")
-
-
-# --- an image ---------------------------------------------------------------------------------------
-
-
-class ImagesResource(RoomResource):
-    def getChild(self, path, request):
-        uid = uid_child(path)
-        if uid is None:
-            return ErrorResource(404, "that is not an image UID")
-        return ImagePage(self.room, uid)
-
-
-def _num(value) -> str:
-    return "" if value is None else f"{value:g}"
-
-
-class ImagePage(UidResource):
-    """``/images/{uid}``: the image view; ``render.png``, ``overlays`` and ``opened`` below it."""
-
-    below = {b"render.png": RenderedImage, b"overlays": OverlaysResource, b"opened": OpenedAction}
-
-    def render_GET(self, request):
-        return serve(request, self._get)
-
-    async def _get(self, request) -> Response:
-        session = await self.room.session(request)
-        facts = await self.room.facts(self.uid)
-        header = await self.room.reading_room.header(self.uid)
-        annotations = saved_annotations(await self.room.reading_room.overlays(self.uid))
-        spacing = facts.pixel_spacing
-        frame_controls = ""
-        if facts.frames > 1:
-            frame_controls = tags.div(
-                tags.button("◀", type="button", id="frame-prev", title="Previous frame (wheel up, ←)"),
-                tags.input(type="range", id="frame-slider", min="1", max=str(facts.frames), value="1"),
-                tags.button("▶", type="button", id="frame-next", title="Next frame (wheel down, →)"),
-                tags.output("1 / ", str(facts.frames), id="frame-label"),
-                class_="group frames",
-            )
-        tools = tags.div(
-            *[tags.button(label, type="button", class_="tool", **data(tool=tool), id=f"tool-{tool}", title=tip)
-              for tool, label, tip in (
-                  ("pan", "Pan", "Drag to move the image"),
-                  ("arrow", "Arrow", "Drag from the tail to the point of the arrow"),
-                  ("line", "Line", "Drag to measure" + (" (mm)" if spacing else " (pixels: no pixel spacing)")),
-                  ("ellipse", "Ellipse", "Drag the bounding box of the ellipse"),
-                  ("text", "Text", "Click where the text goes"),
-              )],
-            tags.input(type="text", id="annotation-text", placeholder="text to place", maxlength="200"),
-            class_="group tools",
-        )
-        window = tags.div(
-            tags.label("WC", tags.input(type="number", id="wc", step="any", value=_num(facts.window_center))),
-            tags.label("WW", tags.input(type="number", id="ww", step="any", min="1", value=_num(facts.window_width))),
-            tags.select(
-                tags.option("Preset…", value=""),
-                tags.option("Default", value="default"),
-                *[tags.option(name, value=f"{c},{w}") for name, c, w in
-                  (("Soft tissue", 40, 400), ("Lung", -600, 1500), ("Bone", 300, 1500), ("Brain", 40, 80))],
-                id="wl-preset",
-            ),
-            tags.button("Apply", type="button", id="wl-apply"),
-            class_="group window",
-        ) if facts.samples_per_pixel == 1 else ""
-        toolbar = tags.div(
-            tools,
-            tags.div(tags.button("−", type="button", id="zoom-out", title="Zoom out (ctrl+wheel)"),
-                     tags.output("100%", id="zoom-label"),
-                     tags.button("+", type="button", id="zoom-in", title="Zoom in (ctrl+wheel)"),
-                     tags.button("Fit", type="button", id="zoom-fit"),
-                     class_="group zoom"),
-            window,
-            frame_controls,
-            tags.div(tags.button("Undo", type="button", id="undo"),
-                     tags.button("Save overlay", type="button", id="save-overlay"),
-                     tags.output("", id="overlay-status", role="status"),
-                     class_="group save"),
-            class_="toolbar",
-        )
-        viewport = tags.div(
-            tags.div(
-                tags.img(id="image", alt="image", src=f"/images/{quote(self.uid)}/render.png",
-                         width=str(facts.columns), height=str(facts.rows), draggable="false"),
-                Tag("svg")(id="overlay", viewBox=f"0 0 {facts.columns} {facts.rows}",
-                         width=str(facts.columns), height=str(facts.rows), xmlns="http://www.w3.org/2000/svg"),
-                id="stage",
-            ),
-            id="viewport",
-            **data(uid=self.uid, rows=str(facts.rows), columns=str(facts.columns), frames=str(facts.frames),
-                   spacing=",".join(f"{v:g}" for v in spacing) if spacing else "",
-                   wc=_num(facts.window_center), ww=_num(facts.window_width), overlays=json.dumps(annotations)),
-        )
-        back = f"/studies/{quote(facts.study_uid)}" if facts.study_uid else "/worklist"
-        info = tags.p(
-            tags.a("← Study", href=back), " · ",
-            f"{facts.modality} · {facts.columns}×{facts.rows}",
-            f" · {facts.frames} frames" if facts.frames > 1 else "",
-            f" · pixel spacing {spacing[0]:g}×{spacing[1]:g} mm" if spacing else " · no pixel spacing",
-            f" · {facts.photometric}",
-            class_="image-info",
-        )
-        rows = [tags.tr(tags.td(e.tag, class_="tag"), tags.td(e.keyword), tags.td(e.vr), tags.td(e.value))
-                for e in header]
-        header_table = tags.details(
-            tags.summary(f"DICOM header ({len(rows)} elements)"),
-            tags.table(tags.thead(tags.tr(tags.th("Tag"), tags.th("Keyword"), tags.th("VR"), tags.th("Value"))),
-                       tags.tbody(*rows), class_="header-table", id="header-table"),
-            id="header",
-        )
-        return await html(200, page("Image", session, info, toolbar, viewport, header_table, body_class="image-page"))

@@ -12,8 +12,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from medd.viewer.contract import UnknownObject
-from medd.viewer.rendering import FrameCache, ImageFacts, RenderError, describe
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import error_page
 from medd.viewer.web.session import Session, session_of
@@ -31,38 +29,17 @@ CONTENT_SECURITY_POLICY = (
 
 
 class Room:
-    """What every resource shares: the reading room, the blocking pool, the decoded-frame cache."""
+    """What every resource shares: the reading room and the blocking pool."""
 
     def __init__(self, reading_room, api):
         self.reading_room = reading_room
         self.api = api
-        self.frames = FrameCache()
-        self._facts: dict[str, ImageFacts] = {}
 
     async def session(self, request) -> Session:
         """The request's session (:class:`NotLoggedIn` without one), kept on the request for its error page."""
         session = await session_of(self.reading_room, request)
         request.medd_session = session
         return session
-
-    async def facts(self, uid: str) -> ImageFacts:
-        facts = self._facts.get(uid)
-        if facts is None:
-            data = await self.instance_bytes(uid)
-            try:
-                facts = await self.api.run_blocking(describe, data)
-            except RenderError as e:
-                raise WebError(422, f"image {uid} cannot be shown: {e}") from e
-            if len(self._facts) > 10_000:
-                self._facts.clear()
-            self._facts[uid] = facts
-        return facts
-
-    async def instance_bytes(self, uid: str) -> bytes:
-        try:
-            return await self.reading_room.instance_bytes(uid)
-        except (UnknownObject, FileNotFoundError) as e:
-            raise WebError(404, f"there is no image {uid} in this viewer") from e
 
 
 def security_headers(request) -> None:
