@@ -24,13 +24,11 @@ from urllib.parse import urlsplit
 
 import treq
 from treq.client import HTTPClient
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from medd.ingest import Refused
-from medd.scheduling import Backoff, CoalescingPass
+from medd.scheduling import Backoff, CoalescingPass, PassService
 from medd.transports.tlscontexts import HttpsPolicy
 
 
@@ -190,7 +188,7 @@ class PollResult:
     error: str | None = None  # set when the pass stopped because central was unavailable
 
 
-class Requestor(Service):
+class Requestor(PassService):
     """Polls central's outbox every ``poll_interval`` on the clock, backing off while central is
     unavailable; ``kick()`` polls now."""
 
@@ -209,29 +207,7 @@ class Requestor(Service):
         self._refused: set[str] = set()
         self._stopped = False
 
-    # -- service -------------------------------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopped = False
-        self.kick()
-
-    def stopService(self):
-        """Stop polling; the Deferred fires once a pass in progress has finished."""
-        super().stopService()
-        self._stopped = True
-        self._pass.unschedule()
-        return self._pass.idle()
-
     # -- polling -------------------------------------------------------------------------------------
-
-    def kick(self) -> Deferred:
-        """Poll now; the Deferred fires with the :class:`PollResult` of a pass that began after this call."""
-        return self._pass.kick()
-
-    def idle(self) -> Deferred:
-        """A Deferred that fires once no pass is under way (one the clock started, say)."""
-        return self._pass.idle()
 
     async def _poll(self) -> PollResult:
         """One pass; then the next one is due after the interval, or after the backoff if it failed."""

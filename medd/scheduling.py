@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Generic, TypeVar
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
@@ -110,3 +111,31 @@ class CoalescingPass(Generic[T]):
         d: Deferred = Deferred()
         self._idle.append(d)
         return d
+
+
+class PassService(Service):
+    """A service whose work is one :class:`CoalescingPass` (``self._pass``, set by the subclass):
+    a pass at start; at stop, nothing more is scheduled and the Deferred fires once a pass in
+    progress has finished (a pass checks ``self._stopped`` between steps)."""
+
+    _pass: CoalescingPass
+    _stopped = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        self.kick()
+
+    def stopService(self):
+        super().stopService()
+        self._stopped = True
+        self._pass.unschedule()
+        return self._pass.idle()
+
+    def kick(self) -> Deferred:
+        """Run a pass now; fires with the result of a pass that began after this call."""
+        return self._pass.kick()
+
+    def idle(self) -> Deferred:
+        """Fires once no pass is under way (one the clock started, say)."""
+        return self._pass.idle()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from medd.scheduling import CoalescingPass
+from medd.scheduling import CoalescingPass, PassService
 from medd.storage.forwarding import (
     LOST, NOT_FORWARDED_TRANSPORTS, REFUSED, RESULT_TYPES, Forwarding, ResultItem, result_skip_reason,
 )
@@ -74,7 +73,7 @@ def c_store(destination, data: bytes, timeout: float) -> StoreOutcome:
     return StoreOutcome("refused", f"C-STORE status 0x{code:04X} {category}{comment}")
 
 
-class ResultsToPacs(Service):
+class ResultsToPacs(PassService):
     """Stores overlays and reports central sent back into the centre's PACS, one association each."""
 
     log = Logger()
@@ -93,16 +92,8 @@ class ResultsToPacs(Service):
         self._pass = CoalescingPass(self._drain, "results to the PACS", clock)
         self._stopped = False
 
-    def startService(self) -> None:
-        super().startService()
-        self._stopped = False
-        self.kick()
-
     def stopService(self):
-        super().stopService()
-        self._stopped = True
-        self._pass.unschedule()
-        d = self._pass.idle()
+        d = super().stopService()
 
         def stop_pool(result):
             if self.pool.started:
@@ -121,13 +112,6 @@ class ResultsToPacs(Service):
             self.log.info("{uid} not sent to the PACS: {reason}", uid=record.sop_instance_uid, reason=reason)
         else:
             self.kick()
-
-    def kick(self) -> Deferred:
-        """Store what is due; fires with how many a pass that began after this call stored."""
-        return self._pass.kick()
-
-    def idle(self) -> Deferred:
-        return self._pass.idle()
 
     async def _drain(self) -> int:
         stored = 0

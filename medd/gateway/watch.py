@@ -16,12 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from medd.ingest import Refused, StoreFailed
-from medd.scheduling import CoalescingPass
+from medd.scheduling import CoalescingPass, PassService
 
 DONE, REFUSED = ".done", ".refused"
 _IN_PROGRESS_SUFFIXES = (".part", ".tmp")
@@ -65,7 +63,7 @@ def _move(root: Path, path: Path, to: str, reason: str | None = None) -> None:
         target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
 
 
-class WatchedFolder(Service):
+class WatchedFolder(PassService):
     """Polls ``root`` every ``interval`` seconds on the clock; ``kick()`` polls now."""
 
     log = Logger()
@@ -79,21 +77,6 @@ class WatchedFolder(Service):
         self._seen: dict[Path, tuple[int, int]] = {}
         self._pass = CoalescingPass(self._poll, "taking in the watched folder", clock)
         self._stopped = False
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopped = False
-        self.kick()
-
-    def stopService(self):
-        super().stopService()
-        self._stopped = True
-        self._pass.unschedule()
-        return self._pass.idle()
-
-    def kick(self) -> Deferred:
-        """Poll now; fires with the :class:`WatchResult` of a pass that began after this call."""
-        return self._pass.kick()
 
     async def _poll(self) -> WatchResult:
         if self._stopped:
