@@ -87,14 +87,18 @@ class Ingest:
     it for central there, so one commit makes both durable). ``audit`` is the
     node's :class:`~medd.audit.AuditTrail`: every store, refused or not, is
     recorded (a stored one in its index transaction), a refused sender as a
-    refused authentication, an ``opened`` status as a view.
+    refused authentication, an ``opened`` status as a view. ``delivery_facts``
+    (a viewer, whose packages come only from central) keeps what central's
+    Medd-Centre and Medd-Study-Images headers say in the object's row; other
+    roles ignore those headers.
     """
 
     def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
-                 index_with: Callable | None = None, audit: AuditTrail | None = None):
+                 index_with: Callable | None = None, audit: AuditTrail | None = None,
+                 delivery_facts: bool = False):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -105,6 +109,7 @@ class Ingest:
         self._admit = admit
         self._index_with = index_with
         self.audit = audit
+        self._delivery_facts = delivery_facts
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -319,6 +324,8 @@ class Ingest:
             received_at=self.index.now(),
             peer=peer,
         )
+        if self._delivery_facts:
+            common.update(centre=package.centre, study_images=package.study_images)
         if content.keyinfo is not None:
             # The package's To is kept in its receipt; intended_recipients
             # holds only what the object itself says (0040,1010).

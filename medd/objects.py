@@ -69,6 +69,8 @@ class KeyInformation:
     series_description: str = ""
     instance_number: str = ""
     institution_name: str = ""
+    priority: str = ""  # the request's: STAT, HIGH, ROUTINE, MEDIUM or LOW
+    patient_age: str = ""  # Patient's Age (0010,1010), e.g. 045Y
     intended_recipients: tuple[str, ...] = ()
     referenced_image_uids: tuple[str, ...] = ()
     rows: int | None = None
@@ -314,6 +316,8 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
             series_description=_text(ds, "SeriesDescription", codec),
             instance_number=_text(ds, "InstanceNumber", codec),
             institution_name=_text(ds, "InstitutionName", codec),
+            priority=_priority(ds),
+            patient_age=_text(ds, "PatientAge", codec)[:4],
             intended_recipients=_values(ds, "NamesOfIntendedRecipientsOfResults"),
             referenced_image_uids=_referenced_images(ds) if sop_class == GSPS_SOP_CLASS else (),
             rows=_int(ds, "Rows"),
@@ -325,6 +329,23 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
     except Exception as e:  # a value pydicom cannot convert is malformed input
         raise InvalidObject(f"malformed DICOM attribute ({type(e).__name__}: {e})") from e
     return keyinfo
+
+
+PRIORITIES = ("STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW")
+
+
+def _priority(ds: Dataset) -> str:
+    """The request's priority: Requested Procedure Priority (0040,1003) at the top level or in the Request
+    Attributes Sequence (0040,0275), else the retired Study Priority ID (0032,000C); '' when none is a known value."""
+    candidates = [ds.get("RequestedProcedurePriority")]
+    for item in ds.get("RequestAttributesSequence") or ():
+        candidates.append(item.get("RequestedProcedurePriority"))
+    candidates.append(ds.get("StudyPriorityID"))
+    for value in candidates:
+        text = str(value or "").strip().upper()
+        if text in PRIORITIES:
+            return text
+    return ""
 
 
 def _referenced_images(ds: Dataset) -> tuple[str, ...]:

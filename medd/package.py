@@ -83,6 +83,16 @@ class Package:
     attachment: AttachmentId
     content: Content
     date: str = ""
+    # What central says of an object it delivers to a viewer (None when the header is absent).
+    centre: str | None = None
+    study_images: int | None = None
+
+
+#: Headers central adds to the packages it delivers to viewers: the registered centre the object
+#: came from, and how many images of its study central routes to that viewer so far.
+CENTRE_HEADER = "Medd-Centre"
+STUDY_IMAGES_HEADER = "Medd-Study-Images"
+_CENTRE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$")
 
 
 # compat32 generates the header block an order of magnitude faster than the
@@ -97,6 +107,8 @@ def build_package(
     origin: str,
     destination: str,
     message_id: str | None = None,
+    centre: str | None = None,
+    study_images: int | None = None,
 ) -> bytes:
     """The package bytes (CRLF line endings, ready for SMTP or any transport).
 
@@ -117,6 +129,10 @@ def build_package(
         ("Content-Type", content.media_type),
         ("Content-Transfer-Encoding", "base64"),
     )
+    if centre is not None:
+        headers += ((CENTRE_HEADER, centre),)
+    if study_images is not None:
+        headers += ((STUDY_IMAGES_HEADER, str(int(study_images))),)
     for name, value in headers:
         if _LINE_BREAK.search(value):
             raise ValueError(f"a package's {name} cannot hold a line break: {value!r}")
@@ -261,7 +277,29 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
         attachment=attachment,
         content=content,
         date=header(msg, "Date").strip(),
+        **_delivery_facts(msg),
     )
+
+
+def is_centre_name(name: str | None) -> bool:
+    """True for a centre name a Medd-Centre header can carry (central leaves the header out otherwise)."""
+    return bool(name and _CENTRE_NAME.match(name))
+
+
+def _delivery_facts(msg: Message) -> dict:
+    """Medd-Centre and Medd-Study-Images, checked (InvalidObject for a malformed one)."""
+    facts: dict = {}
+    centre = header(msg, CENTRE_HEADER).strip()
+    if centre:
+        if not is_centre_name(centre):
+            raise InvalidObject(f"{CENTRE_HEADER} {centre[:80]!r} is not a centre name")
+        facts["centre"] = centre
+    images = header(msg, STUDY_IMAGES_HEADER).strip()
+    if images:
+        if not re.fullmatch(r"[0-9]{1,9}", images):
+            raise InvalidObject(f"{STUDY_IMAGES_HEADER} {images[:40]!r} is not a number of images")
+        facts["study_images"] = int(images)
+    return facts
 
 
 def decode_content(media_type: str, payload: bytes, max_size: int | None = None) -> Content:

@@ -67,6 +67,7 @@ class NodeService(MultiService):
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
+            delivery_facts=config.role == "viewer",
         )
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")

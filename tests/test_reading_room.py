@@ -499,7 +499,7 @@ async def test_worklist_filters_and_study_page(room_site):
         assert page.index("DOE, JANE") < page.index("ROE, RICHARD")
         assert "Centre A" in page and "unread" in page
         assert 'href="/ohif/viewer?StudyInstanceUIDs=1.2.826.0.1.1" class="open-images button"' in page
-        assert re.search(r'data-study-uid="1.2.826.0.1.2".*?<td class="num">2</td>', page, re.S)
+        assert re.search(r'data-study-uid="1.2.826.0.1.2".*?<td class="images num">2 / 2 ', page, re.S)
         assert "ROE" not in s.get(base + "/worklist", params={"patient": "doe"}).text
         assert "ROE" not in s.get(base + "/worklist", params={"patient": "p00?1"}).text
         assert "DOE" not in s.get(base + "/worklist", params={"modality": "mr"}).text

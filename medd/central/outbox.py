@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from medd.objects import Content
-from medd.package import AttachmentId, attachment_for, build_package
+from medd.package import AttachmentId, attachment_for, build_package, is_centre_name
 from medd.plugins.objecttypes import status_part
 from medd.scheduling import Backoff, CoalescingPass
 from medd.storage.connector import utc
@@ -52,8 +52,9 @@ def attachment_of(record: ObjectRecord) -> AttachmentId:
 def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: str) -> bytes:
     """The outgoing package; its Message-ID is the delivery's, stable across retries."""
     content = Content(media_type=record.media_type, data=data)
+    centre = delivery.centre if is_centre_name(delivery.centre) else None
     return build_package(content, attachment_of(record), origin=origin, destination=delivery.destination,
-                         message_id=delivery.message_id)
+                         message_id=delivery.message_id, centre=centre, study_images=delivery.study_images)
 
 
 def status_package_for(delivery: Delivery, origin: str) -> bytes:

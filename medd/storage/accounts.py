@@ -64,12 +64,31 @@ def create_session(conn: Connection, user: str, token: str, at: datetime, lifeti
                                                  expires_at=at + lifetime))
 
 
-def user_for_session(conn: Connection, token: str, at: datetime) -> str | None:
+@dataclass(frozen=True)
+class SessionState:
+    """A live session: its user, and whether its page is locked (idle) until the password is typed again."""
+
+    user: str
+    locked: bool
+
+
+def session_state(conn: Connection, token: str, at: datetime) -> SessionState | None:
     s = viewer_sessions.c
-    row = conn.execute(select(s.user, s.expires_at).where(s.token_hash == token_hash(token))).first()
+    row = conn.execute(select(s.user, s.expires_at, s.locked_at).where(s.token_hash == token_hash(token))).first()
     if row is None or aware(row.expires_at) <= at:
         return None
-    return row.user
+    return SessionState(row.user, row.locked_at is not None)
+
+
+def user_for_session(conn: Connection, token: str, at: datetime) -> str | None:
+    """The user of a live session that is not locked."""
+    state = session_state(conn, token, at)
+    return state.user if state is not None and not state.locked else None
+
+
+def lock_session(conn: Connection, token: str, at: datetime | None) -> None:
+    s = viewer_sessions.c
+    conn.execute(viewer_sessions.update().where(s.token_hash == token_hash(token)).values(locked_at=at))
 
 
 def end_session(conn: Connection, token: str) -> None:
@@ -112,6 +131,18 @@ class Accounts(Connector):
             return succeed(None)
         at = self.now()
         return self.db.run(lambda conn: user_for_session(conn, token, at))
+
+    def session_state(self, token: str | None):
+        """Deferred :class:`SessionState` of a live session, or None (no token, unknown, ended or expired)."""
+        if not token:
+            return succeed(None)
+        at = self.now()
+        return self.db.run(lambda conn: session_state(conn, token, at))
+
+    def lock_session(self, token: str, locked: bool = True):
+        """Deferred None: the session is locked (or unlocked); a locked one serves nothing but its unlocking."""
+        at = self.now() if locked else None
+        return self.db.run(lambda conn: lock_session(conn, token, at))
 
     def end_session(self, token: str | None):
         """Deferred None; the session, if any, is ended."""

@@ -7,13 +7,14 @@ so a restart resumes exactly where delivery stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage import directory
@@ -38,6 +39,10 @@ class Delivery:
     opened_by: str | None = None
     # A status package to a centre: its status part ({"event", "uid", ...}); None for a stored object.
     status: dict | None = None
+    # For a viewer: the registered centre of the object and how many images of its study central routes
+    # to the viewer (:func:`with_study_facts`), sent in the package's Medd-Centre and Medd-Study-Images.
+    centre: str | None = None
+    study_images: int | None = None
 
     @classmethod
     def from_row(cls, r) -> "Delivery":
@@ -143,6 +148,21 @@ def pull_waiting(conn: Connection, address: str) -> list[WaitingDelivery]:
     return [WaitingDelivery(Delivery.from_row(r), records.get(r.uid)) for r in rows]
 
 
+def with_study_facts(conn: Connection, delivery: Delivery, record: ObjectRecord | None) -> Delivery:
+    """The delivery with what central knows of its object's study: the registered centre (the routing
+    decision) and, for an image, how many images of the study are routed to the same destination."""
+    if record is None or delivery.status is not None:
+        return delivery
+    centre = conn.execute(select(routing_decisions.c.centre).where(routing_decisions.c.uid == delivery.uid)).scalar()
+    images = None
+    if record.object_type == "image":
+        images = conn.execute(
+            select(func.count()).select_from(deliveries.join(objects, objects.c.sop_instance_uid == deliveries.c.uid))
+            .where(and_(deliveries.c.destination == delivery.destination, objects.c.object_type == "image",
+                        objects.c.study_instance_uid == record.study_instance_uid))).scalar_one()
+    return dataclasses.replace(delivery, centre=centre, study_images=images)
+
+
 def delivery_for(conn: Connection, delivery_id: int, address: str) -> Delivery | None:
     row = conn.execute(
         select(deliveries).where(and_(deliveries.c.id == delivery_id, deliveries.c.destination == address))
@@ -242,7 +262,10 @@ class Deliveries(Connector):
 
         def thd(conn) -> WaitingDelivery | None:
             head = head_of_line(conn, destination)
-            return WaitingDelivery(head, object_by_uid(conn, head.uid)) if head is not None else None
+            if head is None:
+                return None
+            record = object_by_uid(conn, head.uid)
+            return WaitingDelivery(with_study_facts(conn, head, record), record)
 
         return self.db.run(thd)
 
@@ -286,7 +309,8 @@ class Deliveries(Connector):
             delivery = delivery_for(conn, delivery_id, owner.address)
             if delivery is None:
                 return PullRequest(owner)
-            return PullRequest(owner, delivery, None if delivery.status else object_by_uid(conn, delivery.uid))
+            record = None if delivery.status else object_by_uid(conn, delivery.uid)
+            return PullRequest(owner, with_study_facts(conn, delivery, record), record)
 
         return self.db.run(thd)
 

@@ -35,6 +35,8 @@ class WorklistQuery:
     has_report: bool | None = None
     limit: int = 100
     offset: int = 0
+    sort: str = ""  # a key of SORT_KEYS; "" is the default order: priority (STAT first), then newest study
+    descending: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class StudyAttributes:
     accession_number: str | None
     institution_name: str | None
     origin: str
+    registered_centre: str | None  # as central named it when delivering the study's images
 
     @property
     def centre(self) -> str:
-        return self.institution_name or self.origin
+        """The registered centre central named; before central names one, the Institution Name the images state."""
+        return self.registered_centre or self.institution_name or self.origin
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,14 @@ class StudyRow(StudyAttributes):
     images: int
     opened_images: int  # by the query's user
     reports: int
-    received_at: datetime | None
+    received_at: datetime | None  # the latest image's arrival
+    first_received_at: datetime | None = None
+    priority: str = ""  # the most urgent of its images' requests: STAT, HIGH, MEDIUM, ROUTINE, LOW or ""
+    patient_sex: str | None = None
+    patient_age: str | None = None  # Patient's Age as stated (e.g. 045Y)
+    patient_birth_date: str | None = None
+    expected_images: int | None = None  # what central said it routes to this viewer, when it said
+    opened_by: tuple[str, ...] = ()  # every user who opened an image of it
 
     @property
     def unread(self) -> bool:
@@ -164,6 +175,41 @@ def _number(value) -> tuple:
         return (1, 0, str(value or ""))
 
 
+#: The requests' priorities, most urgent first (DICOM's Requested Procedure Priority); a study without one
+#: sorts after ROUTINE and before LOW.
+PRIORITY_ORDER = ("STAT", "HIGH", "MEDIUM", "ROUTINE", "", "LOW")
+
+
+def _priority_rank(column):
+    return case(*[(column == p, i) for i, p in enumerate(PRIORITY_ORDER) if p],
+                else_=PRIORITY_ORDER.index(""))
+
+
+def _sort_keys(c, images, opened, reports, rank, centre):
+    """The worklist's sortable columns: name -> the SQL expression its rows sort by (ascending)."""
+    return {
+        "priority": rank,
+        "patient": func.min(c.patient_name),
+        "patient_id": func.min(c.patient_id),
+        # Age ascending is youngest first: the latest birth date.
+        "age": func.max(c.patient_birth_date),
+        "sex": func.min(c.patient_sex),
+        "accession": func.min(c.accession_number),
+        "modality": func.min(case((c.object_type == "image", c.modality))),
+        "centre": centre,
+        "study_date": func.min(c.study_date),
+        "description": func.min(c.study_description),
+        "received": func.min(c.received_at),
+        "images": images,
+        # unread, read, reported
+        "status": case((reports > 0, 2), (opened > 0, 1), else_=0),
+    }
+
+
+SORT_KEYS = ("priority", "patient", "patient_id", "age", "sex", "accession", "modality", "centre", "study_date",
+             "description", "received", "images", "status")
+
+
 def worklist(conn: Connection, query: WorklistQuery) -> WorklistPage:
     """One page of studies with images: see :class:`WorklistQuery`."""
     c = objects.c
@@ -195,6 +241,15 @@ def worklist(conn: Connection, query: WorklistQuery) -> WorklistPage:
     joined = objects.outerjoin(viewer_opened, and_(
         viewer_opened.c.uid == c.sop_instance_uid, viewer_opened.c.user == query.user, is_image))
     study_date, study_time = func.min(c.study_date), func.min(c.study_time)
+    rank = func.min(case((is_image, _priority_rank(c.priority)), else_=len(PRIORITY_ORDER)))
+    centre = func.coalesce(func.min(c.centre), func.min(c.institution_name), func.min(c.origin))
+    keys = _sort_keys(c, images, opened, reports, rank, centre)
+    if query.sort and query.sort not in keys:
+        raise ValueError(f"cannot sort the worklist by {query.sort!r}")
+    order = [rank, study_date.desc().nulls_last(), study_time.desc().nulls_last(), c.study_instance_uid]
+    if query.sort:
+        key = keys[query.sort]
+        order.insert(0, key.desc().nulls_last() if query.descending else key.asc().nulls_last())
     q = (
         select(
             c.study_instance_uid,
@@ -204,14 +259,18 @@ def worklist(conn: Connection, query: WorklistQuery) -> WorklistPage:
             func.min(c.accession_number).label("accession_number"),
             func.min(c.institution_name).label("institution_name"), func.min(c.origin).label("origin"),
             images.label("images"), opened.label("opened_images"), reports.label("reports"),
-            func.max(c.received_at).label("received_at"),
+            func.max(c.received_at).label("received_at"), func.min(c.received_at).label("first_received_at"),
+            rank.label("rank"), centre.label("centre"), func.min(c.centre).label("registered_centre"),
+            func.min(c.patient_sex).label("patient_sex"), func.min(c.patient_age).label("patient_age"),
+            func.min(c.patient_birth_date).label("patient_birth_date"),
+            func.max(c.study_images).label("expected_images"),
             func.count().over().label("total"),  # after GROUP BY and HAVING: the matching studies
         )
         .select_from(joined)
         .where(where)
         .group_by(c.study_instance_uid)
         .having(and_(*having))
-        .order_by(study_date.desc().nulls_last(), study_time.desc().nulls_last(), c.study_instance_uid)
+        .order_by(*order)
         .limit(query.limit)
         .offset(query.offset)
     )
@@ -227,6 +286,7 @@ def worklist(conn: Connection, query: WorklistQuery) -> WorklistPage:
                                       .where(and_(is_image, c.study_instance_uid.in_(uids)))):
         if modality:
             modalities.setdefault(uid, set()).add(modality)
+    readers = _readers_of(conn, uids)
     studies = tuple(
         StudyRow(
             study_uid=r.study_instance_uid, patient_id=r.patient_id, patient_name=r.patient_name,
@@ -234,10 +294,45 @@ def worklist(conn: Connection, query: WorklistQuery) -> WorklistPage:
             accession_number=r.accession_number, institution_name=r.institution_name, origin=r.origin,
             modalities=tuple(sorted(modalities.get(r.study_instance_uid, ()))), images=r.images,
             opened_images=r.opened_images, reports=r.reports, received_at=aware(r.received_at),
+            first_received_at=aware(r.first_received_at), priority=PRIORITY_ORDER[min(r.rank, len(PRIORITY_ORDER) - 1)],
+            registered_centre=r.registered_centre, patient_sex=r.patient_sex, patient_age=r.patient_age,
+            patient_birth_date=r.patient_birth_date, expected_images=r.expected_images,
+            opened_by=tuple(sorted(readers.get(r.study_instance_uid, ()))),
         )
         for r in rows
     )
     return WorklistPage(studies, rows[0].total, query)
+
+
+def _readers_of(conn: Connection, study_uids: list[str]) -> dict[str, set[str]]:
+    """Study UID -> the users who opened an image of it."""
+    c, o = objects.c, viewer_opened.c
+    found: dict[str, set[str]] = {}
+    q = (select(c.study_instance_uid, o.user).distinct()
+         .select_from(viewer_opened.join(objects, c.sop_instance_uid == o.uid))
+         .where(c.study_instance_uid.in_(study_uids)))
+    for study_uid, user in conn.execute(q):
+        found.setdefault(study_uid, set()).add(user)
+    return found
+
+
+def unread_studies(conn: Connection, limit: int = 50) -> list[str]:
+    """Studies with images that no user opened and no report covers, most urgent first, then oldest
+    arrival first: the candidates for "next unread"."""
+    c = objects.c
+    is_image = c.object_type == "image"
+    rank = func.min(case((is_image, _priority_rank(c.priority)), else_=len(PRIORITY_ORDER)))
+    q = (
+        select(c.study_instance_uid)
+        .select_from(objects.outerjoin(viewer_opened, and_(viewer_opened.c.uid == c.sop_instance_uid, is_image)))
+        .where(c.object_type.in_(("image", "report")))
+        .group_by(c.study_instance_uid)
+        .having(and_(func.count(case((is_image, 1))) > 0, func.count(viewer_opened.c.id) == 0,
+                     func.count(case((c.object_type == "report", 1))) == 0))
+        .order_by(rank, func.min(c.received_at), c.study_instance_uid)
+        .limit(limit)
+    )
+    return list(conn.execute(q).scalars())
 
 
 def modalities(conn: Connection) -> list[str]:
@@ -284,6 +379,7 @@ def study(conn: Connection, study_uid: str, user: str | None = None) -> StudyDet
         patient_birth_date=first.patient_birth_date, patient_sex=first.patient_sex, study_date=first.study_date,
         study_time=first.study_time, study_description=first.study_description,
         accession_number=first.accession_number, institution_name=first.institution_name, origin=first.origin,
+        registered_centre=next((r.centre for r in images if r.centre), None),
         modalities=tuple(sorted({r.modality for r in images if r.modality})), series=tuple(series),
         reports=sum(1 for r in rows if r.object_type == "report"),
     )
@@ -341,6 +437,10 @@ class Inbox(Connector):
     def worklist(self, query: WorklistQuery):
         """Deferred :class:`WorklistPage`."""
         return self.db.run(lambda conn: worklist(conn, query))
+
+    def unread_studies(self, limit: int = 50):
+        """Deferred list of study UIDs: see :func:`unread_studies`."""
+        return self.db.run(lambda conn: unread_studies(conn, limit))
 
     def modalities(self):
         """Deferred sorted list of the modalities of the inbox's images."""

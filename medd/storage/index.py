@@ -49,6 +49,10 @@ class ObjectRecord:
     series_description: str | None = None
     instance_number: str | None = None
     institution_name: str | None = None
+    priority: str | None = None
+    patient_age: str | None = None
+    centre: str | None = None  # the registered centre, as central named it when delivering the object
+    study_images: int | None = None  # images of its study central routes to this viewer, when delivered
     intended_recipients: str | None = None
     referenced_image_uid: str | None = None
     rows: int | None = None

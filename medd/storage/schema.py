@@ -47,6 +47,13 @@ objects = Table(
     Column("series_description", String(64)),
     Column("instance_number", String(12)),
     Column("institution_name", String(64)),
+    # The request's priority (RequestedProcedurePriority: STAT, HIGH, ROUTINE, MEDIUM, LOW) and Patient's Age.
+    Column("priority", String(16)),
+    Column("patient_age", String(4)),
+    # What central said when it delivered the object to a viewer: the registered centre it came
+    # from and how many images of its study central routes to that viewer (NULL elsewhere).
+    Column("centre", String(64)),
+    Column("study_images", Integer),
     # Values of (0040,1010), backslash-separated as in DICOM.
     Column("intended_recipients", Text),
     # Overlays: the image the presentation state annotates.

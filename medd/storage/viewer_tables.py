@@ -25,6 +25,9 @@ viewer_sessions = Table(
     Column("user", String(64), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # Set when the page locked after [reading_room] idle_lock minutes without input: every request
+    # of the session is refused until its user types the password again.
+    Column("locked_at", DateTime(timezone=True)),
 )
 
 # One row per (image, user) the first time the user opened it; later opens update opened_at.

@@ -42,10 +42,13 @@ class ViewerAccess:
         token = (claim.cookies or {}).get(SESSION_COOKIE.decode())
         if not token:
             return AccessDecision(False, reason="log in to the reading room first")
-        user = await self.reading_room.user_for_session(token)
-        if user is None:
+        state = await self.reading_room.session_state(token)
+        if state is None:
             return AccessDecision(False, reason="the reading-room session has ended; log in again")
-        return AccessDecision(True, who=user, authenticated=True, role="radiologist")
+        if state.locked:
+            return AccessDecision(False, authenticated=True,
+                                  reason="the reading room is locked; type your password on its page to unlock it")
+        return AccessDecision(True, who=state.user, authenticated=True, role="radiologist")
 
     @hookimpl
     def medd_pixel_data_retrieved(self, uid: str, who: str, peer: str | None):

@@ -55,6 +55,7 @@ class ReportView:
 class IReadingRoom(Interface):
     """What the reading room's web UI may ask of the viewer node. Each method is a coroutine."""
 
+    room_settings = Attribute("The :class:`~medd.viewer.settings.ReadingRoomSettings` (complete_after, idle_lock, ...).")
     login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
 
     def record_access(event, **fields):
@@ -62,6 +63,21 @@ class IReadingRoom(Interface):
 
     def worklist(query):
         """The :class:`WorklistPage` for a :class:`WorklistQuery`."""
+
+    def is_complete(row):
+        """True when the :class:`StudyRow` has had no new image for ``complete_after`` seconds and holds every
+        image central said it routes here (a plain method, not a coroutine)."""
+
+    def being_read_by(study_uid, other_than=None):
+        """The users reading the study now, but ``other_than`` (a plain method, not a coroutine)."""
+
+    def open_study(study_uid, user, confirmed=False):
+        """``user`` starts reading the study: the others reading it (a list of str); unless ``confirmed`` the
+        study is claimed only when that list is empty. :class:`UnknownObject` if absent."""
+
+    def next_unread(user):
+        """The UID of the study ``user`` should read next (unread, unreported, not being read; STAT first,
+        then the oldest), or None."""
 
     def modalities():
         """Every modality in the inbox (a list of str), for the worklist's filter."""
@@ -103,7 +119,16 @@ class IReadingRoom(Interface):
         """A new session token for ``user``."""
 
     def user_for_session(token):
-        """The user of a live session, or None."""
+        """The user of a live session that is not locked, or None."""
+
+    def session_state(token):
+        """The :class:`~medd.storage.accounts.SessionState` of a live session (locked or not), or None."""
+
+    def lock_session(token):
+        """Lock the session (idle): it serves nothing until :meth:`unlock_session`."""
+
+    def unlock_session(token, password):
+        """Unlock the session with its user's password; False for a wrong one."""
 
     def end_session(token):
         """End the session, if any."""

@@ -10,7 +10,7 @@ from medd.storage.inbox import Inbox
 from medd.storage.outgoing import OutgoingPackages
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
-from medd.viewer.settings import central_settings
+from medd.viewer.settings import central_settings, reading_room_settings
 
 
 class ViewerServices(MultiService):
@@ -30,7 +30,8 @@ class ViewerServices(MultiService):
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
-                                        self.outgoing, node.config.name, self.settings, clock, audit=node.audit)
+                                        self.outgoing, node.config.name, self.settings, clock, audit=node.audit,
+                                        room_settings=reading_room_settings(node.config, check_files=False))
 
     def stopService(self):
         d = super().stopService()

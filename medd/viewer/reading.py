@@ -20,11 +20,12 @@ from zope.interface import implementer
 from medd.objects import parse_part10
 from medd.package import AttachmentId, build_package
 from medd.plugins.objecttypes import status_content
-from medd.storage.inbox import OpenedMark, StudyDetail, WorklistPage, WorklistQuery
+from medd.storage.inbox import OpenedMark, StudyDetail, StudyRow, WorklistPage, WorklistQuery
 from medd.viewer.annotations import Annotation, AnnotationError
 from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
+from medd.viewer.settings import ReadingRoomSettings
 from medd.viewer.throttling import LoginThrottle
 from medd.viewer.users import check_hash
 
@@ -46,7 +47,8 @@ class ReadingRoom:
 
     log = Logger()
 
-    def __init__(self, inbox, accounts, ingest, outgoing, node_name: str, settings, clock, audit=None):
+    def __init__(self, inbox, accounts, ingest, outgoing, node_name: str, settings, clock, audit=None,
+                 room_settings: ReadingRoomSettings | None = None):
         self.inbox = inbox
         self.accounts = accounts
         self.ingest = ingest
@@ -57,6 +59,11 @@ class ReadingRoom:
         self.login_throttle = LoginThrottle(clock)
         self._shown: set[tuple[str, str]] = set()
         self.audit = audit
+        self.room_settings = room_settings or ReadingRoomSettings()
+        # Who is reading which study: study UID -> {user: when they last opened it or fetched its pixels}.
+        # In memory: a claim lasts minutes, and a restart of the node ends every reading anyway.
+        self._reading: dict[str, dict[str, float]] = {}
+        self._study_of: dict[str, str] = {}  # image UID -> study UID, for the images in _shown
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
@@ -68,6 +75,49 @@ class ReadingRoom:
 
     async def modalities(self) -> list[str]:
         return await self.inbox.modalities()
+
+    def is_complete(self, row: StudyRow) -> bool:
+        """True when the study has had no new image for ``complete_after`` seconds and holds every image
+        central said it routes here (when it said)."""
+        if row.received_at is None or row.images < (row.expected_images or 0):
+            return False
+        return self.clock.seconds() - row.received_at.timestamp() >= self.room_settings.complete_after
+
+    def _touch_reading(self, study_uid: str, user: str) -> None:
+        self._reading.setdefault(study_uid, {})[user] = self.clock.seconds()
+
+    def being_read_by(self, study_uid: str, other_than: str | None = None) -> list[str]:
+        """The users reading the study now (they opened it, or their browser fetched its pixels, within
+        ``being_read_for`` seconds), but ``other_than``."""
+        readers = self._reading.get(study_uid)
+        if not readers:
+            return []
+        since = self.clock.seconds() - self.room_settings.being_read_for
+        for user in [u for u, at in readers.items() if at < since]:
+            del readers[user]
+        if not readers:
+            del self._reading[study_uid]
+        return sorted(u for u in readers if u != other_than)
+
+    async def open_study(self, study_uid: str, user: str, confirmed: bool = False) -> list[str]:
+        """``user`` starts reading the study: the others reading it now; unless ``confirmed``, the study is
+        claimed only when nobody else reads it (the caller asks the user before reading it twice)."""
+        if await self.inbox.first_image_of_study(study_uid) is None:
+            raise UnknownObject(study_uid)
+        others = self.being_read_by(study_uid, other_than=user)
+        if confirmed or not others:
+            self._touch_reading(study_uid, user)
+            self.log.info("{user} opens study {study}{also}", user=user, study=study_uid,
+                          also=f" (also read by {', '.join(others)})" if others else "")
+        return others
+
+    async def next_unread(self, user: str) -> str | None:
+        """The study ``user`` should read next: nobody opened it, it has no report and nobody else is reading it;
+        STAT first, then the one waiting longest."""
+        for study_uid in await self.inbox.unread_studies(limit=200):
+            if not self.being_read_by(study_uid, other_than=user):
+                return study_uid
+        return None
 
     async def study(self, study_uid: str, user: str | None = None) -> StudyDetail:
         found = await self.inbox.study(study_uid, user)
@@ -114,6 +164,9 @@ class ReadingRoom:
         """Record that ``user`` (at ``peer``) was shown image ``uid``; the first time, tell central (status
         ``opened``)."""
         record = await self._record(uid)
+        if record.object_type == "image":
+            self._study_of[uid] = record.study_instance_uid
+            self._touch_reading(record.study_instance_uid, user)
         mark = await self.inbox.mark_opened(uid, user)
         await self.record_access("view", user=user, credential="session", peer=peer,
                                  patient_id=record.patient_id, study_instance_uid=record.study_instance_uid,
@@ -130,9 +183,12 @@ class ReadingRoom:
         once per user and image (a viewer fetches a frame again as the radiologist scrolls back)."""
         key = (user, uid)
         if key in self._shown:
+            if uid in self._study_of:
+                self._touch_reading(self._study_of[uid], user)
             return
         if len(self._shown) >= MAX_SHOWN_REMEMBERED:
             self._shown.clear()
+            self._study_of.clear()
         self._shown.add(key)  # before awaiting: concurrent fetches of one image's frames record it once
         try:
             await self.opened(uid, user, peer)
@@ -229,6 +285,20 @@ class ReadingRoom:
 
     async def user_for_session(self, token: str | None) -> str | None:
         return await self.accounts.user_for_session(token)
+
+    async def session_state(self, token: str | None):
+        return await self.accounts.session_state(token)
+
+    async def lock_session(self, token: str) -> None:
+        await self.accounts.lock_session(token)
+
+    async def unlock_session(self, token: str, password: str) -> bool:
+        """Unlock a locked session with its user's password; False (still locked) for a wrong one."""
+        state = await self.accounts.session_state(token)
+        if state is None or not await self.check_password(state.user, password):
+            return False
+        await self.accounts.lock_session(token, locked=False)
+        return True
 
     async def end_session(self, token: str | None) -> None:
         await self.accounts.end_session(token)

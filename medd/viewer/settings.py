@@ -106,18 +106,45 @@ def _yes_no(config: Config, key: str, problems: list) -> bool:
 @dataclass(frozen=True)
 class ReadingRoomSettings:
     """``[reading_room]``: ``ohif``, the folder of OHIF's prebuilt app (its ``index.html``); None for the
-    one ``make ohif`` installs beside the checkout."""
+    one ``make ohif`` installs beside the checkout. ``complete_after``: seconds without a new image after
+    which the worklist marks a study complete. ``being_read_for``: seconds during which a study opened by
+    one user shows "being read by" to the others. ``idle_lock``: seconds without input after which the
+    page locks (0: never)."""
 
     ohif_dist: Path | None = None
+    complete_after: float = 120.0
+    being_read_for: float = 600.0
+    idle_lock: float = 900.0
+
+
+def _number(config: Config, key: str, default: str, unit: str, *, zero: bool, problems: list) -> float | None:
+    text = (config.section("reading_room").get(key) or default).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(ConfigProblem(config.path, "reading_room", key, f"not a number of {unit}: {text!r}"))
+        return None
+    if value < 0 or (value == 0 and not zero) or value != value or value == float("inf"):
+        floor = "0 or more" if zero else "more than 0"
+        problems.append(ConfigProblem(config.path, "reading_room", key, f"must be {floor} {unit}, not {text!r}"))
+        return None
+    return value
 
 
 def reading_room_settings(config: Config, *, check_files: bool = True) -> ReadingRoomSettings:
-    """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError`."""
+    """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError` naming every problem."""
+    problems: list[ConfigProblem] = []
+    complete_after = _number(config, "complete_after", "120", "seconds", zero=True, problems=problems)
+    being_read = _number(config, "being_read_for", "10", "minutes", zero=False, problems=problems)
+    idle_lock = _number(config, "idle_lock", "15", "minutes", zero=True, problems=problems)
     text = (config.section("reading_room").get("ohif") or "").strip()
-    if not text:
-        return ReadingRoomSettings()
-    dist = (Path(config.path).resolve().parent / text).resolve()
-    if check_files and not (dist / "index.html").is_file():
-        raise ConfigError([ConfigProblem(config.path, "reading_room", "ohif",
-                                         f"{dist} holds no OHIF app (no index.html); run `make ohif`")])
-    return ReadingRoomSettings(ohif_dist=dist)
+    dist = None
+    if text:
+        dist = (Path(config.path).resolve().parent / text).resolve()
+        if check_files and not (dist / "index.html").is_file():
+            problems.append(ConfigProblem(config.path, "reading_room", "ohif",
+                                          f"{dist} holds no OHIF app (no index.html); run `make ohif`"))
+    if problems:
+        raise ConfigError(problems)
+    return ReadingRoomSettings(ohif_dist=dist, complete_after=complete_after, being_read_for=being_read * 60,
+                               idle_lock=idle_lock * 60)

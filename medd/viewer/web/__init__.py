@@ -9,7 +9,8 @@ with the session cookie; pixel data it fetches marks the image opened
 
 The modules, by concern: :mod:`.session` (cookies, CSRF, forms),
 :mod:`.serving` and :mod:`.layout` (answering, the page skeleton),
-:mod:`.pages` (the HTML pages), :mod:`.ohif` (OHIF's app and configuration)
+:mod:`.pages` (login, a study), :mod:`.worklist` (the worklist and its API), :mod:`.locking` (the idle
+lock), :mod:`.ohif` (OHIF's app and configuration)
 and :mod:`.resources` (static files).
 """
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from twisted.web.resource import Resource
 
-from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, StudiesResource, WorklistResource
+from medd.viewer.web.locking import LockAction, UnlockResource
+from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, StudiesResource
+from medd.viewer.web.worklist import WorklistResource, api_resources
 from medd.viewer.web.ohif import load_app, ohif_resources
 from medd.viewer.web.resources import STATIC, StaticFiles
-from medd.viewer.web.serving import Room
+from medd.viewer.web.serving import ApiResource, Room
 from medd.viewer.web.session import CSRF_HEADER, csrf_token
 
 __all__ = ["CSRF_HEADER", "csrf_token", "reading_room_resources"]
@@ -44,4 +47,7 @@ def reading_room_resources(reading_room, api, ohif_dist: Path | None = None) -> 
         b"worklist": WorklistResource(room),
         b"studies": StudiesResource(room),
         b"static": StaticFiles(str(STATIC)),
+        b"api": ApiResource(room, api_resources(room)),
+        b"lock": LockAction(room),
+        b"unlock": UnlockResource(room),
     }

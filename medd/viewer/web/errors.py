@@ -1,4 +1,4 @@
-"""The two ways a reading-room request ends early."""
+"""The ways a reading-room request ends early."""
 from __future__ import annotations
 
 
@@ -13,3 +13,7 @@ class WebError(Exception):
 
 class NotLoggedIn(Exception):
     """No valid session: a page redirects to the login form, the API answers 401."""
+
+
+class SessionLocked(Exception):
+    """The session is locked after the page sat idle: a page asks for the password again, the API answers 423."""

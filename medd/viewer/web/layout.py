@@ -8,7 +8,7 @@ from medd.viewer.web.session import CSRF_FIELD, Session
 from medd.webresource import Response
 
 ERROR_TITLES = {400: "Bad request", 401: "Not logged in", 403: "Refused", 404: "Not found", 413: "Too large",
-                415: "Wrong form", 422: "Cannot show this image", 500: "Viewer error", 502: "Backend error"}
+                415: "Wrong form", 423: "Locked", 422: "Cannot show this image", 500: "Viewer error", 502: "Backend error"}
 
 
 def data(**values) -> dict[str, str]:
@@ -21,7 +21,7 @@ async def html(status: int, tag: Tag) -> Response:
     return Response(status, "text/html; charset=utf-8", b"<!DOCTYPE html>\n" + body)
 
 
-def page(title: str, session: Session | None, *content, body_class: str = "") -> Tag:
+def page(title: str, session: Session | None, *content, body_class: str = "", body_data: dict | None = None) -> Tag:
     nav = []
     if session is not None:
         nav = tags.nav(
@@ -40,12 +40,18 @@ def page(title: str, session: Session | None, *content, body_class: str = "") ->
         tags.link(rel="icon", href="data:,"),  # no favicon request, no 404 in the log
         tags.link(rel="stylesheet", href="/static/reading-room.css"),
     )
+    body_data = dict(body_data or {})
+    if session is not None:
+        # The idle lock (/static/idle-lock.js) and the page's API calls read these.
+        body_data.update(data(csrf=session.csrf, idle_lock=f"{session.idle_lock:g}", user=session.user))
+        head(tags.script(src="/static/idle-lock.js", defer="defer"))
     return tags.html(
         head,
         tags.body(
             tags.header(tags.a("medd reading room", href="/worklist" if session else "/", class_="brand"), nav),
             Tag("main")(*content),
             class_=body_class,
+            **body_data,
         ),
         lang="en",
     )

@@ -1,6 +1,6 @@
-"""The reading room's HTML pages: login and logout, the worklist, and a
-study with its series and reports (and the report form). The images are
-shown by OHIF (:mod:`.ohif`); each study links to it.
+"""The reading room's HTML pages: login and logout, and a study with its
+series and reports (and the report form). The worklist is :mod:`.worklist`;
+the images are shown by OHIF (:mod:`.ohif`); each study links to it.
 
 Every GET here only reads.
 """
@@ -11,12 +11,12 @@ import math
 import re
 import secrets
 import unicodedata
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from twisted.logger import Logger
 from twisted.web.template import Tag, tags
 
-from medd.viewer.contract import ReportView, SeriesView, StudyRow, UnknownObject, WorklistPage, WorklistQuery
+from medd.viewer.contract import ReportView, SeriesView, UnknownObject
 from medd.viewer.reports import ReportError
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import data, html, page
@@ -30,7 +30,6 @@ log = Logger()
 
 MAX_REPORT = 64 * 1024
 THUMBNAIL = 160
-PAGE_SIZE = 100
 
 
 # --- display ---------------------------------------------------------------------------------------
@@ -227,138 +226,6 @@ class LogoutAction(RoomResource):
                                                    peer=client_ip(request))
         set_cookie(request, SESSION_COOKIE, "", max_age=0)
         return redirect("/")
-
-
-# --- the worklist -----------------------------------------------------------------------------------
-
-FILTERS = ("patient", "modality", "date_from", "date_to", "status")
-
-
-def worklist_filters(request) -> dict[str, str]:
-    """The filters in the worklist's query string, as the form shows them."""
-    filters = {}
-    for key in FILTERS:
-        value = (request.args.get(key.encode()) or [b""])[0].decode("utf-8", "replace").strip()
-        if value:
-            filters[key] = value
-    return filters
-
-
-def worklist_query(filters: dict[str, str], user: str, offset: int) -> WorklistQuery:
-    """The :class:`WorklistQuery` of the form's filters, or a 400 naming the filter that is wrong."""
-    dates = {}
-    for key in ("date_from", "date_to"):
-        value = filters.get(key, "")
-        if value and len(_digits(value)) != 8:
-            raise WebError(400, f"{key.replace('_', ' ')} must be a date (YYYY-MM-DD), not {value!r}")
-        dates[key] = _digits(value)
-    status = filters.get("status", "")
-    if status not in ("", "read", "unread"):
-        raise WebError(400, f"status is read or unread, not {status!r}")
-    return WorklistQuery(user=user, patient=filters.get("patient", ""), modality=filters.get("modality", "").upper(),
-                         status=status, limit=PAGE_SIZE, offset=offset, **dates)
-
-
-MAX_OFFSET = 2**31 - 1
-
-
-def _offset(request) -> int:
-    raw = (request.args.get(b"offset") or [b"0"])[0].decode("ascii", "replace").strip() or "0"
-    # str.isdigit() would pass "²", which int() refuses; and SQL refuses an offset past 2^63.
-    if not re.fullmatch(r"[0-9]{1,10}", raw) or int(raw) > MAX_OFFSET:
-        raise WebError(400, f"offset is a number of studies up to {MAX_OFFSET}, not {raw[:40]!r}")
-    return int(raw)
-
-
-class WorklistResource(RoomResource):
-    """``/worklist``: the studies in this viewer, filterable by patient, modality, study date and read status,
-    a page at a time."""
-
-    isLeaf = True
-
-    def render_GET(self, request):
-        return serve(request, self._get)
-
-    async def _get(self, request) -> Response:
-        session = await self.room.session(request)
-        filters = worklist_filters(request)
-        found = await self.room.reading_room.worklist(worklist_query(filters, session.user, _offset(request)))
-        modalities = set(await self.room.reading_room.modalities())
-        if "modality" in filters:
-            modalities.add(filters["modality"].upper())
-        return await html(200, page("Worklist", session, self._filter_form(filters, sorted(modalities)),
-                                    self._table(found, filters), self._pages(found, filters)))
-
-    @staticmethod
-    def _filter_form(filters: dict, modalities: list[str]) -> Tag:
-        def option(value, label, current):
-            o = tags.option(label, value=value)
-            if value == current:
-                o(selected="selected")
-            return o
-
-        modality = tags.select(option("", "any", filters.get("modality", "").upper()), name="modality", id="f-modality")
-        for m in modalities:
-            modality(option(m, m, filters.get("modality", "").upper()))
-        status = tags.select(*[option(v, label, filters.get("status", "")) for v, label in
-                               (("", "all"), ("unread", "unread"), ("read", "read"))], name="status", id="f-status")
-        return tags.form(
-            tags.label("Patient", tags.input(name="patient", id="f-patient", value=filters.get("patient", ""),
-                                             placeholder="name or ID", type="search")),
-            tags.label("Modality", modality),
-            tags.label("From", tags.input(name="date_from", id="f-date-from", type="date",
-                                          value=display_date(filters.get("date_from", "")))),
-            tags.label("To", tags.input(name="date_to", id="f-date-to", type="date",
-                                        value=display_date(filters.get("date_to", "")))),
-            tags.label("Status", status),
-            tags.button("Filter", type="submit"),
-            tags.a("Clear", href="/worklist", class_="button secondary"),
-            method="get", action="/worklist", class_="filters",
-        )
-
-    @staticmethod
-    def _row(s: StudyRow) -> Tag:
-        link = f"/studies/{quote(s.study_uid)}"
-        return tags.tr(
-            tags.td(tags.span("unread" if s.unread else "read", class_="badge unread" if s.unread else "badge read")),
-            tags.td(tags.a(patient_name(s.patient_name) or "(no name)", href=link)),
-            tags.td(_text(s.patient_id)),
-            tags.td(display_date(s.study_date)),
-            tags.td(_text(s.study_description)),
-            tags.td(", ".join(s.modalities)),
-            tags.td(s.centre),
-            tags.td(str(s.images), class_="num"),
-            tags.td("✓ reported" if s.has_report else "—", class_="has-report" if s.has_report else "no-report"),
-            tags.td(tags.a("Images", href=viewer_url(s.study_uid), class_="open-images button"),
-                    " ", tags.a("Report", href=link, class_="open-report button secondary")),
-            class_="study unread" if s.unread else "study", **data(study_uid=s.study_uid),
-        )
-
-    def _table(self, found: WorklistPage, filters: dict) -> Tag:
-        if not found.studies:
-            text = "No studies match these filters." if filters else "No studies have arrived in this viewer yet."
-            return tags.p(text, class_="empty", id="worklist-empty")
-        header = tags.tr(*[tags.th(h) for h in ("", "Patient", "Patient ID", "Study date", "Description", "Modality",
-                                                "Centre", "Images", "Report", "Open")])
-        return tags.table(tags.thead(header), tags.tbody(*[self._row(s) for s in found.studies]),
-                          class_="worklist", id="worklist")
-
-    @staticmethod
-    def _pages(found: WorklistPage, filters: dict) -> Tag | str:
-        offset, limit = found.query.offset, found.query.limit
-        if not found.studies or (offset == 0 and not found.has_next):
-            return ""
-
-        def link(label, to, rel):
-            return tags.a(label, href="/worklist?" + urlencode({**filters, "offset": str(to)}), rel=rel,
-                          class_="button secondary", id=f"page-{rel}")
-
-        return tags.nav(
-            link("← Newer", max(offset - limit, 0), "prev") if offset else "",
-            tags.span(f"{found.first}–{found.last} of {found.total}", class_="page-position"),
-            link("Older →", offset + limit, "next") if found.has_next else "",
-            class_="pages",
-        )
 
 
 # --- a study -----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from medd.viewer.web.errors import NotLoggedIn, WebError
+from medd.viewer.web.errors import NotLoggedIn, SessionLocked, WebError
 from medd.viewer.web.layout import error_page
 from medd.viewer.web.session import Session, session_of
 from medd.webresource import PROBLEM_JSON, Problem, Response, write_response
@@ -59,6 +59,13 @@ def serve(request, handler, *, api: bool = False):
     async def run():
         try:
             response = await handler(request)
+        except SessionLocked:
+            if api:
+                response = api_problem(423, "the reading room is locked; type your password to unlock it")
+            elif request.method in (b"GET", b"HEAD"):
+                response = redirect("/unlock?" + urlencode({"next": request.uri.decode("latin-1")}))
+            else:
+                response = await error_page(423, "the reading room is locked; unlock it and try again", None)
         except NotLoggedIn:
             if api:
                 response = api_problem(401, "your session has ended; log in again")
@@ -152,3 +159,25 @@ class ErrorResource(Resource):
             raise WebError(self.status, self.message)
 
         return serve(request, fail)
+
+
+class ApiResource(RoomResource):
+    """``/api/...``: the JSON calls of the reading room's own pages; an unknown one is a 404 problem."""
+
+    def __init__(self, room: Room, children: dict[bytes, Resource]):
+        super().__init__(room)
+        for name, child in children.items():
+            self.putChild(name, child)
+
+    def getChild(self, path, request):
+        return ApiNotFound()
+
+
+class ApiNotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        async def fail(request):
+            raise WebError(404, "there is no such call in the reading room's API")
+
+        return serve(request, fail, api=True)

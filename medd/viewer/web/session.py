@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from urllib.parse import parse_qs, urlsplit
 
-from medd.viewer.web.errors import NotLoggedIn, WebError
+from medd.viewer.web.errors import NotLoggedIn, SessionLocked, WebError
 from medd.webresource import read_body
 
 SESSION_COOKIE = b"medd_session"
@@ -48,23 +48,28 @@ def check_origin(request) -> None:
 
 
 class Session:
-    """A logged-in user's session: its token (the cookie), the user, the CSRF token."""
+    """A logged-in user's session: its token (the cookie), the user, the CSRF token, and the seconds
+    without input after which its page locks (0: never)."""
 
-    def __init__(self, token: str, user: str):
+    def __init__(self, token: str, user: str, idle_lock: float = 0):
         self.token = token
         self.user = user
         self.csrf = csrf_token(token)
+        self.idle_lock = idle_lock
 
 
-async def session_of(reading_room, request) -> Session:
-    """The request's live session, or :class:`NotLoggedIn`."""
+async def session_of(reading_room, request, *, locked_too: bool = False) -> Session:
+    """The request's live session; :class:`NotLoggedIn` without one, :class:`SessionLocked` for a locked one
+    (unless ``locked_too``: the unlocking itself)."""
     token = get_cookie(request, SESSION_COOKIE)
     if not token:
         raise NotLoggedIn()
-    user = await reading_room.user_for_session(token)
-    if not user:
+    state = await reading_room.session_state(token)
+    if state is None:
         raise NotLoggedIn()
-    return Session(token, user)
+    if state.locked and not locked_too:
+        raise SessionLocked()
+    return Session(token, state.user, reading_room.room_settings.idle_lock)
 
 
 def check_csrf(request, session: Session, form: dict[str, str] | None) -> None:
