@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime
 
 from medd.storage.routing import QuarantineEntry
-from medd.storage.tracking import ObjectHistory
+from medd.storage.tracking import ObjectHistory, StudyState
 
 
 def _iso(value):
@@ -39,6 +39,40 @@ def history_json(history: ObjectHistory) -> dict:
         "overlays": [{k: _iso(getattr(a, k)) for k in ("uid", "origin", "received_at")} for a in history.overlays],
         "reports": [_plain(a) for a in history.reports],
     }
+
+
+def study_json(study: StudyState) -> dict:
+    """A study's state (:class:`~medd.storage.tracking.StudyState`) as JSON-ready data."""
+    return {
+        "study_uid": study.study_uid, "state": study.state, "centre": study.centre, "patient_id": study.patient_id,
+        "modalities": list(study.modalities), "images": study.images,
+        "first_received_at": _iso(study.first_received_at), "last_received_at": _iso(study.last_received_at),
+        "quarantined": study.quarantined,
+        "destinations": [
+            {"destination": d.destination, "images": d.images, "pending": d.pending, "delivered": d.delivered,
+             "opened": d.opened, "opened_by": [{"user": u, "images": n} for u, n in d.opened_by]}
+            for d in study.destinations
+        ],
+        "reports": [_plain(a) for a in study.reports],
+        "overlays": study.overlays,
+    }
+
+
+def study_lines(study: StudyState) -> list[str]:
+    """A study's state for ``medd track`` (one line per destination)."""
+    lines = [f"study {study.study_uid}: {study.state}  centre {study.centre or 'unknown'}  "
+             f"{'/'.join(study.modalities) or '-'}  patient {study.patient_id or '-'}",
+             f"  received {study.images} image(s), {study.first_received_at.isoformat()} to "
+             f"{study.last_received_at.isoformat()}" + (f"; {study.quarantined} quarantined" if study.quarantined else "")]
+    for d in study.destinations:
+        who = ", ".join(f"{u} ({n})" for u, n in d.opened_by) or "nobody"
+        lines.append(f"  -> {d.destination}: {d.delivered}/{d.images} delivered, {d.pending} pending, "
+                     f"{d.opened} opened; opened by {who}")
+    for r in study.reports:
+        lines.append(f"  reported: {r.uid} from {r.origin} at {r.received_at.isoformat()}")
+    if study.overlays:
+        lines.append(f"  {study.overlays} overlay(s)")
+    return lines
 
 
 def quarantine_json(entry: QuarantineEntry) -> dict:

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from twisted.web.resource import Resource
 
 from medd.central import outbox, routing
-from medd.central.tracking import history_json, quarantine_json
+from medd.central.tracking import history_json, quarantine_json, study_json
 from medd.storage.directory import DirectoryError, OutboxOwner
 from medd.storage.routing import CorrectionError
 from medd.central.routing import RoutingService
@@ -194,12 +194,13 @@ class OutboxAck(OutboxItem):
 
 
 class ApiResource(_Authenticated):
-    """/api/objects/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes,
+    """/api/objects/{uid}, /api/studies/{uid}, /api/quarantine[/{id}/route|reject], /api/viewers, /api/centres, /api/routes,
     /api/conflicts."""
 
     def __init__(self, central: CentralWeb):
         super().__init__(central)
         self.putChild(b"objects", ObjectsResource(central))
+        self.putChild(b"studies", StudiesResource(central))
         self.putChild(b"quarantine", QuarantineResource(central))
         self.putChild(b"viewers", ViewersResource(central))
         self.putChild(b"centres", CentresResource(central))
@@ -231,6 +232,34 @@ class ObjectResource(_Authenticated):
         if history is None:
             raise Problem(404, f"no object {self.uid}")
         return json_response(200, history_json(history))
+
+
+class StudiesResource(_Authenticated):
+    def getChild(self, path, request):
+        return StudyResource(self.central, path.decode("ascii", "replace"))
+
+
+class StudyResource(_Authenticated):
+    """/api/studies/{uid}: the study's state: images received, delivered and opened per viewer (and by whom),
+    reports."""
+
+    isLeaf = True
+
+    def __init__(self, central, uid: str):
+        super().__init__(central)
+        self.uid = uid
+
+    def render_GET(self, request):
+        return render_async(request, self._get)
+
+    async def _get(self, request) -> Response:
+        admin = await self.admin(request)
+        study = await self.storage.tracking.study_state(self.uid)
+        await self.record(request, "query", user=admin, credential=admin, study_instance_uid=self.uid[:64],
+                          detail=f"GET /api/studies: {'found' if study else 'not found'}")
+        if study is None:
+            raise Problem(404, f"no study {self.uid}")
+        return json_response(200, study_json(study))
 
 
 class ConflictsResource(_Authenticated):

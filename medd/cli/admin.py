@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from medd.central import routing
 from medd.central.storage import CentralStorage
-from medd.central.tracking import history_json, quarantine_json
+from medd.central.tracking import history_json, quarantine_json, study_lines
 from medd.cli.audit import cli_audit_trail, record_credential_change
 from medd.config import load_config
 from medd.storage.database import WallClock, open_database, resolved
@@ -248,6 +248,10 @@ def track(args):
     if args.json:
         print(json.dumps([history_json(h) for h in histories], indent=2))
         return
+    study = _run(args, lambda s: s.tracking.study_state(args.uid))
+    if study is not None:
+        # A study UID: its state summed over its images first, then each image's history.
+        print("\n".join(study_lines(study)))
     for h in histories:
         o = h.object
         print(f"{o.object_type} {o.sop_instance_uid}  study {o.study_instance_uid}  {o.modality or ''} "

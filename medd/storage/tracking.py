@@ -1,13 +1,14 @@
 """Tracking: everything central knows about an object, read back in one
 transaction: how it arrived, the routing decision, quarantine and corrections,
 each delivery with its history, status messages from viewers, and the
-overlays and reports attached to it."""
+overlays and reports attached to it; and a study's state summed over its
+images (:func:`study_state`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector, aware
@@ -155,6 +156,88 @@ def object_history(conn: Connection, uid: str) -> ObjectHistory | None:
     )
 
 
+@dataclass(frozen=True)
+class StudyDestination:
+    """A study's images at one destination (a viewer): how many are queued for it, delivered, opened, and by whom."""
+
+    destination: str
+    images: int
+    pending: int  # queued, sent or failed (retrying)
+    delivered: int  # delivered or opened
+    opened: int
+    opened_by: tuple[tuple[str, int], ...]  # (user, images they opened), by user
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """What central knows of a study, image counts rather than one history per image."""
+
+    study_uid: str
+    centre: str | None
+    patient_id: str | None
+    modalities: tuple[str, ...]
+    images: int
+    first_received_at: datetime
+    last_received_at: datetime
+    quarantined: int
+    destinations: tuple[StudyDestination, ...]
+    reports: tuple[Attached, ...]
+    overlays: int
+
+    @property
+    def state(self) -> str:
+        """The furthest the whole study got: received, delivered, opened or reported."""
+        if self.reports:
+            return "reported"
+        if any(d.opened for d in self.destinations):
+            return "opened"
+        if self.destinations and all(d.delivered == d.images for d in self.destinations):
+            return "delivered"
+        return "received"
+
+
+def study_state(conn: Connection, study_uid: str) -> StudyState | None:
+    """The study's state, or None when central holds no image of it."""
+    c = objects.c
+    head = conn.execute(
+        select(func.count(), func.min(c.received_at), func.max(c.received_at), func.min(c.patient_id))
+        .where(and_(c.study_instance_uid == study_uid, c.object_type == "image"))).one()
+    if not head[0]:
+        return None
+    image_uids = select(c.sop_instance_uid).where(and_(c.study_instance_uid == study_uid, c.object_type == "image"))
+    modalities = tuple(sorted(m for m in conn.execute(
+        select(c.modality).distinct().where(c.sop_instance_uid.in_(image_uids))).scalars() if m))
+    centre = conn.execute(select(func.min(routing_decisions.c.centre)).where(
+        routing_decisions.c.uid.in_(image_uids))).scalar()
+    d = deliveries.c
+    per_destination = conn.execute(
+        select(d.destination, func.count(),
+               func.count(case((d.state.in_(("queued", "sent", "failed")), 1))),
+               func.count(case((d.state.in_(("delivered", "opened")), 1))),
+               func.count(case((d.state == "opened", 1))))
+        .where(and_(d.uid.in_(image_uids), d.status.is_(None)))
+        .group_by(d.destination).order_by(d.destination)).all()
+    e = status_events.c
+    opened: dict[str, list[tuple[str, int]]] = {}
+    for origin, user, count in conn.execute(
+            select(e.origin, e.user, func.count(func.distinct(e.uid)))
+            .where(and_(e.event == "opened", e.uid.in_(image_uids)))
+            .group_by(e.origin, e.user).order_by(e.origin, e.user)):
+        opened.setdefault(origin.lower(), []).append((user or "?", count))
+    destinations = tuple(
+        StudyDestination(dest, images, pending, delivered, opened_n, tuple(opened.get(dest.lower(), ())))
+        for dest, images, pending, delivered, opened_n in per_destination)
+    quarantined = conn.execute(select(func.count(func.distinct(quarantine.c.uid))).where(and_(
+        quarantine.c.uid.in_(image_uids), quarantine.c.state == "held"))).scalar_one()
+    reports = tuple(_attached(r) for r in conn.execute(
+        select(objects).where(and_(c.object_type == "report", c.study_instance_uid == study_uid)).order_by(c.id)))
+    overlays = conn.execute(select(func.count()).where(and_(
+        c.object_type == "overlay", c.referenced_image_uid.in_(image_uids)))).scalar_one()
+    return StudyState(study_uid=study_uid, centre=centre, patient_id=head[3], modalities=modalities, images=head[0],
+                      first_received_at=aware(head[1]), last_received_at=aware(head[2]), quarantined=quarantined,
+                      destinations=destinations, reports=reports, overlays=overlays)
+
+
 def track(conn: Connection, key: str) -> list[ObjectHistory]:
     """Histories for an object UID, a study UID, or a Message-ID."""
     direct = object_history(conn, key)
@@ -174,6 +257,10 @@ class Tracking(Connector):
     def object_history(self, uid: str):
         """Deferred :class:`ObjectHistory` of one object, or None."""
         return self.db.run(lambda conn: object_history(conn, uid))
+
+    def study_state(self, study_uid: str):
+        """Deferred :class:`StudyState` of a study, or None."""
+        return self.db.run(lambda conn: study_state(conn, study_uid))
 
     def track(self, key: str):
         """Deferred list of :class:`ObjectHistory` for an object UID, a study UID or a Message-ID."""
