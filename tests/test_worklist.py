@@ -424,3 +424,27 @@ async def test_central_names_the_centre_and_tracks_the_study(make_central):
     assert missing.status_code == 404
     text = "\n".join(study_lines(await central.central_storage.tracking.study_state(study_uid)))
     assert "reported" in text and "3/3 delivered" in text and "opened by dr-lee (1)" in text
+
+
+def test_reading_room_settings_are_checked(tmp_path):
+    """[reading_room] complete_after, being_read_for and idle_lock are numbers (idle_lock 0 turns the lock off,
+    being_read_for must be more than 0); each wrong one is named with its file and key; minutes become seconds."""
+    from medd.config import ConfigError, load_config
+    from medd.plugins.host import load_plugins as plugins
+    from medd.service import check_against_plugins
+    from medd.viewer.settings import reading_room_settings
+    from tests.conftest import write_config
+    from tests.test_viewer import VIEWER
+
+    central = "[central]\nurl = http://central.example\ntoken = t\npoll_interval = 5\nallow_http = yes\n"
+    ini = write_config(tmp_path, role="viewer", name=VIEWER, extra=central + "[reading_room]\ncomplete_after = soon\n"
+                       "being_read_for = 0\nidle_lock = -1\n")
+    with pytest.raises(ConfigError) as e:
+        check_against_plugins(load_config(ini), plugins())
+    assert {(p.section, p.key) for p in e.value.problems} == {
+        ("reading_room", "complete_after"), ("reading_room", "being_read_for"), ("reading_room", "idle_lock")}
+    assert all(p.file == str(ini) for p in e.value.problems)
+    good = write_config(tmp_path, role="viewer", name=VIEWER, extra=central + "[reading_room]\ncomplete_after = 30\n"
+                        "being_read_for = 5\nidle_lock = 0\n")
+    settings = reading_room_settings(load_config(good))
+    assert (settings.complete_after, settings.being_read_for, settings.idle_lock) == (30, 300, 0)
