@@ -49,6 +49,10 @@ from tests.test_reading_room import (CENTRAL_ORIGIN, CHROMIUM, CHROMIUM_ARGS, VI
 COMPLETE_AFTER = 60.0
 
 
+AGES = {"ALPHA": ("038Y", "F"), "BRAVO": ("045Y", "M"), "CHARLIE": ("071Y", "F"), "DELTA": ("062Y", "M"),
+        "ECHO": ("029Y", "F")}
+
+
 def _study_image(study: int, n: int, *, patient: str, priority: str = "", age: str = "") -> bytes:
     """CT_small.dcm as image ``n`` of study ``1.2.826.0.9.{study}``."""
     ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
@@ -62,8 +66,10 @@ def _study_image(study: int, n: int, *, patient: str, priority: str = "", age: s
         item = Dataset()
         item.RequestedProcedurePriority = priority
         ds.RequestAttributesSequence = [item]
+    ds.PatientAge, ds.PatientSex = AGES[patient.split("^")[0]]
     if age:
         ds.PatientAge = age
+    ds.StudyDescription = "CT HEAD"
     out = BytesIO()
     ds.save_as(out)
     return out.getvalue()
@@ -274,7 +280,7 @@ async def test_worklist_sorts_refreshes_and_marks_complete_in_chromium(clocked_r
         stat = _row(page, STAT)
         assert "STAT" in stat.text_content() and "centre-a" in stat.text_content()
         assert "2 / 2" in stat.text_content() and stat.get_attribute("data-complete") == "yes"
-        assert "45 y" in _row(page, ROUTINE).text_content() and "ACC1" in _row(page, ROUTINE).text_content()
+        assert "45 y M" in _row(page, ROUTINE).text_content() and "ACC1" in _row(page, ROUTINE).text_content()
         page.focus("#sort-patient")
         page.keyboard.press("Enter")
         page.wait_for_url("**/worklist?sort=patient&order=asc")
@@ -301,6 +307,8 @@ async def test_worklist_sorts_refreshes_and_marks_complete_in_chromium(clocked_r
         page.wait_for_selector(f'tr[data-study-uid="{new_study}"][data-complete="yes"]')
         assert "complete" in _row(page, new_study).text_content()
         assert page.evaluate("window.notReloaded") is True
+        blockingCallFromThread(reactor, lambda: ensureDeferred(clocked_room.room.open_study(ROUTINE, "bob")))
+        _row(page, ROUTINE).locator(".being-read").wait_for()
         if shots:
             page.screenshot(path=os.path.join(shots, "worklist.png"))
 
