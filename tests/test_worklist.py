@@ -66,7 +66,7 @@ def _study_image(study: int, n: int, *, patient: str, priority: str = "", age: s
         item = Dataset()
         item.RequestedProcedurePriority = priority
         ds.RequestAttributesSequence = [item]
-    ds.PatientAge, ds.PatientSex = AGES[patient.split("^")[0]]
+    ds.PatientAge, ds.PatientSex = AGES.get(patient.split("^")[0], ("050Y", "O"))
     if age:
         ds.PatientAge = age
     ds.StudyDescription = "CT HEAD"
