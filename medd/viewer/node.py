@@ -8,9 +8,11 @@ from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
 from medd.storage.outgoing import OutgoingPackages
+from medd.storage.reporting import Reporting
+from medd.viewer.access import keep_report_sources
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
-from medd.viewer.settings import central_settings
+from medd.viewer.settings import central_settings, reading_room_settings
 
 
 class ViewerServices(MultiService):
@@ -29,8 +31,11 @@ class ViewerServices(MultiService):
         self.requestor = Requestor(self.client, node.ingest, self.settings, clock)
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
+        reporting = Reporting(node.database, clock)
+        node.ingest.package_with = keep_report_sources(reporting.keeper())
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
-                                        self.outgoing, node.config.name, self.settings, clock, audit=node.audit)
+                                        self.outgoing, node.config.name, self.settings, clock, audit=node.audit,
+                                        reporting=reporting, templates=reading_room_settings(node.config).templates)
 
     def stopService(self):
         d = super().stopService()

@@ -1,12 +1,13 @@
 """The viewer's ``[central]`` section (where central is and how to reach it)
-and its ``[reading_room]`` section (where OHIF's prebuilt app is).
+and its ``[reading_room]`` section (where OHIF's prebuilt app and the report
+templates are).
 
 Validated whole at start-up like the rest of the config; every problem names
 the file, section and key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -103,21 +104,36 @@ def _yes_no(config: Config, key: str, problems: list) -> bool:
     return text in ("yes", "true", "1", "on")
 
 
+def default_templates() -> Path:
+    """The report templates shipped with medd: ``etc/templates`` of the checkout."""
+    return Path(__file__).resolve().parents[2] / "etc" / "templates"
+
+
 @dataclass(frozen=True)
 class ReadingRoomSettings:
     """``[reading_room]``: ``ohif``, the folder of OHIF's prebuilt app (its ``index.html``); None for the
-    one ``make ohif`` installs beside the checkout."""
+    one ``make ohif`` installs beside the checkout. ``templates``, the folder of per-modality report
+    templates (:mod:`medd.viewer.templates`)."""
 
     ohif_dist: Path | None = None
+    templates: Path = field(default_factory=default_templates)
 
 
 def reading_room_settings(config: Config, *, check_files: bool = True) -> ReadingRoomSettings:
     """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError`."""
-    text = (config.section("reading_room").get("ohif") or "").strip()
-    if not text:
-        return ReadingRoomSettings()
-    dist = (Path(config.path).resolve().parent / text).resolve()
-    if check_files and not (dist / "index.html").is_file():
-        raise ConfigError([ConfigProblem(config.path, "reading_room", "ohif",
-                                         f"{dist} holds no OHIF app (no index.html); run `make ohif`")])
-    return ReadingRoomSettings(ohif_dist=dist)
+    section, folder = config.section("reading_room"), Path(config.path).resolve().parent
+    problems, dist, templates = [], None, default_templates()
+    text = (section.get("ohif") or "").strip()
+    if text:
+        dist = (folder / text).resolve()
+        if check_files and not (dist / "index.html").is_file():
+            problems.append(ConfigProblem(config.path, "reading_room", "ohif",
+                                          f"{dist} holds no OHIF app (no index.html); run `make ohif`"))
+    text = (section.get("templates") or "").strip()
+    if text:
+        templates = (folder / text).resolve()
+        if check_files and not templates.is_dir():
+            problems.append(ConfigProblem(config.path, "reading_room", "templates", f"no such folder: {templates}"))
+    if problems:
+        raise ConfigError(problems)
+    return ReadingRoomSettings(ohif_dist=dist, templates=templates)

@@ -2,14 +2,15 @@
 
 Server-rendered pages (twisted.web.template, so every value is escaped) over
 the viewer's :class:`~medd.viewer.contract.IReadingRoom`: login, the
-worklist, a study with its series and report. The images are shown by OHIF
+worklist, and a study's reading screen: the patient banner, its images
+and its report panel side by side (:mod:`.reading_screen`). The images are shown by OHIF
 Viewer 3 (:mod:`.ohif`), which reads them from the node's own DICOMweb
 with the session cookie; pixel data it fetches marks the image opened
 (:mod:`medd.viewer.access`).
 
 The modules, by concern: :mod:`.session` (cookies, CSRF, forms),
 :mod:`.serving` and :mod:`.layout` (answering, the page skeleton),
-:mod:`.pages` (the HTML pages), :mod:`.ohif` (OHIF's app and configuration)
+:mod:`.pages` (login and worklist), :mod:`.reading_screen`, :mod:`.ohif` (OHIF's app and configuration)
 and :mod:`.resources` (static files).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from twisted.web.resource import Resource
 
-from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, StudiesResource, WorklistResource
+from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, WorklistResource
+from medd.viewer.web.reading_screen import StudiesResource
 from medd.viewer.web.ohif import load_app, ohif_resources
 from medd.viewer.web.resources import STATIC, StaticFiles
 from medd.viewer.web.serving import Room
