@@ -29,6 +29,8 @@ from medd.viewer.reports import build_text_report
 from medd.viewer.templates import template_for
 from medd.viewer.users import add_user
 from tests.conftest import listener_port, testdata
+from medd.viewer.web import csrf_token
+from tests import test_reading_room
 from tests.test_ohif import _ohif_or_skip
 from tests.test_reading_room import _browser_login, _browser_or_skip, _drive, _login
 
@@ -291,3 +293,47 @@ async def test_report_beside_the_images_in_chromium(make_central):
     assert (first.PreliminaryFlag, first.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
     assert await room.reporting.draft(study_uid, "dr-lee") is None  # signed: no draft left behind
 
+
+
+# --- the panel's endpoints, over a real reading room on loopback ----------------------------------------------
+
+room_site = test_reading_room.room_site  # the fixture: a real reading room with two studies and the user alice
+
+
+@pytest_twisted.ensureDeferred
+async def test_drafts_are_per_user_and_study_and_signing_follows_the_report_workflow(room_site):
+    """A draft is saved only with the session's CSRF token and only for a study of the inbox (401 problem JSON
+    without a session), is the user's own, and is what the panel starts from; an addendum cannot be signed
+    before the final report, nor a second final after it (409, nothing stored)."""
+    base, room = room_site.base, room_site.room
+    study = "1.2.826.0.1.1"
+    await add_user(room.accounts, "bob", "hunter2")
+
+    def check():
+        alice, bob = _login(base), _login(base, "bob", "hunter2")
+        token = csrf_token(alice.cookies["medd_session"])
+        draft = f"{base}/studies/{study}/draft"
+        assert requests.post(draft, data={"text": "x"}).status_code == 401
+        assert alice.post(draft, data={"text": "x"}).status_code == 403
+        assert alice.post(f"{base}/studies/1.2.3.4/draft", data={"text": "x", "csrf": token}).status_code == 404
+        saved = alice.post(draft, data={"text": "Alice's findings", "csrf": token})
+        assert saved.status_code == 200 and saved.json()["saved_at"]
+        assert ">Alice's findings</textarea>" in alice.get(f"{base}/studies/{study}").text
+        assert "Alice" not in bob.get(f"{base}/studies/{study}").text
+        sign = f"{base}/studies/{study}/report"
+        early = alice.post(sign, data={"text": "too early", "kind": "addendum", "csrf": token}, allow_redirects=False)
+        assert early.status_code == 409 and "not final yet" in early.text
+        assert alice.post(sign, data={"text": "Final.", "kind": "final", "csrf": token},
+                          allow_redirects=False).status_code == 303
+        again = alice.post(sign, data={"text": "Final again.", "kind": "final", "csrf": token}, allow_redirects=False)
+        assert again.status_code == 409 and "add an addendum" in again.text
+        assert alice.post(sign, data={"text": "x", "kind": "signed", "csrf": token}).status_code == 400
+
+    await deferToThread(check)
+    (final,) = await room.reports(study)
+    assert (final.kind, final.signed_by, final.text) == ("final", "alice", "Final.")
+    assert await room.reporting.draft(study, "alice") is None
+    desk = await room.report_desk(study, "alice")
+    assert desk.next_kinds == ("addendum",) and desk.text == "" and desk.template is None
+    fresh = await room.report_desk("1.2.826.0.1.2", "alice")  # MR and US: the MR template, first of them
+    assert fresh.template == "MR.txt" and fresh.text.startswith("MR EXAMINATION")
