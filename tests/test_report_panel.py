@@ -13,6 +13,7 @@ from functools import partial
 from io import BytesIO
 
 import pydicom
+import pytest
 import pytest_twisted
 import requests
 from twisted.internet import reactor
@@ -328,6 +329,9 @@ async def test_drafts_are_per_user_and_study_and_signing_follows_the_report_work
         again = alice.post(sign, data={"text": "Final again.", "kind": "final", "csrf": token}, allow_redirects=False)
         assert again.status_code == 409 and "add an addendum" in again.text
         assert alice.post(sign, data={"text": "x", "kind": "signed", "csrf": token}).status_code == 400
+        # A save from a panel that showed no report yet (still on its way as the final was signed) is refused.
+        stale = alice.post(draft, data={"text": "Final.", "reports": "0", "csrf": token})
+        assert stale.status_code == 409 and "changed" in stale.json()["detail"]
 
     await deferToThread(check)
     (final,) = await room.reports(study)
@@ -337,3 +341,53 @@ async def test_drafts_are_per_user_and_study_and_signing_follows_the_report_work
     assert desk.next_kinds == ("addendum",) and desk.text == "" and desk.template is None
     fresh = await room.report_desk("1.2.826.0.1.2", "alice")  # MR and US: the MR template, first of them
     assert fresh.template == "MR.txt" and fresh.text.startswith("MR EXAMINATION")
+
+
+def test_upgrade_vouches_for_the_viewers_own_earlier_reports(db_url, tmp_path):
+    """Migrating to 0012 keeps who made the reports a viewer already holds: those its own reading room made
+    (transport local, in its own name) are vouched for by it; one that came from central is vouched for by no
+    one (central never said)."""
+    import shutil
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+
+    from medd.storage import migrate
+    from medd.storage.database import make_engine
+    from medd.storage.index import store_object
+    from medd.storage.viewer_tables import viewer_report_sources
+
+    before = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS, before, ignore=shutil.ignore_patterns("__pycache__", "0012_*"))
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, before)
+        at = datetime(2026, 1, 2, tzinfo=timezone.utc)
+        with engine.begin() as conn:
+            for uid, transport, origin in (("1.2.3.1", "local", "dr-lee@viewers.example"),
+                                           ("1.2.3.2", "pull", "central@central.test")):
+                store_object(conn, ObjectRecord(sop_instance_uid=uid, object_type="report", media_type="text/plain",
+                                                study_instance_uid="1.2.3", digest=uid.replace(".", "") * 8,
+                                                size=1, origin=origin, transport=transport, received_at=at))
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(select(viewer_report_sources.c.uid, viewer_report_sources.c.source,
+                                                          viewer_report_sources.c.node))]
+    finally:
+        engine.dispose()
+    assert rows == [("1.2.3.1", "viewer", "dr-lee@viewers.example")]
+
+
+def test_a_templates_folder_that_is_not_there_is_a_config_error(tmp_path):
+    """[reading_room] templates names a folder (relative to the config file); a missing one stops the node at start
+    (and `medd check-config`) with the file, section and key."""
+    from medd.config import ConfigError, load_config
+    from medd.viewer.settings import reading_room_settings
+    from tests.conftest import write_config
+
+    (tmp_path / "site-templates").mkdir()
+    good = load_config(write_config(tmp_path, extra="[reading_room]\ntemplates = site-templates\n", role="viewer"))
+    assert reading_room_settings(good).templates == tmp_path / "site-templates"
+    bad = load_config(write_config(tmp_path, extra="[reading_room]\ntemplates = nowhere\n", role="viewer"))
+    with pytest.raises(ConfigError, match=r"\[reading_room\] templates.*no such folder"):
+        reading_room_settings(bad)

@@ -132,8 +132,9 @@ class IReadingRoom(Interface):
     def report_desk(study_uid, user):
         """The :class:`ReportDesk` of ``user`` on the study; :class:`UnknownObject` if absent."""
 
-    def save_draft(study_uid, user, text):
-        """Keep ``user``'s unsigned text for the study; the ISO 8601 time it was saved."""
+    def save_draft(study_uid, user, text, seen_reports=None):
+        """Keep ``user``'s unsigned text for the study; the ISO 8601 time it was saved. :class:`ReportError`
+        when the study no longer has ``seen_reports`` reports (the panel is out of date)."""
 
     def check_password(name, password):
         """True if ``name`` is a user and ``password`` is theirs."""

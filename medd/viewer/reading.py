@@ -264,10 +264,18 @@ class ReadingRoom:
             text, template = (found.text, found.name) if found else ("", None)
         return ReportDesk(tuple(reports), allowed, text, draft.updated_at.isoformat() if draft else None, template)
 
-    async def save_draft(self, study_uid: str, user: str, text: str) -> str:
-        """Keep ``user``'s unsigned text for the study (a study of this inbox); when, in ISO 8601."""
+    async def save_draft(self, study_uid: str, user: str, text: str, seen_reports: int | None = None) -> str:
+        """Keep ``user``'s unsigned text for the study (a study of this inbox); when, in ISO 8601.
+
+        ``seen_reports`` is how many reports the study had when the panel was shown: a save from a panel
+        that has not seen the latest signature (a save still on its way as the report was signed, another
+        tab, a colleague's report) is refused with :class:`ReportError`, so it cannot bring back a draft
+        that signing cleared."""
         if await self.inbox.first_image_of_study(study_uid) is None:
             raise UnknownObject(study_uid)
+        if seen_reports is not None and len(await self.inbox.reports_of(study_uid)) != seen_reports:
+            raise ReportError("this study's report changed since the page was opened; reload it (your text is "
+                              "still in the text box)")
         saved = await self.reporting.save_draft(study_uid, user, text)
         return saved.updated_at.isoformat()
 

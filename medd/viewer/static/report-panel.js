@@ -17,6 +17,7 @@
   var savedAt = form.dataset.draftSavedAt || '';
   var sending = false;
   var signing = false;
+  var stale = false;  // the study's report changed since this page was shown: reload before saving again
 
   function show(message, bad) {
     status.textContent = message;
@@ -31,11 +32,12 @@
     var data = new URLSearchParams();
     data.set('csrf', csrf);
     data.set('text', text.value);
+    data.set('reports', form.dataset.reports);
     return data;
   }
 
   function save() {
-    if (signing || sending || text.value === savedText) { return; }
+    if (signing || stale || sending || text.value === savedText) { return; }
     var sent = text.value;
     sending = true;
     fetch(url, { method: 'POST', body: body(), credentials: 'same-origin', headers: { Accept: 'application/json' } })
@@ -57,6 +59,9 @@
             a.textContent = ' Log in';
             status.appendChild(a);
           }
+        } else if (code === 409) {
+          stale = true;
+          show('This study\'s report was signed meanwhile: copy your text, then reload the page.', true);
         } else {
           show('Draft not saved yet (' + code + '); retrying.', true);
         }
@@ -65,7 +70,7 @@
   }
 
   function saveOnLeaving() {
-    if (signing || text.value === savedText) { return; }
+    if (signing || stale || text.value === savedText) { return; }
     keepInTab();  // dropped at the next load if this reached the server (its draft is then newer)
     navigator.sendBeacon(url, body());
   }

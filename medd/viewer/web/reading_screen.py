@@ -141,7 +141,7 @@ def report_panel(study_uid: str, session: Session, desk: ReportDesk, here: str, 
                 class_="buttons",
             ),
             method="post", action=f"{reading_url(study_uid)}/report", class_="report-form", id="report-form",
-            **data(draft_url=f"{reading_url(study_uid)}/draft", study_uid=study_uid,
+            **data(draft_url=f"{reading_url(study_uid)}/draft", study_uid=study_uid, reports=str(len(desk.reports)),
                    draft_saved_at=desk.draft_saved_at or "", login_url="/?" + urlencode({"next": reading_url(study_uid)})),
         ),
         class_="report-panel", id="report-panel",
@@ -214,7 +214,8 @@ class SignAction(UidResource):
 
 class DraftAction(UidResource):
     """``POST /studies/{uid}/draft``: keep the user's unsigned text (the panel's script sends it every few
-    seconds while it changes, on blur and when the page is left); JSON ``{"saved_at": …}``."""
+    seconds while it changes, on blur and when the page is left, with the number of reports the panel shows);
+    JSON ``{"saved_at": …}``, 409 when the study's reports changed since."""
 
     isLeaf = True
 
@@ -228,8 +229,14 @@ class DraftAction(UidResource):
         text = form.get("text", "").replace("\r\n", "\n")
         if len(text) > MAX_REPORT:
             raise WebError(413, f"the draft is longer than {MAX_REPORT} characters")
+        seen = form.get("reports", "")
+        if seen and not re.fullmatch(r"[0-9]{1,6}", seen):
+            raise WebError(400, f"reports is the number of reports the panel shows, not {seen[:20]!r}")
         try:
-            saved_at = await self.room.reading_room.save_draft(self.uid, session.user, text)
+            saved_at = await self.room.reading_room.save_draft(self.uid, session.user, text,
+                                                               int(seen) if seen else None)
         except UnknownObject as e:
             raise WebError(404, f"there is no study {self.uid} in this viewer") from e
+        except ReportError as e:
+            raise WebError(409, str(e)) from e
         return json_response(200, {"saved_at": saved_at})

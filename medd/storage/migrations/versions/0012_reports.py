@@ -1,5 +1,8 @@
 """Report drafts (one per study and reading-room user, saved as the radiologist types) and report
-sources (who vouched for each report a viewer holds).
+sources (who vouched for each report a viewer holds). The reports a viewer's
+own reading room made before (transport ``local``, in the node's own name) are
+vouched for by that viewer; any other report it holds is vouched for by no one
+until central sends it again.
 
 Revision ID: 0012_reports
 Revises: 0011_readers
@@ -30,6 +33,11 @@ def upgrade() -> None:
         sa.Column("source", sa.String(12), nullable=False),
         sa.Column("node", sa.String(255), nullable=False),
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.execute(
+        "INSERT INTO viewer_report_sources (uid, source, node, recorded_at) "
+        "SELECT sop_instance_uid, 'viewer', origin, received_at FROM objects "
+        "WHERE object_type = 'report' AND transport = 'local'"
     )
 
 
