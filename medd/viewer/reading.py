@@ -317,7 +317,7 @@ def next_kinds(reports: list[ReportView]) -> tuple[str, ...]:
 def predecessor(kind: str, reports: list[ReportView]) -> ReportView | None:
     """The report a new ``kind`` follows: an addendum adds to the first final report, a final or a
     preliminary replaces the latest preliminary."""
-    signed = _signed(reports)
+    signed = [r for r in _signed(reports) if r.sop_class and r.series_uid]  # an SR can name only a DICOM report
     if kind == "addendum":
         return next((r for r in signed if r.kind == "final"), None)
     return next((r for r in reversed(signed) if r.kind == "preliminary"), None)
