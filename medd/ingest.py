@@ -91,6 +91,10 @@ class Ingest:
     (a viewer, whose packages come only from central) keeps what central's
     Medd-Centre and Medd-Study-Images headers say in the object's row; other
     roles ignore those headers.
+    ``package_with(conn,
+    record, package)`` is like ``index_with`` for an object that came in a
+    package, with the package (whose headers the role may keep: a viewer keeps
+    central's ``Medd-Report-Source``).
     """
 
     def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
@@ -98,7 +102,7 @@ class Ingest:
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
                  index_with: Callable | None = None, audit: AuditTrail | None = None,
-                 delivery_facts: bool = False):
+                 delivery_facts: bool = False, package_with: Callable | None = None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -108,6 +112,7 @@ class Ingest:
         self._restore = restore
         self._admit = admit
         self._index_with = index_with
+        self.package_with = package_with
         self.audit = audit
         self._delivery_facts = delivery_facts
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
@@ -303,7 +308,7 @@ class Ingest:
         if package.attachment.type == "status":
             return await self._status(package, receipt)
         record = self._package_record(package, blob, transport, peer)
-        outcome = await self._index(record, receipt, blob, peer)
+        outcome = await self._index(record, receipt, blob, peer, self._with_package(package))
         stored = self._stored(outcome, package.message_id)
         log.info(
             "package {message_id} from {origin} ({attachment}) {what}",
@@ -367,9 +372,24 @@ class Ingest:
 
         return then
 
-    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None) -> StoreOutcome:
+    def _with_package(self, package: Package):
+        """``index_with`` and ``package_with`` for an object that came in ``package``, in one call."""
+        if self.package_with is None:
+            return self._index_with
+        index_with, package_with = self._index_with, self.package_with
+
+        def both(conn, record):
+            if index_with is not None:
+                index_with(conn, record)
+            package_with(conn, record, package)
+
+        return both
+
+    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None,
+                     with_new: Callable | None = None) -> StoreOutcome:
         try:
-            outcome = await self.index.store_object(record, receipt, self._index_with, self._audit_store(record, peer))
+            outcome = await self.index.store_object(record, receipt, with_new or self._index_with,
+                                                    self._audit_store(record, peer))
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e

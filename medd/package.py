@@ -18,6 +18,11 @@ from email.message import Message
 from medd.objects import DEFAULT_MAX_INFLATED_SIZE, Content, InvalidObject, parse_part10
 
 HEADER = "Medd-Attachment"
+# Who made a report, as the node that delivers it vouches: set by central on every report package it
+# delivers (from what authenticated the sender, never from the sender's own header) and by a viewer on
+# the reports its own radiologists sign; read by a viewer only from central or itself.
+REPORT_SOURCE_HEADER = "Medd-Report-Source"
+REPORT_SOURCES = ("viewer", "centre")
 
 # How each object type's identifier is spelled, in order.
 ATTACHMENT_PARAMS = {
@@ -74,6 +79,33 @@ def attachment_for(object_type: str, uid: str, *, study_uid: str | None = None,
 
 
 @dataclass(frozen=True)
+class ReportSource:
+    """The value of a ``Medd-Report-Source`` header: ``viewer`` (a registered viewer, authenticated, whose
+    logged-in radiologist signed it) or ``centre`` (anyone else: an imaging centre's own report), and the
+    node that sent it."""
+
+    source: str
+    node: str
+
+    def __str__(self) -> str:
+        return f'{self.source}; node="{self.node}"'
+
+    @classmethod
+    def parse(cls, value: str) -> "ReportSource | None":
+        """The header's source, or None when it is absent or not one medd writes (then nothing is vouched)."""
+        if not value.strip():
+            return None
+        msg = Message()
+        msg[REPORT_SOURCE_HEADER] = value
+        params = msg.get_params(header=REPORT_SOURCE_HEADER, unquote=True) or []
+        source = params[0][0].strip().lower() if params and params[0][1] == "" else ""
+        node = dict((k.strip().lower(), v.strip()) for k, v in params[1:]).get("node", "")
+        if source not in REPORT_SOURCES or not node:
+            return None
+        return cls(source, node)
+
+
+@dataclass(frozen=True)
 class Package:
     """A parsed package: its envelope and the content it carries."""
 
@@ -83,6 +115,7 @@ class Package:
     attachment: AttachmentId
     content: Content
     date: str = ""
+    report_source: ReportSource | None = None
     # What central says of an object it delivers to a viewer (None when the header is absent).
     centre: str | None = None
     study_images: int | None = None
@@ -109,6 +142,7 @@ def build_package(
     message_id: str | None = None,
     centre: str | None = None,
     study_images: int | None = None,
+    report_source: ReportSource | None = None,
 ) -> bytes:
     """The package bytes (CRLF line endings, ready for SMTP or any transport).
 
@@ -128,7 +162,7 @@ def build_package(
         ("MIME-Version", "1.0"),
         ("Content-Type", content.media_type),
         ("Content-Transfer-Encoding", "base64"),
-    )
+    ) + (((REPORT_SOURCE_HEADER, str(report_source)),) if report_source is not None else ())
     if centre is not None:
         headers += ((CENTRE_HEADER, centre),)
     if study_images is not None:
@@ -278,6 +312,7 @@ def read_package(data: bytes, object_types, max_size: int | None = None) -> Pack
         content=content,
         date=header(msg, "Date").strip(),
         **_delivery_facts(msg),
+        report_source=ReportSource.parse(header(msg, REPORT_SOURCE_HEADER)) if attachment.type == "report" else None,
     )
 
 

@@ -30,7 +30,7 @@ RETENTION_KEYS = ("evict_after_days",)
 VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
                        "push_token", "ca", "client_cert", "allow_http")
 # A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
-VIEWER_READING_ROOM_KEYS = ("ohif", "complete_after", "being_read_for", "idle_lock")
+VIEWER_READING_ROOM_KEYS = ("ohif", "complete_after", "being_read_for", "idle_lock", "templates")
 
 
 def _role_keys() -> dict[str, dict[str, tuple[str, ...]]]:

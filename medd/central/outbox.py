@@ -16,8 +16,9 @@ from datetime import datetime, timedelta
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
+from medd.central.reports import report_source
 from medd.objects import Content
-from medd.package import AttachmentId, attachment_for, build_package, is_centre_name
+from medd.package import AttachmentId, ReportSource, attachment_for, build_package, is_centre_name
 from medd.plugins.objecttypes import status_part
 from medd.scheduling import Backoff, CoalescingPass
 from medd.storage.connector import utc
@@ -49,12 +50,15 @@ def attachment_of(record: ObjectRecord) -> AttachmentId:
                           image_uid=record.referenced_image_uid)
 
 
-def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: str) -> bytes:
-    """The outgoing package; its Message-ID is the delivery's, stable across retries."""
+def package_for(record: ObjectRecord, data: bytes, delivery: Delivery, origin: str,
+                report_source: ReportSource | None = None) -> bytes:
+    """The outgoing package; its Message-ID is the delivery's, stable across retries; a report's carries
+    central's ``Medd-Report-Source``."""
     content = Content(media_type=record.media_type, data=data)
     centre = delivery.centre if is_centre_name(delivery.centre) else None
     return build_package(content, attachment_of(record), origin=origin, destination=delivery.destination,
-                         message_id=delivery.message_id, centre=centre, study_images=delivery.study_images)
+                         message_id=delivery.message_id, centre=centre, study_images=delivery.study_images,
+                         report_source=report_source)
 
 
 def status_package_for(delivery: Delivery, origin: str) -> bytes:
@@ -64,14 +68,15 @@ def status_package_for(delivery: Delivery, origin: str) -> bytes:
                          origin=origin, destination=delivery.destination, message_id=delivery.message_id)
 
 
-async def load_package(api, record: ObjectRecord | None, delivery: Delivery, origin: str) -> bytes:
+async def load_package(api, record: ObjectRecord | None, delivery: Delivery, origin: str, directory) -> bytes:
     """The stored object, read and wrapped into its package off the reactor
     (base64 of an object of hundreds of megabytes is seconds of CPU); a status package
-    is built from the delivery itself."""
+    is built from the delivery itself. ``directory`` says who sent a report."""
     if delivery.status is not None:
         return status_package_for(delivery, origin)
+    source = await report_source(directory, record) if record.object_type == "report" else None
     data = await api.read_blob(record.digest)
-    return await api.run_blocking(package_for, record, data, delivery, origin)
+    return await api.run_blocking(package_for, record, data, delivery, origin, source)
 
 
 class DeliveryService:
@@ -83,12 +88,13 @@ class DeliveryService:
     """
 
     def __init__(self, reactor, deliveries: Deliveries, api, senders: dict, node_name: str, policy: RetryPolicy,
-                 settings: dict | None = None):
+                 settings: dict | None = None, directory=None):
         self.reactor = reactor  # handed to senders, which open connections
         self.deliveries = deliveries
         self.clock = deliveries.clock
         self.settings = settings or {}
         self.api = api  # the node's Ingest: read_blob, run_blocking
+        self.directory = directory  # the Directory connector: who sent a report
         self.senders = senders  # scheme -> ISender
         self.origin = node_name if "@" in node_name else f"central@{node_name}"
         self.policy = policy
@@ -191,7 +197,7 @@ class DeliveryService:
         try:
             if sender is None:
                 raise RuntimeError(f"no sender for {scheme}: URLs")
-            package = await load_package(self.api, record, delivery, self.origin)
+            package = await load_package(self.api, record, delivery, self.origin, self.directory)
             await self.deliveries.mark_sent(delivery.id, attempts, f"to {url}")
             sending = sender.send(self.reactor, url, package, self.settings)
             self._sending.add(sending)

@@ -254,7 +254,7 @@ class RoutingService(Service):
         self.router = Router(storage.routing, config.name, on_routed=self._routed)
         self.outbox = DeliveryService(
             reactor, storage.deliveries, api, plugins.senders, config.name,
-            settings.delivery.retry, settings=settings.push.for_senders(),
+            settings.delivery.retry, settings=settings.push.for_senders(), directory=storage.directory,
         )
         self.poll_interval = settings.delivery.poll_interval
         self.route_delay = settings.delivery.route_delay

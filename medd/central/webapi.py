@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from twisted.web.resource import Resource
 
 from medd.central import outbox, routing
+from medd.central.reports import report_summary
 from medd.central.tracking import history_json, quarantine_json, study_json
 from medd.storage.directory import DirectoryError, OutboxOwner
 from medd.storage.routing import CorrectionError
@@ -164,7 +165,8 @@ class OutboxItem(_Authenticated):
     async def _fetch(self, request) -> Response:
         pulled = self._found(await self.storage.deliveries.pull_request(outbox_credential(request), self.delivery_id))
         delivery = pulled.delivery
-        package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin)
+        package = await outbox.load_package(self.central.ingest, pulled.record, delivery, self.central.routing.outbox.origin,
+                                            self.storage.directory)
         r = pulled.record
         await self.record(request, "retrieve", user=pulled.owner.address, credential=pulled.owner.address,
                           patient_id=r.patient_id if r else None, study_instance_uid=r.study_instance_uid if r else None,
@@ -231,7 +233,10 @@ class ObjectResource(_Authenticated):
                           detail=f"GET /api/objects: {'found' if history else 'not found'}")
         if history is None:
             raise Problem(404, f"no object {self.uid}")
-        return json_response(200, history_json(history))
+        found = history_json(history)
+        if history.object.object_type == "report":
+            found["report"] = await report_summary(self.central.ingest, self.storage.directory, history.object)
+        return json_response(200, found)
 
 
 class StudiesResource(_Authenticated):

@@ -1,5 +1,6 @@
 """Tables of the viewer node: reading-room users and their sessions, which
-images each user has opened, and the packages waiting to go to central."""
+images each user has opened, the packages waiting to go to central, report
+drafts and who vouched for each report."""
 from __future__ import annotations
 
 from sqlalchemy import Column, DateTime, Index, Integer, String, Table, Text, UniqueConstraint
@@ -61,3 +62,27 @@ viewer_outgoing = Table(
 )
 
 Index("ix_viewer_outgoing_state", viewer_outgoing.c.state, viewer_outgoing.c.id)
+
+# A radiologist's unsigned report text for a study, saved as they type: one per (study, user).
+viewer_report_drafts = Table(
+    "viewer_report_drafts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("user", String(64), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_uid", "user"),
+)
+
+# Who made each report, as the node that delivered it vouched (its Medd-Report-Source): central, or this
+# viewer for its own radiologists' reports. A report without a row is vouched for by no one.
+viewer_report_sources = Table(
+    "viewer_report_sources",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uid", UID, nullable=False, unique=True),
+    Column("source", String(12), nullable=False),  # viewer | centre
+    Column("node", String(255), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)

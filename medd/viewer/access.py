@@ -17,6 +17,21 @@ from medd.viewer.web.session import SESSION_COOKIE
 
 # The transports objects legitimately reach a viewer's ingest by.
 OWN_TRANSPORTS = ("pull", "local")
+# What a report's Medd-Report-Source is read from: central (the pull; a push, which the sender policy below
+# admits only with central's token) or this viewer's own reading room (local).
+VOUCHING_TRANSPORTS = OWN_TRANSPORTS + ("http", "https")
+
+
+def keep_report_sources(keep):
+    """The viewer ingest's ``package_with``: for a report package from central or the reading room, ``keep(conn,
+    uid, source)`` who it says made it, in the report's index transaction. From anyone else (which the sender
+    policy refuses anyway) the header is not read: the report is then vouched for by no one."""
+    def package_with(conn, record, package) -> None:
+        if (record.object_type == "report" and package.report_source is not None
+                and record.transport in VOUCHING_TRANSPORTS):
+            keep(conn, record.sop_instance_uid, package.report_source)
+
+    return package_with
 
 
 class ViewerAccess:

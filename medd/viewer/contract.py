@@ -18,7 +18,7 @@ from medd.viewer.annotations import Annotation, AnnotationError
 
 __all__ = [
     "Annotation", "AnnotationError", "CannotAnnotate", "IReadingRoom", "InstanceView", "OpenedMark", "OverlayView",
-    "ReportView", "SeriesView", "StudyDetail", "StudyRow", "UnknownObject", "WorklistPage", "WorklistQuery",
+    "ReportDesk", "ReportView", "SeriesView", "StudyDetail", "StudyRow", "UnknownObject", "WorklistPage", "WorklistQuery",
 ]
 
 
@@ -42,7 +42,13 @@ class OverlayView:
 
 @dataclass(frozen=True)
 class ReportView:
-    """A stored report of a study."""
+    """A stored report of a study.
+
+    ``kind``, ``signer``, ``signed_at`` and ``verified`` are what the report says of itself; ``vouched``
+    is who vouched for who made it: ``viewer`` (a registered viewer's authenticated user signed it: this
+    viewer's own, or one central says a registered viewer sent), ``centre`` (central says anyone else sent
+    it: an imaging centre's own report), or None (no one). Show "signed by" only from :attr:`signed_by`.
+    """
 
     uid: str
     author: str | None
@@ -50,6 +56,32 @@ class ReportView:
     text: str
     verified: bool
     origin: str
+    kind: str = "final"  # preliminary | final | addendum
+    signer: str | None = None
+    signed_at: str | None = None
+    predecessor: str | None = None  # the report this one replaces or adds to
+    vouched: str | None = None
+    node: str | None = None  # the node that sent it, as the voucher names it
+    series_uid: str | None = None
+    sop_class: str | None = None
+
+    @property
+    def signed_by(self) -> str | None:
+        """The radiologist who signed it, when a registered viewer's authenticated user did; else None."""
+        return self.signer if self.vouched == "viewer" else None
+
+
+@dataclass(frozen=True)
+class ReportDesk:
+    """What the report panel of a study starts from: ``reports`` (oldest first); ``next_kinds``, what the
+    user may sign next (preliminary and final, or addendum once the report is final); ``text``, the user's
+    draft, else the template of the study's modality (``template`` names its file) for a new report."""
+
+    reports: tuple[ReportView, ...]
+    next_kinds: tuple[str, ...]
+    text: str
+    draft_saved_at: str | None
+    template: str | None
 
 
 class IReadingRoom(Interface):
@@ -106,11 +138,19 @@ class IReadingRoom(Interface):
     def overlays(image_uid):
         """The image's overlays, oldest first: a list of :class:`OverlayView`."""
 
-    def save_report(study_uid, user, text):
-        """Store the text as the study's report signed by ``user`` and send it; its UID."""
+    def save_report(study_uid, user, text, kind="final"):
+        """Store the text as the study's report (``kind``: preliminary, final or addendum) signed by ``user``
+        and send it; its UID. :class:`ReportError` when that kind cannot be signed now."""
 
     def reports(study_uid):
         """The study's reports, oldest first: a list of :class:`ReportView`."""
+
+    def report_desk(study_uid, user):
+        """The :class:`ReportDesk` of ``user`` on the study; :class:`UnknownObject` if absent."""
+
+    def save_draft(study_uid, user, text, seen_reports=None):
+        """Keep ``user``'s unsigned text for the study; the ISO 8601 time it was saved. :class:`ReportError`
+        when the study no longer has ``seen_reports`` reports (the panel is out of date)."""
 
     def check_password(name, password):
         """True if ``name`` is a user and ``password`` is theirs."""

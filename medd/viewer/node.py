@@ -8,6 +8,8 @@ from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
 from medd.storage.outgoing import OutgoingPackages
+from medd.storage.reporting import Reporting
+from medd.viewer.access import keep_report_sources
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
 from medd.viewer.settings import central_settings, reading_room_settings
@@ -29,9 +31,12 @@ class ViewerServices(MultiService):
         self.requestor = Requestor(self.client, node.ingest, self.settings, clock)
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
+        reporting = Reporting(node.database, clock)
+        room = reading_room_settings(node.config, check_files=False)
+        node.ingest.package_with = keep_report_sources(reporting.keeper())
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
                                         self.outgoing, node.config.name, self.settings, clock, audit=node.audit,
-                                        room_settings=reading_room_settings(node.config, check_files=False))
+                                        room_settings=room, reporting=reporting, templates=room.templates)
 
     def stopService(self):
         d = super().stopService()

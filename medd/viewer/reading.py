@@ -18,14 +18,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from medd.objects import parse_part10
-from medd.package import AttachmentId, build_package
+from medd.package import AttachmentId, ReportSource, build_package
 from medd.plugins.objecttypes import status_content
 from medd.storage.inbox import OpenedMark, StudyDetail, StudyRow, WorklistPage, WorklistQuery
+from medd.storage.reporting import Reporting
 from medd.viewer.annotations import Annotation, AnnotationError
-from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
+from medd.viewer.contract import IReadingRoom, OverlayView, ReportDesk, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
-from medd.viewer.settings import ReadingRoomSettings
+from medd.viewer.settings import ReadingRoomSettings, default_templates
+from medd.viewer.templates import template_for
 from medd.viewer.throttling import LoginThrottle
 from medd.viewer.users import check_hash
 
@@ -42,14 +44,18 @@ class ReadingRoom:
     ``inbox`` and ``accounts`` are the :class:`~medd.storage.inbox.Inbox` and
     :class:`~medd.storage.accounts.Accounts` connectors; ``ingest`` is the
     node's :class:`~medd.ingest.Ingest` (``read_blob``, ``receive_package``,
-    ``run_blocking``); ``outgoing`` queues packages for central.
+    ``run_blocking``); ``outgoing`` queues packages for central; ``reporting`` is the
+    :class:`~medd.storage.reporting.Reporting` connector (drafts, report sources) and ``templates`` the
+    folder of report templates.
     """
 
     log = Logger()
 
     def __init__(self, inbox, accounts, ingest, outgoing, node_name: str, settings, clock, audit=None,
-                 room_settings: ReadingRoomSettings | None = None):
+                 room_settings: ReadingRoomSettings | None = None, reporting=None, templates=None):
         self.inbox = inbox
+        self.reporting = reporting or Reporting(inbox.db, clock)
+        self.templates = templates or default_templates()
         self.accounts = accounts
         self.ingest = ingest
         self.outgoing = outgoing
@@ -151,10 +157,12 @@ class ReadingRoom:
         domain = self.node_name.rpartition("@")[2] or "medd.invalid"
         return email.utils.make_msgid(idstring="viewer", domain=domain)
 
-    async def _send(self, content, attachment: AttachmentId, record, *, store_locally: bool) -> None:
+    async def _send(self, content, attachment: AttachmentId, record, *, store_locally: bool,
+                    report_source: ReportSource | None = None) -> None:
         message_id = self._message_id()
         package = build_package(content, attachment, origin=self.node_name,
-                                destination=await self._central_address(record), message_id=message_id)
+                                destination=await self._central_address(record), message_id=message_id,
+                                report_source=report_source)
         if store_locally:
             # The same package central gets: the local copy and central's share one Message-ID.
             await self.ingest.receive_package(package, transport="local", peer=None)
@@ -232,11 +240,20 @@ class ReadingRoom:
                 self.log.failure("cannot read overlay {uid}", uid=found.uid)
         return out
 
-    async def save_report(self, study_uid: str, user: str, text: str) -> str:
-        """Save (and sign) a text report on the study as a Basic Text SR; returns its UID."""
+    async def save_report(self, study_uid: str, user: str, text: str, kind: str = "final") -> str:
+        """Sign ``text`` as the study's ``kind`` of report (preliminary, final, addendum) by ``user``: a Basic
+        Text SR, stored here and sent to central; returns its UID. A final report replaces the latest
+        preliminary; an addendum adds to the final report. :class:`ReportError` when ``kind`` cannot be
+        signed now (a second final, an addendum before the final)."""
         image_uid = await self.inbox.first_image_of_study(study_uid)
         if image_uid is None:
             raise UnknownObject(study_uid)
+        reports = await self.reports(study_uid)
+        allowed = next_kinds(reports)
+        if kind not in allowed:
+            raise ReportError(f"a {kind} report cannot be signed now: this study's report "
+                              + ("is final; add an addendum" if "addendum" in allowed else "is not final yet"))
+        follows = predecessor(kind, reports)
         record = await self._record(image_uid)
         evidence = await self.inbox.study_evidence(study_uid)
         image = await self.ingest.read_blob(record.digest)
@@ -245,28 +262,76 @@ class ReadingRoom:
 
         def build():
             data = build_text_report(image, evidence, text=text, user=user, report_uid=report_uid,
-                                     device=self.node_name, when=at)
+                                     device=self.node_name, when=at, kind=kind,
+                                     predecessor=(follows.series_uid, follows.sop_class, follows.uid) if follows else None)
             return parse_part10(data)
 
         content = await self.ingest.run_blocking(build)
         attachment = AttachmentId.of("report", uid=report_uid, study_uid=study_uid)
-        await self._send(content, attachment, record, store_locally=True)
-        self.log.info("{user} saved report {uid} on study {study}", user=user, uid=report_uid, study=study_uid)
+        # This viewer vouches for what its own logged-in radiologist signed.
+        await self._send(content, attachment, record, store_locally=True,
+                         report_source=ReportSource("viewer", self.node_name))
+        if kind == "preliminary":
+            await self.reporting.save_draft(study_uid, user, text)
+        else:
+            await self.reporting.discard_draft(study_uid, user)
+        self.log.info("{user} signed {kind} report {uid} on study {study}", user=user, kind=kind, uid=report_uid,
+                      study=study_uid)
         return report_uid
 
     async def reports(self, study_uid: str) -> list[ReportView]:
-        """The study's reports, oldest first."""
+        """The study's reports, oldest first, with who vouched for each."""
+        found = await self.inbox.reports_of(study_uid)
+        sources = await self.reporting.sources([f.uid for f in found])
         out = []
-        for found in await self.inbox.reports_of(study_uid):
-            data = await self.ingest.read_blob(found.digest)
+        for f in found:
+            data = await self.ingest.read_blob(f.digest)
             try:
-                report = await self.ingest.run_blocking(read_report, data, found.media_type)
+                said = await self.ingest.run_blocking(read_report, data, f.media_type)
             except Exception:
-                self.log.failure("cannot read report {uid}", uid=found.uid)
+                self.log.failure("cannot read report {uid}", uid=f.uid)
                 continue
-            out.append(ReportView(uid=found.uid, author=report["author"], time=report["time"], text=report["text"],
-                                  verified=bool(report["verified"]), origin=found.origin))
+            source = sources.get(f.uid)
+            out.append(ReportView(
+                uid=f.uid, author=said["author"], time=said["time"], text=said["text"],
+                verified=bool(said["verified"]), origin=f.origin, kind=said["kind"], signer=said["signer"],
+                signed_at=said["signed_at"], predecessor=said["predecessor"],
+                vouched=source.source if source else None, node=source.node if source else None,
+                series_uid=said["series_uid"], sop_class=said["sop_class"]))
         return out
+
+    async def report_desk(self, study_uid: str, user: str) -> ReportDesk:
+        """What ``user``'s report panel on the study starts from (:class:`ReportDesk`)."""
+        study = await self.study(study_uid)
+        reports = await self.reports(study_uid)
+        allowed = next_kinds(reports)
+        draft = await self.reporting.draft(study_uid, user)
+        template = None
+        if draft is not None:
+            text = draft.text
+        elif "addendum" in allowed:
+            text = ""
+        elif (earlier := predecessor("final", reports)) is not None:
+            text = earlier.text
+        else:
+            found = await self.ingest.run_blocking(template_for, self.templates, study.modalities)
+            text, template = (found.text, found.name) if found else ("", None)
+        return ReportDesk(tuple(reports), allowed, text, draft.updated_at.isoformat() if draft else None, template)
+
+    async def save_draft(self, study_uid: str, user: str, text: str, seen_reports: int | None = None) -> str:
+        """Keep ``user``'s unsigned text for the study (a study of this inbox); when, in ISO 8601.
+
+        ``seen_reports`` is how many reports the study had when the panel was shown: a save from a panel
+        that has not seen the latest signature (a save still on its way as the report was signed, another
+        tab, a colleague's report) is refused with :class:`ReportError`, so it cannot bring back a draft
+        that signing cleared."""
+        if await self.inbox.first_image_of_study(study_uid) is None:
+            raise UnknownObject(study_uid)
+        if seen_reports is not None and len(await self.inbox.reports_of(study_uid)) != seen_reports:
+            raise ReportError("this study's report changed since the page was opened; reload it (your text is "
+                              "still in the text box)")
+        saved = await self.reporting.save_draft(study_uid, user, text)
+        return saved.updated_at.isoformat()
 
     # -- users and sessions ------------------------------------------------------------------------
 
@@ -302,3 +367,25 @@ class ReadingRoom:
 
     async def end_session(self, token: str | None) -> None:
         await self.accounts.end_session(token)
+
+
+def _signed(reports: list[ReportView]) -> list[ReportView]:
+    """The reports a registered viewer's authenticated user signed (what the report workflow builds on)."""
+    return [r for r in reports if r.signed_by is not None]
+
+
+def next_kinds(reports: list[ReportView]) -> tuple[str, ...]:
+    """What may be signed next on a study with ``reports``: an addendum once a final report is signed,
+    else a preliminary or the final report."""
+    if any(r.kind in ("final", "addendum") for r in _signed(reports)):
+        return ("addendum",)
+    return ("preliminary", "final")
+
+
+def predecessor(kind: str, reports: list[ReportView]) -> ReportView | None:
+    """The report a new ``kind`` follows: an addendum adds to the first final report, a final or a
+    preliminary replaces the latest preliminary."""
+    signed = [r for r in _signed(reports) if r.sop_class and r.series_uid]  # an SR can name only a DICOM report
+    if kind == "addendum":
+        return next((r for r in signed if r.kind == "final"), None)
+    return next((r for r in reversed(signed) if r.kind == "preliminary"), None)

@@ -2,9 +2,18 @@
 
 The SR belongs to the study it reports on (same Study Instance UID, patient
 and study attributes copied from one of its images), lists the study's
-images as evidence, names the radiologist as author and, since saving in the
-reading room is signing, as verifying observer. Blocking; run on the
-parsing pool.
+images as evidence and names the radiologist as author. Its kind is in the
+SR Document General module's own flags:
+
+- **preliminary**: Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED
+  (signed by its author, not verified);
+- **final**: FINAL and VERIFIED, the radiologist also its verifying observer;
+  a preliminary report it replaces is its predecessor document;
+- **addendum**: FINAL and VERIFIED, holding only the added text (an
+  "Addendum" item, DCM 121078), with the report it adds to as its
+  predecessor document; never a copy of that report.
+
+Blocking; run on the parsing pool.
 """
 from __future__ import annotations
 
@@ -19,8 +28,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
 from medd import __version__
+from medd.report_documents import read_report
+
+__all__ = ["KINDS", "ReportError", "build_text_report", "read_report"]
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+KINDS = ("preliminary", "final", "addendum")
 REPORT_SERIES_NUMBER = 901
 MAX_TEXT = 1024 * 1024  # UT allows more; a report longer than this is a mistake
 PATIENT_STUDY_KEYWORDS = (
@@ -46,12 +59,34 @@ def _person(user: str) -> PersonName:
     return PersonName(user if "^" in user else f"{user}^")
 
 
+def _reference(study_uid: str, predecessor: tuple[str, str, str]) -> Dataset:
+    """A Predecessor Documents Sequence item: the study, series and SOP of an earlier report."""
+    series_uid, sop_class, sop_instance = predecessor
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = sop_class
+    ref.ReferencedSOPInstanceUID = sop_instance
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid
+    series.ReferencedSOPSequence = Sequence([ref])
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = Sequence([series])
+    return study
+
+
 def build_text_report(study_image: bytes, evidence: list[tuple[str, str, str]], *, text: str, user: str,
-                      report_uid: str, device: str, when: datetime | None = None) -> bytes:
+                      report_uid: str, device: str, when: datetime | None = None, kind: str = "final",
+                      predecessor: tuple[str, str, str] | None = None) -> bytes:
     """A Basic Text SR (Part 10 bytes) of ``text`` about the study of ``study_image``.
 
-    ``evidence`` lists the study's images as (series UID, SOP class UID, SOP instance UID).
+    ``evidence`` lists the study's images as (series UID, SOP class UID, SOP instance UID); ``kind`` is
+    preliminary, final or addendum; ``predecessor`` is the (series UID, SOP class UID, SOP instance UID)
+    of the report this one replaces (a final after a preliminary) or adds to (an addendum).
     """
+    if kind not in KINDS:
+        raise ReportError(f"a report is {', '.join(KINDS)}, not {kind!r}")
+    if kind == "addendum" and predecessor is None:
+        raise ReportError("an addendum needs the report it adds to")
     text = (text or "").strip()
     if not text:
         raise ReportError("the report is empty")
@@ -83,13 +118,17 @@ def build_text_report(study_image: bytes, evidence: list[tuple[str, str, str]], 
     ds.InstanceCreationDate = ds.ContentDate
     ds.InstanceCreationTime = ds.ContentTime
     ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "VERIFIED"
-    observer = Dataset()
-    observer.VerifyingObserverName = _person(user)
-    observer.VerifyingOrganization = device[:64]
-    observer.VerificationDateTime = when.strftime("%Y%m%d%H%M%S")
-    observer.VerifyingObserverIdentificationCodeSequence = Sequence()
-    ds.VerifyingObserverSequence = Sequence([observer])
+    ds.PreliminaryFlag = "PRELIMINARY" if kind == "preliminary" else "FINAL"
+    ds.VerificationFlag = "UNVERIFIED" if kind == "preliminary" else "VERIFIED"
+    if kind != "preliminary":
+        observer = Dataset()
+        observer.VerifyingObserverName = _person(user)
+        observer.VerifyingOrganization = device[:64]
+        observer.VerificationDateTime = when.strftime("%Y%m%d%H%M%S")
+        observer.VerifyingObserverIdentificationCodeSequence = Sequence()
+        ds.VerifyingObserverSequence = Sequence([observer])
+    if predecessor is not None:
+        ds.PredecessorDocumentsSequence = Sequence([_reference(ds.StudyInstanceUID, predecessor)])
     author = Dataset()
     author.ObserverType = "PSN"
     author.PersonName = _person(user)
@@ -124,7 +163,8 @@ def build_text_report(study_image: bytes, evidence: list[tuple[str, str, str]], 
     finding = Dataset()
     finding.RelationshipType = "CONTAINS"
     finding.ValueType = "TEXT"
-    finding.ConceptNameCodeSequence = Sequence([_code("121071", "DCM", "Finding")])
+    finding.ConceptNameCodeSequence = Sequence([_code("121078", "DCM", "Addendum") if kind == "addendum"
+                                                else _code("121071", "DCM", "Finding")])
     finding.TextValue = text
     ds.ContentSequence = Sequence([name, finding])
     ds.file_meta = FileMetaDataset()
@@ -134,38 +174,3 @@ def build_text_report(study_image: bytes, evidence: list[tuple[str, str, str]], 
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def _texts(items) -> list[str]:
-    out = []
-    for item in items or []:
-        if item.get("ValueType") == "TEXT" and item.get("TextValue"):
-            out.append(str(item.TextValue))
-        out.extend(_texts(item.get("ContentSequence")))
-    return out
-
-
-def read_report(data: bytes, media_type: str = "application/dicom") -> dict:
-    """{uid, author, time, text, verified} of a stored report (DICOM SR, or plain text)."""
-    if media_type == "text/plain":
-        return {"author": None, "time": None, "text": data.decode("utf-8", "replace"), "verified": False}
-    ds = dcmread(io.BytesIO(data))
-    author = None
-    for seq, key in (("AuthorObserverSequence", "PersonName"), ("VerifyingObserverSequence", "VerifyingObserverName")):
-        for item in ds.get(seq) or []:
-            if item.get(key):
-                author = str(item.get(key)).rstrip("^")
-                break
-        if author:
-            break
-    time = None
-    if ds.get("ContentDate"):
-        d = str(ds.ContentDate)
-        t = str(ds.get("ContentTime") or "000000").split(".")[0].ljust(6, "0")
-        time = f"{d[:4]}-{d[4:6]}-{d[6:8]}T{t[:2]}:{t[2:4]}:{t[4:6]}"
-    if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1":
-        text = "(Encapsulated PDF report)"
-    else:
-        text = "\n\n".join(_texts(ds.get("ContentSequence")))
-    return {"uid": str(ds.SOPInstanceUID), "author": author, "time": time, "text": text,
-            "verified": ds.get("VerificationFlag") == "VERIFIED"}

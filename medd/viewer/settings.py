@@ -1,12 +1,13 @@
 """The viewer's ``[central]`` section (where central is and how to reach it)
-and its ``[reading_room]`` section (where OHIF's prebuilt app is).
+and its ``[reading_room]`` section (where OHIF's prebuilt app and the report
+templates are).
 
 Validated whole at start-up like the rest of the config; every problem names
 the file, section and key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -103,15 +104,22 @@ def _yes_no(config: Config, key: str, problems: list) -> bool:
     return text in ("yes", "true", "1", "on")
 
 
+def default_templates() -> Path:
+    """The report templates shipped with medd: ``etc/templates`` of the checkout."""
+    return Path(__file__).resolve().parents[2] / "etc" / "templates"
+
+
 @dataclass(frozen=True)
 class ReadingRoomSettings:
     """``[reading_room]``: ``ohif``, the folder of OHIF's prebuilt app (its ``index.html``); None for the
-    one ``make ohif`` installs beside the checkout. ``complete_after``: seconds without a new image after
+    one ``make ohif`` installs beside the checkout. ``templates``, the folder of per-modality report
+    templates (:mod:`medd.viewer.templates`). ``complete_after``: seconds without a new image after
     which the worklist marks a study complete. ``being_read_for``: seconds during which a study opened by
     one user shows "being read by" to the others. ``idle_lock``: seconds without input after which the
     page locks (0: never)."""
 
     ohif_dist: Path | None = None
+    templates: Path = field(default_factory=default_templates)
     complete_after: float = 120.0
     being_read_for: float = 600.0
     idle_lock: float = 900.0
@@ -133,18 +141,24 @@ def _number(config: Config, key: str, default: str, unit: str, *, zero: bool, pr
 
 def reading_room_settings(config: Config, *, check_files: bool = True) -> ReadingRoomSettings:
     """The ``[reading_room]`` settings of a viewer node, or :class:`ConfigError` naming every problem."""
+    section, folder = config.section("reading_room"), Path(config.path).resolve().parent
     problems: list[ConfigProblem] = []
     complete_after = _number(config, "complete_after", "120", "seconds", zero=True, problems=problems)
     being_read = _number(config, "being_read_for", "10", "minutes", zero=False, problems=problems)
     idle_lock = _number(config, "idle_lock", "15", "minutes", zero=True, problems=problems)
-    text = (config.section("reading_room").get("ohif") or "").strip()
-    dist = None
+    dist, templates = None, default_templates()
+    text = (section.get("ohif") or "").strip()
     if text:
-        dist = (Path(config.path).resolve().parent / text).resolve()
+        dist = (folder / text).resolve()
         if check_files and not (dist / "index.html").is_file():
             problems.append(ConfigProblem(config.path, "reading_room", "ohif",
                                           f"{dist} holds no OHIF app (no index.html); run `make ohif`"))
+    text = (section.get("templates") or "").strip()
+    if text:
+        templates = (folder / text).resolve()
+        if check_files and not templates.is_dir():
+            problems.append(ConfigProblem(config.path, "reading_room", "templates", f"no such folder: {templates}"))
     if problems:
         raise ConfigError(problems)
-    return ReadingRoomSettings(ohif_dist=dist, complete_after=complete_after, being_read_for=being_read * 60,
-                               idle_lock=idle_lock * 60)
+    return ReadingRoomSettings(ohif_dist=dist, templates=templates, complete_after=complete_after,
+                               being_read_for=being_read * 60, idle_lock=idle_lock * 60)

@@ -2,15 +2,16 @@
 
 Server-rendered pages (twisted.web.template, so every value is escaped) over
 the viewer's :class:`~medd.viewer.contract.IReadingRoom`: login, the
-worklist, a study with its series and report. The images are shown by OHIF
+worklist, and a study's reading screen: the patient banner, its images
+and its report panel side by side (:mod:`.reading_screen`). The images are shown by OHIF
 Viewer 3 (:mod:`.ohif`), which reads them from the node's own DICOMweb
 with the session cookie; pixel data it fetches marks the image opened
 (:mod:`medd.viewer.access`).
 
 The modules, by concern: :mod:`.session` (cookies, CSRF, forms),
 :mod:`.serving` and :mod:`.layout` (answering, the page skeleton),
-:mod:`.pages` (login, a study), :mod:`.worklist` (the worklist and its API), :mod:`.locking` (the idle
-lock), :mod:`.ohif` (OHIF's app and configuration)
+:mod:`.pages` (login), :mod:`.worklist` (the worklist and its API), :mod:`.locking` (the idle
+lock), :mod:`.reading_screen` (a study: its images beside its report), :mod:`.ohif` (OHIF's app and configuration)
 and :mod:`.resources` (static files).
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from twisted.web.resource import Resource
 
 from medd.viewer.web.locking import LockAction, UnlockResource
-from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction, StudiesResource
+from medd.viewer.web.pages import HomePage, LoginAction, LogoutAction
+from medd.viewer.web.reading_screen import StudiesResource
 from medd.viewer.web.worklist import WorklistResource, api_resources
 from medd.viewer.web.ohif import load_app, ohif_resources
 from medd.viewer.web.resources import STATIC, StaticFiles

@@ -135,7 +135,7 @@ class OhifApp:
             f"default-src 'none'; script-src 'self' {hashes} 'wasm-unsafe-eval'; worker-src 'self' blob:; "
             "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
             "connect-src 'self' data: blob:; manifest-src 'self'; media-src 'self' blob:; "
-            "form-action 'self'; base-uri 'self'; frame-ancestors 'none'"
+            "form-action 'self'; base-uri 'self'; frame-ancestors 'self'"
         )
 
     def asset_names(self) -> list[str]:
@@ -172,8 +172,9 @@ class OhifPage(RoomResource):
         await self.room.session(request)
         if self.app is None:
             raise WebError(503, "the image viewer (OHIF) is not installed on this viewer node: run `make ohif`")
+        # Framed by the reading screen (same origin, beside the report), by no other site.
         return Response(200, "text/html; charset=utf-8", self.app.index,
-                        {"Content-Security-Policy": self.app.content_security_policy})
+                        {"Content-Security-Policy": self.app.content_security_policy, "X-Frame-Options": "SAMEORIGIN"})
 
 
 class AppConfig(Resource):

@@ -1,6 +1,6 @@
-"""The reading room's HTML pages: login and logout, and a study with its
-series and reports (and the report form). The worklist is :mod:`.worklist`;
-the images are shown by OHIF (:mod:`.ohif`); each study links to it.
+"""The reading room's HTML pages: login and logout. The worklist is
+:mod:`.worklist`; a study opens on the reading screen (:mod:`.reading_screen`):
+its images in OHIF (:mod:`.ohif`) beside its report.
 
 Every GET here only reads.
 """
@@ -11,25 +11,20 @@ import math
 import re
 import secrets
 import unicodedata
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.logger import Logger
-from twisted.web.template import Tag, tags
+from twisted.web.template import tags
 
-from medd.viewer.contract import ReportView, SeriesView, UnknownObject
-from medd.viewer.reports import ReportError
-from medd.viewer.web.errors import NotLoggedIn, WebError
-from medd.viewer.web.layout import data, html, page
-from medd.viewer.web.ohif import viewer_url
-from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
-from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
+from medd.viewer.web.errors import NotLoggedIn
+from medd.viewer.web.layout import html, page
+from medd.viewer.web.serving import RoomResource, redirect, serve
+from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, check_csrf, check_origin,
                                      get_cookie, read_form, session_of, set_cookie)
 from medd.webresource import PROBLEM_JSON, Problem, Response, client_ip
 
 log = Logger()
 
-MAX_REPORT = 64 * 1024
-THUMBNAIL = 160
 
 
 # --- display ---------------------------------------------------------------------------------------
@@ -226,141 +221,3 @@ class LogoutAction(RoomResource):
                                                    peer=client_ip(request))
         set_cookie(request, SESSION_COOKIE, "", max_age=0)
         return redirect("/")
-
-
-# --- a study -----------------------------------------------------------------------------------------
-
-
-class StudiesResource(RoomResource):
-    def getChild(self, path, request):
-        uid = uid_child(path)
-        if uid is None:
-            return ErrorResource(404, "that is not a study UID")
-        return StudyPage(self.room, uid)
-
-
-class StudyPage(UidResource):
-    """``/studies/{uid}``: the study's series with their images, its reports and the report form."""
-
-    @property
-    def below(self):
-        return {b"report": ReportAction}
-
-    def render_GET(self, request):
-        return serve(request, self._get)
-
-    async def _get(self, request) -> Response:
-        session = await self.room.session(request)
-        try:
-            study = await self.room.reading_room.study(self.uid, session.user)
-        except UnknownObject as e:
-            raise WebError(404, f"there is no study {self.uid} in this viewer") from e
-        reports = await self.room.reading_room.reports(self.uid)
-        saved = (request.args.get(b"saved") or [b""])[0].decode("ascii", "replace")
-        name = patient_name(study.patient_name)
-        summary = tags.dl(
-            tags.dt("Patient"), tags.dd(name or "(no name)", class_="patient"),
-            tags.dt("Patient ID"), tags.dd(_text(study.patient_id)),
-            tags.dt("Study date"), tags.dd(display_date(study.study_date)),
-            tags.dt("Description"), tags.dd(_text(study.study_description)),
-            tags.dt("Centre"), tags.dd(study.centre),
-            tags.dt("Study UID"), tags.dd(self.uid, class_="uid"),
-            class_="summary",
-        )
-        series_sections = [self._series(self.uid, series) for series in study.series]
-        if not series_sections:
-            series_sections = [tags.p("This study has no images in this viewer.", class_="empty")]
-        report_section = self._reports(session, reports, saved)
-        return await html(200, page(f"Study of {name or self.uid}", session,
-                                    tags.h1("Study ", tags.span(name, class_="patient")), summary,
-                                    tags.p(tags.a("Open the images", href=viewer_url(self.uid),
-                                                  class_="button open-images")),
-                                    tags.div(tags.section(tags.h2("Series"), *series_sections, class_="series-list"),
-                                             report_section, class_="study-layout")))
-
-    @staticmethod
-    def _series(study_uid: str, series: SeriesView) -> Tag:
-        title = " · ".join(x for x in (
-            _text(series.modality),
-            f"Series {series.series_number}" if series.series_number else "",
-            _text(series.series_description),
-            f"{len(series.instances)} image(s)",
-        ) if x)
-        opened = sum(1 for i in series.instances if i.opened)
-        # The thumbnail is the node's rendering (DICOMweb's .../thumbnail): showing it opens no image.
-        thumbnail = (f"/dicomweb/studies/{quote(study_uid)}/series/{quote(series.series_uid or '')}/thumbnail"
-                     f"?viewport={THUMBNAIL},{THUMBNAIL}")
-        if series.series_uid is None:
-            thumbnail = "data:,"
-        return tags.section(
-            tags.a(tags.img(src=thumbnail, alt=f"series {series.series_number or ''}", loading="lazy",
-                            width=str(THUMBNAIL), height=str(THUMBNAIL)),
-                   href=viewer_url(study_uid), class_="thumbnail opened" if opened else "thumbnail",
-                   **data(series_uid=series.series_uid)),
-            tags.div(tags.h3(title), tags.p(f"{opened} of {len(series.instances)} opened by you", class_="caption")),
-            class_="series",
-        )
-
-    def _reports(self, session: Session, reports: list[ReportView], saved: str) -> Tag:
-        items = []
-        for r in reports:
-            items.append(tags.li(
-                tags.div(tags.strong(_text(r.author)), " · ", tags.time(_when(r.time)),
-                         " · signed" if r.verified else "", class_="meta"),
-                tags.pre(r.text, class_="report-text"),
-                class_="report",
-            ))
-        # A new report starts from the latest one: an addendum is an edit of it, signed again.
-        draft = reports[-1].text if reports else ""
-        notice = ""
-        if saved:
-            notice = tags.p("Report signed and sent to central.", class_="notice", role="status", id="report-saved")
-        return tags.section(
-            tags.h2("Report"),
-            notice,
-            tags.ol(*items, class_="reports", id="reports") if items else tags.p("No report yet.", class_="empty"),
-            tags.form(
-                tags.input(type="hidden", name=CSRF_FIELD, value=session.csrf),
-                tags.label("Report text", tags.textarea(draft, name="text", id="report-text", rows="12",
-                                                        required="required", maxlength=str(MAX_REPORT))),
-                tags.div(
-                    tags.span("Saving signs the report with your name and sends it to central.", class_="hint"),
-                    tags.button("Save and sign", type="submit", name="action", value="sign", id="report-sign"),
-                    class_="buttons",
-                ),
-                method="post", action=f"/studies/{quote(self.uid)}/report", class_="report-form",
-            ),
-            class_="report-panel",
-        )
-
-
-def _when(value: str | None) -> str:
-    return (value or "")[:19].replace("T", " ")
-
-
-class ReportAction(UidResource):
-    """``POST /studies/{uid}/report``: save the study's report, signed by the user (a Basic Text SR, sent to central)."""
-
-    isLeaf = True
-
-    def render_POST(self, request):
-        return serve(request, self._post)
-
-    async def _post(self, request) -> Response:
-        form = await read_form(self.room.api.run_blocking, request)
-        session = await self.room.session(request)
-        check_csrf(request, session, form)
-        text = form.get("text", "").replace("\r\n", "\n").strip()
-        if not text:
-            raise WebError(400, "the report is empty; write the report before saving it")
-        if len(text) > MAX_REPORT:
-            raise WebError(413, f"the report is longer than {MAX_REPORT} characters")
-        try:
-            report_uid = await self.room.reading_room.save_report(self.uid, session.user, text)
-        except UnknownObject as e:
-            raise WebError(404, f"there is no study {self.uid} in this viewer") from e
-        except ReportError as e:
-            raise WebError(400, f"the report was refused: {e}") from e
-        log.info("report {report} on study {study} signed by {user}", report=report_uid, study=self.uid,
-                 user=session.user)
-        return redirect(f"/studies/{quote(self.uid)}?saved=signed#report-saved")
