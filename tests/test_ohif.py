@@ -253,7 +253,8 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
     """/ohif/... is OHIF's page for a logged-in user, with a Content-Security-Policy that allows only this site,
     its own inline scripts (by hash) and WebAssembly, and without the service worker; app-config.js points the
     data source at this node's /dicomweb; the bundle's assets come with the media types their loaders check.
-    A STOW-RS from the reading-room session is refused: the viewer stores nothing over DICOMweb."""
+    A STOW-RS from the session but not from the reading room's own pages (no Origin, no Sec-Fetch-Site) is
+    refused (tests/test_measurements.py has the rest)."""
     _ohif_or_skip()
     base = room_site.base
 
@@ -272,6 +273,6 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
         assert requests.get(base + "/sw.js").status_code == 404
         stow = s.post(base + "/dicomweb/studies", data=b"--x--",
                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
-        assert stow.status_code == 403 and "only from central" in stow.json()["detail"]
+        assert stow.status_code == 403 and "reading room's own pages" in stow.json()["detail"]
 
     await deferToThread(check)

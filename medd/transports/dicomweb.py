@@ -158,8 +158,10 @@ def split_multipart(content, boundary: str) -> list[Part]:
     return parts
 
 
-# What a viewer may store: the objects it makes (a GSPS overlay, an SR report).
+# What a viewer, or a radiologist saving measurements from the reading room, may store: the objects they
+# make (a GSPS overlay, an SR report), never an image.
 VIEWER_OBJECT_TYPES = ("overlay", "report")
+RESULT_MAKERS = ("viewer", "radiologist")
 
 
 def object_type_of(sop_class_uid: str | None) -> str:
@@ -710,15 +712,16 @@ class DicomWebResource(ProblemResource):
         if not parts:
             raise Problem(400, "the request carries no instances", kind="malformed-multipart")
         sender = request.medd_access
-        if sender.role == "viewer":
-            # A viewer stores only what it makes itself; an image in its name is refused whole.
+        if sender.role in RESULT_MAKERS:
+            # A viewer or a radiologist stores only what they make; an image in their name is refused whole.
             others = [p for p in parts if object_type_of(p.sop_class_uid) not in VIEWER_OBJECT_TYPES]
             if others:
-                raise Problem(403, f"viewer {sender.who} may store only overlays and reports, and part "
+                raise Problem(403, f"{sender.role} {sender.who} may store only overlays and reports, and part "
                                    f"{others[0].number} is {object_type_of(others[0].sop_class_uid)}", kind="forbidden")
         peer = client_ip(request)
-        # A registered sender stores in its own name (its package address), as its packages are.
-        origin = sender.address or peer
+        # A registered sender stores in its own name (its package address), as its packages are; a radiologist
+        # in their user name.
+        origin = sender.address or (sender.who if sender.role == "radiologist" else None) or peer
         base = self._base(request)
         stored, failed, transient = [], [], 0
         for part in parts:

@@ -22,7 +22,8 @@ from medd.package import AttachmentId, build_package
 from medd.plugins.objecttypes import status_content
 from medd.storage.inbox import OpenedMark, StudyDetail, WorklistPage, WorklistQuery
 from medd.viewer.annotations import Annotation, AnnotationError
-from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
+from medd.viewer.contract import CannotAnnotate, IReadingRoom, OverlayView, ReportView, UnknownObject
+from medd.viewer.measurements import is_measurement_report, read_measurement_report
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
 from medd.viewer.throttling import LoginThrottle
@@ -32,6 +33,8 @@ __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
 
 # (user, image) pairs known to be recorded as opened, so that scrolling does not write to the database.
 MAX_SHOWN_REMEMBERED = 100_000
+# How a radiologist's measurement report reaches the inbox: OHIF's STOW-RS.
+MEASUREMENT_TRANSPORTS = ("http", "https")
 
 
 @implementer(IReadingRoom)
@@ -163,6 +166,76 @@ class ReadingRoom:
         attachment = AttachmentId.of("overlay", uid=overlay_uid, image_uid=image_uid)
         await self._send(content, attachment, record, store_locally=True)
         self.log.info("{user} saved overlay {uid} on {image}", user=user, uid=overlay_uid, image=image_uid)
+        return overlay_uid
+
+    async def measurements_saved(self, report) -> list[str]:
+        """A radiologist saved a measurement report (OHIF's SR, stored over STOW-RS as ``report``, an index
+        record): send central one GSPS per image it draws on, each superseding the image's previous overlay,
+        and an empty one (a withdrawal) for each image that the study's previous measurement report drew on
+        and this one no longer does. Returns the new overlays' UIDs.
+
+        Nothing is lost: every version stays stored here and on central, which marks the newest current."""
+        data = await self.ingest.read_blob(report.digest)
+        if not await self.ingest.run_blocking(is_measurement_report, data):
+            return []
+        drawn = await self.ingest.run_blocking(read_measurement_report, data)
+        if drawn.skipped:
+            self.log.warn("measurement report {uid}: {n} 3D coordinates not sent as overlays", uid=report.sop_instance_uid,
+                          n=drawn.skipped)
+        withdrawn = []
+        previous = await self._previous_measurements(report)
+        if previous is not None:
+            before = await self.ingest.run_blocking(read_measurement_report,
+                                                    await self.ingest.read_blob(previous.digest))
+            withdrawn = [uid for uid in before.annotations if uid not in drawn.annotations]
+        user = report.origin
+        out = []
+        for image_uid, drawing in [*drawn.annotations.items(), *((uid, []) for uid in withdrawn)]:
+            try:
+                out.append(await self._overlay_version(image_uid, user, drawing, report.sop_instance_uid))
+            except (UnknownObject, AnnotationError, CannotAnnotate) as e:
+                self.log.warn("measurement report {uid}: no overlay on {image}: {why}", uid=report.sop_instance_uid,
+                              image=image_uid, why=str(e))
+        return out
+
+    async def _previous_measurements(self, report):
+        """The study's newest measurement report saved before ``report`` from the reading room, or None."""
+        reports = [r.uid for r in await self.inbox.reports_of(report.study_instance_uid)]  # in the order stored
+        earlier = reports[: reports.index(report.sop_instance_uid)] if report.sop_instance_uid in reports else reports
+        for uid in reversed(earlier):
+            record = await self.inbox.record(uid)
+            if record is not None and record.transport in MEASUREMENT_TRANSPORTS:
+                data = await self.ingest.read_blob(record.digest)
+                if await self.ingest.run_blocking(is_measurement_report, data):
+                    return record
+        return None
+
+    async def _overlay_version(self, image_uid: str, user: str, annotations: list[Annotation], source: str) -> str:
+        """A GSPS of ``annotations`` on the image (none: a withdrawal), stored here and queued for central as the
+        next version of the image's newest overlay (``supersedes=`` in its Medd-Attachment)."""
+        record = await self._record(image_uid)
+        if record.object_type != "image" or record.media_type != "application/dicom":
+            raise AnnotationError(f"{image_uid} is not an image")
+        earlier = await self.inbox.overlays_of(image_uid)
+        if not annotations and not earlier:
+            raise AnnotationError("there is no overlay to withdraw")
+        image = await self.ingest.read_blob(record.digest)
+        overlay_uid = str(hd.UID())
+        at = self.now()
+
+        def build():
+            data = build_presentation_state(image, annotations, user=user, overlay_uid=overlay_uid,
+                                            device=self.node_name, when=at, withdrawal=not annotations)
+            return parse_part10(data)
+
+        content = await self.ingest.run_blocking(build)
+        params = {"uid": overlay_uid, "image_uid": image_uid}
+        if earlier:
+            params["supersedes"] = earlier[-1].uid
+        await self._send(content, AttachmentId.of("overlay", **params), record, store_locally=True)
+        self.log.info("{user} saved overlay {uid} on {image} from measurement report {source} ({what})", user=user,
+                      uid=overlay_uid, image=image_uid, source=source,
+                      what=f"{len(annotations)} annotations" if annotations else "withdrawal")
         return overlay_uid
 
     async def overlays(self, image_uid: str) -> list[OverlayView]:
