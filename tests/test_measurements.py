@@ -9,6 +9,7 @@ test (tests/test_ohif.py) saves one from OHIF itself.
 from __future__ import annotations
 
 import io
+import json
 import uuid
 
 import highdicom as hd
@@ -16,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest_twisted
 import requests
+from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from twisted.internet.threads import deferToThread
 
@@ -186,3 +188,55 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
     assert float(graphic.GraphicData[0]) == BOX[0][0] + 5
 
 
+
+
+METADATA_FILES = ["CT_small.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "MR_small.dcm"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_metadata_cache_serves_what_parsing_would(make_central):
+    """Each object's WADO-RS metadata is cached on the viewer as it is stored, and is JSON-equal to the
+    metadata parsed from the stored object (single- and multi-frame, native, RLE and JPEG 2000); a series'
+    metadata is served from the cache, and an object whose cache row is missing is parsed and cached again."""
+    from sqlalchemy import delete, select
+
+    from medd.dicomjson import metadata_of
+    from medd.storage.viewer_tables import object_metadata
+    from tests.test_viewer import _central_and_viewer
+
+    _, viewer, _ = await _central_and_viewer(make_central)
+    await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
+    records = []
+    for n, name in enumerate(METADATA_FILES, 1):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.78.{n}"
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.79.{n}"
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77"  # one study, one series per file
+        stored = await viewer.ingest.receive_dicom(_part10(ds), transport="pull", origin="central@central")
+        records.append(await viewer.index.object_by_uid(stored.uid))
+    cache = viewer.viewer.metadata_cache
+    cached = await cache.documents([r.digest for r in records])
+    assert set(cached) == {r.digest for r in records}
+    for record in records:
+        parsed = metadata_of(await viewer.ingest.read_blob(record.digest))
+        assert json.loads(cached[record.digest]) == parsed, record.sop_instance_uid
+        assert "7FE00010" not in parsed
+    multi = records[1]
+    assert json.loads(cached[multi.digest])["00280008"]["Value"] == [int(pydicom.dcmread(
+        get_testdata_file("SC_rgb_rle_2frame.dcm")).NumberOfFrames)]
+
+    await viewer.database.run(lambda c: c.execute(delete(object_metadata).where(
+        object_metadata.c.digest == multi.digest)))
+    base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
+
+    def fetch():
+        s = _login(base, "dr-lee", "correct horse")
+        return [s.get(f"{base}/dicomweb/studies/{r.study_instance_uid}/series/{r.series_instance_uid}/metadata").json()
+                for r in records]
+
+    served = await deferToThread(fetch)
+    for record, (document,) in zip(records, served):
+        assert document == metadata_of(await viewer.ingest.read_blob(record.digest))
+    refilled = await viewer.database.run(lambda c: c.execute(select(object_metadata.c.document).where(
+        object_metadata.c.digest == multi.digest)).scalar())
+    assert json.loads(refilled) == served[1][0]

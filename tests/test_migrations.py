@@ -19,7 +19,7 @@ from medd.storage.schema import all_tables
 from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
 
-HEAD = "0011_readers"
+HEAD = "0012_metadata_cache"
 
 
 def _upgrade(url: str) -> migrate.SchemaState:
@@ -196,9 +196,9 @@ def test_new_revision_script(tmp_path):
         path = migrate.new_revision("Add study notes!", autogenerate=True, script_location=scripts)
     finally:
         metadata.remove(notes)
-    assert path == scripts / "versions" / "0012_add_study_notes.py"
+    assert path == scripts / "versions" / "0013_add_study_notes.py"
     written = path.read_text()
-    assert "revision = '0012_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
+    assert "revision = '0013_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
     assert "op.create_table('study_notes'" in written
 
 

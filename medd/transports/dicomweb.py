@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from medd.dicomjson import metadata_json, metadata_of  # noqa: F401 (metadata_of: the parsed form, for tests)
 from medd.frames import FrameError, parse_accept, read_frames
 from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
@@ -71,6 +72,8 @@ MAX_STOW_PARTS = 10_000
 # The frame list of a WADO-RS frames request (".../frames/1,2,3") in a route's shape.
 FRAME_LIST = "<frames>"
 MAX_FRAMES_PER_REQUEST = 1000
+# WADO-RS metadata: instances looked up in the metadata cache per query.
+METADATA_BATCH = 100
 # Thumbnails: the side of the square they fit in, unless the client asks (viewport=w,h) within these.
 THUMBNAIL_SIZE = 128
 THUMBNAIL_SIZES = (16, 1024)
@@ -258,22 +261,6 @@ def instance_dataset(record: ObjectRecord, base: str) -> Dataset:
 
 def dicom_json(datasets) -> list[dict]:
     return [ds.to_json_dict(suppress_invalid_tags=True) for ds in datasets]
-
-
-def metadata_of(data: bytes) -> dict:
-    """Blocking: the dicom+json of a stored object, without its pixel data."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    document = ds.to_json_dict(suppress_invalid_tags=True)
-    # The stored transfer syntax, which viewers read to decode the frames (PS3.18 F.2.7).
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax:
-        document["00020010"] = {"vr": "UI", "Value": [str(syntax)]}
-    return document
-
-
-def metadata_json(data: bytes) -> bytes:
-    """Blocking: :func:`metadata_of` encoded as JSON."""
-    return json.dumps(metadata_of(data)).encode("utf-8")
 
 
 # --- QIDO-RS query parameters ----------------------------------------------------------------
@@ -617,7 +604,8 @@ class DicomWebResource(ProblemResource):
 
     async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
                         who: str):
-        """The dicom+json of each instance without its pixel data, streamed one stored object at a time."""
+        """The dicom+json of each instance without its pixel data, streamed a batch at a time: from the node's
+        metadata cache where it keeps one, else parsed from the stored object (and then cached)."""
         records = await self._instances(study, series, sop)
         await self._audit_retrieve(request, who, records, "metadata")
         gone = []
@@ -627,16 +615,25 @@ class DicomWebResource(ProblemResource):
         flow = _Flow()
         request.registerProducer(flow, True)
         try:
-            for i, record in enumerate(records):
-                await flow.ready()
-                if gone or flow.stopped:
-                    return None
-                data = await self.api.queries.read_blob(record.digest)
-                document = await self.api.run_blocking(metadata_json, data)
-                if gone:
-                    return None
-                request.write((b"[" if i == 0 else b",") + document)
-            request.write(b"]")
+            first = True
+            for start in range(0, len(records), METADATA_BATCH):
+                batch = records[start:start + METADATA_BATCH]
+                cached = await self.api.queries.cached_metadata([r.digest for r in batch])
+                made = {}
+                for record in batch:
+                    await flow.ready()
+                    if gone or flow.stopped:
+                        return None
+                    document = cached.get(record.digest) or made.get(record.digest)
+                    if document is None:
+                        data = await self.api.queries.read_blob(record.digest)
+                        document = made[record.digest] = await self.api.run_blocking(metadata_json, data)
+                    if gone:
+                        return None
+                    request.write((b"[" if first else b",") + document)
+                    first = False
+                await self.api.queries.cache_metadata(made)
+            request.write(b"[]" if first else b"]")
         except Exception:
             log.failure("WADO-RS metadata of {uid} failed midway", uid=sop or series or study)
             if not gone:

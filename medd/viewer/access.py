@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import ensureDeferred
 
+from medd.dicomjson import metadata_json
 from medd.objects import SR_SOP_CLASS_PREFIX
 from medd.plugins.hookspecs import AccessClaim, AccessDecision, SenderClaim, hookimpl
 from medd.viewer.reading import MEASUREMENT_TRANSPORTS
@@ -29,9 +30,10 @@ OWN_TRANSPORTS = ("pull", "local")
 
 
 class ViewerAccess:
-    def __init__(self, reading_room, push_token: str | None = None):
+    def __init__(self, reading_room, push_token: str | None = None, metadata_cache=None):
         self.reading_room = reading_room
         self.push_token = push_token
+        self.metadata_cache = metadata_cache
 
     def _from_central(self, token: str | None) -> bool:
         return bool(self.push_token and token and hmac.compare_digest(token.encode(), self.push_token.encode()))
@@ -69,11 +71,18 @@ class ViewerAccess:
 
     @hookimpl
     def medd_object_stored(self, stored):
-        """A radiologist's measurement report (an SR stored over STOW-RS): its overlays go to central."""
+        """Every DICOM object's WADO-RS metadata is cached as it arrives; a radiologist's measurement report
+        (an SR stored over STOW-RS) sends its overlays to central."""
+        return ensureDeferred(self._stored(stored))
+
+    async def _stored(self, stored) -> None:
+        if self.metadata_cache is not None and stored.media_type == "application/dicom":
+            data = await self.reading_room.ingest.read_blob(stored.digest)
+            document = await self.reading_room.ingest.run_blocking(metadata_json, data)
+            await self.metadata_cache.put({stored.digest: document})
         if stored.object_type == "report" and stored.transport in MEASUREMENT_TRANSPORTS \
                 and (stored.sop_class_uid or "").startswith(SR_SOP_CLASS_PREFIX):
-            return ensureDeferred(self.reading_room.measurements_saved(stored))
-        return None
+            await self.reading_room.measurements_saved(stored)
 
     @hookimpl
     def medd_check_sender(self, claim: SenderClaim):

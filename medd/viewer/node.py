@@ -7,6 +7,7 @@ from twisted.application.service import MultiService
 from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
+from medd.storage.metadata_cache import MetadataCache
 from medd.storage.outgoing import OutgoingPackages
 from medd.viewer.outgoing import OutgoingService
 from medd.viewer.reading import ReadingRoom
@@ -29,6 +30,7 @@ class ViewerServices(MultiService):
         self.requestor = Requestor(self.client, node.ingest, self.settings, clock)
         self.requestor.setName("requestor")
         self.requestor.setServiceParent(self)
+        self.metadata_cache = MetadataCache(node.database, clock)
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
                                         self.outgoing, node.config.name, self.settings, clock, audit=node.audit)
 
