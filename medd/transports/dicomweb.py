@@ -11,7 +11,6 @@ hook with the claimant's name.
 from __future__ import annotations
 
 import io
-import json
 import re
 import uuid
 from dataclasses import dataclass
