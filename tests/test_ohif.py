@@ -276,3 +276,72 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
         assert stow.status_code == 403 and "reading room's own pages" in stow.json()["detail"]
 
     await deferToThread(check)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_length_saved_in_ohif_reaches_central_and_comes_back(make_central):
+    """dr-lee draws a length on a CT in OHIF and saves it (OHIF's "Create SR"): OHIF stores its SR over the
+    viewer's STOW-RS, the viewer sends central a GSPS on that image, so central's GET /api/objects/{uid}
+    shows the overlay attached to the image (current, from this viewer) with the length's two points; the
+    image is opened by dr-lee too. Reopening the study, the saved SR is listed and its measurement is back."""
+    _browser_or_skip()
+    _ohif_or_skip()
+    from tests.test_routing import _with_recipient
+    from tests.test_viewer import VIEWER, _central_and_viewer, _history, _local, _send_to_viewer
+
+    central, viewer, admin = await _central_and_viewer(make_central)
+    await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
+    ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
+    await _send_to_viewer(central, viewer, ct)
+    base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
+    shots = os.environ.get("MEDD_SCREENSHOTS")
+
+    def scenario(page):
+        _browser_login(page, "dr-lee", "correct horse")
+        page.goto(f"/ohif/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}")
+        page.wait_for_selector(".cornerstone-canvas", timeout=60_000)
+        _dismiss_notices(page)
+        page.locator('[data-cy="Length-btn"]').click()
+        box = page.locator(".cornerstone-canvas").first.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=10)
+        page.mouse.up()
+        page.get_by_text("Track measurements for this series?").wait_for()
+        page.get_by_role("button", name="Yes", exact=True).click()
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()
+        page.get_by_role("button", name="Create SR").click()
+        dialog = page.locator("[role=dialog]")
+        dialog.locator("input").fill("Lengths")
+        with page.expect_response(lambda r: r.request.method == "POST" and "/dicomweb/studies" in r.url) as stow:
+            dialog.get_by_role("button", name="Save").click()
+        saved = stow.value.status, stow.value.request.headers.get("content-type", "")
+        # Reopened: the saved report is one of the study's series; shown, its length is back.
+        page.goto(f"/ohif/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}")
+        page.wait_for_selector(".cornerstone-canvas", timeout=60_000)
+        page.get_by_text("Lengths").first.dblclick()
+        page.get_by_text(re.compile(r"\d+\.\d+ mm")).first.wait_for(timeout=30_000)
+        shown = page.locator("body").inner_text()
+        if shots:
+            page.screenshot(path=os.path.join(shots, "ohif-measurement.png"))
+        return saved, shown
+
+    (status, content_type), shown = await deferToThread(_drive_ohif, base, scenario)
+    assert status == 200 and content_type.startswith("multipart/related")
+    reports = [r for r in await viewer.reading_room.inbox.reports_of(ct.StudyInstanceUID)]
+    (report,) = [await _local(viewer, r.uid) for r in reports]
+    assert report.origin == "dr-lee" and report.transport == "http"
+    length = re.search(r"(\d+\.\d+) mm", shown).group(1)
+    await viewer.viewer.outgoing.kick()
+    await central.routing.router.kick()
+    history = await _history(central, admin, ct.SOPInstanceUID)
+    (overlay,) = history["overlays"]
+    assert overlay["origin"] == VIEWER and overlay["current"] and overlay["supersedes"] is None
+    gsps = pydicom.dcmread(BytesIO(await central.ingest.read_blob((await _local(central, overlay["uid"])).digest)))
+    (item,) = gsps.GraphicAnnotationSequence
+    assert item.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ct.SOPInstanceUID
+    (line,) = item.GraphicObjectSequence
+    assert line.GraphicType == "POLYLINE" and line.NumberOfGraphicPoints == 2
+    # The GSPS labels the line with its length from the image's pixel spacing: the length OHIF showed.
+    label = " ".join(t.UnformattedTextValue for t in item.TextObjectSequence)
+    assert f"{float(length):.1f} mm" in label, (label, length)
