@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThread
 from medd.viewer.measurements import read_measurement_report
 from medd.viewer.overlays import build_presentation_state
 from medd.viewer.users import add_user
+from medd.viewer.web.session import csrf_token
 from tests.conftest import listener_port
 from tests.test_reading_room import _login
 from tests.test_routing import _with_recipient
@@ -186,6 +187,24 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
     gsps = pydicom.dcmread(io.BytesIO(await central.ingest.read_blob(moved.digest)))
     (graphic,) = [g for item in gsps.GraphicAnnotationSequence for g in item.GraphicObjectSequence]
     assert float(graphic.GraphicData[0]) == BOX[0][0] + 5
+
+    # Deleted in the reading room: with the session's CSRF token only, an empty version for what is still drawn.
+    def withdraw():
+        s = _login(base, "dr-lee", "correct horse")
+        url = f"{base}/studies/{ct.StudyInstanceUID}/withdraw-measurements"
+        forged = s.post(url)
+        token = csrf_token(s.cookies["medd_session"])
+        return forged, s.post(url, headers={"X-CSRF-Token": token}), s.post(url, headers={"X-CSRF-Token": token})
+
+    forged, withdrawn, again = await deferToThread(withdraw)
+    assert forged.status_code == 403
+    assert withdrawn.status_code == 200 and len(withdrawn.json()["withdrawn"]) == 1, withdrawn.text
+    assert again.json()["withdrawn"] == []  # nothing left to withdraw
+    await viewer.viewer.outgoing.kick()
+    await central.routing.router.kick()
+    versions = (await _history(central, admin, ct.SOPInstanceUID))["overlays"]
+    assert [v["current"] for v in versions] == [False, False, True]
+    assert versions[2]["uid"] == withdrawn.json()["withdrawn"][0] and versions[2]["supersedes"] == new["uid"]
 
 
 

@@ -198,6 +198,25 @@ class ReadingRoom:
                               image=image_uid, why=str(e))
         return out
 
+    async def withdraw_measurements(self, study_uid: str, user: str) -> list[str]:
+        """``user`` deleted the study's measurements: each image whose newest overlay still draws something gets
+        an empty new version (a withdrawal) on central. Returns the withdrawals' UIDs (none if nothing was drawn)."""
+        study = await self.study(study_uid)
+        out = []
+        for series in study.series:
+            for instance in series.instances:
+                if await self._newest_overlay_draws(instance.uid):
+                    out.append(await self._overlay_version(instance.uid, user, [], "(deleted in the reading room)"))
+        return out
+
+    async def _newest_overlay_draws(self, image_uid: str) -> bool:
+        """Whether the image's newest overlay has annotations (it is not a withdrawal), False without one."""
+        earlier = await self.inbox.overlays_of(image_uid)
+        if not earlier:
+            return False
+        data = await self.ingest.read_blob(earlier[-1].digest)
+        return bool((await self.ingest.run_blocking(read_presentation_state, data)).annotations)
+
     async def _previous_measurements(self, report):
         """The study's newest measurement report saved before ``report`` from the reading room, or None."""
         reports = [r.uid for r in await self.inbox.reports_of(report.study_instance_uid)]  # in the order stored
@@ -216,9 +235,9 @@ class ReadingRoom:
         record = await self._record(image_uid)
         if record.object_type != "image" or record.media_type != "application/dicom":
             raise AnnotationError(f"{image_uid} is not an image")
+        if not annotations and not await self._newest_overlay_draws(image_uid):
+            raise AnnotationError("there is no overlay to withdraw (none, or already withdrawn)")
         earlier = await self.inbox.overlays_of(image_uid)
-        if not annotations and not earlier:
-            raise AnnotationError("there is no overlay to withdraw")
         image = await self.ingest.read_blob(record.digest)
         overlay_uid = str(hd.UID())
         at = self.now()

@@ -20,6 +20,7 @@ from medd.viewer.contract import ReportView, SeriesView, StudyRow, UnknownObject
 from medd.viewer.reports import ReportError
 from medd.viewer.web.errors import NotLoggedIn, WebError
 from medd.viewer.web.layout import data, html, page
+from medd.viewer.web.measurements import WithdrawMeasurements
 from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, redirect, serve, uid_child
 from medd.viewer.web.session import (CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, Session, check_csrf, check_origin,
@@ -377,7 +378,7 @@ class StudyPage(UidResource):
 
     @property
     def below(self):
-        return {b"report": ReportAction}
+        return {b"report": ReportAction, b"withdraw-measurements": WithdrawMeasurements}
 
     def render_GET(self, request):
         return serve(request, self._get)
