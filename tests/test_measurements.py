@@ -100,6 +100,18 @@ def test_a_measurement_report_becomes_a_presentation_state_per_image():
     assert "GraphicAnnotationSequence" not in empty and "withdrawn" in empty.ContentDescription
 
 
+async def deliver(central, viewer, ds: pydicom.Dataset) -> None:
+    """C-STORE ``ds`` to central, route it to the viewer and have the viewer pull it: in its inbox after the
+    kick, whether the kick's pass or a poll of the viewer's own (on the reactor) fetched it."""
+    from tests.test_routing import _cstore
+    from tests.test_viewer import _local
+
+    assert await deferToThread(_cstore, listener_port(central, "dicom"), [ds]) == [0]
+    await central.routing.router.kick()
+    assert (await viewer.viewer.requestor.kick()).error is None
+    assert await _local(viewer, ds.SOPInstanceUID) is not None
+
+
 def _stow(session, base: str, parts: list[bytes], headers: dict | None = None) -> requests.Response:
     boundary = uuid.uuid4().hex
     body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
@@ -115,14 +127,14 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
     A saved report is stored on the viewer (QIDO-RS and WADO-RS serve it) and each image it draws on gets an
     overlay on central. Saving again makes a new version that supersedes the old one (both kept, the newest
     current); a report that no longer draws on an image withdraws its overlay with an empty version."""
-    from tests.test_viewer import VIEWER, _central_and_viewer, _history, _local, _send_to_viewer
+    from tests.test_viewer import VIEWER, _central_and_viewer, _history, _local
 
     central, viewer, admin = await _central_and_viewer(make_central)
     await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
     ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
     other = _with_recipient("CT_small.dcm", recipient=VIEWER, uid_suffix=".7")
-    await _send_to_viewer(central, viewer, ct)
-    await _send_to_viewer(central, viewer, other)
+    await deliver(central, viewer, ct)
+    await deliver(central, viewer, other)
     base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
     first = measurement_report([(ct, "POLYLINE", BOX), (other, "ELLIPSE", ELLIPSE)])
     same_site = {"Origin": base, "Sec-Fetch-Site": "same-origin"}
