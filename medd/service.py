@@ -82,7 +82,9 @@ class NodeService(MultiService):
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
-            plugins.manager.register(ViewerAccess(self.reading_room, self.viewer.settings.push_token), name="medd-viewer-access")
+            plugins.manager.register(ViewerAccess(self.reading_room, self.viewer.settings.push_token,
+                                                  metadata_cache=self.viewer.metadata_cache),
+                                     name="medd-viewer-access")
             from medd.viewer.settings import reading_room_settings
 
             ohif_dist = reading_room_settings(config).ohif_dist
@@ -105,7 +107,8 @@ class NodeService(MultiService):
                 self.web.mount(name, resource)
         web_resources = self.web.freeze()
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
-        queries = IndexQueries(self.index, self.ingest)
+        queries = IndexQueries(self.index, self.ingest,
+                               metadata_cache=self.viewer.metadata_cache if config.role == "viewer" else None)
         for key, endpoint in sorted(config.listen.items()):
             transport = plugins.transports[key]
             # A transport may share another's section (dicom_tls reads [dicom]).

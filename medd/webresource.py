@@ -173,12 +173,15 @@ def client_certificate_sha256(request) -> str | None:
 
 def access_claim(request, action: str, transport: str):
     """The :class:`~medd.plugins.hookspecs.AccessClaim` of a request: its bearer token,
-    client certificate and cookies (available once its headers are in)."""
+    client certificate, cookies and the headers that tell where a browser's request came from
+    (available once its headers are in)."""
     from medd.plugins.hookspecs import AccessClaim
 
     cookies = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.received_cookies.items()}
     return AccessClaim(action=action, transport=transport, peer=client_ip(request), credentials=bearer_token(request),
-                       cookies=cookies, certificate=client_certificate_sha256(request))
+                       cookies=cookies, certificate=client_certificate_sha256(request),
+                       origin=request.getHeader("origin"), host=request.getHeader("host"),
+                       fetch_site=request.getHeader("sec-fetch-site"))
 
 
 def media_type_of(request) -> tuple[str, dict[str, str]]:

@@ -251,7 +251,8 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
     """/ohif/... is OHIF's page for a logged-in user, with a Content-Security-Policy that allows only this site,
     its own inline scripts (by hash) and WebAssembly, and without the service worker; app-config.js points the
     data source at this node's /dicomweb; the bundle's assets come with the media types their loaders check.
-    A STOW-RS from the reading-room session is refused: the viewer stores nothing over DICOMweb."""
+    A STOW-RS from the session but not from the reading room's own pages (no Origin, no Sec-Fetch-Site) is
+    refused (tests/test_measurements.py has the rest)."""
     _ohif_or_skip()
     base = room_site.base
 
@@ -271,6 +272,170 @@ async def test_ohif_is_served_behind_the_login_with_its_policy_and_configuration
         assert requests.get(base + "/sw.js").status_code == 404
         stow = s.post(base + "/dicomweb/studies", data=b"--x--",
                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
-        assert stow.status_code == 403 and "only from central" in stow.json()["detail"]
+        assert stow.status_code == 403 and "reading room's own pages" in stow.json()["detail"]
 
     await deferToThread(check)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_length_saved_in_ohif_reaches_central_and_comes_back(make_central):
+    """dr-lee draws a length on a CT in OHIF and saves it (OHIF's "Create SR"): OHIF stores its SR over the
+    viewer's STOW-RS, the viewer sends central a GSPS on that image, so central's GET /api/objects/{uid}
+    shows the overlay attached to the image (current, from this viewer) with the length's two points; the
+    image is opened by dr-lee too. Reopening the study, the saved SR is listed and its measurement is back."""
+    _browser_or_skip()
+    _ohif_or_skip()
+    from tests.test_routing import _with_recipient
+    from tests.test_measurements import deliver
+    from tests.test_viewer import VIEWER, _central_and_viewer, _history, _local
+
+    central, viewer, admin = await _central_and_viewer(make_central)
+    await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
+    ct = _with_recipient("CT_small.dcm", recipient=VIEWER)
+    await deliver(central, viewer, ct)
+    base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
+    shots = os.environ.get("MEDD_SCREENSHOTS")
+
+    def scenario(page):
+        _browser_login(page, "dr-lee", "correct horse")
+        page.goto(f"/ohif/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}")
+        page.wait_for_selector(".cornerstone-canvas", timeout=60_000)
+        _dismiss_notices(page)
+        page.locator('[data-cy="Length-btn"]').click()
+        box = page.locator(".cornerstone-canvas").first.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=10)
+        page.mouse.up()
+        page.get_by_text("Track measurements for this series?").wait_for()
+        page.get_by_role("button", name="Yes", exact=True).click()
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()
+        page.get_by_role("button", name="Create SR").click()
+        dialog = page.locator("[role=dialog]")
+        dialog.locator("input").fill("Lengths")
+        with page.expect_response(lambda r: r.request.method == "POST" and "/dicomweb/studies" in r.url) as stow:
+            dialog.get_by_role("button", name="Save").click()
+        saved = stow.value.status, stow.value.request.headers.get("content-type", "")
+        # Reopened: the saved report is one of the study's series; shown, its length is back.
+        page.goto(f"/ohif/viewer?StudyInstanceUIDs={ct.StudyInstanceUID}")
+        page.wait_for_selector(".cornerstone-canvas", timeout=60_000)
+        page.get_by_text("Lengths").first.dblclick()
+        page.get_by_text(re.compile(r"\d+\.\d+ mm")).first.wait_for(timeout=30_000)
+        shown = page.locator("body").inner_text()
+        if shots:
+            page.screenshot(path=os.path.join(shots, "ohif-measurement.png"))
+        return saved, shown
+
+    (status, content_type), shown = await deferToThread(_drive_ohif, base, scenario)
+    assert status == 200 and content_type.startswith("multipart/related")
+    reports = [r for r in await viewer.reading_room.inbox.reports_of(ct.StudyInstanceUID)]
+    (report,) = [await _local(viewer, r.uid) for r in reports]
+    assert report.origin == "dr-lee" and report.transport == "http"
+    length = re.search(r"(\d+\.\d+) mm", shown).group(1)
+    await viewer.viewer.outgoing.kick()
+    await central.routing.router.kick()
+    history = await _history(central, admin, ct.SOPInstanceUID)
+    (overlay,) = history["overlays"]
+    assert overlay["origin"] == VIEWER and overlay["current"] and overlay["supersedes"] is None
+    gsps = pydicom.dcmread(BytesIO(await central.ingest.read_blob((await _local(central, overlay["uid"])).digest)))
+    (item,) = gsps.GraphicAnnotationSequence
+    assert item.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ct.SOPInstanceUID
+    (line,) = item.GraphicObjectSequence
+    assert line.GraphicType == "POLYLINE" and line.NumberOfGraphicPoints == 2
+    # The GSPS labels the line with its length from the image's pixel spacing: the length OHIF showed.
+    label = " ".join(t.UnformattedTextValue for t in item.TextObjectSequence)
+    assert f"{float(length):.1f} mm" in label, (label, length)
+
+
+def _shown_image(page, rows: int, columns: int) -> np.ndarray:
+    """The part of the viewport's screenshot (RGB) where OHIF drew the image: it fits the image to the viewport,
+    centred; the inner 80% of it, so that no edge or corner text counts."""
+    shot = np.asarray(Image.open(BytesIO(page.locator(".cornerstone-canvas").first.screenshot())).convert("RGB"),
+                      dtype=np.float64)
+    height, width = shot.shape[:2]
+    scale = min(width / columns, height / rows)
+    h, w = rows * scale, columns * scale
+    top, left = (height - h) / 2, (width - w) / 2
+    return shot[int(top + 0.1 * h):int(top + 0.9 * h), int(left + 0.1 * w):int(left + 0.9 * w)]
+
+
+def _expected(values: np.ndarray, shape) -> np.ndarray:
+    """pydicom's decoded values (H×W or H×W×3), resized to ``shape`` and cut to their inner 80% as shown."""
+    values = values.astype(np.float64)
+    rows, columns = values.shape[:2]
+    inner = values[int(0.1 * rows):int(0.9 * rows), int(0.1 * columns):int(0.9 * columns)]
+    channels = inner if inner.ndim == 3 else inner[..., None]
+    out = [np.asarray(Image.fromarray(channels[..., c].astype(np.float32), mode="F").resize((shape[1], shape[0])))
+           for c in range(channels.shape[2])]
+    return np.stack(out, axis=-1)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_palette_monochrome1_multiframe_and_jpeg2000_render_in_ohif(make_central):
+    """pydicom's palette-colour ultrasound, a MONOCHROME1 image (CT_small marked MONOCHROME1), a multi-frame RLE
+    RGB image and a JPEG 2000 image each open in OHIF and show pydicom's own decoding: the screenshot's pixels
+    correlate with it (the palette image in colour, channel by channel; MONOCHROME1 inverted, so that it
+    correlates negatively with the stored values)."""
+    _browser_or_skip()
+    _ohif_or_skip()
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    from tests.test_measurements import deliver
+    from tests.test_viewer import VIEWER, _central_and_viewer
+
+    central, viewer, _ = await _central_and_viewer(make_central)
+    await add_user(viewer.reading_room.accounts, "dr-lee", "correct horse")
+    cases = {}
+    for name in ("examples_palette.dcm", "CT_small.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.NamesOfIntendedRecipientsOfResults = VIEWER
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.8.498.90.{len(cases) + 1}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.91.{len(cases) + 1}"
+        if name == "CT_small.dcm":
+            ds.PhotometricInterpretation = "MONOCHROME1"
+        for keyword in ("WindowCenter", "WindowWidth"):  # OHIF then windows by the pixel range, as pydicom's is
+            if keyword in ds:
+                delattr(ds, keyword)
+        await deliver(central, viewer, ds)
+        pixels = ds.pixel_array
+        if name == "examples_palette.dcm":
+            pixels = apply_color_lut(pixels, ds)
+        elif name == "SC_rgb_rle_2frame.dcm":
+            pixels = pixels[0]
+        cases[name] = (ds.StudyInstanceUID, int(ds.Rows), int(ds.Columns), pixels)
+    base = f"http://127.0.0.1:{listener_port(viewer, 'http')}"
+
+    def scenario(page):
+        _browser_login(page, "dr-lee", "correct horse")
+        shown = {}
+        for n, (name, (study, rows, columns, _)) in enumerate(cases.items()):
+            page.goto(f"/ohif/viewer?StudyInstanceUIDs={study}")
+            page.wait_for_selector(".cornerstone-canvas", timeout=60_000)
+            if n == 0:
+                _dismiss_notices(page)
+            page.locator("[data-cy='viewport-overlay-bottom-right']").first.wait_for()
+            page.wait_for_timeout(1500)  # the frame drawn after it arrived
+            shown[name] = _shown_image(page, rows, columns)
+        return shown
+
+    shown = await deferToThread(_drive_ohif, base, scenario)
+    for name, (_, _, _, pixels) in cases.items():
+        expected = _expected(pixels, shown[name].shape[:2])
+        if expected.shape[2] == 3:
+            for c in range(3):
+                assert _correlation(shown[name][..., c], expected[..., c]) > 0.8, (name, c)
+            # In colour, not grey: the red-blue difference follows pydicom's too.
+            difference = _correlation(shown[name][..., 0] - shown[name][..., 2], expected[..., 0] - expected[..., 2])
+            assert difference > 0.8, (name, difference)
+        else:
+            grey = shown[name].mean(axis=2)
+            correlation = _correlation(grey, expected[..., 0])
+            if name == "CT_small.dcm":
+                assert correlation < -0.8, (name, correlation)  # MONOCHROME1: high values dark
+            else:
+                assert correlation > 0.8, (name, correlation)

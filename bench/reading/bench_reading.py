@@ -18,18 +18,25 @@ user, and headless Debian Chromium driven by Playwright in a worker thread.
 
 ``--latency S`` puts a TCP proxy in front of the node that holds every chunk
 for S seconds in each direction (so a request/response pays 2*S more).
+
+``--metadata-only`` skips the browser: it times the series' WADO-RS metadata
+request (what OHIF waits for before the first image) ``--reps`` times, wall
+and this process's CPU milliseconds (the node and a client that only reads
+the bytes). ``MEDD_TREE=DIR`` runs another checkout's medd (e.g. main, to
+compare before and after).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(os.environ.get("MEDD_TREE") or Path(__file__).resolve().parents[2]).resolve()
 sys.path.insert(0, str(REPO))
 
 CHROMIUM = "/usr/bin/chromium"
@@ -150,6 +157,28 @@ def drive(base: str, study_uid: str, slices: int) -> dict:
             browser.close()
 
 
+def time_metadata(base: str, stack, reps: int) -> dict:
+    """Blocking (a worker thread): the series metadata request ``reps`` times; wall and process CPU ms each."""
+    import re
+
+    import requests
+
+    s = requests.Session()
+    form = s.get(base + "/").text
+    nonce = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    s.post(base + "/login", data={"username": "bench", "password": "bench", "csrf": nonce}, allow_redirects=False)
+    url = f"{base}/dicomweb/studies/{stack[0].StudyInstanceUID}/series/{stack[0].SeriesInstanceUID}/metadata"
+    wall, cpu = [], []
+    for _ in range(reps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        r = s.get(url)
+        body = r.content
+        wall.append(round((time.perf_counter() - t0) * 1000, 1))
+        cpu.append(round((time.process_time() - c0) * 1000, 1))
+        assert r.status_code == 200 and body.count(b'"00080018"') == len(stack), (r.status_code, body[:200])
+    return {"metadata_wall_ms": wall, "metadata_cpu_ms": cpu, "bytes": len(body), "tree": str(REPO)}
+
+
 async def run(reactor, a) -> dict:
     from twisted.internet.threads import deferToThread
 
@@ -168,6 +197,8 @@ async def run(reactor, a) -> dict:
             ds.save_as(out, enforce_file_format=True)
             await node.ingest.receive_dicom(out.getvalue(), transport="pull", origin="central@bench.localhost")
         await add_user(node.reading_room.accounts, "bench", "bench")
+        if a.metadata_only:
+            return {"slices": a.slices, **await deferToThread(time_metadata, f"http://127.0.0.1:{a.port}", stack, a.reps)}
         port = a.port
         proxy = None
         if a.latency:
@@ -191,6 +222,8 @@ def main() -> int:
     p.add_argument("--slices", type=int, default=400)
     p.add_argument("--latency", type=float, default=0.0, help="seconds added each way by a delaying proxy")
     p.add_argument("--port", type=int, default=18091, help="the viewer's HTTP port (the proxy takes the next)")
+    p.add_argument("--metadata-only", action="store_true", help="time the series metadata request, no browser")
+    p.add_argument("--reps", type=int, default=5, help="metadata requests with --metadata-only")
     a = p.parse_args()
     if not Path(CHROMIUM).exists():
         print(f"{CHROMIUM} is missing: apt-get install chromium", file=sys.stderr)

@@ -192,9 +192,10 @@ def pixel_data_retrieved(manager, uid: str, who: str, peer: str | None) -> Defer
 class IndexQueries:
     """:class:`~medd.plugins.interfaces.IObjectQueries` over a node's object index and ingest."""
 
-    def __init__(self, index, ingest):
+    def __init__(self, index, ingest, metadata_cache=None):
         self._index = index
         self._ingest = ingest
+        self._metadata = metadata_cache  # a MetadataCache connector, on a node that keeps one (the viewer)
 
     def search_studies(self, matches, limit=100, offset=0) -> Deferred:
         return self._index.search_studies(matches, limit, offset)
@@ -210,3 +211,13 @@ class IndexQueries:
 
     def read_blob(self, digest) -> Deferred:
         return self._ingest.read_blob(digest)
+
+    def cached_metadata(self, digests) -> Deferred:
+        if self._metadata is None:
+            return succeed({})
+        return self._metadata.documents(digests)
+
+    def cache_metadata(self, documents) -> Deferred:
+        if self._metadata is None or not documents:
+            return succeed(None)
+        return self._metadata.put(documents)

@@ -131,7 +131,10 @@ class AccessClaim:
     ``certificate`` the SHA-256 (hex) of a TLS client certificate the peer
     presented and proved; ``cookies`` the request's cookies (a reading-room
     session); ``peer`` the client address. Writes are decided from the
-    request's headers, before its body is read.
+    request's headers, before its body is read. ``origin``, ``host`` and
+    ``fetch_site`` are the request's ``Origin``, ``Host`` and ``Sec-Fetch-Site``
+    headers, for a policy that admits a browser's cookie only from its own
+    pages (a CSRF defence).
     """
 
     action: str
@@ -140,6 +143,9 @@ class AccessClaim:
     credentials: Optional[str] = None
     cookies: Any = None
     certificate: Optional[str] = None
+    origin: Optional[str] = None
+    host: Optional[str] = None
+    fetch_site: Optional[str] = None
 
     @property
     def presented(self) -> bool:

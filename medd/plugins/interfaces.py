@@ -62,6 +62,13 @@ class IObjectQueries(Interface):
     def read_blob(digest):
         """The stored bytes of an object (restored from the archive if evicted)."""
 
+    def cached_metadata(digests):
+        """``{digest: WADO-RS metadata (dicom+json bytes)}`` for those objects whose metadata the node keeps
+        (:mod:`medd.dicomjson`); empty on a node without a metadata cache."""
+
+    def cache_metadata(documents):
+        """Keep ``{digest: dicom+json bytes}`` for :meth:`cached_metadata` (nothing on a node without a cache)."""
+
 
 class IBlobStore(Interface):
     """Durable, content-addressed storage for object bytes."""

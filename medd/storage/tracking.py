@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Connection
 
+from medd.package import AttachmentId
 from medd.storage.connector import Connector, aware
 from medd.storage.index import ObjectRecord, Receipt, object_by_uid
 from medd.storage.routing_tables import corrections, deliveries, delivery_events, quarantine, routing_decisions
@@ -89,6 +90,11 @@ class Attached:
     media_type: str
     origin: str
     received_at: datetime
+    #: An overlay's versions: the overlay it replaces (its sender's ``supersedes=``), and whether it is the
+    #: image's current version (no later overlay of the same sender replaces it). A withdrawal is a current
+    #: version without annotations.
+    supersedes: str | None = None
+    current: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,32 @@ class ObjectHistory:
 
 def _attached(r) -> Attached:
     return Attached(r.sop_instance_uid, r.media_type, r.origin, aware(r.received_at))
+
+
+def overlay_versions(conn: Connection, image_uid: str) -> tuple[Attached, ...]:
+    """The image's overlays, oldest first, each with the overlay it supersedes (from the ``Medd-Attachment`` of
+    the package that brought it) and whether it is current. Only an overlay from the same origin can be
+    superseded: one viewer cannot retire another's annotations."""
+    rows = list(conn.execute(
+        select(objects, receipts.c.attachment).select_from(
+            objects.outerjoin(receipts, receipts.c.uid == objects.c.sop_instance_uid))
+        .where(and_(objects.c.object_type == "overlay", objects.c.referenced_image_uid == image_uid))
+        .order_by(objects.c.id)))
+    origin_of = {r.sop_instance_uid: r.origin for r in rows}
+    supersedes = {}
+    for r in rows:
+        previous = AttachmentId.parse(r.attachment).get("supersedes") if r.attachment else None
+        if previous is not None and origin_of.get(previous) == r.origin:
+            supersedes[r.sop_instance_uid] = previous
+    retired = set(supersedes.values())
+    seen, out = set(), []
+    for r in rows:
+        if r.sop_instance_uid in seen:  # one object, several packages
+            continue
+        seen.add(r.sop_instance_uid)
+        out.append(Attached(r.sop_instance_uid, r.media_type, r.origin, aware(r.received_at),
+                            supersedes.get(r.sop_instance_uid), r.sop_instance_uid not in retired))
+    return tuple(out)
 
 
 def object_history(conn: Connection, uid: str) -> ObjectHistory | None:
@@ -138,9 +170,7 @@ def object_history(conn: Connection, uid: str) -> ObjectHistory | None:
     )
     overlays: tuple[Attached, ...] = ()
     if record.object_type == "image":
-        overlays = tuple(_attached(r) for r in conn.execute(
-            select(objects).where(and_(objects.c.object_type == "overlay", objects.c.referenced_image_uid == uid))
-            .order_by(objects.c.id)))
+        overlays = overlay_versions(conn, uid)
     reports = tuple(_attached(r) for r in conn.execute(
         select(objects).where(and_(objects.c.object_type == "report", objects.c.study_instance_uid == record.study_instance_uid))
         .order_by(objects.c.id)) if r.sop_instance_uid != uid)

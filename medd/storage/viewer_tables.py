@@ -86,3 +86,13 @@ viewer_report_sources = Table(
     Column("node", String(255), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
+
+# WADO-RS metadata of each stored object (its dicom+json without pixel data), by the blob's digest: written
+# at ingest (or the first time it is asked for), so that a series' metadata is one query, not a parse of
+# every object. A cache: a missing row is made again from the blob.
+object_metadata = Table(
+    "object_metadata",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("document", Text, nullable=False),
+)

@@ -11,7 +11,6 @@ hook with the claimant's name.
 from __future__ import annotations
 
 import io
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from medd.dicomjson import metadata_json, metadata_of  # noqa: F401 (metadata_of: the parsed form, for tests)
 from medd.frames import FrameError, parse_accept, read_frames
 from medd.ingest import Refused, StoreFailed
 from medd.objects import is_valid_uid
@@ -71,6 +71,8 @@ MAX_STOW_PARTS = 10_000
 # The frame list of a WADO-RS frames request (".../frames/1,2,3") in a route's shape.
 FRAME_LIST = "<frames>"
 MAX_FRAMES_PER_REQUEST = 1000
+# WADO-RS metadata: instances looked up in the metadata cache per query.
+METADATA_BATCH = 100
 # Thumbnails: the side of the square they fit in, unless the client asks (viewport=w,h) within these.
 THUMBNAIL_SIZE = 128
 THUMBNAIL_SIZES = (16, 1024)
@@ -158,8 +160,10 @@ def split_multipart(content, boundary: str) -> list[Part]:
     return parts
 
 
-# What a viewer may store: the objects it makes (a GSPS overlay, an SR report).
+# What a viewer, or a radiologist saving measurements from the reading room, may store: the objects they
+# make (a GSPS overlay, an SR report), never an image.
 VIEWER_OBJECT_TYPES = ("overlay", "report")
+RESULT_MAKERS = ("viewer", "radiologist")
 
 
 def object_type_of(sop_class_uid: str | None) -> str:
@@ -256,22 +260,6 @@ def instance_dataset(record: ObjectRecord, base: str) -> Dataset:
 
 def dicom_json(datasets) -> list[dict]:
     return [ds.to_json_dict(suppress_invalid_tags=True) for ds in datasets]
-
-
-def metadata_of(data: bytes) -> dict:
-    """Blocking: the dicom+json of a stored object, without its pixel data."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    document = ds.to_json_dict(suppress_invalid_tags=True)
-    # The stored transfer syntax, which viewers read to decode the frames (PS3.18 F.2.7).
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax:
-        document["00020010"] = {"vr": "UI", "Value": [str(syntax)]}
-    return document
-
-
-def metadata_json(data: bytes) -> bytes:
-    """Blocking: :func:`metadata_of` encoded as JSON."""
-    return json.dumps(metadata_of(data)).encode("utf-8")
 
 
 # --- QIDO-RS query parameters ----------------------------------------------------------------
@@ -615,7 +603,8 @@ class DicomWebResource(ProblemResource):
 
     async def _metadata(self, request, study: str, series: str | None = None, sop: str | None = None, *,
                         who: str):
-        """The dicom+json of each instance without its pixel data, streamed one stored object at a time."""
+        """The dicom+json of each instance without its pixel data, streamed a batch at a time: from the node's
+        metadata cache where it keeps one, else parsed from the stored object (and then cached)."""
         records = await self._instances(study, series, sop)
         await self._audit_retrieve(request, who, records, "metadata")
         gone = []
@@ -625,16 +614,25 @@ class DicomWebResource(ProblemResource):
         flow = _Flow()
         request.registerProducer(flow, True)
         try:
-            for i, record in enumerate(records):
-                await flow.ready()
-                if gone or flow.stopped:
-                    return None
-                data = await self.api.queries.read_blob(record.digest)
-                document = await self.api.run_blocking(metadata_json, data)
-                if gone:
-                    return None
-                request.write((b"[" if i == 0 else b",") + document)
-            request.write(b"]")
+            first = True
+            for start in range(0, len(records), METADATA_BATCH):
+                batch = records[start:start + METADATA_BATCH]
+                cached = await self.api.queries.cached_metadata([r.digest for r in batch])
+                made = {}
+                for record in batch:
+                    await flow.ready()
+                    if gone or flow.stopped:
+                        return None
+                    document = cached.get(record.digest) or made.get(record.digest)
+                    if document is None:
+                        data = await self.api.queries.read_blob(record.digest)
+                        document = made[record.digest] = await self.api.run_blocking(metadata_json, data)
+                    if gone:
+                        return None
+                    request.write((b"[" if first else b",") + document)
+                    first = False
+                await self.api.queries.cache_metadata(made)
+            request.write(b"[]" if first else b"]")
         except Exception:
             log.failure("WADO-RS metadata of {uid} failed midway", uid=sop or series or study)
             if not gone:
@@ -710,15 +708,16 @@ class DicomWebResource(ProblemResource):
         if not parts:
             raise Problem(400, "the request carries no instances", kind="malformed-multipart")
         sender = request.medd_access
-        if sender.role == "viewer":
-            # A viewer stores only what it makes itself; an image in its name is refused whole.
+        if sender.role in RESULT_MAKERS:
+            # A viewer or a radiologist stores only what they make; an image in their name is refused whole.
             others = [p for p in parts if object_type_of(p.sop_class_uid) not in VIEWER_OBJECT_TYPES]
             if others:
-                raise Problem(403, f"viewer {sender.who} may store only overlays and reports, and part "
+                raise Problem(403, f"{sender.role} {sender.who} may store only overlays and reports, and part "
                                    f"{others[0].number} is {object_type_of(others[0].sop_class_uid)}", kind="forbidden")
         peer = client_ip(request)
-        # A registered sender stores in its own name (its package address), as its packages are.
-        origin = sender.address or peer
+        # A registered sender stores in its own name (its package address), as its packages are; a radiologist
+        # in their user name.
+        origin = sender.address or (sender.who if sender.role == "radiologist" else None) or peer
         base = self._base(request)
         stored, failed, transient = [], [], 0
         for part in parts:

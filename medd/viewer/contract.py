@@ -138,6 +138,14 @@ class IReadingRoom(Interface):
     def overlays(image_uid):
         """The image's overlays, oldest first: a list of :class:`OverlayView`."""
 
+    def measurements_saved(report):
+        """A measurement report (SR, TID 1500) the radiologist saved over STOW-RS was stored (``report``, its
+        index record): send central one overlay version per image it draws on; the new overlays' UIDs."""
+
+    def withdraw_measurements(study_uid, user):
+        """``user`` deleted the study's measurements: an empty overlay version for each image whose newest
+        overlay draws something; their UIDs. :class:`UnknownObject` for a study not in the inbox."""
+
     def save_report(study_uid, user, text, kind="final"):
         """Store the text as the study's report (``kind``: preliminary, final or addendum) signed by ``user``
         and send it; its UID. :class:`ReportError` when that kind cannot be signed now."""

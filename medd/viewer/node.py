@@ -7,6 +7,7 @@ from twisted.application.service import MultiService
 from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
+from medd.storage.metadata_cache import MetadataCache
 from medd.storage.outgoing import OutgoingPackages
 from medd.storage.reporting import Reporting
 from medd.viewer.access import keep_report_sources
@@ -34,6 +35,7 @@ class ViewerServices(MultiService):
         reporting = Reporting(node.database, clock)
         room = reading_room_settings(node.config, check_files=False)
         node.ingest.package_with = keep_report_sources(reporting.keeper())
+        self.metadata_cache = MetadataCache(node.database, clock)
         self.reading_room = ReadingRoom(Inbox(node.database, clock), Accounts(node.database, clock), node.ingest,
                                         self.outgoing, node.config.name, self.settings, clock, audit=node.audit,
                                         room_settings=room, reporting=reporting, templates=room.templates)

@@ -122,11 +122,13 @@ def _reference_header(image: Dataset) -> Dataset:
 
 
 def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], *, user: str, overlay_uid: str,
-                             device: str, when: datetime | None = None) -> bytes:
+                             device: str, when: datetime | None = None, withdrawal: bool = False) -> bytes:
     """A GSPS (Part 10 bytes) annotating the image in ``image_bytes``; :class:`AnnotationError` for
     annotations that :func:`check_annotations` refuses or that name a frame the image does not have,
-    :class:`CannotAnnotate` for an image whose header a presentation state cannot be made from."""
-    annotations = check_annotations(annotations)
+    :class:`CannotAnnotate` for an image whose header a presentation state cannot be made from.
+
+    A ``withdrawal`` has no annotations: the new version of an overlay whose annotations were all deleted."""
+    annotations = [] if withdrawal else check_annotations(annotations)
     image = dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
     reference = _reference_header(image)
     frames = int(image.get("NumberOfFrames", 1) or 1)
@@ -166,9 +168,9 @@ def build_presentation_state(image_bytes: bytes, annotations: list[Annotation], 
             software_versions=__version__,
             device_serial_number=device[:64],
             content_label="MEDD_OVERLAY",
-            content_description=f"annotations by {user}"[:64],
-            graphic_annotations=items,
-            graphic_layers=list(layers.values()),
+            content_description=(f"annotations withdrawn by {user}" if withdrawal else f"annotations by {user}")[:64],
+            graphic_annotations=items or None,
+            graphic_layers=list(layers.values()) or None,
             content_creator_name=creator,
         )
     if when is not None:

@@ -23,7 +23,8 @@ from medd.plugins.objecttypes import status_content
 from medd.storage.inbox import OpenedMark, StudyDetail, StudyRow, WorklistPage, WorklistQuery
 from medd.storage.reporting import Reporting
 from medd.viewer.annotations import Annotation, AnnotationError
-from medd.viewer.contract import IReadingRoom, OverlayView, ReportDesk, ReportView, UnknownObject
+from medd.viewer.contract import CannotAnnotate, IReadingRoom, OverlayView, ReportDesk, ReportView, UnknownObject
+from medd.viewer.measurements import is_measurement_report, read_measurement_report
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
 from medd.viewer.settings import ReadingRoomSettings, default_templates
@@ -35,6 +36,8 @@ __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
 
 # (user, image) pairs known to be recorded as opened, so that scrolling does not write to the database.
 MAX_SHOWN_REMEMBERED = 100_000
+# How a radiologist's measurement report reaches the inbox: OHIF's STOW-RS.
+MEASUREMENT_TRANSPORTS = ("http", "https")
 
 
 @implementer(IReadingRoom)
@@ -227,6 +230,95 @@ class ReadingRoom:
         attachment = AttachmentId.of("overlay", uid=overlay_uid, image_uid=image_uid)
         await self._send(content, attachment, record, store_locally=True)
         self.log.info("{user} saved overlay {uid} on {image}", user=user, uid=overlay_uid, image=image_uid)
+        return overlay_uid
+
+    async def measurements_saved(self, report) -> list[str]:
+        """A radiologist saved a measurement report (OHIF's SR, stored over STOW-RS as ``report``, an index
+        record): send central one GSPS per image it draws on, each superseding the image's previous overlay,
+        and an empty one (a withdrawal) for each image that the study's previous measurement report drew on
+        and this one no longer does. Returns the new overlays' UIDs.
+
+        Nothing is lost: every version stays stored here and on central, which marks the newest current."""
+        data = await self.ingest.read_blob(report.digest)
+        if not await self.ingest.run_blocking(is_measurement_report, data):
+            return []
+        drawn = await self.ingest.run_blocking(read_measurement_report, data)
+        if drawn.skipped:
+            self.log.warn("measurement report {uid}: {n} 3D coordinates not sent as overlays", uid=report.sop_instance_uid,
+                          n=drawn.skipped)
+        withdrawn = []
+        previous = await self._previous_measurements(report)
+        if previous is not None:
+            before = await self.ingest.run_blocking(read_measurement_report,
+                                                    await self.ingest.read_blob(previous.digest))
+            withdrawn = [uid for uid in before.annotations if uid not in drawn.annotations]
+        user = report.origin
+        out = []
+        for image_uid, drawing in [*drawn.annotations.items(), *((uid, []) for uid in withdrawn)]:
+            try:
+                out.append(await self._overlay_version(image_uid, user, drawing, report.sop_instance_uid))
+            except (UnknownObject, AnnotationError, CannotAnnotate) as e:
+                self.log.warn("measurement report {uid}: no overlay on {image}: {why}", uid=report.sop_instance_uid,
+                              image=image_uid, why=str(e))
+        return out
+
+    async def withdraw_measurements(self, study_uid: str, user: str) -> list[str]:
+        """``user`` deleted the study's measurements: each image whose newest overlay still draws something gets
+        an empty new version (a withdrawal) on central. Returns the withdrawals' UIDs (none if nothing was drawn)."""
+        study = await self.study(study_uid)
+        out = []
+        for series in study.series:
+            for instance in series.instances:
+                if await self._newest_overlay_draws(instance.uid):
+                    out.append(await self._overlay_version(instance.uid, user, [], "(deleted in the reading room)"))
+        return out
+
+    async def _newest_overlay_draws(self, image_uid: str) -> bool:
+        """Whether the image's newest overlay has annotations (it is not a withdrawal), False without one."""
+        earlier = await self.inbox.overlays_of(image_uid)
+        if not earlier:
+            return False
+        data = await self.ingest.read_blob(earlier[-1].digest)
+        return bool((await self.ingest.run_blocking(read_presentation_state, data)).annotations)
+
+    async def _previous_measurements(self, report):
+        """The study's newest measurement report saved before ``report`` from the reading room, or None."""
+        reports = [r.uid for r in await self.inbox.reports_of(report.study_instance_uid)]  # in the order stored
+        earlier = reports[: reports.index(report.sop_instance_uid)] if report.sop_instance_uid in reports else reports
+        for uid in reversed(earlier):
+            record = await self.inbox.record(uid)
+            if record is not None and record.transport in MEASUREMENT_TRANSPORTS:
+                data = await self.ingest.read_blob(record.digest)
+                if await self.ingest.run_blocking(is_measurement_report, data):
+                    return record
+        return None
+
+    async def _overlay_version(self, image_uid: str, user: str, annotations: list[Annotation], source: str) -> str:
+        """A GSPS of ``annotations`` on the image (none: a withdrawal), stored here and queued for central as the
+        next version of the image's newest overlay (``supersedes=`` in its Medd-Attachment)."""
+        record = await self._record(image_uid)
+        if record.object_type != "image" or record.media_type != "application/dicom":
+            raise AnnotationError(f"{image_uid} is not an image")
+        if not annotations and not await self._newest_overlay_draws(image_uid):
+            raise AnnotationError("there is no overlay to withdraw (none, or already withdrawn)")
+        earlier = await self.inbox.overlays_of(image_uid)
+        image = await self.ingest.read_blob(record.digest)
+        overlay_uid = str(hd.UID())
+        at = self.now()
+
+        def build():
+            data = build_presentation_state(image, annotations, user=user, overlay_uid=overlay_uid,
+                                            device=self.node_name, when=at, withdrawal=not annotations)
+            return parse_part10(data)
+
+        content = await self.ingest.run_blocking(build)
+        params = {"uid": overlay_uid, "image_uid": image_uid}
+        if earlier:
+            params["supersedes"] = earlier[-1].uid
+        await self._send(content, AttachmentId.of("overlay", **params), record, store_locally=True)
+        self.log.info("{user} saved overlay {uid} on {image} from measurement report {source} ({what})", user=user,
+                      uid=overlay_uid, image=image_uid, source=source,
+                      what=f"{len(annotations)} annotations" if annotations else "withdrawal")
         return overlay_uid
 
     async def overlays(self, image_uid: str) -> list[OverlayView]:

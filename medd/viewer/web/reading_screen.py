@@ -30,6 +30,7 @@ from medd.viewer.web.errors import WebError
 from medd.viewer.web.layout import data, html, page
 from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.pages import display_date, patient_name
+from medd.viewer.web.measurements import WithdrawMeasurements
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, json_response, redirect, serve, uid_child
 from medd.viewer.web.session import CSRF_FIELD, Session, check_csrf, read_form
 from medd.webresource import Response
@@ -153,7 +154,7 @@ class ReadingScreen(UidResource):
 
     @property
     def below(self):
-        return {b"report": SignAction, b"draft": DraftAction}
+        return {b"report": SignAction, b"draft": DraftAction, b"withdraw-measurements": WithdrawMeasurements}
 
     def render_GET(self, request):
         return serve(request, self._get)
