@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from medd.audit import MAJOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditTrail
+from medd.config import PartLimits
 from medd.objects import Content, InvalidObject, classify, parse_part10
 from medd.package import Package, read_package
 from medd.plugins.hookspecs import SenderClaim
@@ -90,7 +91,8 @@ class Ingest:
     refused authentication, an ``opened`` status as a view.
     """
 
-    def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
+    def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int,
+                 part_limits: PartLimits = PartLimits(), parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
@@ -100,6 +102,7 @@ class Ingest:
         self.blobs = blobs
         self.plugins = plugins
         self.max_object_size = max_object_size
+        self.part_limits = part_limits
         self._record_status = record_status or index.store_status
         self._restore = restore
         self._admit = admit
@@ -253,7 +256,7 @@ class Ingest:
 
     def _read_package(self, data: bytes, store: bool):
         try:
-            package = read_package(data, self.plugins.object_type, self.max_object_size)
+            package = read_package(data, self.plugins.object_type, self.max_object_size, self.part_limits)
         except InvalidObject as e:
             raise Refused(e.reason) from e
         if package.attachment.type == "status" or not store:

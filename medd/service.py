@@ -65,6 +65,7 @@ class NodeService(MultiService):
             index_with = queue_new_object(message_ids(settings.gateway), results=settings.gateway.results_to is not None)
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
+            part_limits=config.part_limits,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
         )

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from medd.config import ConnectionLimits
+from medd.config import ConnectionLimits, PartLimits
 from medd.plugins.interfaces import IObjectQueries
 
 log = Logger()
@@ -95,6 +95,8 @@ class TransportAPI:
         self.tls = tls
         #: Largest object or package the node accepts, in bytes.
         self.max_object_size: int = ingest.max_object_size
+        #: ``[limits]`` part counts of multipart bodies (packages, STOW-RS).
+        self.part_limits: PartLimits = ingest.part_limits
         #: ``[limits]`` deadlines and the per-peer connection cap every listener applies.
         self.limits: ConnectionLimits = limits
         #: The HTTP resources the node mounted, ``{b"name": resource}``, read-only.
