@@ -188,3 +188,124 @@ async def test_stalled_dicom_connections_neither_block_a_modality_nor_stay_open(
     finally:
         for s in stalled:
             s.close()
+
+
+def _echo_from(port: int, source: str) -> int | None:
+    """The status of a C-ECHO over an association from ``source`` (None if the association failed)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", bind_address=(source, 0))
+    if not assoc.is_established:
+        return None
+    try:
+        return assoc.send_c_echo().Status
+    finally:
+        assoc.release()
+
+
+def _eventually(check, seconds: float = 30.0) -> bool:
+    """True as soon as ``check()`` is; False if it is still not after ``seconds`` (a generous bound)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dicom_peer_stalled_mid_pdu_is_dropped_and_its_slots_are_free_again(make_central):
+    """With [limits] request_timeout = 1 and [dicom] timeout = 60, two connections that stall in their
+    first PDU's header (the peer's cap is 2) are dropped, their associations end and the peer's slots are
+    free again (a C-ECHO from it succeeds) long before [dicom] timeout: the association waiting for its
+    A-ASSOCIATE-RQ no longer keeps its threads and slot until its ACSE timeout."""
+    from twisted.internet.threads import deferToThread
+
+    from tests.conftest import listener_port
+
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0"},
+                              extra="[limits]\nrequest_timeout = 1\nmax_connections_per_peer = 2\n"
+                                    "[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    port = listener_port(node, "dicom")
+    server = node.getServiceNamed("listen-dicom").server
+    source = "127.0.0.3"
+
+    def held() -> int:
+        return server.slots(source) + sum(1 for a in server.active_associations if a.requestor.address == source)
+
+    stalled = [_stall(port, source=source) for _ in range(2)]
+    try:
+        assert await deferToThread(_eventually, lambda: server.slots(source) == 2)
+        closed = await deferToThread(lambda: [_closed_within(s, 30) for s in stalled])
+        assert all(closed), f"{closed.count(False)} stalled connections still open"
+        assert await deferToThread(_eventually, lambda: held() == 0), (server.slots(source), held())
+        assert await deferToThread(_echo_from, port, source) == 0
+        assert await deferToThread(_eventually, lambda: held() == 0)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_simultaneous_dicom_connects_do_not_overshoot_the_per_peer_cap(make_central):
+    """Twelve connections from one address at once against a cap of 3: the slots are counted at accept,
+    so exactly 3 stay open and the other 9 are closed at once (counting running associations let a
+    burst through before their threads started)."""
+    import socket
+    import threading
+
+    from twisted.internet.threads import deferToThread
+
+    from tests.conftest import listener_port
+
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0"},
+                              extra="[limits]\nmax_connections_per_peer = 3\n[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    port = listener_port(node, "dicom")
+    server = node.getServiceNamed("listen-dicom").server
+    source = "127.0.0.4"
+    start = threading.Barrier(12)
+
+    def connect() -> socket.socket:
+        start.wait()
+        return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+    def burst() -> list[socket.socket]:
+        out: list = []
+        threads = [threading.Thread(target=lambda: out.append(connect())) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    sockets = await deferToThread(burst)
+    try:
+        # The refused ones see end of file at once; the admitted ones say nothing and are kept ([dicom] timeout).
+        assert await deferToThread(_eventually, lambda: _refused(sockets) == 9), (_refused(sockets), server.slots(source))
+        assert server.slots(source) == 3
+        assert _refused(sockets) == 9
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _refused(sockets) -> int:
+    """How many of ``sockets`` the peer has closed (end of file waiting), without reading the others' data away."""
+    import socket as _socket
+
+    count = 0
+    for s in sockets:
+        s.settimeout(0)
+        try:
+            if s.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b"":
+                count += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            count += 1
+    return count

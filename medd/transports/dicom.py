@@ -14,10 +14,12 @@ import ssl
 import struct
 import threading
 import time
+from collections import Counter
 
 from pydicom.dataset import Dataset
 from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
                         AllStoragePresentationContexts, evt)
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -53,6 +55,8 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
+
+log = Logger()
 
 # C-STORE failure statuses (PS3.4 B.2.3).
 STATUS_SUCCESS = 0x0000
@@ -100,6 +104,21 @@ class _PromptDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         super().__init__(assoc)
+        machine = self.state_machine
+        act = machine.do_action
+
+        def do_action(event: str) -> None:
+            before = machine.current_state
+            act(event)
+            if before != "Sta1" and machine.current_state == "Sta1":
+                # The connection is closed (a PDU past its deadline, a peer gone, ARTIM expired). An
+                # acceptor still waiting for its A-ASSOCIATE-RQ waits on this queue for up to [dicom]
+                # timeout, holding its threads and its place among the per-peer and total caps: None
+                # is what it gets when that wait times out, so it ends now. An established one has
+                # been handed its A-P-ABORT first and never reads this.
+                self.to_user_queue.put(None)
+
+        machine.do_action = do_action
 
     @property
     def _run_loop_delay(self) -> float:
@@ -155,8 +174,10 @@ class _DeadlineSocket(AssociationSocket):
     socket without a timeout: a peer that sends 3 bytes holds the association
     thread for ever (its ARTIM and idle timers run on that thread), and a
     header claiming 2^31 bytes is read into memory as the bytes come. Here a
-    PDU is due ``[dicom] timeout`` after its header is awaited, plus its length
-    at ``min_rate``; a longer one than the node accepts ends the connection.
+    PDU is due ``[limits] request_timeout`` (or ``[dicom] timeout`` if shorter)
+    after its header is awaited, plus its length at ``min_rate``; a longer one
+    than the node accepts ends the connection, and so does one past its
+    deadline (its association ends with it: :class:`_PromptDUL`).
     """
 
     timeout: float = DEFAULT_TIMEOUT
@@ -204,25 +225,38 @@ class _DeadlineSocket(AssociationSocket):
         return data
 
 
+class _SlotAssociation(Association):
+    """An acceptor association that gives its peer's connection slot back when its thread ends."""
+
+    _medd_slot: tuple | None = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            server, host = self._medd_slot
+            server.release_slot(host)
+
+
 class _PromptRequestHandler(RequestHandler):
-    """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`,
-    and closes a connection past ``[limits] max_connections_per_peer``. On the
-    DICOM TLS listener the TLS handshake happens here, on the association's own
-    thread and within ``[dicom] timeout``."""
+    """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`.
+    On the DICOM TLS listener the TLS handshake happens here, on the
+    association's own thread and within the PDU deadline. The connection's
+    slot among its peer's (taken at accept, :meth:`_NoDelayServer.verify_request`)
+    is given back when its association ends, or here when none starts."""
 
     log = Logger()
 
     def handle(self) -> None:
-        host = self.client_address[0]
-        mine = sum(1 for a in self.server.active_associations if a.requestor.address == host)
-        if mine >= self.server.max_per_peer:
-            self.log.warn("dicom connection from {peer} closed: it already has {count} open (the most per peer)",
-                          peer=host, count=mine)
-            self.request.close()
-            return
-        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
-            return
-        super().handle()
+        started = False
+        try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+                return
+            super().handle()
+            started = True
+        finally:
+            if not started:
+                self.server.release_slot(self.client_address[0])
 
     def _handshake(self) -> bool:
         host = self.client_address[0]
@@ -242,6 +276,8 @@ class _PromptRequestHandler(RequestHandler):
 
     def _create_association(self):
         assoc = super()._create_association()
+        assoc.__class__ = _SlotAssociation
+        assoc._medd_slot = (self.server, self.client_address[0])
         sock = assoc.dul.socket
         # The socket pynetdicom made has already queued its connection event;
         # it is given the deadline's recv rather than rebuilt.
@@ -292,6 +328,47 @@ class _NoDelayServer(ThreadedAssociationServer):
     # peer reconnecting 200 stalled ones) fills it, and a modality's SYN is
     # dropped and retried a second or more later. Twisted's listeners use 50.
     request_queue_size = 128
+    max_per_peer = 32
+
+    def __init__(self, *args, **kwargs):
+        self._slots: Counter[str] = Counter()
+        self._slots_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Take one of the peer's ``[limits] max_connections_per_peer`` slots, or close the connection.
+
+        Counted here, on the one acceptor thread, as each connection is
+        accepted: counting the running associations instead missed those whose
+        thread had not started yet, so simultaneous connects overshot the cap.
+        """
+        host = client_address[0]
+        with self._slots_lock:
+            held = self._slots[host]
+            if held < self.max_per_peer:
+                self._slots[host] += 1
+                return True
+        log.warn("dicom connection from {peer} closed: it already has {count} open (the most per peer)",
+                 peer=host, count=held)
+        return False  # socketserver closes it
+
+    def process_request(self, request, client_address) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.release_slot(client_address[0])  # no thread started to give it back
+            raise
+
+    def release_slot(self, host: str) -> None:
+        with self._slots_lock:
+            self._slots[host] -= 1
+            if self._slots[host] <= 0:
+                del self._slots[host]
+
+    def slots(self, host: str) -> int:
+        """The connections ``host`` holds on this listener."""
+        with self._slots_lock:
+            return self._slots[host]
 
     def get_request(self):
         sock, address = self.socket.accept()
@@ -455,7 +532,9 @@ class DicomListener(Service):
         except OSError as e:
             raise CannotListen.from_error(self.label, self.description, e) from e
         self.server.contexts = _AcceptorContexts(self.server.contexts)
-        self.server.pdu_timeout = self.timeout
+        # A PDU (and a DICOM TLS handshake) is a unit of work like an HTTP request on the other
+        # listeners: due [limits] request_timeout after it begins, never later than [dicom] timeout.
+        self.server.pdu_timeout = min(self.api.limits.request_timeout, self.timeout)
         self.server.max_per_peer = self.api.limits.max_connections_per_peer
         self.server.min_rate = self.api.limits.min_transfer_rate
         # What AE.start_server(block=False) does; its shutdown() expects it.
