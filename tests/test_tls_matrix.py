@@ -216,6 +216,53 @@ async def test_dicom_tls_drops_a_stalled_handshake_within_the_timeout(make_centr
     assert await deferToThread(stall) == b""
 
 
+def _half_a_client_hello() -> bytes:
+    """The first half of a real ClientHello record (as a client's TLS library would send it)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def _stalled_handshake_closed(port: int, starttls: bool = False) -> bool:
+    """Connect, (on SMTP: say EHLO and STARTTLS), send half a ClientHello and wait: True once the
+    node closes the connection, False if it is still open after 30 s (a generous bound)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        if starttls:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO probe.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220")
+        s.sendall(_half_a_client_hello())
+        try:
+            while s.recv(4096):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_tls_handshake_is_bounded_by_the_request_deadline_on_every_listener(make_central, pki):
+    """Half a ClientHello, then nothing: HTTPS, the TLS socket, SMTP after STARTTLS and DICOM TLS each close
+    the connection at [limits] request_timeout (1 s here), though their idle timers ([dicom] timeout = 60,
+    Twisted's idle timeouts of minutes or hours) would let it wait far longer."""
+    node = await make_central({"dicom_tls": LOOPBACK, "https": LOOPBACK, "tls": LOOPBACK, "smtp": LOOPBACK},
+                              extra=pki.tls_section() + "[limits]\nrequest_timeout = 1\n[dicom]\ntimeout = 60\n")
+    for key in ("https", "tls", "dicom_tls"):
+        assert await deferToThread(_stalled_handshake_closed, listener_port(node, key)), key
+    assert await deferToThread(_stalled_handshake_closed, listener_port(node, "smtp"), True)
+
+
 @pytest_twisted.ensureDeferred
 async def test_dicom_tls_keeps_the_per_peer_cap_and_the_pdu_deadline(make_central, pki):
     """On the DICOM TLS port a peer holds at most [limits] max_connections_per_peer associations (the

@@ -33,6 +33,7 @@ from medd.ingest import Refused, StoreFailed
 from medd.plugins.api import CannotListen
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.handshakes import audit_certificate_refusal, certificate_refusal
 from medd.transports.tlscontexts import stdlib_server_context
 
 # Transfer syntaxes accepted for every storage SOP class: the uncompressed
@@ -267,6 +268,9 @@ class _PromptRequestHandler(RequestHandler):
             self.request.settimeout(None)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; TimeoutError too
             self.log.warn("dicom tls handshake with {peer} failed: {reason}", peer=host, reason=str(e) or type(e).__name__)
+            refused = certificate_refusal(e)
+            if refused is not None:
+                self.server.reactor.callFromThread(audit_certificate_refusal, self.server.api, "dicom_tls", host, refused)
             try:
                 self.request.close()
             except OSError:
@@ -536,6 +540,7 @@ class DicomListener(Service):
         # listeners: due [limits] request_timeout after it begins, never later than [dicom] timeout.
         self.server.pdu_timeout = min(self.api.limits.request_timeout, self.timeout)
         self.server.max_per_peer = self.api.limits.max_connections_per_peer
+        self.server.reactor, self.server.api = self.reactor, self.api
         self.server.min_rate = self.api.limits.min_transfer_rate
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)

@@ -44,7 +44,8 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
-from medd.transports.deadlines import Deadline
+from medd.transports.deadlines import Deadline, peer_host
+from medd.transports.handshakes import HandshakeWatch
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import server_tls_options
 
@@ -248,7 +249,7 @@ class SenderRealm:
 _SIZE_PARAM = re.compile(rb"^SIZE=(?P<size>\S*)$", re.I)
 
 
-class PackageSMTP(ESMTP):
+class PackageSMTP(HandshakeWatch, ESMTP):
     """ESMTP with SIZE, package-specific end-of-data replies and a few
     hardenings of Twisted's server for a public-facing port."""
 
@@ -274,6 +275,9 @@ class PackageSMTP(ESMTP):
         self.deliveryFactory = PackageDeliveryFactory(self.api, peer)
         self.portal = Portal(SenderRealm(self.api, peer), [SenderTokenChecker(self.api)])
         super().connectionMade()
+        self.transport_label = "smtp"
+        if ISSLTransport.providedBy(self.transport):
+            self.tls_began()  # an ssl: endpoint: TLS from the first byte
 
     @property
     def encrypted(self) -> bool:
@@ -355,6 +359,7 @@ class PackageSMTP(ESMTP):
             self._from = None
             self._to = []
             self._tls_just_started = True
+            self.tls_began()  # the handshake is due like a command line
 
     def lineReceived(self, line: bytes):
         if self._tls_just_started:
@@ -373,6 +378,8 @@ class PackageSMTP(ESMTP):
             if self.deadline.unit != "message":
                 self.deadline.start(self, "message")
             self.deadline.earn(len(data))
+        elif self.handshaking:
+            pass  # STARTTLS was just answered: the handshake's unit runs
         elif self._buffer:
             if self.deadline.unit != "command line":
                 self.deadline.start(self, "command line")
@@ -381,6 +388,7 @@ class PackageSMTP(ESMTP):
 
     def connectionLost(self, reason) -> None:
         self.deadline.stop()
+        self.tls_lost(reason, self.api, peer_host(self.transport))
         super().connectionLost(reason)
 
 

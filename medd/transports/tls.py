@@ -39,13 +39,15 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.interfaces import ISSLTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
-from medd.transports.deadlines import Deadline
+from medd.transports.deadlines import Deadline, peer_host
+from medd.transports.handshakes import HandshakeWatch
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import ServerFiles, client_tls_options
 
@@ -64,7 +66,7 @@ def _set_nodelay(transport) -> None:
         set_nodelay(True)
 
 
-class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
+class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
     """Server side of one connection: package frames in, one reply frame each.
 
     Frames are handled one at a time: the connection stops reading while a
@@ -99,11 +101,14 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self._connected = True
         _set_nodelay(self.transport)
         self.setTimeout(self.idle_timeout)
+        if ISSLTransport.providedBy(self.transport):
+            self.tls_began()  # the frame deadline bounds the handshake too
 
     def connectionLost(self, reason) -> None:
         self._connected = False
         self.setTimeout(None)
         self.deadline.stop()
+        self.tls_lost(reason, self.api, peer_host(self.transport))
 
     def timeoutConnection(self) -> None:
         self.log.info("tls connection from {peer} idle for {seconds} s; closing", peer=self.peer, seconds=self.idle_timeout)
