@@ -141,11 +141,13 @@ class Ingest:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Deferred:
+    def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None,
+                      user: str | None = None) -> Deferred:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder); ``peer`` is the
-        connection's client IP, if there is one."""
-        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer),
-                                            transport=transport, user=origin, peer=peer))
+        connection's client IP, if there is one; ``user`` the name of the credential the sender
+        proved (a centre's, a viewer's), which its audit records carry instead of ``origin``."""
+        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer, user),
+                                            transport=transport, user=user or origin, peer=peer))
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
@@ -157,15 +159,15 @@ class Ingest:
         return verdict or None
 
     def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
-                        credentials: str | None = None) -> Deferred:
+                        credentials: str | None = None, user: str | None = None) -> Deferred:
         """A package (SMTP, TLS frame, HTTP POST /packages).
 
         ``credentials`` is what the sender authenticated with, if anything
         (an HTTP bearer token); ``peer`` is the connection's identity (client
         IP, or a TLS client certificate's CN).
         """
-        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials),
-                                            transport=transport, peer=peer))
+        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials, user),
+                                            transport=transport, peer=peer, user=user))
 
     async def _audited(self, receiving, **who) -> "Stored":
         """``await receiving``, recording a refusal or failure that the index transaction did not."""
@@ -212,12 +214,14 @@ class Ingest:
         except OSError as e:
             raise StoreFailed(f"cannot write to the blob store: {e}") from e
 
-    async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None) -> Stored:
+    async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None,
+                             user: str | None) -> Stored:
         self._check_size(data, transport)
         parsed = await self.run_blocking(self._parse_and_put, data)
-        return await self._index_dicom(parsed, transport, origin, peer)
+        return await self._index_dicom(parsed, transport, origin, peer, user)
 
-    def receive_dicom_waiting(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Stored:
+    def receive_dicom_waiting(self, data: bytes, *, transport: str, origin: str, peer: str | None = None,
+                              user: str | None = None) -> Stored:
         """:meth:`receive_dicom` for a caller on a thread of its own that waits for the outcome (a
         pynetdicom association thread), never the reactor's: returns the :class:`Stored` or raises.
 
@@ -230,13 +234,14 @@ class Ingest:
             parsed = self._parse_and_put(data)
         except (Refused, StoreFailed) as e:
             parsed = e  # raised on the reactor, where it is audited
-        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer)
+        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer, user)
 
-    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None) -> Deferred:
-        return ensureDeferred(self._audited(self._index_dicom(parsed, transport, origin, peer),
-                                            transport=transport, user=origin, peer=peer))
+    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None, user: str | None) -> Deferred:
+        return ensureDeferred(self._audited(self._index_dicom(parsed, transport, origin, peer, user),
+                                            transport=transport, user=user or origin, peer=peer))
 
-    async def _index_dicom(self, parsed, transport: str, origin: str, peer: str | None) -> Stored:
+    async def _index_dicom(self, parsed, transport: str, origin: str, peer: str | None,
+                           user: str | None = None) -> Stored:
         if isinstance(parsed, Exception):
             raise parsed
         content, blob = parsed
@@ -251,7 +256,7 @@ class Ingest:
             received_at=self.index.now(),
             peer=peer,
         )
-        outcome = await self._index(record, None, blob, peer)
+        outcome = await self._index(record, None, blob, peer, user)
         return self._stored(outcome)
 
     def _read_package(self, data: bytes, store: bool):
@@ -279,7 +284,8 @@ class Ingest:
             refused.origin = claim.origin
             raise refused
 
-    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
+    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None,
+                               user: str | None = None) -> Stored:
         self._check_size(data, transport)
         policy = self._has_sender_policy()
         # With a sender policy, the blob is written only after it passed: a
@@ -301,7 +307,7 @@ class Ingest:
         if package.attachment.type == "status":
             return await self._status(package, receipt)
         record = self._package_record(package, blob, transport, peer)
-        outcome = await self._index(record, receipt, blob, peer)
+        outcome = await self._index(record, receipt, blob, peer, user)
         stored = self._stored(outcome, package.message_id)
         log.info(
             "package {message_id} from {origin} ({attachment}) {what}",
@@ -347,15 +353,19 @@ class Ingest:
                                     detail=f"opened on {event.viewer or receipt.origin}")
         return Stored(uid=params["uid"], object_type="status", digest=None, created=created, message_id=package.message_id)
 
-    def _audit_store(self, record: ObjectRecord, peer: str | None):
-        """What writes the store's audit record in the index transaction (None without an audit trail)."""
+    def _audit_store(self, record: ObjectRecord, peer: str | None, user: str | None = None):
+        """What writes the store's audit record in the index transaction (None without an audit trail).
+
+        Its user is the name of the credential the sender proved, when it proved one (the origin,
+        an address or AE title, is then kept as the record's credential), else the origin."""
         if self.audit is None:
             return None
 
         def then(conn, outcome: StoreOutcome) -> None:
             detail = outcome.conflict or (None if outcome.created else "already stored")
             entry = self.audit.entry(
-                "store", outcome=SERIOUS_FAILURE if outcome.conflict else SUCCESS, user=record.origin, peer=peer,
+                "store", outcome=SERIOUS_FAILURE if outcome.conflict else SUCCESS, user=user or record.origin,
+                credential=record.origin if user else None, peer=peer,
                 transport=record.transport, patient_id=record.patient_id,
                 study_instance_uid=record.study_instance_uid, series_instance_uid=record.series_instance_uid,
                 sop_instance_uid=record.sop_instance_uid, detail=detail)
@@ -363,9 +373,11 @@ class Ingest:
 
         return then
 
-    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None) -> StoreOutcome:
+    async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None,
+                     user: str | None = None) -> StoreOutcome:
         try:
-            outcome = await self.index.store_object(record, receipt, self._index_with, self._audit_store(record, peer))
+            outcome = await self.index.store_object(record, receipt, self._index_with,
+                                                    self._audit_store(record, peer, user))
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e

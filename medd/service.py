@@ -113,7 +113,7 @@ class NodeService(MultiService):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(section),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
-                audit=self.audit,
+                audit=self.audit, clock=self.clock,
             )
             listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")

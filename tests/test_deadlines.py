@@ -26,7 +26,7 @@ class _API:
     node_name = "central.test"
 
     def __init__(self):
-        self.reactor = Clock()
+        self.reactor = self.clock = Clock()
         self.received: list[bytes] = []
 
     def receive_package(self, data, **kw):

@@ -532,3 +532,61 @@ def test_gateway_refuses_clear_http_to_another_host(tmp_path):
     assert _problems(tmp_path, {}, base + remote, role="gateway") == [("gateway", "central")]
     assert _problems(tmp_path, {}, base + remote + "allow_http = yes\n", role="gateway") == []
     assert _problems(tmp_path, {}, base + "central = http://127.0.0.1:8080/packages\n", role="gateway") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_centres_client_certificate_names_the_dicom_tls_association(make_central, pki, tmp_path):
+    """Over DICOM TLS, the certificate `medd centres add --client-cert` recorded for centre-a, whose CN is
+    centre-a's address, makes the association centre-a's whatever its calling AE title and network: the
+    object is stored with that address as its origin, routed as centre-a's and audited with centre-a as
+    its user. A certificate with the same CN that was not recorded, or a viewer's, names no one: the
+    calling AE title stays the origin (quarantined as an unknown centre's, the AE being centre-a's only
+    from its network)."""
+    from sqlalchemy import select
+
+    from medd.storage.audit import AuditFilter
+    from medd.storage.routing_tables import routing_decisions
+
+    node = await _matrix_node(make_central, pki, extra="[dicom]\ntimeout = 5\n" + FAST)
+    port = listener_port(node, "dicom_tls")
+    ca_key = pki.ca.with_name("ca.key").read_bytes()
+    centre_pem, fingerprint = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
+    unrecorded_pem, _ = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
+    (tmp_path / "centre.pem").write_bytes(centre_pem)
+    (tmp_path / "unrecorded.pem").write_bytes(unrecorded_pem)
+    # The AE title is centre-a's only from a network this test does not come from.
+    await node.central_storage.directory.add_centre("centre-a", aes=["CENTREA"], addresses=[ORIGIN],
+                                                    networks=["192.0.2.0/24"], client_certificate=fingerprint)
+
+    def store(pem: Path, calling: str, suffix: str):
+        ct = _with_recipient("CT_small.dcm", recipient=VIEWER, uid_suffix=suffix)
+        ctx = ssl.create_default_context(cafile=str(pki.server_cert))
+        ctx.load_cert_chain(str(pem))
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(ct.SOPClassUID, ct.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", tls_args=(ctx, "localhost"))
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(ct).Status), ct.SOPInstanceUID
+        finally:
+            assoc.release()
+
+    named = await deferToThread(store, tmp_path / "centre.pem", "WHOEVER", ".41")
+    unrecorded = await deferToThread(store, tmp_path / "unrecorded.pem", "CENTREA", ".42")
+    viewers = await deferToThread(store, pki.right, "CENTREA", ".43")
+    assert [named[0], unrecorded[0], viewers[0]] == [0, 0, 0]
+    await node.routing.router.kick()
+
+    async def stored(uid):
+        record = await node.database.run(lambda c: index.object_by_uid(c, uid))
+        centre = await node.database.run(lambda c: c.execute(
+            select(routing_decisions.c.centre).where(routing_decisions.c.uid == uid)).scalar())
+        return record.origin, record.transport, centre
+
+    assert await stored(named[1]) == (ORIGIN, "dicom_tls", "centre-a")
+    assert await stored(unrecorded[1]) == ("CENTREA", "dicom", None)
+    assert await stored(viewers[1]) == ("CENTREA", "dicom", None)
+    stores = await node.audit.search(AuditFilter(event="store"), 10)
+    users = {r.entry.sop_instance_uid: (r.entry.user, r.entry.credential) for r in stores}
+    assert users[named[1]] == ("centre-a", ORIGIN)
+    assert users[unrecorded[1]] == ("CENTREA", None)

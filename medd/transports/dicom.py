@@ -31,10 +31,11 @@ from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.api import CannotListen
-from medd.plugins.hookspecs import hookimpl
+from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.handshakes import audit_certificate_refusal, certificate_refusal
 from medd.transports.tlscontexts import stdlib_server_context
+from medd.webresource import certificate_identity
 
 # Transfer syntaxes accepted for every storage SOP class: the uncompressed
 # ones plus the compressed syntaxes modalities actually send.
@@ -227,9 +228,14 @@ class _DeadlineSocket(AssociationSocket):
 
 
 class _SlotAssociation(Association):
-    """An acceptor association that gives its peer's connection slot back when its thread ends."""
+    """An acceptor association that gives its peer's connection slot back when its thread ends.
+
+    ``medd_certificate`` is the peer's verified client certificate (DICOM TLS), and
+    ``medd_centre`` the access decision naming the centre it is registered to, if it is one's."""
 
     _medd_slot: tuple | None = None
+    medd_certificate = None
+    medd_centre = None
 
     def run(self) -> None:
         try:
@@ -266,6 +272,7 @@ class _PromptRequestHandler(RequestHandler):
             self.request.settimeout(self.server.pdu_timeout)
             self.request.do_handshake()
             self.request.settimeout(None)
+            der = self.request.getpeercert(binary_form=True) if self.server.identify_by_certificate else None
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; TimeoutError too
             self.log.warn("dicom tls handshake with {peer} failed: {reason}", peer=host, reason=str(e) or type(e).__name__)
             refused = certificate_refusal(e)
@@ -276,12 +283,20 @@ class _PromptRequestHandler(RequestHandler):
             except OSError:
                 pass
             return False
+        if der:
+            from cryptography import x509
+
+            self.certificate = certificate_identity(x509.load_der_x509_certificate(der))
         return True
+
+    #: The verified client certificate's CN and fingerprint (DICOM TLS with [tls] client_ca), if any.
+    certificate = None
 
     def _create_association(self):
         assoc = super()._create_association()
         assoc.__class__ = _SlotAssociation
         assoc._medd_slot = (self.server, self.client_address[0])
+        assoc.medd_certificate = self.certificate
         sock = assoc.dul.socket
         # The socket pynetdicom made has already queued its connection event;
         # it is given the deadline's recv rather than rebuilt.
@@ -466,13 +481,18 @@ class DicomListener(Service):
     def _handle_store(self, event) -> int | Dataset:
         # Runs on a pynetdicom association thread, never on the reactor.
         calling = event.assoc.requestor.ae_title.strip()
+        centre = getattr(event.assoc, "medd_centre", None)
+        # A centre's certificate names the sender by the centre's address, as a package's From
+        # (transport dicom_tls: central files it by address, not by AE title and networks).
+        origin, transport, user = (centre.address, "dicom_tls", centre.who) if centre else (calling, "dicom", None)
         try:
             try:
                 data = part10(event)
             except ValueError as e:
                 raise Refused(f"the C-STORE request's {e}") from e
             # This thread waits for the outcome anyway: it parses and writes the object itself.
-            self.api.receive_dicom_waiting(data, transport="dicom", origin=calling, peer=event.assoc.requestor.address)
+            self.api.receive_dicom_waiting(data, transport=transport, origin=origin, peer=event.assoc.requestor.address,
+                                           user=user)
         except Refused as e:
             self.log.warn("C-STORE from {ae} refused: {reason}", ae=calling, reason=e.reason)
             status = {"too-large": STATUS_OUT_OF_RESOURCES, "conflict": STATUS_CONFLICT}.get(
@@ -493,6 +513,8 @@ class DicomListener(Service):
         calling = request.calling_ae_title.strip()
         called = request.called_ae_title.strip()
         peer = event.assoc.requestor.address
+        if self._named_centre(event.assoc):
+            return  # a registered centre's certificate: its AE title names nothing
         try:
             reason = blockingCallFromThread(self.reactor, self.api.accept_association, calling, called, peer)
         except Exception:
@@ -503,6 +525,27 @@ class DicomListener(Service):
             # rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom does after its own rejections
+
+    def _named_centre(self, assoc) -> bool:
+        """Whether the association's verified client certificate is the one registered for a
+        centre whose address is its CN (``medd centres add --client-cert``); the association is
+        then that centre's, whatever its AE title or network."""
+        certificate = getattr(assoc, "medd_certificate", None)
+        if certificate is None:
+            return False
+        claim = AccessClaim(action="associate", transport=self.label, peer=certificate.common_name,
+                            certificate=certificate.sha256)
+        try:
+            decision = blockingCallFromThread(self.reactor, self.api.check_access, claim)
+        except Exception:
+            self.log.failure("deciding whose certificate {cn} is failed", cn=certificate.common_name)
+            return False
+        if not decision.allowed:
+            return False
+        assoc.medd_centre = decision
+        self.log.info("dicom_tls association from {peer} is centre {centre}'s by its client certificate",
+                      peer=assoc.requestor.address, centre=decision.who)
+        return True
 
     def privilegedStartService(self) -> None:
         # Bind before the reactor runs (twistd calls this first): a port
@@ -541,6 +584,9 @@ class DicomListener(Service):
         self.server.pdu_timeout = min(self.api.limits.request_timeout, self.timeout)
         self.server.max_per_peer = self.api.limits.max_connections_per_peer
         self.server.reactor, self.server.api = self.reactor, self.api
+        # Only a certificate verified against [tls] client_ca names anyone.
+        self.server.identify_by_certificate = (self.ssl_context is not None
+                                               and self.ssl_context.verify_mode == ssl.CERT_REQUIRED)
         self.server.min_rate = self.api.limits.min_transfer_rate
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)

@@ -732,7 +732,7 @@ class DicomWebResource(ProblemResource):
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
             else:
                 try:
-                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer)
+                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer, user=sender.who or None)
                 except Refused as e:
                     code = {"too-large": FAILURE_OUT_OF_RESOURCES, "conflict": FAILURE_CONFLICT}.get(
                         e.kind, FAILURE_CANNOT_UNDERSTAND)

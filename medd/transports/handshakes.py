@@ -31,7 +31,8 @@ def certificate_refusal(error: BaseException | None) -> str | None:
     if not isinstance(error, (TLSError, ssl.SSLError)):
         return None
     text = str(error)
-    if "certificate" not in text:
+    # An alert is the client's complaint (about the node's certificate, say), not a refusal of its own.
+    if "certificate" not in text or "alert" in text:
         return None
     if "did not return a certificate" in text or "certificate required" in text:
         return "no client certificate"

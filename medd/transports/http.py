@@ -75,10 +75,11 @@ class PackagesResource(ProblemResource):
         if media_type != PACKAGE_MEDIA_TYPE:
             raise Problem(415, f"a package is posted as {PACKAGE_MEDIA_TYPE}, not {media_type or 'no media type'}",
                           headers={"Accept-Post": PACKAGE_MEDIA_TYPE})
-        admitted(request)
+        sender = admitted(request)
         data = await self.api.run_blocking(read_body, request.content)
         try:
-            stored = await self.api.receive_package(data, peer=request_peer(request), credentials=bearer_token(request))
+            stored = await self.api.receive_package(data, peer=request_peer(request), credentials=bearer_token(request),
+                                                    user=sender.who or None)
         except (Refused, StoreFailed) as e:
             raise problem_from_ingest(e) from e
         body = {

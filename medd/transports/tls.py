@@ -44,12 +44,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
-from medd.plugins.hookspecs import hookimpl
+from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
 from medd.transports.deadlines import Deadline, peer_host
 from medd.transports.handshakes import HandshakeWatch
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import ServerFiles, client_tls_options
+from medd.webresource import certificate_identity
 
 # Reply frames are small JSON objects; a client refuses anything bigger.
 MAX_REPLY_SIZE = 64 * 1024
@@ -84,6 +85,7 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
         self.MAX_LENGTH = api.max_object_size
         self.identify_by_certificate = identify_by_certificate
         self._peer: str | None = None
+        self._sender: str | None = None
         self._closing = False
         self._connected = False
         # Inside dataReceived, and a reply asked for reading to resume there.
@@ -134,6 +136,19 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
                 return str(names[0].value) if names else subject.rfc4514_string()
         address = self.transport.getPeer()
         return str(getattr(address, "host", address))
+
+    async def _sender_name(self) -> str | None:
+        """The name of the centre or viewer whose registered client certificate this connection
+        presented (asked of the node's access policy once per connection), for the audit trail."""
+        if self._sender is None:
+            self._sender = ""
+            cert = self.transport.getPeerCertificate() if self.identify_by_certificate else None
+            identity = certificate_identity(cert.to_cryptography()) if cert is not None else None
+            if identity is not None:
+                decision = await self.api.check_access(
+                    AccessClaim(action="package", transport="tls", peer=identity.common_name, certificate=identity.sha256))
+                self._sender = decision.who if decision.allowed else ""
+        return self._sender or None
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -188,7 +203,8 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
 
     async def _answer(self, frame: bytes) -> dict:
         try:
-            stored = await self.api.receive_package(frame, transport="tls", peer=self.peer)
+            stored = await self.api.receive_package(frame, transport="tls", peer=self.peer,
+                                                    user=await self._sender_name())
         except Refused as e:
             self._log_refusal(e.reason, e.kind, len(frame))
             return {"status": "refused", "kind": e.kind, "reason": e.reason}

@@ -25,7 +25,7 @@ from medd.viewer.annotations import Annotation, AnnotationError
 from medd.viewer.contract import IReadingRoom, OverlayView, ReportView, UnknownObject
 from medd.viewer.overlays import build_presentation_state, read_presentation_state
 from medd.viewer.reports import ReportError, build_text_report, read_report
-from medd.viewer.throttling import LoginThrottle
+from medd.throttling import LoginThrottle
 from medd.viewer.users import check_hash
 
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]
