@@ -309,3 +309,50 @@ def _refused(sockets) -> int:
         except OSError:
             count += 1
     return count
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_connections_on_every_listener_neither_block_a_modality_nor_stay_open(make_central, tmp_path):
+    """The short version of bench/stalled (issue 9, "200 stalled connections while a modality stores"):
+    20 connections on each of the DICOM, HTTP, TLS socket and SMTP listeners, each stopped partway through
+    its first unit (a PDU header, request headers, a TLS record header, an SMTP command line), do not stop
+    a modality storing, and under [limits] request_timeout = 1 every one of them is closed (DICOM too,
+    though its [dicom] timeout is 60)."""
+    import socket
+
+    from twisted.internet.threads import deferToThread
+
+    from medd.tlscert import make_self_signed
+    from tests.conftest import listener_port
+    from tests.test_dicom_receiver import _send
+
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    make_self_signed(cert, key)
+    loopback = "tcp:0:interface=127.0.0.1"
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0", "http": loopback, "tls": loopback, "smtp": loopback},
+                              extra=f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n"
+                                    "[limits]\nrequest_timeout = 1\n[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    partial = {"dicom": b"\x01\x00\x00", "http": b"POST /packages HTTP/1.1\r\nHost: central\r\n",
+               "tls": b"\x16\x03\x01", "smtp": b"EHLO centre-a.example"}
+
+    def stall_all() -> list:
+        out = []
+        for key, data in partial.items():
+            for _ in range(20):
+                s = socket.create_connection(("127.0.0.1", listener_port(node, key)), timeout=30,
+                                             source_address=("127.0.0.5", 0))
+                s.sendall(data)
+                out.append(s)
+        return out
+
+    stalled = await deferToThread(stall_all)
+    try:
+        from pydicom.data import get_testdata_file
+
+        files = [get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")]
+        assert await deferToThread(_send, listener_port(node, "dicom"), files) == [0, 0, 0]
+        closed = await deferToThread(lambda: [_closed_within(s, 30) for s in stalled])
+        assert all(closed), f"{closed.count(False)} stalled connections still open"
+    finally:
+        for s in stalled:
+            s.close()
