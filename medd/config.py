@@ -24,7 +24,8 @@ CORE_KEYS: dict[str, tuple[str, ...]] = {
     "node": ("role", "name"),
     "database": ("url",),
     "storage": ("path", "backend"),
-    "limits": ("max_object_size", "request_timeout", "min_transfer_rate", "max_connections_per_peer"),
+    "limits": ("max_object_size", "request_timeout", "min_transfer_rate", "max_connections_per_peer",
+               "max_mime_parts", "max_mime_containers", "max_stow_parts"),
     "tls": ("certificate", "private_key", "client_ca", "client_ca_key"),
     "plugins": ("disabled",),
 }
@@ -51,6 +52,25 @@ class ConnectionLimits:
     def earned(self, size: int) -> float:
         """The seconds ``size`` bytes add to a unit's deadline."""
         return size / self.min_transfer_rate
+
+
+@dataclass(frozen=True)
+class PartLimits:
+    """``[limits]``: how many parts a multipart body may have, counted before any parser builds them.
+
+    A package carries one object, perhaps beside a signature and a note, so
+    its bounds are far above any real package and far below what costs
+    memory (a million empty parts or a thousand-deep nesting cost seconds
+    and hundreds of megabytes in the MIME parser). A STOW-RS request carries
+    a study's worth of instances (a million empty parts took 75 s to split).
+    """
+
+    #: boundary delimiter lines in a package, in all
+    max_mime_parts: int = 16
+    #: multipart containers in a package, at any depth (so also its nesting depth)
+    max_mime_containers: int = 4
+    #: instances in one STOW-RS request
+    max_stow_parts: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,7 @@ class Config:
     disabled_plugins: tuple[str, ...] = ()
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
     connection_limits: ConnectionLimits = ConnectionLimits()
+    part_limits: PartLimits = PartLimits()
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
@@ -188,6 +209,10 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
             problem("limits", "max_object_size", f"not a size (e.g. 512M): {size_text!r}")
 
     connection_limits = _connection_limits(get, problem)
+    part_limits = PartLimits(**{
+        key: _positive_whole(get, problem, "limits", key, default)
+        for key, default in vars(PartLimits()).items()
+    })
 
     listen: dict[str, str] = {}
     if parser.has_section("listen"):
@@ -243,6 +268,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         disabled_plugins=disabled,
         max_object_size=max_size,
         connection_limits=connection_limits,
+        part_limits=part_limits,
         tls_certificate=str(base / cert) if cert else None,
         tls_private_key=str(base / key) if key else None,
         tls_client_ca=str(base / client_ca) if client_ca else None,
@@ -270,14 +296,18 @@ def _connection_limits(get, problem) -> ConnectionLimits:
             rate = _parse_size(text.removesuffix("/s"))
         except ValueError:
             problem("limits", "min_transfer_rate", f"not a size per second (e.g. 50K): {text!r}")
-    per_peer = defaults.max_connections_per_peer
-    text = get("limits", "max_connections_per_peer")
-    if text is not None:
-        if text.isdigit() and int(text) > 0:
-            per_peer = int(text)
-        else:
-            problem("limits", "max_connections_per_peer", f"not a positive whole number: {text!r}")
+    per_peer = _positive_whole(get, problem, "limits", "max_connections_per_peer", defaults.max_connections_per_peer)
     return ConnectionLimits(timeout, rate, per_peer)
+
+
+def _positive_whole(get, problem, section: str, key: str, default: int) -> int:
+    text = get(section, key)
+    if text is None:
+        return default
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    problem(section, key, f"not a positive whole number: {text!r}")
+    return default
 
 
 def _check_endpoint(description: str) -> None:

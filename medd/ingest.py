@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from medd.audit import MAJOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditTrail
+from medd.config import PartLimits
 from medd.objects import Content, InvalidObject, classify, parse_part10
 from medd.package import Package, read_package
 from medd.plugins.hookspecs import SenderClaim
@@ -97,7 +98,8 @@ class Ingest:
     central's ``Medd-Report-Source``).
     """
 
-    def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int, parse_threads: int = 2,
+    def __init__(self, reactor, index: ObjectIndex, blobs, plugins, *, max_object_size: int,
+                 part_limits: PartLimits = PartLimits(), parse_threads: int = 2,
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
@@ -108,6 +110,7 @@ class Ingest:
         self.blobs = blobs
         self.plugins = plugins
         self.max_object_size = max_object_size
+        self.part_limits = part_limits
         self._record_status = record_status or index.store_status
         self._restore = restore
         self._admit = admit
@@ -148,11 +151,13 @@ class Ingest:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Deferred:
+    def receive_dicom(self, data: bytes, *, transport: str, origin: str, peer: str | None = None,
+                      user: str | None = None) -> Deferred:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder); ``peer`` is the
-        connection's client IP, if there is one."""
-        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer),
-                                            transport=transport, user=origin, peer=peer))
+        connection's client IP, if there is one; ``user`` the name of the credential the sender
+        proved (a centre's, a viewer's), which its audit records carry instead of ``origin``."""
+        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer, user),
+                                            transport=transport, user=user or origin, peer=peer))
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
@@ -164,15 +169,15 @@ class Ingest:
         return verdict or None
 
     def receive_package(self, data: bytes, *, transport: str, peer: str | None = None,
-                        credentials: str | None = None) -> Deferred:
+                        credentials: str | None = None, user: str | None = None) -> Deferred:
         """A package (SMTP, TLS frame, HTTP POST /packages).
 
         ``credentials`` is what the sender authenticated with, if anything
         (an HTTP bearer token); ``peer`` is the connection's identity (client
         IP, or a TLS client certificate's CN).
         """
-        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials),
-                                            transport=transport, peer=peer))
+        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials, user),
+                                            transport=transport, peer=peer, user=user))
 
     async def _audited(self, receiving, **who) -> "Stored":
         """``await receiving``, recording a refusal or failure that the index transaction did not."""
@@ -219,12 +224,14 @@ class Ingest:
         except OSError as e:
             raise StoreFailed(f"cannot write to the blob store: {e}") from e
 
-    async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None) -> Stored:
+    async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None,
+                             user: str | None) -> Stored:
         self._check_size(data, transport)
         parsed = await self.run_blocking(self._parse_and_put, data)
-        return await self._index_dicom(parsed, transport, origin, peer)
+        return await self._index_dicom(parsed, transport, origin, peer, user)
 
-    def receive_dicom_waiting(self, data: bytes, *, transport: str, origin: str, peer: str | None = None) -> Stored:
+    def receive_dicom_waiting(self, data: bytes, *, transport: str, origin: str, peer: str | None = None,
+                              user: str | None = None) -> Stored:
         """:meth:`receive_dicom` for a caller on a thread of its own that waits for the outcome (a
         pynetdicom association thread), never the reactor's: returns the :class:`Stored` or raises.
 
@@ -237,13 +244,14 @@ class Ingest:
             parsed = self._parse_and_put(data)
         except (Refused, StoreFailed) as e:
             parsed = e  # raised on the reactor, where it is audited
-        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer)
+        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer, user)
 
-    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None) -> Deferred:
-        return ensureDeferred(self._audited(self._index_dicom(parsed, transport, origin, peer),
-                                            transport=transport, user=origin, peer=peer))
+    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None, user: str | None) -> Deferred:
+        return ensureDeferred(self._audited(self._index_dicom(parsed, transport, origin, peer, user),
+                                            transport=transport, user=user or origin, peer=peer))
 
-    async def _index_dicom(self, parsed, transport: str, origin: str, peer: str | None) -> Stored:
+    async def _index_dicom(self, parsed, transport: str, origin: str, peer: str | None,
+                           user: str | None = None) -> Stored:
         if isinstance(parsed, Exception):
             raise parsed
         content, blob = parsed
@@ -258,12 +266,12 @@ class Ingest:
             received_at=self.index.now(),
             peer=peer,
         )
-        outcome = await self._index(record, None, blob, peer)
+        outcome = await self._index(record, None, blob, peer, user)
         return self._stored(outcome)
 
     def _read_package(self, data: bytes, store: bool):
         try:
-            package = read_package(data, self.plugins.object_type, self.max_object_size)
+            package = read_package(data, self.plugins.object_type, self.max_object_size, self.part_limits)
         except InvalidObject as e:
             raise Refused(e.reason) from e
         if package.attachment.type == "status" or not store:
@@ -286,7 +294,8 @@ class Ingest:
             refused.origin = claim.origin
             raise refused
 
-    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
+    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None,
+                               user: str | None = None) -> Stored:
         self._check_size(data, transport)
         policy = self._has_sender_policy()
         # With a sender policy, the blob is written only after it passed: a
@@ -308,7 +317,7 @@ class Ingest:
         if package.attachment.type == "status":
             return await self._status(package, receipt)
         record = self._package_record(package, blob, transport, peer)
-        outcome = await self._index(record, receipt, blob, peer, self._with_package(package))
+        outcome = await self._index(record, receipt, blob, peer, user, self._with_package(package))
         stored = self._stored(outcome, package.message_id)
         log.info(
             "package {message_id} from {origin} ({attachment}) {what}",
@@ -356,15 +365,19 @@ class Ingest:
                                     detail=f"opened on {event.viewer or receipt.origin}")
         return Stored(uid=params["uid"], object_type="status", digest=None, created=created, message_id=package.message_id)
 
-    def _audit_store(self, record: ObjectRecord, peer: str | None):
-        """What writes the store's audit record in the index transaction (None without an audit trail)."""
+    def _audit_store(self, record: ObjectRecord, peer: str | None, user: str | None = None):
+        """What writes the store's audit record in the index transaction (None without an audit trail).
+
+        Its user is the name of the credential the sender proved, when it proved one (the origin,
+        an address or AE title, is then kept as the record's credential), else the origin."""
         if self.audit is None:
             return None
 
         def then(conn, outcome: StoreOutcome) -> None:
             detail = outcome.conflict or (None if outcome.created else "already stored")
             entry = self.audit.entry(
-                "store", outcome=SERIOUS_FAILURE if outcome.conflict else SUCCESS, user=record.origin, peer=peer,
+                "store", outcome=SERIOUS_FAILURE if outcome.conflict else SUCCESS, user=user or record.origin,
+                credential=record.origin if user else None, peer=peer,
                 transport=record.transport, patient_id=record.patient_id,
                 study_instance_uid=record.study_instance_uid, series_instance_uid=record.series_instance_uid,
                 sop_instance_uid=record.sop_instance_uid, detail=detail)
@@ -386,10 +399,10 @@ class Ingest:
         return both
 
     async def _index(self, record: ObjectRecord, receipt: Receipt | None, blob, peer: str | None = None,
-                     with_new: Callable | None = None) -> StoreOutcome:
+                     user: str | None = None, with_new: Callable | None = None) -> StoreOutcome:
         try:
             outcome = await self.index.store_object(record, receipt, with_new or self._index_with,
-                                                    self._audit_store(record, peer))
+                                                    self._audit_store(record, peer, user))
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e

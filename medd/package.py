@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 
+from medd.config import PartLimits
 from medd.objects import DEFAULT_MAX_INFLATED_SIZE, Content, InvalidObject, parse_part10
 
 HEADER = "Medd-Attachment"
@@ -193,33 +194,28 @@ def _single_part(msg: Message) -> Message:
     raise InvalidObject(f"a package carries exactly one object; this one has {len(objects) or len(parts)} parts")
 
 
-# A package carries one object, perhaps beside a signature and a note: these
-# bounds are far above any real package and far below what costs memory.
-MAX_MIME_CONTAINERS = 4  # multipart parts, at any depth
-MAX_MIME_PARTS = 16  # boundary delimiter lines in all
-
 _BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
 
-def check_mime_structure(data: bytes) -> None:
-    """Refuse a message with more multipart containers or parts than a package
-    can have, before the MIME parser builds them (a million empty parts or a
+def check_mime_structure(data: bytes, limits: PartLimits = PartLimits()) -> None:
+    """Refuse a message with more multipart containers or parts than
+    ``limits`` (``[limits] max_mime_containers``, ``max_mime_parts``) allow,
+    before the MIME parser builds them (a million empty parts or a
     thousand-deep nesting costs seconds and hundreds of megabytes there).
 
     A boundary parameter in a body counts too: a package that merely
     mentions many is refused, which is permanent and harmless.
     """
     boundaries = [m.group(1) or m.group(2) for m in _BOUNDARY.finditer(data)]
-    if len(boundaries) > MAX_MIME_CONTAINERS:
-        raise InvalidObject(
-            f"the package has {len(boundaries)} multipart containers; a package has at most {MAX_MIME_CONTAINERS}"
-        )
+    if len(boundaries) > limits.max_mime_containers:
+        raise InvalidObject(f"the package has {len(boundaries)} multipart containers; "
+                            f"a package has at most {limits.max_mime_containers}")
     delimiters = 0
     for boundary in set(boundaries):
         marker = b"\n--" + boundary
         delimiters += data.count(marker) + data.startswith(b"--" + boundary)
-        if delimiters > MAX_MIME_PARTS:
-            raise InvalidObject(f"the package has more than {MAX_MIME_PARTS} MIME parts")
+        if delimiters > limits.max_mime_parts:
+            raise InvalidObject(f"the package has more than {limits.max_mime_parts} MIME parts")
 
 
 _END_OF_HEADER = re.compile(rb"\r?\n\r?\n")
@@ -252,7 +248,8 @@ def header(msg: Message, name: str) -> str:
     return value
 
 
-def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Message]:
+def parse_package(data: bytes, max_size: int | None = None,
+                  limits: PartLimits = PartLimits()) -> tuple[Message, Message]:
     """Parse the MIME structure only; return (message, object part).
 
     Blocking (CPU-bound on large packages).
@@ -261,7 +258,7 @@ def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Me
         raise InvalidObject(f"package of {len(data)} bytes exceeds the limit of {max_size} bytes")
     if not data.strip():
         raise InvalidObject("empty package")
-    check_mime_structure(data)
+    check_mime_structure(data, limits)
     try:
         msg = _single_part_message(data) or email.message_from_bytes(data, policy=email.policy.compat32)
     except RecursionError as e:
@@ -278,14 +275,15 @@ def parse_package(data: bytes, max_size: int | None = None) -> tuple[Message, Me
     return msg, part
 
 
-def read_package(data: bytes, object_types, max_size: int | None = None) -> Package:
+def read_package(data: bytes, object_types, max_size: int | None = None,
+                 limits: PartLimits = PartLimits()) -> Package:
     """Parse, decode and validate a package against its object type.
 
     ``object_types`` is the plugin host's ``object_type(name)`` lookup.
     Raises :class:`InvalidObject` (envelope problems) or
     :class:`InvalidObject` (content problems). Blocking.
     """
-    msg, part = parse_package(data, max_size)
+    msg, part = parse_package(data, max_size, limits)
     attachment = AttachmentId.parse(header(msg, HEADER))
     object_type = object_types(attachment.type)
     if object_type is None:

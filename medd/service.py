@@ -65,6 +65,7 @@ class NodeService(MultiService):
             index_with = queue_new_object(message_ids(settings.gateway), results=settings.gateway.results_to is not None)
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
+            part_limits=config.part_limits,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
             delivery_facts=config.role == "viewer",
@@ -116,7 +117,7 @@ class NodeService(MultiService):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(section),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
-                audit=self.audit,
+                audit=self.audit, clock=self.clock,
             )
             listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")

@@ -107,10 +107,15 @@ def peer_certificate(request) -> PeerCertificate | None:
     cert = get() if get is not None else None
     if cert is None:
         return None
+    return certificate_identity(cert.to_cryptography())
+
+
+def certificate_identity(x509) -> PeerCertificate | None:
+    """The CN and fingerprint of a verified client certificate (a ``cryptography`` certificate);
+    None if its subject has no CN."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    x509 = cert.to_cryptography()
     names = x509.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         return None

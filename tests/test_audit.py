@@ -26,6 +26,7 @@ from medd.storage.audit import AuditEntry, AuditFilter, AuditLog
 from medd.storage.database import Database
 from medd.tlscert import make_self_signed
 from tests.conftest import listener_port
+from tests.test_tls_matrix import pki as pki_fixture  # noqa: F401 (the pki fixture, by its name)
 from tests.test_routing import _cstore, _with_recipient
 from tests.test_viewer import VIEWER, _central_and_viewer, _fake_clock, _routed
 
@@ -154,6 +155,13 @@ async def test_every_action_leaves_exactly_one_audit_record(make_central, tmp_pa
                             allow_redirects=False, timeout=30)
     assert r.status_code == 303
     await on_viewer.one("logout", user="dr-lee")
+    # A page asked for without a live session (a stale cookie, or none) is sent to the login form: one refusal.
+    r = await _get(f"{v_http}/worklist", allow_redirects=False, cookies={"medd_session": "ended-long-ago"})
+    assert r.status_code == 303 and r.headers["Location"].startswith("/?next=")
+    await on_viewer.one("auth-refused", outcome=4, credential="session", peer="127.0.0.1")
+    r = await _get(f"{v_http}/worklist", allow_redirects=False)
+    assert r.status_code == 303
+    await on_viewer.one("auth-refused", outcome=4, credential=None, peer="127.0.0.1")
 
     # refused authentication: a wrong password (4), then throttled (8).
     for _ in range(5):
@@ -249,6 +257,68 @@ async def test_api_audit_filters_pages_and_refuses(make_central, tmp_path):
     assert await deferToThread(cli) == 0
     assert [x["sop_instance_uid"] for x in json.loads(out.read_text())] == ["1.2.1"]
     assert await deferToThread(medd, ["audit", "--config", central.config.path, "--since", "never"]) == 2
+
+
+async def _eventually_new(trail: Trail, count: int = 1) -> list:
+    """The next ``count`` records of ``trail`` once they are all there (a refusal found below the web
+    layer is recorded after the connection closes); fewer if they never come within a generous bound."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    found: list = []
+    for _ in range(300):
+        found += await trail.new()
+        if len(found) >= count:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_tls_handshakes_and_authenticated_stores_are_recorded(make_central, request, tmp_path):
+    """On HTTPS (client certificate required), the TLS socket and DICOM TLS, a handshake without a client
+    certificate and one with a certificate from another CA each leave exactly one refused authentication
+    (credential "client certificate", outcome 4, the client's address); a handshake that succeeds leaves
+    none. A package stored with a centre's credential (its bearer token, its recorded client certificate
+    on the TLS socket) is recorded with the centre's name as user and its address as credential."""
+    from medd.tlscert import issue_client_certificate
+    from tests.test_tls import ORIGIN, image_package
+    from tests.test_tls_matrix import (LOOPBACK, client_context, dicom_exchange, https_exchange, outcome,
+                                       tls_frame_exchange)
+
+    tls = request.getfixturevalue("pki_fixture")
+    node = await make_central({"dicom_tls": LOOPBACK, "https": LOOPBACK, "tls": LOOPBACK, "http": LOOPBACK},
+                              extra=tls.tls_section() + "[https]\nclient_certificates = required\n")
+    trail = Trail(node)
+    await trail.new()
+    exchanges = {"https": (https_exchange, "/outbox"), "tls": (tls_frame_exchange,), "dicom_tls": (dicom_exchange,)}
+    for key, (exchange, *args) in exchanges.items():
+        port = listener_port(node, key)
+        for client in (None, "other_ca"):
+            await deferToThread(outcome, exchange, port, client_context(tls, client), *args)
+            records = await _eventually_new(trail)
+            assert [(r.entry.event, r.entry.outcome, r.entry.credential, r.entry.peer, r.entry.transport)
+                    for r in records] == [("auth-refused", 4, "client certificate", "127.0.0.1", key)], (key, client)
+            assert "TLS handshake" in records[0].entry.detail
+    assert await trail.new() == []
+
+    # Stores in a centre's name: by its bearer token over HTTP, by its recorded certificate on the TLS socket.
+    ca_key = tls.ca.with_name("ca.key").read_bytes()
+    centre_pem, fingerprint = issue_client_certificate(tls.ca.read_bytes(), ca_key, ORIGIN)
+    (tmp_path / "centre.pem").write_bytes(centre_pem)
+    directory = node.central_storage.directory
+    token = (await directory.add_centre("centre-a", addresses=[ORIGIN], token=True,
+                                        client_certificate=fingerprint)).token
+    await trail.new()  # the credential change
+    r = await _post(f"http://127.0.0.1:{listener_port(node, 'http')}/packages", data=image_package(),
+                    headers={"Content-Type": "message/rfc822", "Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    await trail.one("store", outcome=0, user="centre-a", credential=ORIGIN, transport="http")
+    ctx = client_context(tls, None)
+    ctx.load_cert_chain(str(tmp_path / "centre.pem"))
+    reply = await deferToThread(tls_frame_exchange, listener_port(node, "tls"), ctx)
+    assert reply["status"] == "ok", reply
+    await trail.one("store", outcome=0, user="centre-a", credential=ORIGIN, transport="tls")
 
 
 def test_the_audit_table_is_append_only(tmp_path, db_url):

@@ -47,6 +47,22 @@ def test_every_problem_is_reported_with_file_section_and_key(tmp_path):
     assert "[listen] http" in str(info.value)
 
 
+def test_part_limits_are_read_and_validated(tmp_path):
+    """``[limits] max_mime_parts``, ``max_mime_containers`` and ``max_stow_parts`` default to the built-in
+    bounds, are read when set, and anything but a positive whole number is a problem naming the key."""
+    from medd.config import PartLimits
+
+    base = "[node]\nrole = central\nname = c\n[database]\nurl = sqlite://\n[storage]\npath = s\n"
+    assert load_config(write(tmp_path, base)).part_limits == PartLimits(16, 4, 10_000)
+    good = write(tmp_path, base + "[limits]\nmax_mime_parts = 8\nmax_mime_containers = 2\nmax_stow_parts = 500\n")
+    assert load_config(good).part_limits == PartLimits(8, 2, 500)
+    bad = write(tmp_path, base + "[limits]\nmax_mime_parts = 0\nmax_mime_containers = -1\nmax_stow_parts = many\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert {("limits", k) for k in ("max_mime_parts", "max_mime_containers", "max_stow_parts")} <= {
+        (p.section, p.key) for p in info.value.problems}
+
+
 def test_unknown_transport_and_disabled_plugin(tmp_path):
     """A [listen] key with no transport plugin, or with its plugin disabled, is refused before start."""
     path = write(tmp_path, f"[node]\nrole = central\nname = c.test\n[database]\nurl = sqlite://\n"

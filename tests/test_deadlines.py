@@ -26,7 +26,7 @@ class _API:
     node_name = "central.test"
 
     def __init__(self):
-        self.reactor = Clock()
+        self.reactor = self.clock = Clock()
         self.received: list[bytes] = []
 
     def receive_package(self, data, **kw):
@@ -184,6 +184,174 @@ async def test_stalled_dicom_connections_neither_block_a_modality_nor_stay_open(
 
         assert await deferToThread(_send, port, [get_testdata_file("CT_small.dcm")]) == [0]
         closed = await deferToThread(lambda: [_closed_within(s, 15) for s in stalled])
+        assert all(closed), f"{closed.count(False)} stalled connections still open"
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def _echo_from(port: int, source: str) -> int | None:
+    """The status of a C-ECHO over an association from ``source`` (None if the association failed)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", bind_address=(source, 0))
+    if not assoc.is_established:
+        return None
+    try:
+        return assoc.send_c_echo().Status
+    finally:
+        assoc.release()
+
+
+def _eventually(check, seconds: float = 30.0) -> bool:
+    """True as soon as ``check()`` is; False if it is still not after ``seconds`` (a generous bound)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dicom_peer_stalled_mid_pdu_is_dropped_and_its_slots_are_free_again(make_central):
+    """With [limits] request_timeout = 1 and [dicom] timeout = 60, two connections that stall in their
+    first PDU's header (the peer's cap is 2) are dropped, their associations end and the peer's slots are
+    free again (a C-ECHO from it succeeds) long before [dicom] timeout: the association waiting for its
+    A-ASSOCIATE-RQ no longer keeps its threads and slot until its ACSE timeout."""
+    from twisted.internet.threads import deferToThread
+
+    from tests.conftest import listener_port
+
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0"},
+                              extra="[limits]\nrequest_timeout = 1\nmax_connections_per_peer = 2\n"
+                                    "[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    port = listener_port(node, "dicom")
+    server = node.getServiceNamed("listen-dicom").server
+    source = "127.0.0.3"
+
+    def held() -> int:
+        return server.slots(source) + sum(1 for a in server.active_associations if a.requestor.address == source)
+
+    stalled = [_stall(port, source=source) for _ in range(2)]
+    try:
+        assert await deferToThread(_eventually, lambda: server.slots(source) == 2)
+        closed = await deferToThread(lambda: [_closed_within(s, 30) for s in stalled])
+        assert all(closed), f"{closed.count(False)} stalled connections still open"
+        assert await deferToThread(_eventually, lambda: held() == 0), (server.slots(source), held())
+        assert await deferToThread(_echo_from, port, source) == 0
+        assert await deferToThread(_eventually, lambda: held() == 0)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_simultaneous_dicom_connects_do_not_overshoot_the_per_peer_cap(make_central):
+    """Twelve connections from one address at once against a cap of 3: the slots are counted at accept,
+    so exactly 3 stay open and the other 9 are closed at once (counting running associations let a
+    burst through before their threads started)."""
+    import socket
+    import threading
+
+    from twisted.internet.threads import deferToThread
+
+    from tests.conftest import listener_port
+
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0"},
+                              extra="[limits]\nmax_connections_per_peer = 3\n[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    port = listener_port(node, "dicom")
+    server = node.getServiceNamed("listen-dicom").server
+    source = "127.0.0.4"
+    start = threading.Barrier(12)
+
+    def connect() -> socket.socket:
+        start.wait()
+        return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+    def burst() -> list[socket.socket]:
+        out: list = []
+        threads = [threading.Thread(target=lambda: out.append(connect())) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    sockets = await deferToThread(burst)
+    try:
+        # The refused ones see end of file at once; the admitted ones say nothing and are kept ([dicom] timeout).
+        assert await deferToThread(_eventually, lambda: _refused(sockets) == 9), (_refused(sockets), server.slots(source))
+        assert server.slots(source) == 3
+        assert _refused(sockets) == 9
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _refused(sockets) -> int:
+    """How many of ``sockets`` the peer has closed (end of file waiting), without reading the others' data away."""
+    import socket as _socket
+
+    count = 0
+    for s in sockets:
+        s.settimeout(0)
+        try:
+            if s.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b"":
+                count += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            count += 1
+    return count
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_connections_on_every_listener_neither_block_a_modality_nor_stay_open(make_central, tmp_path):
+    """The short version of bench/stalled (issue 9, "200 stalled connections while a modality stores"):
+    20 connections on each of the DICOM, HTTP, TLS socket and SMTP listeners, each stopped partway through
+    its first unit (a PDU header, request headers, a TLS record header, an SMTP command line), do not stop
+    a modality storing, and under [limits] request_timeout = 1 every one of them is closed (DICOM too,
+    though its [dicom] timeout is 60)."""
+    import socket
+
+    from twisted.internet.threads import deferToThread
+
+    from medd.tlscert import make_self_signed
+    from tests.conftest import listener_port
+    from tests.test_dicom_receiver import _send
+
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    make_self_signed(cert, key)
+    loopback = "tcp:0:interface=127.0.0.1"
+    node = await make_central({"dicom": "tcp:0:interface=0.0.0.0", "http": loopback, "tls": loopback, "smtp": loopback},
+                              extra=f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n"
+                                    "[limits]\nrequest_timeout = 1\n[dicom]\nae_title = MEDD\ntimeout = 60\n")
+    partial = {"dicom": b"\x01\x00\x00", "http": b"POST /packages HTTP/1.1\r\nHost: central\r\n",
+               "tls": b"\x16\x03\x01", "smtp": b"EHLO centre-a.example"}
+
+    def stall_all() -> list:
+        out = []
+        for key, data in partial.items():
+            for _ in range(20):
+                s = socket.create_connection(("127.0.0.1", listener_port(node, key)), timeout=30,
+                                             source_address=("127.0.0.5", 0))
+                s.sendall(data)
+                out.append(s)
+        return out
+
+    stalled = await deferToThread(stall_all)
+    try:
+        from pydicom.data import get_testdata_file
+
+        files = [get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")]
+        assert await deferToThread(_send, listener_port(node, "dicom"), files) == [0, 0, 0]
+        closed = await deferToThread(lambda: [_closed_within(s, 30) for s in stalled])
         assert all(closed), f"{closed.count(False)} stalled connections still open"
     finally:
         for s in stalled:

@@ -342,15 +342,30 @@ async def test_stow_part_with_an_unreadable_value_fails_alone_not_500(make_centr
 @pytest_twisted.ensureDeferred
 async def test_stow_with_too_many_parts_is_413_before_any_is_read(make_central):
     """A STOW-RS body of many empty parts (a million fit in 42 MB and took 75 s to split) is refused 413
-    as soon as its parts pass MAX_STOW_PARTS; nothing is stored."""
-    from medd.transports.dicomweb import MAX_STOW_PARTS
+    as soon as its parts pass ``[limits] max_stow_parts`` (10,000 by default); nothing is stored."""
+    from medd.config import PartLimits
 
     node = await make_central(LISTEN)
-    response = await _stow(node, [("application/dicom", b"")] * (MAX_STOW_PARTS + 1))
+    default = PartLimits().max_stow_parts
+    response = await _stow(node, [("application/dicom", b"")] * (default + 1))
     assert response.status_code == 413
     assert response.headers["Content-Type"] == "application/problem+json"
-    assert str(MAX_STOW_PARTS) in response.json()["detail"]
+    assert str(default) in response.json()["detail"]
     assert await node.database.run(index.count_objects) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_part_cap_is_the_configured_one(make_central):
+    """``[limits] max_stow_parts = 2``: two instances are stored, three are 413 and none of them is."""
+    node = await make_central(LISTEN, extra="[limits]\nmax_stow_parts = 2\n")
+    names = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")
+    response = await _stow(node, [("application/dicom", testdata(n)) for n in names])
+    assert response.status_code == 413, response.text
+    assert "at most 2 instances" in response.json()["detail"]
+    assert await node.database.run(index.count_objects) == 0
+    response = await _stow(node, [("application/dicom", testdata(n)) for n in names[:2]])
+    assert response.status_code == 200, response.text
+    assert await node.database.run(index.count_objects) == 2
 
 
 def _independently_valid(path) -> dict | None:

@@ -21,6 +21,7 @@ FORBIDDEN = [
     ("medd.audit", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.webresource", ROLES + ASSEMBLY + ("medd.transports",)),
     ("medd.scheduling", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
+    ("medd.throttling", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.package", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.pull", ROLES + ASSEMBLY),
     ("medd.objects", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),

@@ -4,6 +4,7 @@ structure is bounded before the parser builds it. Every such refusal is
 permanent (Refused), never "try again"."""
 from __future__ import annotations
 
+import base64
 import io
 import subprocess
 import sys
@@ -17,9 +18,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medd.ingest import Refused
 from medd.objects import InvalidObject, parse_part10
-from medd.package import MAX_MIME_PARTS, parse_package
+from medd.config import PartLimits
+from medd.package import parse_package
 from medd.storage import index
 from tests.conftest import testdata
+
+MAX_MIME_PARTS = PartLimits().max_mime_parts
 
 BOMB_SOURCE = textwrap.dedent(
     '''
@@ -155,4 +159,34 @@ async def test_mime_bombs_are_refused_by_ingest_not_retried(make_central):
     with pytest.raises(Refused, match="multipart containers") as refused:
         await node.ingest.receive_package(deep, transport="test")
     assert refused.value.kind == "invalid"
+    assert await node.database.run(index.count_objects) == 0
+
+
+
+def _package_with_parts(parts: int, containers: int = 1) -> bytes:
+    """A package whose object travels beside ``parts - 1`` notes, in ``containers`` nested multiparts."""
+    obj = (b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(testdata("CT_small.dcm")).replace(b"\n", b"\r\n"))
+    notes = [b"Content-Type: text/plain\r\n\r\nnote %d\r\n" % i for i in range(parts - 1)]
+    body = obj
+    for depth in range(containers):
+        inner = [body] + (notes if depth == 0 else [])
+        boundary = b"b%d" % depth
+        body = (b'Content-Type: multipart/mixed; boundary="%s"\r\n\r\n' % boundary
+                + b"".join(b"--" + boundary + b"\r\n" + p for p in inner) + b"--" + boundary + b"--\r\n")
+    return HEAD + body
+
+
+@pytest_twisted.ensureDeferred
+async def test_mime_bounds_are_the_configured_limits(make_central):
+    """``[limits] max_mime_parts`` and ``max_mime_containers`` are the bounds ingest applies: packages the
+    defaults accept (3 parts; 2 nested containers) are permanent refusals under lower limits."""
+    wide, deep = _package_with_parts(3), _package_with_parts(1, containers=2)
+    for data in (wide, deep):
+        assert parse_package(data)[1].get_content_type() == "application/dicom"
+    node = await make_central({}, extra="[limits]\nmax_mime_parts = 2\nmax_mime_containers = 1\n")
+    for data, match in ((wide, "more than 2 MIME parts"), (deep, "2 multipart containers; a package has at most 1")):
+        with pytest.raises(Refused, match=match) as refused:
+            await node.ingest.receive_package(data, transport="test")
+        assert refused.value.kind == "invalid"
     assert await node.database.run(index.count_objects) == 0

@@ -1,10 +1,10 @@
-"""The reading room's login throttle (medd.viewer.throttling) on a Twisted Clock: exponential waits per
+"""The reading room's login throttle (medd.throttling) on a Twisted Clock: exponential waits per
 (user, address), per address and per user, what a success resets, and the bound on its memory."""
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from medd.viewer.throttling import LoginThrottle
+from medd.throttling import LoginThrottle
 
 
 def _fail_until_throttled(throttle: LoginThrottle, user: str, address: str) -> int:

@@ -107,7 +107,7 @@ async def test_many_recipients_ingest_once(make_central):
     recipients = [RECIPIENT, "viewer1@central.test", "viewer2@central.test"]
     code, reply = await deferToThread(send, listener_port(node, "smtp"), package, recipients)
     assert code == 250, reply
-    assert calls == [{"transport": "smtp", "peer": "127.0.0.1", "credentials": None}]
+    assert calls == [{"transport": "smtp", "peer": "127.0.0.1", "credentials": None, "user": None}]
     assert await node.database.run(index.count_objects) == 1
 
 
@@ -299,7 +299,7 @@ class _FakeAPI:
     def __init__(self):
         from twisted.internet.task import Clock
 
-        self.reactor = Clock()
+        self.reactor = self.clock = Clock()
 
 
 class _NoDelayTransport(StringTransport):

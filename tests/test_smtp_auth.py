@@ -27,10 +27,10 @@ def server_cert(request):
     return cert, extra + "[smtp]\nrequire_starttls = yes\n"
 
 
-async def _central(make_central, server_cert):
+async def _central(make_central, server_cert, clock=None):
     """Central requiring STARTTLS, with centre-a (ct1@centre-a.example) and centre-b registered with tokens."""
     _, extra = server_cert
-    node = await make_central(LISTEN, extra=extra)
+    node = await make_central(LISTEN, extra=extra, clock=clock)
     directory = node.central_storage.directory
     token_a = (await directory.add_centre("centre-a", addresses=[ORIGIN], token=True)).token
     token_b = (await directory.add_centre("centre-b", addresses=["ct@centre-b.example"], token=True)).token
@@ -135,6 +135,37 @@ async def test_unauthenticated_or_other_centres_mail_in_a_centres_name_is_refuse
 
     assert await deferToThread(_session, listener_port(node, "smtp"), server_cert[0], b_as_a) == 535
     assert await _count(node) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_auth_is_throttled_per_user_and_client(make_central, server_cert):
+    """Five wrong AUTH passwords for centre-a from one client get 535; then even the right token gets
+    454 4.7.0 with the wait, and no password is checked; another user from the same client is not
+    held back; once the wait has passed on the node's clock, the right token is accepted (235). Each
+    failure is one refused authentication in the audit trail (outcome 4; throttled, 8)."""
+    from medd.storage.audit import AuditFilter
+    from tests.test_viewer import _fake_clock
+
+    clock = _fake_clock()
+    node, token_a, token_b = await _central(make_central, server_cert, clock=clock)
+    port = listener_port(node, "smtp")
+
+    def auth(user: str, password: str):
+        def steps(client, context):
+            _encrypted(client, context)
+            return client.docmd("AUTH", "PLAIN " + _plain(user, password))
+        return deferToThread(_session, port, server_cert[0], steps)
+
+    codes = [(await auth(ORIGIN, "not-the-token"))[0] for _ in range(5)]
+    assert codes == [535] * 5
+    code, reply = await auth(ORIGIN, token_a)
+    assert code == 454 and b"4.7.0" in reply and b"try again in 1 s" in reply, reply
+    assert (await auth("ct@centre-b.example", token_b))[0] == 235
+    refused = await node.audit.search(AuditFilter(event="auth-refused"), 100)
+    assert [(r.entry.outcome, r.entry.user, r.entry.credential) for r in refused] == (
+        [(4, ORIGIN, "password")] * 5 + [(8, ORIGIN, "password")])
+    clock.advance(2)
+    assert (await auth(ORIGIN, token_a))[0] == 235
 
 
 def test_require_starttls_needs_a_certificate(tmp_path):

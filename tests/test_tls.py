@@ -333,7 +333,7 @@ class FakeReceiver:
         self.max_object_size = max_object_size
         self.calls: list[tuple[bytes, Deferred]] = []
 
-    def receive_package(self, data, *, transport, peer=None):
+    def receive_package(self, data, *, transport, peer=None, user=None):
         d = Deferred()
         self.calls.append((data, d))
         return d

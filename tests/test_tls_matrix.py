@@ -216,6 +216,53 @@ async def test_dicom_tls_drops_a_stalled_handshake_within_the_timeout(make_centr
     assert await deferToThread(stall) == b""
 
 
+def _half_a_client_hello() -> bytes:
+    """The first half of a real ClientHello record (as a client's TLS library would send it)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def _stalled_handshake_closed(port: int, starttls: bool = False) -> bool:
+    """Connect, (on SMTP: say EHLO and STARTTLS), send half a ClientHello and wait: True once the
+    node closes the connection, False if it is still open after 30 s (a generous bound)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        if starttls:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO probe.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220")
+        s.sendall(_half_a_client_hello())
+        try:
+            while s.recv(4096):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_tls_handshake_is_bounded_by_the_request_deadline_on_every_listener(make_central, pki):
+    """Half a ClientHello, then nothing: HTTPS, the TLS socket, SMTP after STARTTLS and DICOM TLS each close
+    the connection at [limits] request_timeout (1 s here), though their idle timers ([dicom] timeout = 60,
+    Twisted's idle timeouts of minutes or hours) would let it wait far longer."""
+    node = await make_central({"dicom_tls": LOOPBACK, "https": LOOPBACK, "tls": LOOPBACK, "smtp": LOOPBACK},
+                              extra=pki.tls_section() + "[limits]\nrequest_timeout = 1\n[dicom]\ntimeout = 60\n")
+    for key in ("https", "tls", "dicom_tls"):
+        assert await deferToThread(_stalled_handshake_closed, listener_port(node, key)), key
+    assert await deferToThread(_stalled_handshake_closed, listener_port(node, "smtp"), True)
+
+
 @pytest_twisted.ensureDeferred
 async def test_dicom_tls_keeps_the_per_peer_cap_and_the_pdu_deadline(make_central, pki):
     """On the DICOM TLS port a peer holds at most [limits] max_connections_per_peer associations (the
@@ -239,7 +286,19 @@ async def test_dicom_tls_keeps_the_per_peer_cap_and_the_pdu_deadline(make_centra
                 assoc.release()
 
     assert await deferToThread(hold_two_then_a_third) in ("aborted", "not established")
-    assert await deferToThread(outcome, dicom_exchange, port, client_context(pki, "right")) == "ok"
+
+    def once_the_slots_are_back() -> str:
+        # A released association gives its slot back when its thread on the node ends, just after the
+        # release the client saw: the next association is accepted eventually (a generous bound).
+        import time
+
+        node_threads = node.getServiceNamed("listen-dicom_tls").server
+        deadline = time.monotonic() + 30
+        while node_threads.slots("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return outcome(dicom_exchange, port, client_context(pki, "right"))
+
+    assert await deferToThread(once_the_slots_are_back) == "ok"
 
     def half_a_pdu() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
@@ -485,3 +544,61 @@ def test_gateway_refuses_clear_http_to_another_host(tmp_path):
     assert _problems(tmp_path, {}, base + remote, role="gateway") == [("gateway", "central")]
     assert _problems(tmp_path, {}, base + remote + "allow_http = yes\n", role="gateway") == []
     assert _problems(tmp_path, {}, base + "central = http://127.0.0.1:8080/packages\n", role="gateway") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_centres_client_certificate_names_the_dicom_tls_association(make_central, pki, tmp_path):
+    """Over DICOM TLS, the certificate `medd centres add --client-cert` recorded for centre-a, whose CN is
+    centre-a's address, makes the association centre-a's whatever its calling AE title and network: the
+    object is stored with that address as its origin, routed as centre-a's and audited with centre-a as
+    its user. A certificate with the same CN that was not recorded, or a viewer's, names no one: the
+    calling AE title stays the origin (quarantined as an unknown centre's, the AE being centre-a's only
+    from its network)."""
+    from sqlalchemy import select
+
+    from medd.storage.audit import AuditFilter
+    from medd.storage.routing_tables import routing_decisions
+
+    node = await _matrix_node(make_central, pki, extra="[dicom]\ntimeout = 5\n" + FAST)
+    port = listener_port(node, "dicom_tls")
+    ca_key = pki.ca.with_name("ca.key").read_bytes()
+    centre_pem, fingerprint = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
+    unrecorded_pem, _ = issue_client_certificate(pki.ca.read_bytes(), ca_key, ORIGIN)
+    (tmp_path / "centre.pem").write_bytes(centre_pem)
+    (tmp_path / "unrecorded.pem").write_bytes(unrecorded_pem)
+    # The AE title is centre-a's only from a network this test does not come from.
+    await node.central_storage.directory.add_centre("centre-a", aes=["CENTREA"], addresses=[ORIGIN],
+                                                    networks=["192.0.2.0/24"], client_certificate=fingerprint)
+
+    def store(pem: Path, calling: str, suffix: str):
+        ct = _with_recipient("CT_small.dcm", recipient=VIEWER, uid_suffix=suffix)
+        ctx = ssl.create_default_context(cafile=str(pki.server_cert))
+        ctx.load_cert_chain(str(pem))
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(ct.SOPClassUID, ct.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDD", tls_args=(ctx, "localhost"))
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(ct).Status), ct.SOPInstanceUID
+        finally:
+            assoc.release()
+
+    named = await deferToThread(store, tmp_path / "centre.pem", "WHOEVER", ".41")
+    unrecorded = await deferToThread(store, tmp_path / "unrecorded.pem", "CENTREA", ".42")
+    viewers = await deferToThread(store, pki.right, "CENTREA", ".43")
+    assert [named[0], unrecorded[0], viewers[0]] == [0, 0, 0]
+    await node.routing.router.kick()
+
+    async def stored(uid):
+        record = await node.database.run(lambda c: index.object_by_uid(c, uid))
+        centre = await node.database.run(lambda c: c.execute(
+            select(routing_decisions.c.centre).where(routing_decisions.c.uid == uid)).scalar())
+        return record.origin, record.transport, centre
+
+    assert await stored(named[1]) == (ORIGIN, "dicom_tls", "centre-a")
+    assert await stored(unrecorded[1]) == ("CENTREA", "dicom", None)
+    assert await stored(viewers[1]) == ("CENTREA", "dicom", None)
+    stores = await node.audit.search(AuditFilter(event="store"), 10)
+    users = {r.entry.sop_instance_uid: (r.entry.user, r.entry.credential) for r in stores}
+    assert users[named[1]] == ("centre-a", ORIGIN)
+    assert users[unrecorded[1]] == ("CENTREA", None)

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from medd.config import ConnectionLimits
+from medd.config import ConnectionLimits, PartLimits
 from medd.plugins.interfaces import IObjectQueries
 
 log = Logger()
@@ -85,8 +85,10 @@ class TransportAPI:
 
     def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
                  tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None,
-                 limits: ConnectionLimits = ConnectionLimits(), audit=None):
+                 limits: ConnectionLimits = ConnectionLimits(), audit=None, clock=None):
         self.reactor = reactor
+        #: The node's one clock (``seconds()``), for what is compared over time (throttles); the reactor by default.
+        self.clock = clock or reactor
         self._ingest = ingest
         self.transport = transport
         self.node_name = node_name
@@ -95,6 +97,8 @@ class TransportAPI:
         self.tls = tls
         #: Largest object or package the node accepts, in bytes.
         self.max_object_size: int = ingest.max_object_size
+        #: ``[limits]`` part counts of multipart bodies (packages, STOW-RS).
+        self.part_limits: PartLimits = ingest.part_limits
         #: ``[limits]`` deadlines and the per-peer connection cap every listener applies.
         self.limits: ConnectionLimits = limits
         #: The HTTP resources the node mounted, ``{b"name": resource}``, read-only.
@@ -110,24 +114,27 @@ class TransportAPI:
             return succeed(None)
         return self._audit.record(event, transport=fields.pop("transport", self.transport), **fields)
 
-    def receive_dicom(self, data: bytes, *, origin: str, peer: str | None = None, transport: str | None = None) -> Deferred:
+    def receive_dicom(self, data: bytes, *, origin: str, peer: str | None = None, transport: str | None = None,
+                      user: str | None = None) -> Deferred:
         """Ingest a bare DICOM Part 10 object; Deferred :class:`medd.ingest.Stored`.
 
         Fails with :class:`medd.ingest.Refused` (bad data: refuse for good)
         or :class:`medd.ingest.StoreFailed` (medd could not store it: the
         sender should retry). ``origin`` is who sent it (a calling AE title,
         a client address); ``peer`` the connection's client IP, kept with the
-        object (central checks a centre's AE title against its networks).
+        object (central checks a centre's AE title against its networks); ``user`` the name of the
+        credential the sender proved, if it did (a centre's, a viewer's: its audit records' user).
         """
-        return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin, peer=peer)
+        return self._ingest.receive_dicom(data, transport=transport or self.transport, origin=origin, peer=peer,
+                                          user=user)
 
     def receive_dicom_waiting(self, data: bytes, *, origin: str, peer: str | None = None,
-                              transport: str | None = None):
+                              transport: str | None = None, user: str | None = None):
         """:meth:`receive_dicom` from a thread of the transport's own that waits for the outcome
         (never the reactor's): parses and writes the object on that thread and returns the
         :class:`medd.ingest.Stored`, or raises as the Deferred would fail."""
         return self._ingest.receive_dicom_waiting(data, transport=transport or self.transport, origin=origin,
-                                                  peer=peer)
+                                                  peer=peer, user=user)
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may open an association, else the reason to reject it
@@ -135,15 +142,15 @@ class TransportAPI:
         return self._ingest.accept_association(calling_ae, called_ae, peer)
 
     def receive_package(self, data: bytes, *, peer: str | None = None, credentials: str | None = None,
-                        transport: str | None = None) -> Deferred:
+                        transport: str | None = None, user: str | None = None) -> Deferred:
         """Ingest a package; as :meth:`receive_dicom`.
 
         ``peer`` is the connection's identity (client IP, or a verified TLS
         client certificate's CN); ``credentials`` what the sender
-        authenticated with (an HTTP bearer token).
+        authenticated with (an HTTP bearer token); ``user`` the name of the credential it proved.
         """
         return self._ingest.receive_package(data, transport=transport or self.transport, peer=peer,
-                                            credentials=credentials)
+                                            credentials=credentials, user=user)
 
     def run_blocking(self, fn, *args) -> Deferred:
         """Run a short blocking call (reading a request body, parsing) off the reactor."""

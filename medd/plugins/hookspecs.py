@@ -127,7 +127,10 @@ class AccessClaim:
     """Who asks to read or write over HTTP, with what.
 
     ``action`` is ``"query"`` (QIDO-RS), ``"retrieve"`` (WADO-RS), ``"store"``
-    (STOW-RS) or ``"package"`` (``POST /packages``). ``credentials`` is an HTTP bearer token;
+    (STOW-RS), ``"package"`` (``POST /packages``), ``"send"`` (SMTP AUTH: ``peer``
+    is the user name) or ``"associate"`` (DICOM TLS: ``peer`` is the verified
+    client certificate's CN; an allowed decision names the centre the
+    association is). ``credentials`` is an HTTP bearer token;
     ``certificate`` the SHA-256 (hex) of a TLS client certificate the peer
     presented and proved; ``cookies`` the request's cookies (a reading-room
     session); ``peer`` the client address. Writes are decided from the

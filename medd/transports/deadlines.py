@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
 from medd.config import ConnectionLimits
+from medd.transports.handshakes import HandshakeForwarder
 
 log = Logger()
 
@@ -85,6 +86,8 @@ class Deadline:
 
 class PeerCappedFactory(WrappingFactory):
     """Wraps a listener's factory; knows its connections and closes those a peer opens past its cap."""
+
+    protocol = HandshakeForwarder
 
     def __init__(self, wrappedFactory, *, max_per_peer: int, label: str):
         super().__init__(wrappedFactory)

@@ -14,10 +14,12 @@ import ssl
 import struct
 import threading
 import time
+from collections import Counter
 
 from pydicom.dataset import Dataset
 from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
                         AllStoragePresentationContexts, evt)
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -29,9 +31,11 @@ from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.api import CannotListen
-from medd.plugins.hookspecs import hookimpl
+from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
+from medd.transports.handshakes import audit_certificate_refusal, certificate_refusal
 from medd.transports.tlscontexts import stdlib_server_context
+from medd.webresource import certificate_identity
 
 # Transfer syntaxes accepted for every storage SOP class: the uncompressed
 # ones plus the compressed syntaxes modalities actually send.
@@ -53,6 +57,8 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
+
+log = Logger()
 
 # C-STORE failure statuses (PS3.4 B.2.3).
 STATUS_SUCCESS = 0x0000
@@ -100,6 +106,21 @@ class _PromptDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         super().__init__(assoc)
+        machine = self.state_machine
+        act = machine.do_action
+
+        def do_action(event: str) -> None:
+            before = machine.current_state
+            act(event)
+            if before != "Sta1" and machine.current_state == "Sta1":
+                # The connection is closed (a PDU past its deadline, a peer gone, ARTIM expired). An
+                # acceptor still waiting for its A-ASSOCIATE-RQ waits on this queue for up to [dicom]
+                # timeout, holding its threads and its place among the per-peer and total caps: None
+                # is what it gets when that wait times out, so it ends now. An established one has
+                # been handed its A-P-ABORT first and never reads this.
+                self.to_user_queue.put(None)
+
+        machine.do_action = do_action
 
     @property
     def _run_loop_delay(self) -> float:
@@ -155,8 +176,10 @@ class _DeadlineSocket(AssociationSocket):
     socket without a timeout: a peer that sends 3 bytes holds the association
     thread for ever (its ARTIM and idle timers run on that thread), and a
     header claiming 2^31 bytes is read into memory as the bytes come. Here a
-    PDU is due ``[dicom] timeout`` after its header is awaited, plus its length
-    at ``min_rate``; a longer one than the node accepts ends the connection.
+    PDU is due ``[limits] request_timeout`` (or ``[dicom] timeout`` if shorter)
+    after its header is awaited, plus its length at ``min_rate``; a longer one
+    than the node accepts ends the connection, and so does one past its
+    deadline (its association ends with it: :class:`_PromptDUL`).
     """
 
     timeout: float = DEFAULT_TIMEOUT
@@ -204,25 +227,43 @@ class _DeadlineSocket(AssociationSocket):
         return data
 
 
+class _SlotAssociation(Association):
+    """An acceptor association that gives its peer's connection slot back when its thread ends.
+
+    ``medd_certificate`` is the peer's verified client certificate (DICOM TLS), and
+    ``medd_centre`` the access decision naming the centre it is registered to, if it is one's."""
+
+    _medd_slot: tuple | None = None
+    medd_certificate = None
+    medd_centre = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            server, host = self._medd_slot
+            server.release_slot(host)
+
+
 class _PromptRequestHandler(RequestHandler):
-    """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`,
-    and closes a connection past ``[limits] max_connections_per_peer``. On the
-    DICOM TLS listener the TLS handshake happens here, on the association's own
-    thread and within ``[dicom] timeout``."""
+    """Gives each accepted association a :class:`_PromptDUL` and a :class:`_DeadlineSocket`.
+    On the DICOM TLS listener the TLS handshake happens here, on the
+    association's own thread and within the PDU deadline. The connection's
+    slot among its peer's (taken at accept, :meth:`_NoDelayServer.verify_request`)
+    is given back when its association ends, or here when none starts."""
 
     log = Logger()
 
     def handle(self) -> None:
-        host = self.client_address[0]
-        mine = sum(1 for a in self.server.active_associations if a.requestor.address == host)
-        if mine >= self.server.max_per_peer:
-            self.log.warn("dicom connection from {peer} closed: it already has {count} open (the most per peer)",
-                          peer=host, count=mine)
-            self.request.close()
-            return
-        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
-            return
-        super().handle()
+        started = False
+        try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+                return
+            super().handle()
+            started = True
+        finally:
+            if not started:
+                self.server.release_slot(self.client_address[0])
 
     def _handshake(self) -> bool:
         host = self.client_address[0]
@@ -231,17 +272,31 @@ class _PromptRequestHandler(RequestHandler):
             self.request.settimeout(self.server.pdu_timeout)
             self.request.do_handshake()
             self.request.settimeout(None)
+            der = self.request.getpeercert(binary_form=True) if self.server.identify_by_certificate else None
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError; TimeoutError too
             self.log.warn("dicom tls handshake with {peer} failed: {reason}", peer=host, reason=str(e) or type(e).__name__)
+            refused = certificate_refusal(e)
+            if refused is not None:
+                self.server.reactor.callFromThread(audit_certificate_refusal, self.server.api, "dicom_tls", host, refused)
             try:
                 self.request.close()
             except OSError:
                 pass
             return False
+        if der:
+            from cryptography import x509
+
+            self.certificate = certificate_identity(x509.load_der_x509_certificate(der))
         return True
+
+    #: The verified client certificate's CN and fingerprint (DICOM TLS with [tls] client_ca), if any.
+    certificate = None
 
     def _create_association(self):
         assoc = super()._create_association()
+        assoc.__class__ = _SlotAssociation
+        assoc._medd_slot = (self.server, self.client_address[0])
+        assoc.medd_certificate = self.certificate
         sock = assoc.dul.socket
         # The socket pynetdicom made has already queued its connection event;
         # it is given the deadline's recv rather than rebuilt.
@@ -292,6 +347,47 @@ class _NoDelayServer(ThreadedAssociationServer):
     # peer reconnecting 200 stalled ones) fills it, and a modality's SYN is
     # dropped and retried a second or more later. Twisted's listeners use 50.
     request_queue_size = 128
+    max_per_peer = 32
+
+    def __init__(self, *args, **kwargs):
+        self._slots: Counter[str] = Counter()
+        self._slots_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Take one of the peer's ``[limits] max_connections_per_peer`` slots, or close the connection.
+
+        Counted here, on the one acceptor thread, as each connection is
+        accepted: counting the running associations instead missed those whose
+        thread had not started yet, so simultaneous connects overshot the cap.
+        """
+        host = client_address[0]
+        with self._slots_lock:
+            held = self._slots[host]
+            if held < self.max_per_peer:
+                self._slots[host] += 1
+                return True
+        log.warn("dicom connection from {peer} closed: it already has {count} open (the most per peer)",
+                 peer=host, count=held)
+        return False  # socketserver closes it
+
+    def process_request(self, request, client_address) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.release_slot(client_address[0])  # no thread started to give it back
+            raise
+
+    def release_slot(self, host: str) -> None:
+        with self._slots_lock:
+            self._slots[host] -= 1
+            if self._slots[host] <= 0:
+                del self._slots[host]
+
+    def slots(self, host: str) -> int:
+        """The connections ``host`` holds on this listener."""
+        with self._slots_lock:
+            return self._slots[host]
 
     def get_request(self):
         sock, address = self.socket.accept()
@@ -385,13 +481,18 @@ class DicomListener(Service):
     def _handle_store(self, event) -> int | Dataset:
         # Runs on a pynetdicom association thread, never on the reactor.
         calling = event.assoc.requestor.ae_title.strip()
+        centre = getattr(event.assoc, "medd_centre", None)
+        # A centre's certificate names the sender by the centre's address, as a package's From
+        # (transport dicom_tls: central files it by address, not by AE title and networks).
+        origin, transport, user = (centre.address, "dicom_tls", centre.who) if centre else (calling, "dicom", None)
         try:
             try:
                 data = part10(event)
             except ValueError as e:
                 raise Refused(f"the C-STORE request's {e}") from e
             # This thread waits for the outcome anyway: it parses and writes the object itself.
-            self.api.receive_dicom_waiting(data, transport="dicom", origin=calling, peer=event.assoc.requestor.address)
+            self.api.receive_dicom_waiting(data, transport=transport, origin=origin, peer=event.assoc.requestor.address,
+                                           user=user)
         except Refused as e:
             self.log.warn("C-STORE from {ae} refused: {reason}", ae=calling, reason=e.reason)
             status = {"too-large": STATUS_OUT_OF_RESOURCES, "conflict": STATUS_CONFLICT}.get(
@@ -412,6 +513,8 @@ class DicomListener(Service):
         calling = request.calling_ae_title.strip()
         called = request.called_ae_title.strip()
         peer = event.assoc.requestor.address
+        if self._named_centre(event.assoc):
+            return  # a registered centre's certificate: its AE title names nothing
         try:
             reason = blockingCallFromThread(self.reactor, self.api.accept_association, calling, called, peer)
         except Exception:
@@ -422,6 +525,27 @@ class DicomListener(Service):
             # rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom does after its own rejections
+
+    def _named_centre(self, assoc) -> bool:
+        """Whether the association's verified client certificate is the one registered for a
+        centre whose address is its CN (``medd centres add --client-cert``); the association is
+        then that centre's, whatever its AE title or network."""
+        certificate = getattr(assoc, "medd_certificate", None)
+        if certificate is None:
+            return False
+        claim = AccessClaim(action="associate", transport=self.label, peer=certificate.common_name,
+                            certificate=certificate.sha256)
+        try:
+            decision = blockingCallFromThread(self.reactor, self.api.check_access, claim)
+        except Exception:
+            self.log.failure("deciding whose certificate {cn} is failed", cn=certificate.common_name)
+            return False
+        if not decision.allowed:
+            return False
+        assoc.medd_centre = decision
+        self.log.info("dicom_tls association from {peer} is centre {centre}'s by its client certificate",
+                      peer=assoc.requestor.address, centre=decision.who)
+        return True
 
     def privilegedStartService(self) -> None:
         # Bind before the reactor runs (twistd calls this first): a port
@@ -455,8 +579,14 @@ class DicomListener(Service):
         except OSError as e:
             raise CannotListen.from_error(self.label, self.description, e) from e
         self.server.contexts = _AcceptorContexts(self.server.contexts)
-        self.server.pdu_timeout = self.timeout
+        # A PDU (and a DICOM TLS handshake) is a unit of work like an HTTP request on the other
+        # listeners: due [limits] request_timeout after it begins, never later than [dicom] timeout.
+        self.server.pdu_timeout = min(self.api.limits.request_timeout, self.timeout)
         self.server.max_per_peer = self.api.limits.max_connections_per_peer
+        self.server.reactor, self.server.api = self.reactor, self.api
+        # Only a certificate verified against [tls] client_ca names anyone.
+        self.server.identify_by_certificate = (self.ssl_context is not None
+                                               and self.ssl_context.verify_mode == ssl.CERT_REQUIRED)
         self.server.min_rate = self.api.limits.min_transfer_rate
         # What AE.start_server(block=False) does; its shutdown() expects it.
         ae._servers.append(self.server)

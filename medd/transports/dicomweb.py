@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from medd.config import PartLimits
 from medd.dicomjson import metadata_json, metadata_of  # noqa: F401 (metadata_of: the parsed form, for tests)
 from medd.frames import FrameError, parse_accept, read_frames
 from medd.ingest import Refused, StoreFailed
@@ -65,9 +66,6 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _DATE = re.compile(r"^\d{8}$")
 _DIGITS = re.compile(r"^[0-9]+$")
 _CHUNK = 64 * 1024
-# Parts in one STOW-RS request: a study's worth, far below what costs memory
-# and minutes (a million empty parts fit in 42 MB and took 75 s to split).
-MAX_STOW_PARTS = 10_000
 # The frame list of a WADO-RS frames request (".../frames/1,2,3") in a route's shape.
 FRAME_LIST = "<frames>"
 MAX_FRAMES_PER_REQUEST = 1000
@@ -127,11 +125,12 @@ class RelatedParser(PushMultipartParser):
         return MultipartSegment(headerlist)
 
 
-def split_multipart(content, boundary: str) -> list[Part]:
+def split_multipart(content, boundary: str, max_parts: int = PartLimits().max_stow_parts) -> list[Part]:
     """Blocking: the parts of a multipart body read from the file ``content``.
 
     Raises :class:`Problem` (400) for a malformed body, 413 past
-    ``MAX_STOW_PARTS`` parts (counted as they end, before any is looked into).
+    ``max_parts`` parts (``[limits] max_stow_parts``; counted as they end,
+    before any is looked into).
     """
     content.seek(0)
     parts: list[Part] = []
@@ -142,8 +141,8 @@ def split_multipart(content, boundary: str) -> list[Part]:
                 chunk = content.read(_CHUNK)
                 for event in parser.parse(chunk):
                     if event is None:
-                        if len(parts) == MAX_STOW_PARTS:
-                            raise Problem(413, f"a STOW-RS request carries at most {MAX_STOW_PARTS} instances",
+                        if len(parts) == max_parts:
+                            raise Problem(413, f"a STOW-RS request carries at most {max_parts} instances",
                                           kind="too-many-parts")
                         data = b"".join(chunks)
                         peek = _peek(data) if media_type == DICOM else (None, None, None)
@@ -704,7 +703,8 @@ class DicomWebResource(ProblemResource):
         boundary = params.get("boundary")
         if not boundary:
             raise Problem(400, "the multipart/related media type has no boundary", kind="malformed-multipart")
-        parts = await self.api.run_blocking(split_multipart, request.content, boundary)
+        parts = await self.api.run_blocking(split_multipart, request.content, boundary,
+                                             self.api.part_limits.max_stow_parts)
         if not parts:
             raise Problem(400, "the request carries no instances", kind="malformed-multipart")
         sender = request.medd_access
@@ -731,7 +731,7 @@ class DicomWebResource(ProblemResource):
                            f"part {part.number} belongs to study {part.study_instance_uid}, not {study}")
             else:
                 try:
-                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer)
+                    result = await self.api.receive_dicom(part.data, origin=origin, peer=peer, user=sender.who or None)
                 except Refused as e:
                     code = {"too-large": FAILURE_OUT_OF_RESOURCES, "conflict": FAILURE_CONFLICT}.get(
                         e.kind, FAILURE_CANNOT_UNDERSTAND)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from io import BytesIO
 
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
@@ -22,7 +22,8 @@ from zope.interface import implementer
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ITransport
-from medd.transports.deadlines import Deadline
+from medd.transports.deadlines import Deadline, peer_host
+from medd.transports.handshakes import HandshakeWatch
 from medd.transports.dicomweb import DicomWebResource
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import ServerFiles
@@ -74,10 +75,11 @@ class PackagesResource(ProblemResource):
         if media_type != PACKAGE_MEDIA_TYPE:
             raise Problem(415, f"a package is posted as {PACKAGE_MEDIA_TYPE}, not {media_type or 'no media type'}",
                           headers={"Accept-Post": PACKAGE_MEDIA_TYPE})
-        admitted(request)
+        sender = admitted(request)
         data = await self.api.run_blocking(read_body, request.content)
         try:
-            stored = await self.api.receive_package(data, peer=request_peer(request), credentials=bearer_token(request))
+            stored = await self.api.receive_package(data, peer=request_peer(request), credentials=bearer_token(request),
+                                                    user=sender.who or None)
         except (Refused, StoreFailed) as e:
             raise problem_from_ingest(e) from e
         body = {
@@ -274,7 +276,7 @@ class GuardedRequest(Request):
         super().process()
 
 
-class NoDelayChannel(http.HTTPChannel):
+class NoDelayChannel(HandshakeWatch, http.HTTPChannel):
     """An HTTP/1.1 channel with Nagle's algorithm off, so small responses are not delayed,
     and a deadline on each request.
 
@@ -289,6 +291,9 @@ class NoDelayChannel(http.HTTPChannel):
         api = self.site.api
         self.deadline = Deadline(api.reactor, api.limits, "http")
         super().connectionMade()
+        if ISSLTransport.providedBy(self.transport):
+            self.transport_label = "https"
+            self.tls_began()  # the request deadline bounds the handshake too
         transport = self.transport
         # Under TLS the TCP transport is one wrapper down.
         for candidate in (transport, getattr(transport, "transport", None)):
@@ -313,6 +318,7 @@ class NoDelayChannel(http.HTTPChannel):
     def connectionLost(self, reason):
         if self.deadline is not None:
             self.deadline.stop()
+        self.tls_lost(reason, self.site.api, peer_host(self.transport))
         super().connectionLost(reason)
 
 

@@ -41,10 +41,13 @@ from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from twisted.mail.smtp import DATA as DATA_MODE
 from zope.interface import implementer
 
+from medd.audit import MINOR_FAILURE, SERIOUS_FAILURE
 from medd.ingest import Refused, StoreFailed
 from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
-from medd.transports.deadlines import Deadline
+from medd.throttling import LoginThrottle
+from medd.transports.deadlines import Deadline, peer_host
+from medd.transports.handshakes import HandshakeWatch
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import server_tls_options
 
@@ -77,10 +80,11 @@ class PackageMessage:
     client cannot make the node hold more than one object's worth of bytes.
     """
 
-    def __init__(self, api, peer: str, credentials: str | None = None):
+    def __init__(self, api, peer: str, credentials: str | None = None, user: str | None = None):
         self.api = api
         self.peer = peer
         self.credentials = credentials
+        self.user = user
         self.limit = api.max_object_size
         self.size = 0
         self.buffer: bytearray | None = bytearray()
@@ -110,7 +114,8 @@ class PackageMessage:
         data = await self.api.run_blocking(bytes, buffer)
         del buffer
         try:
-            return await self.api.receive_package(data, transport="smtp", peer=self.peer, credentials=self.credentials)
+            return await self.api.receive_package(data, transport="smtp", peer=self.peer, credentials=self.credentials,
+                                                  user=self.user)
         except Refused as e:
             # A conflict is permanent too: resending the same Message-ID or UID will not help.
             code, status = {"too-large": (552, "5.3.4"), "conflict": (554, "5.7.0")}.get(e.kind, (554, "5.6.0"))
@@ -147,10 +152,11 @@ class FurtherRecipient:
 class PackageDelivery:
     """One mail transaction (MAIL FROM to the end of DATA)."""
 
-    def __init__(self, api, peer: str, credentials: str | None = None):
+    def __init__(self, api, peer: str, credentials: str | None = None, user: str | None = None):
         self.api = api
         self.peer = peer
         self.credentials = credentials
+        self.user = user
         self.message: PackageMessage | None = None
 
     def receivedHeader(self, helo, origin, recipients):
@@ -169,7 +175,7 @@ class PackageDelivery:
 
     def _message(self):
         if self.message is None:
-            self.message = PackageMessage(self.api, self.peer, self.credentials)
+            self.message = PackageMessage(self.api, self.peer, self.credentials, self.user)
             return self.message
         return FurtherRecipient()
 
@@ -179,13 +185,14 @@ class PackageDeliveryFactory:
     """Per connection: a fresh :class:`PackageDelivery` for each MAIL FROM; after AUTH, one that
     carries the sender's token (``credentials``)."""
 
-    def __init__(self, api, peer: str, credentials: str | None = None):
+    def __init__(self, api, peer: str, credentials: str | None = None, user: str | None = None):
         self.api = api
         self.peer = peer
         self.credentials = credentials
+        self.user = user
 
     def getMessageDelivery(self) -> PackageDelivery:
-        return PackageDelivery(self.api, self.peer, self.credentials)
+        return PackageDelivery(self.api, self.peer, self.credentials, self.user)
 
 
 # -- AUTH (twisted.cred) -----------------------------------------------------------------------------------
@@ -193,22 +200,38 @@ class PackageDeliveryFactory:
 
 @dataclass(frozen=True)
 class SmtpLogin:
-    """The avatar ID of a successful AUTH: who (the address given as user name) and the token it proved."""
+    """The avatar ID of a successful AUTH: who (the address given as user name), the token it
+    proved and the name of the centre or viewer that token is."""
 
     address: str
     token: str
+    name: str = ""
+
+
+class AuthThrottled(Exception):
+    """Too many failed AUTH attempts for this user or from this client: answered 454, nothing checked."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed authentications; try again in {retry_after} s")
+        self.retry_after = retry_after
 
 
 @implementer(ICredentialsChecker)
 class SenderTokenChecker:
     """Checks an AUTH user name (a sender's address) and password (its token) against the node's
     access policy (``medd_check_access``, action ``"send"``): on central, the token of the centre
-    or viewer that address belongs to. A node without such a policy accepts no one."""
+    or viewer that address belongs to. A node without such a policy accepts no one.
+
+    Failures are throttled per user, per client address and per both, as the reading room's
+    logins are (:class:`~medd.throttling.LoginThrottle`, shared by the listener's connections),
+    and each is recorded as a refused authentication."""
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, api):
+    def __init__(self, api, throttle: LoginThrottle | None = None, client: str = ""):
         self.api = api
+        self.throttle = throttle
+        self.client = client
 
     def requestAvatarId(self, credentials):
         return ensureDeferred(self._check(credentials))
@@ -221,12 +244,28 @@ class SenderTokenChecker:
             raise UnauthorizedLogin("user name and password must be UTF-8") from e
         if not address or not token:
             raise UnauthorizedLogin("empty user name or password")
+        wait = self.throttle.attempt(address, self.client) if self.throttle is not None else 0
+        if wait:
+            log.warn("SMTP AUTH as {address} from {peer} throttled for {wait} s", address=address, peer=self.client,
+                     wait=wait)
+            await self._refused(address, SERIOUS_FAILURE, f"throttled for {wait} s after failed attempts")
+            raise AuthThrottled(wait)
         decision = await self.api.check_access(
             AccessClaim(action="send", transport="smtp", peer=address, credentials=token))
         if not decision.allowed:
             log.warn("SMTP AUTH as {address} refused: {reason}", address=address, reason=decision.reason)
+            await self._refused(address, MINOR_FAILURE, decision.reason)
             raise UnauthorizedLogin(decision.reason)
-        return SmtpLogin(address, token)
+        if self.throttle is not None:
+            self.throttle.succeeded(address, self.client)
+        return SmtpLogin(address, token, decision.who)
+
+    async def _refused(self, address: str, outcome: int, reason: str) -> None:
+        try:
+            await self.api.audit("auth-refused", outcome=outcome, user=address, credential="password",
+                                 peer=self.client or None, detail=f"SMTP AUTH: {reason}")
+        except Exception:
+            log.failure("cannot record a refused SMTP AUTH in the audit trail")
 
 
 @implementer(IRealm)
@@ -241,14 +280,14 @@ class SenderRealm:
         if IMessageDeliveryFactory not in interfaces:
             raise NotImplementedError("only IMessageDeliveryFactory")
         log.info("SMTP sender at {peer} authenticated as {address}", peer=self.peer, address=avatar_id.address)
-        factory = PackageDeliveryFactory(self.api, self.peer, credentials=avatar_id.token)
+        factory = PackageDeliveryFactory(self.api, self.peer, credentials=avatar_id.token, user=avatar_id.name or None)
         return IMessageDeliveryFactory, factory, lambda: None
 
 
 _SIZE_PARAM = re.compile(rb"^SIZE=(?P<size>\S*)$", re.I)
 
 
-class PackageSMTP(ESMTP):
+class PackageSMTP(HandshakeWatch, ESMTP):
     """ESMTP with SIZE, package-specific end-of-data replies and a few
     hardenings of Twisted's server for a public-facing port."""
 
@@ -272,8 +311,12 @@ class PackageSMTP(ESMTP):
             set_no_delay(True)
         peer = getattr(self.transport.getPeer(), "host", str(self.transport.getPeer()))
         self.deliveryFactory = PackageDeliveryFactory(self.api, peer)
-        self.portal = Portal(SenderRealm(self.api, peer), [SenderTokenChecker(self.api)])
+        throttle = getattr(self.factory, "auth_throttle", None)
+        self.portal = Portal(SenderRealm(self.api, peer), [SenderTokenChecker(self.api, throttle, peer)])
         super().connectionMade()
+        self.transport_label = "smtp"
+        if ISSLTransport.providedBy(self.transport):
+            self.tls_began()  # an ssl: endpoint: TLS from the first byte
 
     @property
     def encrypted(self) -> bool:
@@ -296,6 +339,11 @@ class PackageSMTP(ESMTP):
 
     def _ebAuthenticated(self, reason) -> None:
         self.challenger = None
+        if reason.check(AuthThrottled):
+            # RFC 4954: a temporary failure; the client may try again later.
+            self.challenge = None
+            self.sendCode(454, reply_text(f"4.7.0 {reason.value}"))
+            return
         super()._ebAuthenticated(reason)
 
     def do_MAIL(self, rest: bytes) -> None:
@@ -355,6 +403,7 @@ class PackageSMTP(ESMTP):
             self._from = None
             self._to = []
             self._tls_just_started = True
+            self.tls_began()  # the handshake is due like a command line
 
     def lineReceived(self, line: bytes):
         if self._tls_just_started:
@@ -373,6 +422,8 @@ class PackageSMTP(ESMTP):
             if self.deadline.unit != "message":
                 self.deadline.start(self, "message")
             self.deadline.earn(len(data))
+        elif self.handshaking:
+            pass  # STARTTLS was just answered: the handshake's unit runs
         elif self._buffer:
             if self.deadline.unit != "command line":
                 self.deadline.start(self, "command line")
@@ -381,6 +432,7 @@ class PackageSMTP(ESMTP):
 
     def connectionLost(self, reason) -> None:
         self.deadline.stop()
+        self.tls_lost(reason, self.api, peer_host(self.transport))
         super().connectionLost(reason)
 
 
@@ -391,6 +443,8 @@ class PackageSMTPFactory(ServerFactory):
         self.api = api
         self.context_factory = context_factory
         self.require_starttls = require_starttls
+        #: Failed AUTH attempts, per user and per client, across the listener's connections.
+        self.auth_throttle = LoginThrottle(api.clock)
 
     def buildProtocol(self, addr) -> PackageSMTP:
         protocol = PackageSMTP(self.api, self.context_factory, require_starttls=self.require_starttls)

@@ -39,15 +39,18 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.interfaces import ISSLTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from medd.ingest import Refused, StoreFailed
-from medd.plugins.hookspecs import hookimpl
+from medd.plugins.hookspecs import AccessClaim, hookimpl
 from medd.plugins.interfaces import ITransport
-from medd.transports.deadlines import Deadline
+from medd.transports.deadlines import Deadline, peer_host
+from medd.transports.handshakes import HandshakeWatch
 from medd.transports.listener import EndpointListener
 from medd.transports.tlscontexts import ServerFiles, client_tls_options
+from medd.webresource import certificate_identity
 
 # Reply frames are small JSON objects; a client refuses anything bigger.
 MAX_REPLY_SIZE = 64 * 1024
@@ -64,7 +67,7 @@ def _set_nodelay(transport) -> None:
         set_nodelay(True)
 
 
-class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
+class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
     """Server side of one connection: package frames in, one reply frame each.
 
     Frames are handled one at a time: the connection stops reading while a
@@ -82,6 +85,7 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self.MAX_LENGTH = api.max_object_size
         self.identify_by_certificate = identify_by_certificate
         self._peer: str | None = None
+        self._sender: str | None = None
         self._closing = False
         self._connected = False
         # Inside dataReceived, and a reply asked for reading to resume there.
@@ -99,11 +103,14 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
         self._connected = True
         _set_nodelay(self.transport)
         self.setTimeout(self.idle_timeout)
+        if ISSLTransport.providedBy(self.transport):
+            self.tls_began()  # the frame deadline bounds the handshake too
 
     def connectionLost(self, reason) -> None:
         self._connected = False
         self.setTimeout(None)
         self.deadline.stop()
+        self.tls_lost(reason, self.api, peer_host(self.transport))
 
     def timeoutConnection(self) -> None:
         self.log.info("tls connection from {peer} idle for {seconds} s; closing", peer=self.peer, seconds=self.idle_timeout)
@@ -129,6 +136,19 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
                 return str(names[0].value) if names else subject.rfc4514_string()
         address = self.transport.getPeer()
         return str(getattr(address, "host", address))
+
+    async def _sender_name(self) -> str | None:
+        """The name of the centre or viewer whose registered client certificate this connection
+        presented (asked of the node's access policy once per connection), for the audit trail."""
+        if self._sender is None:
+            self._sender = ""
+            cert = self.transport.getPeerCertificate() if self.identify_by_certificate else None
+            identity = certificate_identity(cert.to_cryptography()) if cert is not None else None
+            if identity is not None:
+                decision = await self.api.check_access(
+                    AccessClaim(action="package", transport="tls", peer=identity.common_name, certificate=identity.sha256))
+                self._sender = decision.who if decision.allowed else ""
+        return self._sender or None
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -183,7 +203,8 @@ class PackageFrameReceiver(Int32StringReceiver, TimeoutMixin):
 
     async def _answer(self, frame: bytes) -> dict:
         try:
-            stored = await self.api.receive_package(frame, transport="tls", peer=self.peer)
+            stored = await self.api.receive_package(frame, transport="tls", peer=self.peer,
+                                                    user=await self._sender_name())
         except Refused as e:
             self._log_refusal(e.reason, e.kind, len(frame))
             return {"status": "refused", "kind": e.kind, "reason": e.reason}

@@ -88,7 +88,7 @@ class IReadingRoom(Interface):
     """What the reading room's web UI may ask of the viewer node. Each method is a coroutine."""
 
     room_settings = Attribute("The :class:`~medd.viewer.settings.ReadingRoomSettings` (complete_after, idle_lock, ...).")
-    login_throttle = Attribute("The :class:`~medd.viewer.throttling.LoginThrottle` every login attempt goes through.")
+    login_throttle = Attribute("The :class:`~medd.throttling.LoginThrottle` every login attempt goes through.")
 
     def record_access(event, **fields):
         """Record a login, logout, refused login or view in the node's audit trail (:meth:`medd.audit.AuditTrail.record`)."""

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from medd.objects import parse_part10
 from medd.package import AttachmentId, ReportSource, build_package
 from medd.plugins.objecttypes import status_content
+from medd.throttling import LoginThrottle
 from medd.storage.inbox import OpenedMark, StudyDetail, StudyRow, WorklistPage, WorklistQuery
 from medd.storage.reporting import Reporting
 from medd.viewer.annotations import Annotation, AnnotationError
@@ -29,7 +30,6 @@ from medd.viewer.overlays import build_presentation_state, read_presentation_sta
 from medd.viewer.reports import ReportError, build_text_report, read_report
 from medd.viewer.settings import ReadingRoomSettings, default_templates
 from medd.viewer.templates import template_for
-from medd.viewer.throttling import LoginThrottle
 from medd.viewer.users import check_hash
 
 __all__ = ["ReadingRoom", "AnnotationError", "ReportError", "UnknownObject"]

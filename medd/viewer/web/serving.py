@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 from medd.viewer.web.errors import NotLoggedIn, SessionLocked, WebError
 from medd.viewer.web.layout import error_page
 from medd.viewer.web.session import Session, session_of
-from medd.webresource import PROBLEM_JSON, Problem, Response, write_response
+from medd.webresource import PROBLEM_JSON, Problem, Response, audit_refusal, write_response
 
 log = Logger()
 
@@ -67,6 +67,8 @@ def serve(request, handler, *, api: bool = False):
             else:
                 response = await error_page(423, "the reading room is locked; unlock it and try again", None)
         except NotLoggedIn:
+            # A refused authentication like any 401: one record, whichever way it is answered.
+            await audit_refusal(request, Problem(401, "no reading-room session"))
             if api:
                 response = api_problem(401, "your session has ended; log in again")
             elif request.method in (b"GET", b"HEAD"):

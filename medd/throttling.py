@@ -1,7 +1,8 @@
-"""Login throttling for the reading room: after a few wrong passwords for a
-user, from a client address, or for a user from one address, further login
-attempts are refused for an exponentially growing time, taken from the
-injected clock. The state is bounded: at most ``max_keys`` keys are tracked.
+"""Login throttling (the reading room's login form, SMTP AUTH): after a few
+wrong passwords for a user, from a client address, or for a user from one
+address, further attempts are refused for an exponentially growing time,
+taken from the injected clock. The state is bounded: at most ``max_keys``
+keys are tracked.
 """
 from __future__ import annotations
 
