@@ -11,6 +11,7 @@ from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
 from medd.config import Config
+from medd.health import Readiness
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
@@ -72,6 +73,15 @@ class NodeService(MultiService):
         self.blob_sweep.setName("blob-sweep")
         self.blob_sweep.setServiceParent(self)
         self.web = WebMounts()
+        #: The node's listener services by transport name (filled below; the readiness checks look at them).
+        self.listeners: dict = {}
+        self.readiness = Readiness(
+            reactor, database=self.database, run_blocking=self.ingest.run_blocking,
+            storage_path=config.storage_path, min_free_space=config.min_free_space, listeners=self.listeners,
+            archive=self.archiving.archive if self.archiving is not None else None,
+        )
+        for name, resource in self.readiness.resources().items():
+            self.web.mount(name, resource)
         if config.role == "viewer":
             from medd.viewer.access import ViewerAccess
             from medd.viewer.node import ViewerServices
@@ -116,6 +126,7 @@ class NodeService(MultiService):
             )
             listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")
+            self.listeners[key] = listener
             listener.setServiceParent(self)
 
     def startService(self) -> None:
