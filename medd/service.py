@@ -12,6 +12,7 @@ from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
 from medd.config import Config
 from medd.health import Readiness
+from medd.metrics import MetricsPage, NodeMetrics
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
@@ -64,10 +65,16 @@ class NodeService(MultiService):
             record_status, admit = self.forwarding.record_receipt, self.spool.admit
             # The object and its place in the queue (for central, or a result for the PACS) in one commit.
             index_with = queue_new_object(message_ids(settings.gateway), results=settings.gateway.results_to is not None)
+        self.metrics = NodeMetrics(reactor, engine=self.database.engine, role=config.role,
+                                   archiving=self.archiving is not None)
+        self.database.observe_transaction = self.metrics.database_seconds.observe
+        if hasattr(self.blobs, "observe_fsync"):
+            self.blobs.observe_fsync = self.metrics.fsync_seconds.observe
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
+            metrics=self.metrics,
         )
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")
@@ -107,7 +114,7 @@ class NodeService(MultiService):
             from medd.central.webapi import central_resources
 
             self.routing = RoutingService(reactor, config, plugins, self.central_storage, self.ingest,
-                                          settings=settings.central)
+                                          settings=settings.central, metrics=self.metrics)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit).items():
@@ -115,6 +122,7 @@ class NodeService(MultiService):
         web_resources = self.web.freeze()
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
         queries = IndexQueries(self.index, self.ingest)
+        metrics_page = MetricsPage(self.metrics)
         for key, endpoint in sorted(config.listen.items()):
             transport = plugins.transports[key]
             # A transport may share another's section (dicom_tls reads [dicom]).
@@ -122,7 +130,7 @@ class NodeService(MultiService):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(section),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
-                audit=self.audit,
+                audit=self.audit, metrics_page=metrics_page,
             )
             listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")
