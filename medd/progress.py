@@ -10,10 +10,18 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
+def _shown(show: bool | None) -> bool:
+    return sys.stderr.isatty() if show is None else show
+
+
+def progress_bar(total: int, label: str, *, unit: str = "B", show: bool | None = False) -> tqdm:
+    """A bar to ``update(n)`` by hand (bytes by default); ``show=None`` shows it on a terminal only."""
+    return tqdm(total=total, desc=label, unit=unit, unit_scale=unit == "B", disable=not _shown(show),
+                file=sys.stderr, leave=False)
+
+
 def progress(items: Iterable[T], label: str, *, total: int | None = None, show: bool | None = None) -> Iterable[T]:
     """``items``, with a bar on stderr when it is a terminal (``show`` overrides the guess)."""
-    if show is None:
-        show = sys.stderr.isatty()
     if total is None and hasattr(items, "__len__"):
         total = len(items)
-    return tqdm(items, desc=label, total=total, unit="obj", disable=not show, file=sys.stderr, leave=False)
+    return tqdm(items, desc=label, total=total, unit="obj", disable=not _shown(show), file=sys.stderr, leave=False)
