@@ -11,19 +11,6 @@ import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medd.health import (
-    ERROR,
-    OK,
-    WARNING,
-    Finding,
-    certificate_findings,
-    check_archive,
-    check_blob_store,
-    check_clock,
-    check_database,
-    node_certificates,
-    utcnow,
-)
 
 
 def add_doctor_command(sub) -> None:
@@ -41,8 +28,19 @@ def cmd_doctor(args) -> int:
     return 1 if any(f.failed for f in findings) else 0
 
 
-def diagnose(path: str) -> list[Finding]:
+def diagnose(path: str) -> list:
     from medd.config import ConfigError, read_config
+    from medd.health import (
+        ERROR,
+        OK,
+        WARNING,
+        Finding,
+        certificate_findings,
+        check_blob_store,
+        check_clock,
+        node_certificates,
+        utcnow,
+    )
     from medd.validation import validate_file
 
     try:
@@ -76,8 +74,10 @@ def diagnose(path: str) -> list[Finding]:
     return found
 
 
-def _database(url: str, clock: dict) -> list[Finding]:
+def _database(url: str, clock: dict) -> list:
     from alembic.script import ScriptDirectory
+
+    from medd.health import ERROR, OK, WARNING, Finding, check_database
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
@@ -120,8 +120,9 @@ def _database(url: str, clock: dict) -> list[Finding]:
         engine.dispose()
 
 
-def _archive(config) -> list[Finding]:
+def _archive(config) -> list:
     from medd.central.archiving import archive_settings
+    from medd.health import check_archive
     from medd.config import ConfigError
     from medd.plugins.host import load_plugins
 
@@ -136,9 +137,11 @@ def _archive(config) -> list[Finding]:
     return [check_archive(archive)]
 
 
-def _listener(name: str, description: str) -> Finding:
+def _listener(name: str, description: str):
     """Whether something listens on a listener's TCP port (the node, if it runs), or the port could be had."""
     from twisted.internet.endpoints import serverFromString
+
+    from medd.health import ERROR, OK, WARNING, Finding
 
     check = f"listener {name}"
     try:
