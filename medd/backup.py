@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -119,6 +121,13 @@ def _postgres_target(url) -> tuple[list[str], dict, str | None]:
     return args, env, schema
 
 
+def _run_pg(command: list[str], env: dict) -> str:
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BackupError(f"{command[0]} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
 def _backup_database(database_url: str, folder: Path) -> dict:
     url = make_url(database_url)
     if url.drivername.startswith("sqlite"):
@@ -146,9 +155,7 @@ def _backup_database(database_url: str, folder: Path) -> dict:
         command = ["pg_dump", "--format=custom", "--no-owner", "--file", str(target), *args]
         if schema:
             command += ["--schema", schema]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BackupError(f"pg_dump failed: {done.stderr.strip()}")
+        _run_pg(command, env)
         return {"kind": "postgresql", "file": target.name, "sha256": _sha256_file(target), "schema": schema}
     raise BackupError(f"medd backs up SQLite and PostgreSQL databases, not {url.get_backend_name()}")
 
@@ -190,10 +197,27 @@ def _restore_database(database_url: str, source: Path, entry: dict) -> None:
         if schema != entry.get("schema"):
             raise BackupError(f"the backup is of schema {entry.get('schema')!r}; the node's search_path names "
                               f"{schema!r} (pg_restore recreates the schema it was taken from)")
-        done = subprocess.run(["pg_restore", "--no-owner", "--exit-on-error", "--single-transaction", *args,
-                               str(source)], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BackupError(f"pg_restore failed: {done.stderr.strip()}")
+        restore_args = ["--no-owner", "--exit-on-error", "--single-transaction", *args]
+        if schema:
+            # Into the schema as the site made it (owner, grants): created only if absent, and the dump's
+            # own CREATE SCHEMA left out of the restore list.
+            from sqlalchemy import create_engine
+            from sqlalchemy import text as sql
+
+            engine = create_engine(database_url)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            finally:
+                engine.dispose()
+            listing = _run_pg(["pg_restore", "--list", str(source)], env)
+            kept = [line for line in listing.splitlines() if not re.search(rf"\bSCHEMA - {re.escape(schema)}\b", line)]
+            with tempfile.NamedTemporaryFile("w", suffix=".list") as toc:
+                toc.write("\n".join(kept) + "\n")
+                toc.flush()
+                _run_pg(["pg_restore", *restore_args, "--use-list", toc.name, str(source)], env)
+            return
+        _run_pg(["pg_restore", *restore_args, str(source)], env)
         return
     raise BackupError(f"medd restores SQLite and PostgreSQL databases, not {url.get_backend_name()}")
 
