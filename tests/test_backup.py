@@ -40,6 +40,8 @@ class Modality(threading.Thread):
     def run(self):
         try:
             ae = AE(ae_title="CT1")
+            # No timed assertion: on a loaded machine one answer may take longer than pynetdicom's 30 s.
+            ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 300
             ae.add_requested_context(self.dss[0].SOPClassUID, self.dss[0].file_meta.TransferSyntaxUID)
             assoc = ae.associate("127.0.0.1", self.port, ae_title="MEDD")
             assert assoc.is_established
