@@ -1,0 +1,116 @@
+"""Central's administrator console (/console): login, the quarantine, corrections, in Chromium."""
+from __future__ import annotations
+
+import os
+
+import pytest_twisted
+import requests
+from sqlalchemy import text
+from twisted.internet.threads import deferToThread
+
+from tests.conftest import listener_port, testdata
+from tests.test_reading_room import _browser_or_skip, _drive
+
+LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
+ALLOWED = "dr-ct@viewers.example"
+OTHER = "dr-elsewhere@viewers.example"
+
+
+async def _central_with_quarantine(make_central):
+    """A central with three objects from centre-a held in quarantine (no route), a viewer authorised for
+    centre-a's CT, one authorised for another centre only, and an administrator; (node, admin token)."""
+    node = await make_central(LISTEN)
+    directory = node.central_storage.directory
+    await directory.add_centre("centre-a", aes=["CT1"])
+    await directory.add_centre("centre-b", aes=["CT2"])
+    await directory.add_viewer(ALLOWED, None, ["centre-a:CT"])
+    await directory.add_viewer(OTHER, None, ["centre-b"])
+    for name in ("CT_small.dcm", "rtdose.dcm", "MR_small.dcm"):
+        await node.ingest.receive_dicom(testdata(name), transport="dicom", origin="CT1")
+    await node.routing.kick()
+    return node, await directory.add_admin("alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_quarantine_in_chromium(make_central):
+    """Alice logs in with her token, sees the three held objects with centre, patient, study, modality and
+    reason; the CT's route menu offers only the viewer authorised for centre-a's CT; she routes it there and
+    rejects the other two at once with a reason; the database has the CT delivered to that viewer, the
+    others rejected, each correction by alice."""
+    _browser_or_skip()
+    node, token = await _central_with_quarantine(make_central)
+    held = await node.central_storage.routing.quarantined("held")
+    assert len(held) == 3
+    ct = next(e for e in held if e.modality == "CT")
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+    shots = os.environ.get("MEDD_SCREENSHOTS")
+
+    def scenario(page):
+        page.goto("/console/")
+        page.fill("input[name=name]", "alice")
+        page.fill("input[name=token]", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("tr.entry")
+        rows = page.locator("tr.entry")
+        assert rows.count() == 3
+        text = page.inner_text("table")
+        assert "centre-a" in text and ct.patient_id in text and ct.study_instance_uid in text
+        offered = page.locator(f"select[name=to-{ct.id}] option").all_inner_texts()
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-quarantine.png"), full_page=True)
+        page.check(f"input[name=id][value='{ct.id}']")
+        page.select_option(f"select[name=to-{ct.id}]", ALLOWED)
+        page.click("button[value=route]")
+        page.wait_for_selector(".flash")
+        routed = page.inner_text(".flash")
+        for e in held:
+            if e.id != ct.id:
+                page.check(f"input[name=id][value='{e.id}']")
+        page.fill("input[name=reason]", "wrong patient")
+        page.click("button[value=reject]")
+        page.wait_for_selector(".empty")
+        return offered, routed, page.inner_text(".flash")
+
+    offered, routed, rejected = await deferToThread(_drive, base, scenario)
+    assert offered == ["(choose a viewer)", ALLOWED]
+    assert routed == "1 routed." and rejected == "2 rejected."
+    states = {e.id: e.state for e in await node.central_storage.routing.quarantined(None)}
+    assert states == {e.id: ("released" if e.id == ct.id else "rejected") for e in held}
+    assert [d.destination for d in await node.central_storage.deliveries.of_object(ct.uid)] == [ALLOWED]
+    corrections = await node.database.run(
+        lambda conn: conn.execute(text("SELECT quarantine_id, admin FROM corrections")).all())
+    assert sorted(corrections) == sorted((e.id, "alice") for e in held)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_refuses_without_session_csrf_or_from_another_site(make_central):
+    """Without a session the console shows only the login form and a correction is refused; with a session
+    but no CSRF token, or from another origin, a POST is refused (403) and nothing changes; a viewer's
+    token does not log in (401, said on the form); the session cookie is HttpOnly and SameSite=Strict."""
+    node, token = await _central_with_quarantine(make_central)
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+    entry = (await node.central_storage.routing.quarantined("held"))[0]
+
+    def http():
+        anonymous = requests.get(f"{base}/console/", timeout=30)
+        assert anonymous.status_code == 200 and 'name="token"' in anonymous.text and "tr class" not in anonymous.text
+        refused = requests.post(f"{base}/console/quarantine", data={"id": entry.id, "action": "reject", "reason": "x"},
+                                timeout=30)
+        assert refused.status_code == 401
+        viewer = requests.post(f"{base}/console/login", data={"name": ALLOWED, "token": "x" * 40}, timeout=30)
+        assert viewer.status_code == 401 and "Wrong administrator name or token" in viewer.text
+        s = requests.Session()
+        login = s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30,
+                       allow_redirects=False)
+        assert login.status_code == 303
+        cookie = login.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        no_csrf = s.post(f"{base}/console/quarantine", data={"id": entry.id, "action": "reject", "reason": "x"},
+                         timeout=30)
+        csrf = s.get(f"{base}/console/", timeout=30).text.split('name="csrf" value="')[1].split('"')[0]
+        elsewhere = s.post(f"{base}/console/quarantine", headers={"Origin": "http://evil.example"},
+                           data={"id": entry.id, "action": "reject", "reason": "x", "csrf": csrf}, timeout=30)
+        return no_csrf.status_code, elsewhere.status_code
+
+    assert await deferToThread(http) == (403, 403)
+    assert all(e.state == "held" for e in await node.central_storage.routing.quarantined(None))
