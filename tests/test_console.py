@@ -1,6 +1,7 @@
 """Central's administrator console (/console): login, the quarantine, corrections, in Chromium."""
 from __future__ import annotations
 
+import io
 import os
 
 import pytest_twisted
@@ -9,11 +10,13 @@ from sqlalchemy import text
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import listener_port, testdata
+from tests.test_gateway import datasets
 from tests.test_reading_room import _browser_or_skip, _drive
 
 LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
 ALLOWED = "dr-ct@viewers.example"
 OTHER = "dr-elsewhere@viewers.example"
+PUSH = "dr-push@viewers.example"
 
 
 async def _central_with_quarantine(make_central):
@@ -35,8 +38,8 @@ async def _central_with_quarantine(make_central):
 async def test_console_quarantine_in_chromium(make_central):
     """Alice logs in with her token, sees the three held objects with centre, patient, study, modality and
     reason; the CT's route menu offers only the viewer authorised for centre-a's CT; she routes it there and
-    rejects the other two at once with a reason; the database has the CT delivered to that viewer, the
-    others rejected, each correction by alice."""
+    rejects the other two at once with a reason; the database has the CT queued for that viewer, the
+    others rejected, each correction by alice; the Queues page shows that viewer with one waiting."""
     _browser_or_skip()
     node, token = await _central_with_quarantine(make_central)
     held = await node.central_storage.routing.quarantined("held")
@@ -69,9 +72,15 @@ async def test_console_quarantine_in_chromium(make_central):
         page.fill("input[name=reason]", "wrong patient")
         page.click("button[value=reject]")
         page.wait_for_selector(".empty")
-        return offered, routed, page.inner_text(".flash")
+        rejected = page.inner_text(".flash")
+        page.click("text=Queues")
+        page.wait_for_selector("tr.queue")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-queues.png"), full_page=True)
+        return offered, routed, rejected, page.locator("tr.queue").all_inner_texts()
 
-    offered, routed, rejected = await deferToThread(_drive, base, scenario)
+    offered, routed, rejected, queues = await deferToThread(_drive, base, scenario)
+    assert len(queues) == 1 and queues[0].split("\t")[:2] == [ALLOWED, "1"]
     assert offered == ["(choose a viewer)", ALLOWED]
     assert routed == "1 routed." and rejected == "2 rejected."
     states = {e.id: e.state for e in await node.central_storage.routing.quarantined(None)}
@@ -114,3 +123,35 @@ async def test_console_refuses_without_session_csrf_or_from_another_site(make_ce
 
     assert await deferToThread(http) == (403, 403)
     assert all(e.state == "held" for e in await node.central_storage.routing.quarantined(None))
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_queues_show_the_last_error_and_retry_now(make_central):
+    """A push viewer that cannot be reached: the Queues page shows its waiting delivery, one failed, and the
+    sender's error; "Retry now" (with the CSRF token) makes it due at once and records who asked."""
+    node, token = await _central_with_quarantine(make_central)
+    directory = node.central_storage.directory
+    await directory.add_viewer(PUSH, "smtp://127.0.0.1:9", ["centre-a:CT"])
+    await directory.add_rule(PUSH, centre="centre-a", modality="CT")
+    buffer = io.BytesIO()
+    datasets(1)[0].save_as(buffer, enforce_file_format=True)  # a new CT, routed to the push viewer by the rule
+    await node.ingest.receive_dicom(buffer.getvalue(), transport="dicom", origin="CT1")
+    await node.routing.kick()
+    await node.routing.outbox.settled(PUSH)
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+        page = s.get(f"{base}/console/queues", timeout=30).text
+        row = page.split(PUSH, 1)[1].split("</tr>", 1)[0]
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        retried = s.post(f"{base}/console/queues", data={"destination": PUSH, "csrf": csrf}, timeout=30)
+        return row, retried.text
+
+    row, after = await deferToThread(http)
+    assert "<td>1</td>" in row and "Retry now" in row and "Connection was refused" in row
+    assert f"1 deliveries to {PUSH} retried now." in after
+    events = await node.database.run(lambda conn: conn.execute(
+        text("SELECT detail FROM delivery_events WHERE detail LIKE 'retry now%'")).scalars().all())
+    assert events == ["retry now, asked by alice"]

@@ -1,5 +1,6 @@
 """Central's administrator console at ``/console``: log in with an administrator's name and token, see
-the quarantine and correct it (route to an authorised viewer, or reject), one or many at once.
+the quarantine and correct it (route to an authorised viewer, or reject), one or many at once, and the
+queues (what waits for each viewer and centre, the oldest, the last error; retry now).
 
 Plain HTML forms, no script. The session is an HttpOnly, SameSite=Strict cookie for ``/console``; every
 POST but the login carries the session's CSRF token and is refused from another origin. Sessions live
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.web.resource import Resource
-from twisted.web.template import flattenString, tags
+from twisted.web.template import Tag, flattenString, tags
 
 from medd.audit import MINOR_FAILURE
 from medd.storage.routing import CorrectionError
@@ -29,7 +30,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1b1f24}
 table{border-collapse:collapse;margin:1rem 0}th,td{border-bottom:1px solid #d0d7de;padding:.35rem .6rem;text-align:left}
 th{background:#f6f8fa}.flash{background:#dafbe1;padding:.5rem}.error{background:#ffebe9;padding:.5rem}
-header{display:flex;gap:1rem;align-items:baseline}header form{margin-left:auto}
+header{display:flex;gap:1rem;align-items:baseline}header form{margin-left:auto}nav a{margin:0 .3rem}
 """
 CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
@@ -96,7 +97,7 @@ class ConsoleResource(Resource):
         self.sessions = ConsoleSessions(clock)
 
     def getChild(self, path, request):
-        if path in (b"", b"login", b"logout", b"quarantine") and not request.postpath:
+        if path in (b"", b"login", b"logout", b"quarantine", b"queues") and not request.postpath:
             return _Action(self, path.decode("ascii"))
         return _Action(self, "missing")
 
@@ -143,12 +144,38 @@ class _Action(Resource):
     # -- GET ------------------------------------------------------------------------------------
 
     async def _get(self, request) -> Response:
-        if self.name != "":
+        if self.name not in ("", "queues"):
             return await _page(404, "Not found", tags.p("No such page. ", tags.a("The console", href="/console/")))
         admin, token = self._admin(request)
         if admin is None:
             return await self._login_form(200)
+        if self.name == "queues":
+            return await self._queues_page(request, admin, token)
         return await self._quarantine_page(request, admin, token)
+
+    @staticmethod
+    def _header(title: str, admin: str, csrf, detail: str) -> Tag:
+        return tags.header(tags.h1(title), tags.span(detail),
+                           tags.nav(tags.a("Quarantine", href="/console/"), " · ", tags.a("Queues", href="/console/queues")),
+                           tags.form(csrf, tags.span(f"{admin} "), tags.button("Log out", type="submit"),
+                                     method="post", action="/console/logout"))
+
+    async def _queues_page(self, request, admin: str, token: str) -> Response:
+        queues = await self.console.storage.deliveries.queues()
+        now = datetime.now(timezone.utc)
+        csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
+        rows = [tags.tr(tags.td(q.destination), tags.td(str(q.waiting)), tags.td(_age(q.oldest, now) if q.oldest else ""),
+                        tags.td(str(q.failed)), tags.td(q.last_error or ""),
+                        tags.td(tags.form(csrf.clone(), tags.input(type="hidden", name="destination", value=q.destination),
+                                          tags.button("Retry now", type="submit"), method="post",
+                                          action="/console/queues") if q.failed else ""), class_="queue")
+                for q in queues]
+        table = tags.table(tags.tr(*[tags.th(h) for h in ("destination", "waiting", "oldest", "failed", "last error",
+                                                          "")]), *rows) if rows else tags.p("Nothing waits.",
+                                                                                            class_="empty")
+        done = (request.args.get(b"done") or [b""])[0].decode("utf-8", "replace")
+        return await _page(200, "Queues", self._header("Queues", admin, csrf, f"{len(queues)} destinations waiting"),
+                           tags.p(done, class_="flash") if done else "", table)
 
     async def _login_form(self, status: int, message: str | None = None) -> Response:
         return await _page(status, "Log in", tags.h1("medd central console"),
@@ -182,10 +209,7 @@ class _Action(Resource):
             "Nothing is held in quarantine.", class_="empty")
         await self.console.audit.record("query", user=admin, credential="console session", peer=client_ip(request),
                                         transport="http", detail=f"console quarantine: {len(entries)}")
-        return await _page(200, "Quarantine",
-                           tags.header(tags.h1("Quarantine"), tags.span(f"{len(entries)} held"),
-                                       tags.form(csrf, tags.span(f"{admin} "), tags.button("Log out", type="submit"),
-                                                 method="post", action="/console/logout")),
+        return await _page(200, "Quarantine", self._header("Quarantine", admin, csrf, f"{len(entries)} held"),
                            tags.p(done, class_="flash") if done else "",
                            tags.form(csrf.clone(), table,
                                      tags.p(tags.button("Route selected", type="submit", name="action", value="route"),
@@ -218,6 +242,11 @@ class _Action(Resource):
                 return _see_other("/console/")
             if self.name == "quarantine":
                 return await self._correct(admin, form)
+            if self.name == "queues":
+                destination = (form.get("destination") or [""])[0]
+                count = await self.console.storage.deliveries.retry_now(destination, admin)
+                self.console.routing.kick()
+                return _see_other("/console/queues?done=" + quote(f"{count} deliveries to {destination} retried now."))
             raise _Refused(404, "no such action")
         except _Refused as e:
             return await _page(e.status, "Refused", tags.p(e.message, class_="error"),
