@@ -39,7 +39,8 @@ async def test_console_quarantine_in_chromium(make_central):
     """Alice logs in with her token, sees the three held objects with centre, patient, study, modality and
     reason; the CT's route menu offers only the viewer authorised for centre-a's CT; she routes it there and
     rejects the other two at once with a reason; the database has the CT queued for that viewer, the
-    others rejected, each correction by alice; the Queues page shows that viewer with one waiting."""
+    others rejected, each correction by alice; the Queues page shows that viewer with one waiting; Tracking
+    lists the three objects and the CT's timeline shows its correction by alice."""
     _browser_or_skip()
     node, token = await _central_with_quarantine(make_central)
     held = await node.central_storage.routing.quarantined("held")
@@ -77,9 +78,21 @@ async def test_console_quarantine_in_chromium(make_central):
         page.wait_for_selector("tr.queue")
         if shots:
             page.screenshot(path=os.path.join(shots, "console-queues.png"), full_page=True)
-        return offered, routed, rejected, page.locator("tr.queue").all_inner_texts()
+        queues = page.locator("tr.queue").all_inner_texts()
+        page.click("text=Tracking")
+        page.wait_for_selector("tr.found")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-tracking.png"), full_page=True)
+        found = page.locator("tr.found").count()
+        page.click(f"a:text('{ct.uid}')")
+        page.wait_for_selector("li.event")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-timeline.png"), full_page=True)
+        return offered, routed, rejected, queues, found, page.locator("li.event").all_inner_texts()
 
-    offered, routed, rejected, queues = await deferToThread(_drive, base, scenario)
+    offered, routed, rejected, queues, found, timeline = await deferToThread(_drive, base, scenario)
+    assert found == 3
+    assert "received over dicom from CT1" in timeline[0] and any("by alice" in e for e in timeline)
     assert len(queues) == 1 and queues[0].split("\t")[:2] == [ALLOWED, "1"]
     assert offered == ["(choose a viewer)", ALLOWED]
     assert routed == "1 routed." and rejected == "2 rejected."
@@ -155,3 +168,44 @@ async def test_console_queues_show_the_last_error_and_retry_now(make_central):
     events = await node.database.run(lambda conn: conn.execute(
         text("SELECT detail FROM delivery_events WHERE detail LIKE 'retry now%'")).scalars().all())
     assert events == ["retry now, asked by alice"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_tracking_search_and_timeline(make_central):
+    """Tracking finds objects by patient, centre, state (quarantined, overdue) and shows an object's
+    timeline: received, quarantined, the correction by alice, the delivery queued for the viewer."""
+    from medd.central.routing import correct_route
+
+    node, token = await _central_with_quarantine(make_central)
+    held = await node.central_storage.routing.quarantined("held")
+    ct = next(e for e in held if e.modality == "CT")
+    await correct_route(node.central_storage.routing, ct.id, ALLOWED, "alice")
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+
+        def found(**query):
+            page = s.get(f"{base}/console/tracking", params=query, timeout=30)
+            assert page.status_code == 200
+            return [row for row in page.text.split('<tr class="found">')[1:]]
+
+        by_patient = found(patient=ct.patient_id)
+        held_rows = found(state="quarantined")
+        overdue = found(state="overdue", hours="0")
+        elsewhere = found(centre="centre-b")
+        timeline = s.get(f"{base}/console/tracking", params={"uid": ct.uid}, timeout=30).text
+        bad_date = s.get(f"{base}/console/tracking", params={"since": "yesterday"}, timeout=30)
+        return by_patient, held_rows, overdue, elsewhere, timeline, bad_date.status_code
+
+    by_patient, held_rows, overdue, elsewhere, timeline, bad_date = await deferToThread(http)
+    assert len(by_patient) == 1 and f"{ALLOWED}: queued" in by_patient[0] and ct.uid in by_patient[0]
+    assert len(held_rows) == 2 and not any(ct.uid in row for row in held_rows)
+    assert len(overdue) == 1 and ct.uid in overdue[0]
+    assert elsewhere == []
+    events = timeline.split('<li class="event">')[1:]
+    assert "received over dicom from CT1" in events[0]
+    assert any("quarantined: no route" in e for e in events) and any("by alice" in e for e in events)
+    assert f"{ALLOWED}: queued" in events[-1]
+    assert bad_date == 400

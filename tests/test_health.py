@@ -81,6 +81,15 @@ def _doctor(ini) -> subprocess.CompletedProcess:
     return subprocess.run([MEDD, "doctor", "--config", str(ini)], capture_output=True, text=True, timeout=60)
 
 
+def _doctor_here(ini, capsys) -> subprocess.CompletedProcess:
+    """The `medd doctor` command run in this process (its exit status and what it printed)."""
+    from medd.cli import main
+
+    status = main(["doctor", "--config", str(ini)])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["medd", "doctor"], status, out.out, out.err)
+
+
 def test_doctor_healthy_node_and_expiring_certificate(tmp_path):
     """`medd doctor` on a sound config: exit 0, one line per finding, the TLS certificate that expires in
     10 days a warning that says what to do, the one valid for a year ok, the clock ok."""
@@ -101,7 +110,7 @@ def test_doctor_healthy_node_and_expiring_certificate(tmp_path):
     assert any(line.startswith("OK      blob store:") for line in lines)
 
 
-def test_doctor_reports_errors_with_what_to_do(tmp_path):
+def test_doctor_reports_errors_with_what_to_do(tmp_path, capsys):
     """An expired certificate, too little free space and a missing archive mount are errors: each on its
     own line with what to do, and doctor exits non-zero; a config with an unknown key is an error too."""
     _certificate(tmp_path / "old", -2)
@@ -109,7 +118,7 @@ def test_doctor_reports_errors_with_what_to_do(tmp_path):
     ini = write_config(tmp_path, {"http": "tcp:0:interface=127.0.0.1"},
                        f"[limits]\nmin_free_space = 999999G\n[tls]\ncertificate = {tmp_path / 'old.pem'}\n"
                        f"private_key = {tmp_path / 'old.key'}\n[archive]\nbackend = tape\npath = {tmp_path / 'nomount'}\n")
-    done = _doctor(ini)
+    done = _doctor_here(ini, capsys)
     assert done.returncode == 1
     errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
     assert any(line.startswith("ERROR   certificate [tls] certificate") and "expired" in line and "--" in line
@@ -118,7 +127,7 @@ def test_doctor_reports_errors_with_what_to_do(tmp_path):
     assert any(line.startswith("ERROR   archive") and "mount" in line for line in errors)
 
     bad = write_config(tmp_path, {}, "[limits]\nmax_objetc_size = 1M\n", name="bad")
-    done = _doctor(bad)
+    done = _doctor_here(bad, capsys)
     assert done.returncode == 1
     assert any(line.startswith("ERROR   config:") and "max_objetc_size" in line and "max_object_size" in line
                for line in done.stdout.splitlines()), done.stdout

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.web.resource import Resource
 from twisted.web.template import Tag, flattenString, tags
 
 from medd.audit import MINOR_FAILURE
+from medd.storage.connector import aware
 from medd.storage.routing import CorrectionError
 from medd.webresource import Response, client_ip, read_body, render_async
 
@@ -97,7 +98,7 @@ class ConsoleResource(Resource):
         self.sessions = ConsoleSessions(clock)
 
     def getChild(self, path, request):
-        if path in (b"", b"login", b"logout", b"quarantine", b"queues") and not request.postpath:
+        if path in (b"", b"login", b"logout", b"quarantine", b"queues", b"tracking") and not request.postpath:
             return _Action(self, path.decode("ascii"))
         return _Action(self, "missing")
 
@@ -144,21 +145,94 @@ class _Action(Resource):
     # -- GET ------------------------------------------------------------------------------------
 
     async def _get(self, request) -> Response:
-        if self.name not in ("", "queues"):
+        if self.name not in ("", "queues", "tracking"):
             return await _page(404, "Not found", tags.p("No such page. ", tags.a("The console", href="/console/")))
         admin, token = self._admin(request)
         if admin is None:
             return await self._login_form(200)
-        if self.name == "queues":
-            return await self._queues_page(request, admin, token)
-        return await self._quarantine_page(request, admin, token)
+        try:
+            if self.name == "queues":
+                return await self._queues_page(request, admin, token)
+            if self.name == "tracking":
+                return await self._tracking_page(request, admin, token)
+            return await self._quarantine_page(request, admin, token)
+        except _Refused as e:
+            return await self._refused(e)
+
+    @staticmethod
+    async def _refused(e: "_Refused") -> Response:
+        return await _page(e.status, "Refused", tags.p(e.message, class_="error"),
+                           tags.p(tags.a("Back to the console", href="/console/")))
 
     @staticmethod
     def _header(title: str, admin: str, csrf, detail: str) -> Tag:
         return tags.header(tags.h1(title), tags.span(detail),
-                           tags.nav(tags.a("Quarantine", href="/console/"), " · ", tags.a("Queues", href="/console/queues")),
+                           tags.nav(tags.a("Quarantine", href="/console/"), " · ", tags.a("Queues", href="/console/queues"),
+                                    " · ", tags.a("Tracking", href="/console/tracking")),
                            tags.form(csrf, tags.span(f"{admin} "), tags.button("Log out", type="submit"),
                                      method="post", action="/console/logout"))
+
+    async def _tracking_page(self, request, admin: str, token: str) -> Response:
+        from medd.storage.tracking import SEARCH_STATES
+
+        args = {k.decode("ascii", "replace"): v[0].decode("utf-8", "replace").strip() for k, v in request.args.items()}
+        csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
+        if args.get("uid"):
+            return await self._timeline(admin, csrf, args["uid"])
+        fields = [("patient", "patient ID"), ("accession", "accession"), ("centre", "centre"), ("viewer", "viewer"),
+                  ("since", "from (YYYY-MM-DD)"), ("until", "to (YYYY-MM-DD)"), ("hours", "overdue after hours")]
+        form = tags.form(*[tags.label(f"{label} ", tags.input(name=name, value=args.get(name, ""), size="14"), " ")
+                           for name, label in fields],
+                         tags.label("state ", tags.select(tags.option("any", value=""), *[
+                             tags.option(st, value=st, selected="selected") if args.get("state") == st else
+                             tags.option(st, value=st) for st in SEARCH_STATES], name="state")),
+                         " ", tags.button("Search", type="submit"), method="get", action="/console/tracking")
+        try:
+            since = _day(args.get("since"))
+            until = _day(args.get("until"), end=True)
+            hours = float(args.get("hours") or 24)
+        except ValueError:
+            raise _Refused(400, "dates are YYYY-MM-DD and hours a number")
+        now = datetime.now(timezone.utc)
+        rows = await self.console.storage.tracking.search(
+            centre=args.get("centre", ""), viewer=args.get("viewer", ""), patient=args.get("patient", ""),
+            accession=args.get("accession", ""), since=since, until=until, state=args.get("state", ""),
+            overdue_before=now - timedelta(hours=hours))
+        table = tags.table(tags.tr(*[tags.th(h) for h in ("received", "centre", "patient", "accession", "modality",
+                                                          "routing", "deliveries", "object")]), *[
+            tags.tr(tags.td(f"{r.received_at:%Y-%m-%d %H:%M}"), tags.td(r.centre or ""), tags.td(r.patient_id or ""),
+                    tags.td(r.accession_number or ""), tags.td(r.modality or ""), tags.td(r.outcome or "not yet"),
+                    tags.td("; ".join(f"{dest}: {state}" for dest, state in r.deliveries)),
+                    tags.td(tags.a(r.uid, href="/console/tracking?uid=" + quote(r.uid))), class_="found")
+            for r in rows]) if rows else tags.p("Nothing found.", class_="empty")
+        await self.console.audit.record("query", user=admin, credential="console session", peer=client_ip(request),
+                                        transport="http", patient_id=args.get("patient") or None,
+                                        detail=f"console tracking: {len(rows)}")
+        return await _page(200, "Tracking", self._header("Tracking", admin, csrf, f"{len(rows)} found"), form, table)
+
+    async def _timeline(self, admin: str, csrf, uid: str) -> Response:
+        history = await self.console.storage.tracking.object_history(uid)
+        if history is None:
+            raise _Refused(404, "no such object")
+        o = history.object
+        events = [(r.received_at, f"received over {r.receipt.transport or '?'} from {r.receipt.origin}")
+                  for r in history.received] or [(o.received_at, f"received over {o.transport} from {o.origin}")]
+        if history.routing is not None:
+            events.append((history.routing.decided_at, f"{history.routing.outcome} (centre {history.routing.centre or '?'})"))
+        for q in history.quarantine:
+            events.append((q.created_at, f"quarantined: {q.reason}"))
+            events += [(c.at, f"{c.action} by {c.admin}" + (f" to {c.new_route}" if c.new_route else "")
+                        + (f": {c.reason}" if c.reason else "")) for c in q.corrections]
+        for d in history.deliveries:
+            events += [(e.at, f"{d.destination}: {e.state}" + (f" ({e.detail})" if e.detail else ""))
+                       for e in d.history]
+        events += [(st.received_at, f"{st.event} by {st.user or '?'} at {st.origin}") for st in history.status]
+        events += [(r.received_at, f"report {r.uid} from {r.origin}") for r in history.reports]
+        events = sorted(((aware(at), what) for at, what in events), key=lambda e: e[0])
+        return await _page(200, "Timeline", self._header("Timeline", admin, csrf, uid),
+                           tags.p(f"Patient {o.patient_id or '?'}, study {o.study_instance_uid or '?'}, "
+                                  f"{o.modality or '?'}"),
+                           tags.ol(*[tags.li(f"{at:%Y-%m-%d %H:%M:%S} ", what, class_="event") for at, what in events]))
 
     async def _queues_page(self, request, admin: str, token: str) -> Response:
         queues = await self.console.storage.deliveries.queues()
@@ -249,8 +323,7 @@ class _Action(Resource):
                 return _see_other("/console/queues?done=" + quote(f"{count} deliveries to {destination} retried now."))
             raise _Refused(404, "no such action")
         except _Refused as e:
-            return await _page(e.status, "Refused", tags.p(e.message, class_="error"),
-                               tags.p(tags.a("Back to the console", href="/console/")))
+            return await self._refused(e)
 
     async def _login(self, request, form) -> Response:
         name = (form.get("name") or [""])[0].strip()
@@ -302,6 +375,13 @@ class _Action(Resource):
         verb = "routed" if action == "route" else "rejected"
         message = f"{done} {verb}." + (f" Not done: {'; '.join(refused)}." if refused else "")
         return _see_other("/console/?done=" + quote(message))
+
+
+def _day(text: str | None, *, end: bool = False) -> datetime | None:
+    if not text:
+        return None
+    day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    return day + timedelta(days=1) if end else day
 
 
 class _Refused(Exception):
