@@ -88,7 +88,12 @@ async def test_console_quarantine_in_chromium(make_central):
         page.wait_for_selector("li.event")
         if shots:
             page.screenshot(path=os.path.join(shots, "console-timeline.png"), full_page=True)
-        return offered, routed, rejected, queues, found, page.locator("li.event").all_inner_texts()
+        timeline = page.locator("li.event").all_inner_texts()
+        page.click("text=Directory")
+        page.wait_for_selector("tr.viewer")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-directory.png"), full_page=True)
+        return offered, routed, rejected, queues, found, timeline
 
     offered, routed, rejected, queues, found, timeline = await deferToThread(_drive, base, scenario)
     assert found == 3
@@ -209,3 +214,35 @@ async def test_console_tracking_search_and_timeline(make_central):
     assert any("quarantined: no route" in e for e in events) and any("by alice" in e for e in events)
     assert f"{ALLOWED}: queued" in events[-1]
     assert bad_date == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_directory_and_new_centre_token(make_central):
+    """The Directory page lists the centres (AE titles), the viewers with their authorisations; "New token"
+    for centre-a shows a token once that then names centre-a (the old one no longer does), recorded in the
+    audit trail as a credential change by alice."""
+    node, token = await _central_with_quarantine(make_central)
+    directory = node.central_storage.directory
+    old = (await directory.add_centre("centre-a", addresses=["ct1@centre-a.example"], token=True)).token
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+        page = s.get(f"{base}/console/directory", timeout=30).text
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        issued = s.post(f"{base}/console/directory", data={"centre": "centre-a", "csrf": csrf}, timeout=30).text
+        forged = s.post(f"{base}/console/directory", data={"centre": "centre-a"}, timeout=30)
+        return page, issued, forged.status_code
+
+    page, issued, forged = await deferToThread(http)
+    centres = page.split('<tr class="centre">')[1:]
+    assert len(centres) == 2 and "CT1" in centres[0] and "CT2" in centres[1]
+    assert f"<td>{ALLOWED}</td>" in page and "centre-a:CT" in page
+    new = issued.split('<code class="token">')[1].split("</code>")[0]
+    assert (await directory.principal(new)).name == "centre-a"
+    assert await directory.principal(old) is None
+    assert forged == 403
+    records = await node.database.run(lambda conn: conn.execute(
+        text("SELECT user, credential, detail FROM audit WHERE event = 'credential'")).all())
+    assert [tuple(r) for r in records] == [("alice", "centre-a", "centre token issued (console)")]

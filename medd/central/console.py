@@ -1,6 +1,7 @@
 """Central's administrator console at ``/console``: log in with an administrator's name and token, see
 the quarantine and correct it (route to an authorised viewer, or reject), one or many at once, and the
-queues (what waits for each viewer and centre, the oldest, the last error; retry now).
+queues (what waits for each viewer and centre, the oldest, the last error; retry now), tracking (search,
+an object's timeline) and the directory (read; a centre's token rotated).
 
 Plain HTML forms, no script. The session is an HttpOnly, SameSite=Strict cookie for ``/console``; every
 POST but the login carries the session's CSRF token and is refused from another origin. Sessions live
@@ -21,6 +22,7 @@ from twisted.web.template import Tag, flattenString, tags
 
 from medd.audit import MINOR_FAILURE
 from medd.storage.connector import aware
+from medd.storage.directory import DirectoryError
 from medd.storage.routing import CorrectionError
 from medd.webresource import Response, client_ip, read_body, render_async
 
@@ -98,7 +100,8 @@ class ConsoleResource(Resource):
         self.sessions = ConsoleSessions(clock)
 
     def getChild(self, path, request):
-        if path in (b"", b"login", b"logout", b"quarantine", b"queues", b"tracking") and not request.postpath:
+        if path in (b"", b"login", b"logout", b"quarantine", b"queues", b"tracking",
+                    b"directory") and not request.postpath:
             return _Action(self, path.decode("ascii"))
         return _Action(self, "missing")
 
@@ -145,7 +148,7 @@ class _Action(Resource):
     # -- GET ------------------------------------------------------------------------------------
 
     async def _get(self, request) -> Response:
-        if self.name not in ("", "queues", "tracking"):
+        if self.name not in ("", "queues", "tracking", "directory"):
             return await _page(404, "Not found", tags.p("No such page. ", tags.a("The console", href="/console/")))
         admin, token = self._admin(request)
         if admin is None:
@@ -155,6 +158,8 @@ class _Action(Resource):
                 return await self._queues_page(request, admin, token)
             if self.name == "tracking":
                 return await self._tracking_page(request, admin, token)
+            if self.name == "directory":
+                return await self._directory_page(admin, token)
             return await self._quarantine_page(request, admin, token)
         except _Refused as e:
             return await self._refused(e)
@@ -168,7 +173,8 @@ class _Action(Resource):
     def _header(title: str, admin: str, csrf, detail: str) -> Tag:
         return tags.header(tags.h1(title), tags.span(detail),
                            tags.nav(tags.a("Quarantine", href="/console/"), " · ", tags.a("Queues", href="/console/queues"),
-                                    " · ", tags.a("Tracking", href="/console/tracking")),
+                                    " · ", tags.a("Tracking", href="/console/tracking"),
+                                    " · ", tags.a("Directory", href="/console/directory")),
                            tags.form(csrf, tags.span(f"{admin} "), tags.button("Log out", type="submit"),
                                      method="post", action="/console/logout"))
 
@@ -233,6 +239,38 @@ class _Action(Resource):
                            tags.p(f"Patient {o.patient_id or '?'}, study {o.study_instance_uid or '?'}, "
                                   f"{o.modality or '?'}"),
                            tags.ol(*[tags.li(f"{at:%Y-%m-%d %H:%M:%S} ", what, class_="event") for at, what in events]))
+
+    async def _directory_page(self, admin: str, token: str, issued: str | None = None) -> Response:
+        directory = self.console.storage.directory
+        centres, viewers, rules = await directory.centres(), await directory.viewers(), await directory.rules()
+        csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
+
+        def heads(*names):
+            return tags.tr(*[tags.th(n) for n in names])
+
+        def new_token(name: str):
+            return tags.form(csrf.clone(), tags.input(type="hidden", name="centre", value=name),
+                             tags.button("New token", type="submit"), method="post", action="/console/directory")
+
+        centre_rows = [tags.tr(tags.td(c.name), tags.td(" ".join(v for k, v in c.aliases if k == "ae")), tags.td(" ".join(c.addresses)),
+                               tags.td(" ".join(c.networks)), tags.td("token" if c.has_token else "",
+                                                                      " certificate" if c.client_cert_sha256 else ""),
+                               tags.td(new_token(c.name) if c.addresses else ""), class_="centre") for c in centres]
+        viewer_rows = [tags.tr(tags.td(v.address), tags.td(v.mode), tags.td(v.push_url or ""),
+                               tags.td(", ".join(v.authorisations)), class_="viewer") for v in viewers]
+        rule_rows = [tags.tr(tags.td(str(r.id)), tags.td(r.centre or "any"), tags.td(r.modality or "any"),
+                             tags.td(r.object_type or "any"), tags.td(r.destination), class_="rule") for r in rules]
+        return await _page(200, "Directory", self._header("Directory", admin, csrf, ""),
+                           tags.p("New token for ", tags.strong(issued[0]), ": ", tags.code(issued[1], class_="token"),
+                                  " (shown once; the old one no longer works)", class_="flash") if issued else "",
+                           tags.h2("Centres"), tags.table(heads("name", "AE titles", "addresses", "networks",
+                                                               "credentials", ""), *centre_rows),
+                           tags.h2("Viewers"), tags.table(heads("address", "mode", "push to", "authorised for"),
+                                                          *viewer_rows),
+                           tags.h2("Routing rules"), tags.table(heads("#", "centre", "modality", "type", "to"),
+                                                                *rule_rows),
+                           tags.p("Adding and removing centres, viewers, authorisations and rules: "
+                                  "medd centres|viewers|routes on the command line, or /api."))
 
     async def _queues_page(self, request, admin: str, token: str) -> Response:
         queues = await self.console.storage.deliveries.queues()
@@ -316,6 +354,8 @@ class _Action(Resource):
                 return _see_other("/console/")
             if self.name == "quarantine":
                 return await self._correct(admin, form)
+            if self.name == "directory":
+                return await self._rotate(request, admin, token, (form.get("centre") or [""])[0])
             if self.name == "queues":
                 destination = (form.get("destination") or [""])[0]
                 count = await self.console.storage.deliveries.retry_now(destination, admin)
@@ -341,6 +381,20 @@ class _Action(Resource):
         request.addCookie(COOKIE, session.encode("ascii"), path=b"/console", httpOnly=True, sameSite="strict",
                           secure=request.isSecure() or None)
         return _see_other("/console/")
+
+    async def _rotate(self, request, admin: str, token: str, centre: str) -> Response:
+        """A new bearer token for ``centre`` (the old one stops working), shown once on the page."""
+        from medd.audit import credential_change
+
+        if await self.console.storage.directory.centre(centre) is None:
+            raise _Refused(404, "no such centre")
+        try:
+            issued = await self.console.storage.directory.add_centre(centre, token=True)
+        except DirectoryError as e:
+            raise _Refused(409, str(e)) from e
+        await credential_change(self.console.audit, "centre token issued (console)", centre, action="U", admin=admin,
+                                peer=client_ip(request), transport="http")
+        return await self._directory_page(admin, token, issued=(centre, issued.token))
 
     async def _correct(self, admin: str, form) -> Response:
         from medd.central.routing import correct_route
