@@ -37,7 +37,8 @@ run: venv ohif
 	$(BIN)/medd demo
 
 # System tools some tests drive: Debian's chromium (the reading room's browser
-# tests), DCMTK's storescu (a modality-grade SCU) and npm (for `make ohif`). Installed when missing and
+# tests), DCMTK's storescu (a modality-grade SCU), npm (for `make ohif`) and systemd-analyze (the
+# service unit's check). Installed when missing and
 # we are root with apt-get; otherwise those tests skip with the reason.
 test-tools:
 	@missing=""; \
