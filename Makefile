@@ -37,7 +37,8 @@ run: venv ohif
 	$(BIN)/medd demo
 
 # System tools some tests drive: Debian's chromium (the reading room's browser
-# tests), DCMTK's storescu (a modality-grade SCU) and npm (for `make ohif`). Installed when missing and
+# tests), DCMTK's storescu (a modality-grade SCU), npm (for `make ohif`) and systemd-analyze (the
+# service unit's check). Installed when missing and
 # we are root with apt-get; otherwise those tests skip with the reason.
 test-tools:
 	@missing=""; \
@@ -46,6 +47,7 @@ test-tools:
 	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; } \

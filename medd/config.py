@@ -25,12 +25,16 @@ CORE_KEYS: dict[str, tuple[str, ...]] = {
     "database": ("url",),
     "storage": ("path", "backend"),
     "limits": ("max_object_size", "request_timeout", "min_transfer_rate", "max_connections_per_peer",
-               "max_mime_parts", "max_mime_containers", "max_stow_parts"),
+               "max_mime_parts", "max_mime_containers", "max_stow_parts", "min_free_space"),
+    "log": ("format",),
     "tls": ("certificate", "private_key", "client_ca", "client_ca_key"),
     "plugins": ("disabled",),
 }
 
 DEFAULT_MAX_OBJECT_SIZE = 512 * 1024 * 1024
+#: ``[limits] min_free_space``: below this much free space in the blob store's file system the node is not ready.
+DEFAULT_MIN_FREE_SPACE = 1024 * 1024 * 1024
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class Config:
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
     connection_limits: ConnectionLimits = ConnectionLimits()
     part_limits: PartLimits = PartLimits()
+    min_free_space: int = DEFAULT_MIN_FREE_SPACE
+    #: ``[log] format``: twistd's log as Twisted's text lines or one JSON event per line.
+    log_format: str = "text"
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
@@ -214,6 +221,17 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         for key, default in vars(PartLimits()).items()
     })
 
+    min_free = DEFAULT_MIN_FREE_SPACE
+    size_text = get("limits", "min_free_space")
+    if size_text is not None:
+        try:
+            min_free = 0 if size_text.strip() == "0" else _parse_size(size_text)
+        except ValueError:
+            problem("limits", "min_free_space", f"not a size (e.g. 1G, or 0): {size_text!r}")
+    log_format = get("log", "format", "text")
+    if log_format not in LOG_FORMATS:
+        problem("log", "format", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+
     listen: dict[str, str] = {}
     if parser.has_section("listen"):
         for key, value in parser.items("listen"):
@@ -269,6 +287,8 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         max_object_size=max_size,
         connection_limits=connection_limits,
         part_limits=part_limits,
+        min_free_space=min_free,
+        log_format=log_format if log_format in LOG_FORMATS else "text",
         tls_certificate=str(base / cert) if cert else None,
         tls_private_key=str(base / key) if key else None,
         tls_client_ca=str(base / client_ca) if client_ca else None,

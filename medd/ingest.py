@@ -15,6 +15,8 @@ message is recorded, where an evicted blob is restored from) or through the
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,7 +106,7 @@ class Ingest:
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
                  index_with: Callable | None = None, audit: AuditTrail | None = None,
-                 delivery_facts: bool = False, package_with: Callable | None = None):
+                 delivery_facts: bool = False, package_with: Callable | None = None, metrics=None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -118,6 +120,8 @@ class Ingest:
         self.package_with = package_with
         self.audit = audit
         self._delivery_facts = delivery_facts
+        #: :class:`medd.metrics.NodeMetrics` (or None): each object's outcome, size and latency.
+        self.metrics = metrics
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -156,8 +160,10 @@ class Ingest:
         """A bare DICOM Part 10 object (C-STORE, STOW-RS, watched folder); ``peer`` is the
         connection's client IP, if there is one; ``user`` the name of the credential the sender
         proved (a centre's, a viewer's), which its audit records carry instead of ``origin``."""
-        return ensureDeferred(self._audited(self._receive_dicom(data, transport, origin, peer, user),
-                                            transport=transport, user=user or origin, peer=peer))
+        return ensureDeferred(self._measured(
+            self._audited(self._receive_dicom(data, transport, origin, peer, user),
+                          transport=transport, user=user or origin, peer=peer),
+            transport, len(data), time.monotonic()))
 
     def accept_association(self, calling_ae: str, called_ae: str, peer: str) -> Deferred:
         """Deferred None if a DICOM peer may associate, else the reason (``medd_accept_association``)."""
@@ -176,8 +182,26 @@ class Ingest:
         (an HTTP bearer token); ``peer`` is the connection's identity (client
         IP, or a TLS client certificate's CN).
         """
-        return ensureDeferred(self._audited(self._receive_package(data, transport, peer, credentials, user),
-                                            transport=transport, peer=peer, user=user))
+        return ensureDeferred(self._measured(
+            self._audited(self._receive_package(data, transport, peer, credentials, user),
+                          transport=transport, peer=peer, user=user),
+            transport, len(data), time.monotonic()))
+
+    async def _measured(self, receiving, transport: str, size: int, started: float) -> "Stored":
+        """``await receiving``, counting its outcome, bytes and latency in the node's metrics."""
+        if self.metrics is None:
+            return await receiving
+        try:
+            stored = await receiving
+        except Refused as e:
+            outcome = e.kind if e.kind in ("too-large", "conflict", "unauthenticated") else "refused"
+            self.metrics.received(transport, outcome, size, time.monotonic() - started)
+            raise
+        except StoreFailed:
+            self.metrics.received(transport, "failed", size, time.monotonic() - started)
+            raise
+        self.metrics.received(transport, "stored" if stored.created else "duplicate", size, time.monotonic() - started)
+        return stored
 
     async def _audited(self, receiving, **who) -> "Stored":
         """``await receiving``, recording a refusal or failure that the index transaction did not."""
@@ -239,16 +263,21 @@ class Ingest:
         for the parsing pool otherwise; just the indexing goes through the reactor. That is one
         round trip between threads per object instead of three.
         """
+        started = time.monotonic()
         try:
             self._check_size(data, transport)
             parsed = self._parse_and_put(data)
         except (Refused, StoreFailed) as e:
             parsed = e  # raised on the reactor, where it is audited
-        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer, user)
+        return blockingCallFromThread(self.reactor, self._receive_parsed, parsed, transport, origin, peer, user,
+                                      len(data), started)
 
-    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None, user: str | None) -> Deferred:
-        return ensureDeferred(self._audited(self._index_dicom(parsed, transport, origin, peer, user),
-                                            transport=transport, user=user or origin, peer=peer))
+    def _receive_parsed(self, parsed, transport: str, origin: str, peer: str | None, user: str | None, size: int,
+                        started: float) -> Deferred:
+        return ensureDeferred(self._measured(
+            self._audited(self._index_dicom(parsed, transport, origin, peer, user),
+                          transport=transport, user=user or origin, peer=peer),
+            transport, size, started))
 
     async def _index_dicom(self, parsed, transport: str, origin: str, peer: str | None,
                            user: str | None = None) -> Stored:
@@ -318,13 +347,7 @@ class Ingest:
             return await self._status(package, receipt)
         record = self._package_record(package, blob, transport, peer)
         outcome = await self._index(record, receipt, blob, peer, user, self._with_package(package))
-        stored = self._stored(outcome, package.message_id)
-        log.info(
-            "package {message_id} from {origin} ({attachment}) {what}",
-            message_id=package.message_id, origin=package.origin, attachment=str(package.attachment),
-            what="stored" if stored.created else "already stored",
-        )
-        return stored
+        return self._stored(outcome, package.message_id)
 
     def _package_record(self, package: Package, blob, transport: str, peer: str | None) -> ObjectRecord:
         content: Content = package.content
@@ -417,6 +440,12 @@ class Ingest:
             raise refused
         if self.audit is not None:
             self.audit.recorded()
+        # One event per object, its UIDs and where it came from as fields (the JSON log keeps them all).
+        log.info("{what} {object_type} {uid} from {origin} over {transport}",
+                 what="stored" if outcome.created else "already had", object_type=record.object_type,
+                 uid=record.sop_instance_uid, study_uid=record.study_instance_uid,
+                 series_uid=record.series_instance_uid, origin=record.origin, transport=record.transport,
+                 peer=peer, message_id=receipt.message_id if receipt is not None else None, digest=record.digest)
         if outcome.created:
             await self._notify(outcome.record)
         return outcome

@@ -11,6 +11,8 @@ from medd.central.archiving import make_archiving
 from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
 from medd.config import Config
+from medd.health import Readiness
+from medd.metrics import MetricsPage, NodeMetrics
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
@@ -63,17 +65,32 @@ class NodeService(MultiService):
             record_status, admit = self.forwarding.record_receipt, self.spool.admit
             # The object and its place in the queue (for central, or a result for the PACS) in one commit.
             index_with = queue_new_object(message_ids(settings.gateway), results=settings.gateway.results_to is not None)
+        self.metrics = NodeMetrics(reactor, engine=self.database.engine, role=config.role,
+                                   archiving=self.archiving is not None)
+        self.database.observe_transaction = self.metrics.database_seconds.observe
+        if hasattr(self.blobs, "observe_fsync"):
+            self.blobs.observe_fsync = self.metrics.fsync_seconds.observe
         self.ingest = Ingest(
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             part_limits=config.part_limits,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
             delivery_facts=config.role == "viewer",
+            metrics=self.metrics,
         )
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")
         self.blob_sweep.setServiceParent(self)
         self.web = WebMounts()
+        #: The node's listener services by transport name (filled below; the readiness checks look at them).
+        self.listeners: dict = {}
+        self.readiness = Readiness(
+            reactor, database=self.database, run_blocking=self.ingest.run_blocking,
+            storage_path=config.storage_path, min_free_space=config.min_free_space, listeners=self.listeners,
+            archive=self.archiving.archive if self.archiving is not None else None,
+        )
+        for name, resource in self.readiness.resources().items():
+            self.web.mount(name, resource)
         if config.role == "viewer":
             from medd.viewer.access import ViewerAccess
             from medd.viewer.node import ViewerServices
@@ -101,7 +118,7 @@ class NodeService(MultiService):
             from medd.central.webapi import central_resources
 
             self.routing = RoutingService(reactor, config, plugins, self.central_storage, self.ingest,
-                                          settings=settings.central)
+                                          settings=settings.central, metrics=self.metrics)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit).items():
@@ -110,6 +127,7 @@ class NodeService(MultiService):
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)
         queries = IndexQueries(self.index, self.ingest,
                                metadata_cache=self.viewer.metadata_cache if config.role == "viewer" else None)
+        metrics_page = MetricsPage(self.metrics)
         for key, endpoint in sorted(config.listen.items()):
             transport = plugins.transports[key]
             # A transport may share another's section (dicom_tls reads [dicom]).
@@ -117,10 +135,11 @@ class NodeService(MultiService):
             api = TransportAPI(
                 reactor, self.ingest, transport=key, node_name=config.name, settings=config.section(section),
                 tls=tls, web_resources=web_resources, queries=queries, limits=config.connection_limits,
-                audit=self.audit, clock=self.clock,
+                audit=self.audit, clock=self.clock, metrics_page=metrics_page,
             )
             listener = transport.listener(endpoint, api)
             listener.setName(f"listen-{key}")
+            self.listeners[key] = listener
             listener.setServiceParent(self)
 
     def startService(self) -> None:

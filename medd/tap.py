@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from medd.config import ConfigError
@@ -39,11 +40,19 @@ class TwistdNode(MultiService):
     prints it and exits 1.
     """
 
-    def __init__(self, node, *, foreground: bool):
+    def __init__(self, node, *, foreground: bool, log_observer=None):
         super().__init__()
         self.node = node
         self.foreground = foreground
+        self.log_observer = log_observer
         node.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        # twistd asks the application for an ILogObserver before it makes its own from the
+        # command line: that is how [log] format = json takes the place of its text lines.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -62,4 +71,10 @@ def makeService(options):
     # options.parent is twistd's own ServerOptions (absent when a test parses ours alone).
     parent = getattr(options, "parent", None)
     foreground = bool(parent["nodaemon"]) if parent is not None else True
-    return TwistdNode(NodeService(reactor, options["validated"]), foreground=foreground)
+    settings = options["validated"]
+    observer = None
+    if settings.config.log_format == "json" and parent is not None and not parent.get("syslog"):
+        from medd.logs import json_log_observer
+
+        observer = json_log_observer(parent.get("logfile"), foreground)
+    return TwistdNode(NodeService(reactor, settings), foreground=foreground, log_observer=observer)

@@ -44,9 +44,9 @@ def start_central(folder: Path) -> tuple[subprocess.Popen, int, Path]:
     raise AssertionError(f"central did not listen:\n{log.read_text()}")
 
 
-def send_all(port: int, dss: list) -> list[int]:
-    """One association, one C-STORE per dataset; the statuses."""
-    ae = AE(ae_title="CT1")
+def send_all(port: int, dss: list, calling: str = "CT1") -> list[int]:
+    """One association from AE title ``calling`` to MEDD, one C-STORE per dataset; the statuses."""
+    ae = AE(ae_title=calling)
     ae.add_requested_context(dss[0].SOPClassUID, dss[0].file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDD")
     assert assoc.is_established

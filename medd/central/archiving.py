@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from medd.config import ConfigError, ConfigProblem, _parse_size
 from medd.scheduling import CoalescingPass
 from medd.storage import catalogue
+from medd.progress import progress, progress_bar
 from medd.storage.archive import END_OF_ARCHIVE, Member
 from medd.storage.catalogue import Catalogue, PendingObject, Volume
 
@@ -427,20 +428,21 @@ class ArchivingService(Service):
         self.blobs.put(data)
         return data
 
-    async def restore(self, uids: list[str]) -> list[str]:
-        """Bring ``uids`` back into the working store; the UIDs restored (absent from the archive are skipped)."""
+    async def restore(self, uids: list[str], *, show_progress: bool | None = False) -> list[str]:
+        """Bring ``uids`` back into the working store; the UIDs restored (absent from the archive are skipped).
+        ``show_progress=None``: a progress bar when stderr is a terminal (the command line)."""
         found = await self.catalogue.archived_by_uid(uids)
         restored = []
-        for archived in found:
+        for archived in progress(found, "archive restore", show=show_progress):
             await self._io(self._restore_blocking, archived)
             await self.catalogue.mark_restored(archived.digest)
             restored.append(archived.sop_instance_uid)
             self.log.info("{uid} restored from {volume}", uid=archived.sop_instance_uid, volume=archived.volume)
         return restored
 
-    async def restore_study(self, study_uid: str) -> list[str]:
+    async def restore_study(self, study_uid: str, *, show_progress: bool | None = False) -> list[str]:
         uids = await self.catalogue.study_uids(study_uid)
-        return await self.restore(uids)
+        return await self.restore(uids, show_progress=show_progress)
 
     def restore_digest(self, digest: str) -> Deferred:
         """Deferred bytes of an evicted blob, put back into the working store on the way."""
@@ -457,8 +459,9 @@ class ArchivingService(Service):
 
     # -- verify -----------------------------------------------------------------------------------
 
-    async def verify(self, path: str | None = None) -> list[VerifyResult]:
-        """Re-read volumes (all, or the one at ``path``) and check every member against the catalogue."""
+    async def verify(self, path: str | None = None, *, show_progress: bool | None = False) -> list[VerifyResult]:
+        """Re-read volumes (all, or the one at ``path``) and check every member against the catalogue
+        (``show_progress=None``: a bar of the bytes read when stderr is a terminal)."""
         volumes = await self.catalogue.find_volumes(path=path)
         if path is not None and not volumes:
             raise KeyError(f"no volume {path} in the catalogue")
@@ -466,9 +469,11 @@ class ArchivingService(Service):
             # Volumes moved off site are verified only when named (once brought back).
             volumes = [v for v in volumes if v.state != catalogue.OFFSITE]
         results = []
+        bar = progress_bar(sum(v.size for v in volumes), "archive verify", show=show_progress)
         for volume in volumes:
             entries = await self.catalogue.volume_members(volume.id)
             bad, problems = await self._io(self._verify_volume, volume, entries)
+            bar.update(volume.size)
             state = await self.catalogue.record_verify(volume, [b.uid for b in bad], bool(bad or problems))
             results.append(VerifyResult(volume.path, state, len(entries), bad, problems))
             if bad or problems:
@@ -476,6 +481,7 @@ class ArchivingService(Service):
                     self.log.error("volume {volume}: {uid} ({member}): {reason}", volume=volume.path, uid=b.uid, member=b.member, reason=b.reason)
                 for p in problems:
                     self.log.error("volume {volume}: {problem}", volume=volume.path, problem=p)
+        bar.close()
         return results
 
     def _verify_volume(self, volume: Volume, entries) -> tuple[list[BadMember], list[str]]:

@@ -197,8 +197,10 @@ class Router:
     work list is the database itself, so a crash loses no decision.
     """
 
-    def __init__(self, routing: Routing, node_name: str, on_routed=None):
+    def __init__(self, routing: Routing, node_name: str, on_routed=None, metrics=None):
         self.routing = routing
+        # :class:`medd.metrics.NodeMetrics` (or None): counts the decisions by outcome.
+        self.metrics = metrics
         self.policy = partial(route, node_name=node_name)
         self.on_routed = on_routed
         # Every object with an id at or below the floor has a decision, so a
@@ -225,6 +227,8 @@ class Router:
             self._floor = max(self._floor, batch.last_id)
             routed += len(batch.decisions)
             for decision in batch.decisions:
+                if self.metrics is not None:
+                    self.metrics.routed(decision.outcome)
                 for hold in decision.hold:
                     log.warn("quarantined {uid} for {destination}: {reason}", uid=decision.uid,
                              destination=hold.destination or "-", reason=hold.reason)
@@ -241,7 +245,7 @@ class RoutingService(Service):
     undecided and resumes pending deliveries.
     """
 
-    def __init__(self, reactor, config, plugins, storage, api, settings=None):
+    def __init__(self, reactor, config, plugins, storage, api, settings=None, metrics=None):
         from medd.central.outbox import DeliveryService
         from medd.central.settings import central_node_settings
 
@@ -251,7 +255,7 @@ class RoutingService(Service):
         self.clock = storage.clock
         # ``settings``: [delivery] and [push] as the node's validation parsed them.
         settings = settings or central_node_settings(config)
-        self.router = Router(storage.routing, config.name, on_routed=self._routed)
+        self.router = Router(storage.routing, config.name, on_routed=self._routed, metrics=metrics)
         self.outbox = DeliveryService(
             reactor, storage.deliveries, api, plugins.senders, config.name,
             settings.delivery.retry, settings=settings.push.for_senders(), directory=storage.directory,

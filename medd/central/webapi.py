@@ -490,5 +490,8 @@ class AuditResource(_Authenticated):
 
 def central_resources(storage: CentralStorage, routing: RoutingService, ingest: Ingest,
                       audit: AuditTrail) -> dict[bytes, Resource]:
+    from medd.central.console import ConsoleResource
+
     central = CentralWeb(storage, routing, ingest, audit)
-    return {b"outbox": OutboxResource(central), b"api": ApiResource(central)}
+    return {b"outbox": OutboxResource(central), b"api": ApiResource(central),
+            b"console": ConsoleResource(storage, routing, ingest, audit, storage.clock)}

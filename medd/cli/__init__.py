@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_gateway_commands(sub)
 
+    from medd.cli.doctor import add_doctor_command
+
+    add_doctor_command(sub)
+
+    from medd.cli.backup import add_backup_commands
+
+    add_backup_commands(sub)
+
     args = parser.parse_args(argv)
     if args.command == "track" and _role_of(args.config) == "gateway":
         # `medd track` is central's history of an object; a gateway answers from its own receipts.

@@ -139,7 +139,7 @@ def cmd_list(args) -> int:
 def cmd_verify(args) -> int:
     async def work(service) -> int:
         try:
-            results = await service.verify(args.volume)
+            results = await service.verify(args.volume, show_progress=None)
         except KeyError as e:
             print(f"medd archive verify: {e.args[0]}", file=sys.stderr)
             return 2
@@ -170,9 +170,9 @@ def cmd_restore(args) -> int:
 
         try:
             if args.study:
-                restored = await service.restore_study(args.study)
+                restored = await service.restore_study(args.study, show_progress=None)
             else:
-                restored = await service.restore(args.uid)
+                restored = await service.restore(args.uid, show_progress=None)
         except RestoreFailed as e:
             print(f"medd archive restore: {e}", file=sys.stderr)
             return 1

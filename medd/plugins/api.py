@@ -85,7 +85,7 @@ class TransportAPI:
 
     def __init__(self, reactor, ingest, *, transport: str, node_name: str, settings: Mapping[str, str],
                  tls: TLSSettings, web_resources: Mapping[bytes, object], queries=None,
-                 limits: ConnectionLimits = ConnectionLimits(), audit=None, clock=None):
+                 limits: ConnectionLimits = ConnectionLimits(), audit=None, clock=None, metrics_page=None):
         self.reactor = reactor
         #: The node's one clock (``seconds()``), for what is compared over time (throttles); the reactor by default.
         self.clock = clock or reactor
@@ -106,6 +106,8 @@ class TransportAPI:
         #: :class:`~medd.plugins.interfaces.IObjectQueries` over the node's index (DICOMweb).
         self.queries = queries
         self._audit = audit
+        #: The node's metrics page (a ``twisted.web`` resource serving ``/metrics``), for the listener that serves it.
+        self.metrics_page = metrics_page
 
     def audit(self, event: str, **fields) -> Deferred:
         """Record an access or a refusal in the node's audit trail (:meth:`medd.audit.AuditTrail.record`:

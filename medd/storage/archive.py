@@ -172,14 +172,15 @@ class TapeArchive:
             raise ValueError(f"not a volume name: {volume!r}")
         return self.root / volume
 
-    def _check_online(self) -> None:
+    def check_online(self) -> None:
+        """Raise OSError unless the target is there (mounted, online); the health checks ask it too."""
         if not self.root.is_dir():
             raise OSError(errno.ENOENT, f"archive target {self.root} is not there (offline or not mounted?)")
 
     # -- writing -------------------------------------------------------------------------------
 
     def _open_for_append(self, volume: str, end: int) -> int:
-        self._check_online()
+        self.check_online()
         path = self.path(volume)
         created_dirs = []
         for d in (path.parent.parent, path.parent):
@@ -251,7 +252,7 @@ class TapeArchive:
         return size, digest.hexdigest()
 
     def recover(self, volume: str, end: int) -> int:
-        self._check_online()
+        self.check_online()
         path = self.path(volume)
         if not path.exists():
             if end:
@@ -266,7 +267,7 @@ class TapeArchive:
     # -- reading -------------------------------------------------------------------------------
 
     def _chunks(self, volume: str, offset: int, size: int) -> Iterator[bytes]:
-        self._check_online()
+        self.check_online()
         with open(self.path(volume), "rb") as f:
             f.seek(offset)
             left = size
@@ -278,7 +279,7 @@ class TapeArchive:
                 yield chunk
 
     def read(self, volume: str, offset: int, size: int) -> bytes:
-        self._check_online()
+        self.check_online()
         buf = bytearray(size)
         view = memoryview(buf)
         with open(self.path(volume), "rb", buffering=0) as f:
@@ -299,7 +300,7 @@ class TapeArchive:
         return digest.hexdigest()
 
     def scan(self, volume: str) -> Iterator[Scanned]:
-        self._check_online()
+        self.check_online()
         with open(self.path(volume), "rb") as f:
             # Stream mode reads forward only, as a tape drive would.
             with tarfile.open(fileobj=f, mode="r|", encoding="utf-8") as tf:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class FileBlobStore:
         # Between the sweep's "old enough" and its unlink, no put may find or place
         # that blob (a re-put makes it young; a new one replaces it).
         self._sweeping = threading.Lock()
+        #: Called with the seconds a new blob's fsyncs took (the node's metrics), or None.
+        self.observe_fsync = None
         self._clean_tmp()
 
     def _clean_tmp(self) -> None:
@@ -89,7 +92,9 @@ class FileBlobStore:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
+                    synced = time.monotonic()
                     os.fsync(f.fileno())
+                    synced = time.monotonic() - synced
                 with self._sweeping:
                     os.replace(tmp_name, final)
             except BaseException:
@@ -104,9 +109,12 @@ class FileBlobStore:
         # An existing blob may have been renamed into place by another put
         # that has not fsync'd its directory yet: this caller must not
         # acknowledge before that either.
+        started = time.monotonic()
         fsync_dir(parent)
         if new_dirs:
             self._make_durable(top, parent)
+        if self.observe_fsync is not None and not existing:
+            self.observe_fsync(synced + time.monotonic() - started)
         return BlobRef(digest, len(data), created=not existing)
 
     def _make_durable(self, top: str, parent: str) -> None:

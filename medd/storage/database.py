@@ -100,6 +100,8 @@ class Database:
         # the INSERT it runs.
         self._keep_connection = is_sqlite
         self._connection: Connection | None = None
+        #: Called with the seconds each pool transaction took (the node's metrics), or None.
+        self.observe_transaction: Callable[[float], None] | None = None
 
     def start(self) -> None:
         if not self._started:
@@ -176,6 +178,7 @@ class Database:
         if not batch:
             return  # an earlier drain took this call along
         outcomes = None
+        started = time.monotonic()
         if len(batch) > 1:
             try:
                 with self._begin() as conn:
@@ -186,6 +189,8 @@ class Database:
                 self._forget_connection()
         if outcomes is None:
             outcomes = [self._attempt(fn) for fn, _ in batch]
+        if self.observe_transaction is not None:
+            self.observe_transaction(time.monotonic() - started)
         self.reactor.callFromThread(self._report, batch, outcomes)
 
     def _attempt(self, fn):

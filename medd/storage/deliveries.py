@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage import directory
@@ -239,6 +239,45 @@ def mark_delivered(conn: Connection, delivery: Delivery, at: datetime, detail: s
                     time=at.isoformat())
 
 
+@dataclass(frozen=True)
+class QueueSummary:
+    """What waits for one destination (a viewer, or a centre's outbox of receipts)."""
+
+    destination: str
+    waiting: int
+    oldest: datetime | None
+    failed: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+
+
+def queue_summaries(conn: Connection) -> list[QueueSummary]:
+    """Per destination with anything pending: how many, the oldest, how many failed, the latest error."""
+    d = deliveries.c
+    rows = conn.execute(
+        select(d.destination, func.count(), func.min(d.created_at),
+               func.sum(case((d.state == "failed", 1), else_=0)), func.min(d.next_attempt_at))
+        .where(d.state.in_(PENDING)).group_by(d.destination).order_by(d.destination)).all()
+    out = []
+    for destination, waiting, oldest, failed, next_at in rows:
+        error = conn.execute(select(d.last_error).where(d.destination == destination, d.state == "failed",
+                                                        d.last_error.is_not(None))
+                             .order_by(d.updated_at.desc()).limit(1)).scalar()
+        out.append(QueueSummary(destination, waiting, aware(oldest), int(failed or 0), error, aware(next_at)))
+    return out
+
+
+def retry_now(conn: Connection, destination: str, at: datetime, admin: str) -> int:
+    """Make every failed delivery to ``destination`` due now (given-up ones included); the number."""
+    d = deliveries.c
+    ids = [r.id for r in conn.execute(select(d.id).where(d.destination == destination, d.state == "failed"))]
+    for delivery_id in ids:
+        conn.execute(update(deliveries).where(d.id == delivery_id).values(next_attempt_at=at, updated_at=at))
+        conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state="failed", at=at,
+                                                     detail=f"retry now, asked by {admin}"))
+    return len(ids)
+
+
 class Deliveries(Connector):
     """The outbox. ``exported(conn, delivery, detail)`` is called in the transaction that moves a
     delivery to delivered (central's audit trail records the export there)."""
@@ -289,6 +328,15 @@ class Deliveries(Connector):
         at = self.now()
         return self.db.run(lambda conn: set_state(conn, delivery_id, "failed", at, detail, attempts=attempts,
                                                   next_attempt_at=next_attempt_at, last_error=error))
+
+    def queues(self):
+        """Deferred list of :class:`QueueSummary`, one per destination with pending deliveries."""
+        return self.db.run(queue_summaries)
+
+    def retry_now(self, destination: str, admin: str):
+        """Deferred number of failed deliveries to ``destination`` made due now."""
+        at = self.now()
+        return self.db.run(lambda conn: retry_now(conn, destination, at, admin))
 
     # pull
 

@@ -436,6 +436,20 @@ def is_authorised(conn: Connection, address: str, centre: str, modality: str) ->
     return row is not None
 
 
+def authorised_viewers(conn: Connection, centre: str | None, modality: str | None) -> list[str]:
+    """Addresses of the viewers authorised for ``centre`` and ``modality`` (what a route may be corrected to)."""
+    if not centre:
+        return []
+    rows = conn.execute(
+        select(viewers.c.address).distinct()
+        .join(authorisations, authorisations.c.viewer_id == viewers.c.id)
+        .join(centres, centres.c.id == authorisations.c.centre_id)
+        .where(centres.c.name == centre,
+               or_(authorisations.c.modality == "", authorisations.c.modality == (modality or "").upper()))
+        .order_by(viewers.c.address))
+    return [r.address for r in rows]
+
+
 # -- administrators --------------------------------------------------------------------------------
 
 
@@ -660,6 +674,10 @@ class Directory(Connector):
     def viewer(self, address: str):
         """Deferred :class:`Viewer` or None."""
         return self.db.run(lambda conn: get_viewer(conn, address))
+
+    def authorised_viewers(self, centre: str | None, modality: str | None):
+        """Deferred addresses of the viewers authorised for ``centre`` and ``modality``."""
+        return self.db.run(lambda conn: authorised_viewers(conn, centre, modality))
 
     def viewers(self):
         """Deferred list of :class:`Viewer`, by address."""

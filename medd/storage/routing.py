@@ -90,6 +90,7 @@ class QuarantineEntry:
     modality: str | None = None
     origin: str | None = None
     centre: str | None = None
+    study_instance_uid: str | None = None
 
 
 class RoutingLookups:
@@ -273,7 +274,8 @@ def route_undecided(conn: Connection, policy: Policy, after_id: int, at: datetim
 
 def list_quarantine(conn: Connection, state: str | None = "held") -> list[QuarantineEntry]:
     q = (
-        select(quarantine, objects.c.patient_id, objects.c.modality, objects.c.origin, routing_decisions.c.centre)
+        select(quarantine, objects.c.patient_id, objects.c.modality, objects.c.origin, routing_decisions.c.centre,
+               objects.c.study_instance_uid)
         .join(objects, objects.c.sop_instance_uid == quarantine.c.uid)
         .outerjoin(routing_decisions, routing_decisions.c.uid == quarantine.c.uid)
         .order_by(quarantine.c.id)
@@ -282,7 +284,7 @@ def list_quarantine(conn: Connection, state: str | None = "held") -> list[Quaran
         q = q.where(quarantine.c.state == state)
     return [
         QuarantineEntry(r.id, r.uid, r.destination, r.reason, r.state, aware(r.created_at), r.patient_id, r.modality,
-                        r.origin, r.centre)
+                        r.origin, r.centre, r.study_instance_uid)
         for r in conn.execute(q)
     ]
 

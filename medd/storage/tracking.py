@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.engine import Connection
 
 from medd.package import AttachmentId
@@ -281,6 +281,65 @@ def track(conn: Connection, key: str) -> list[ObjectHistory]:
     return [h for h in (object_history(conn, u) for u in dict.fromkeys(uids)) if h is not None]
 
 
+#: The states a tracking search may ask for: a delivery's, an object held in quarantine, or overdue.
+SEARCH_STATES = ("queued", "sent", "delivered", "opened", "failed", "quarantined", "overdue")
+
+
+@dataclass(frozen=True)
+class TrackingRow:
+    """One object found by a tracking search, with its routing outcome and every delivery's state."""
+
+    uid: str
+    study_instance_uid: str | None
+    patient_id: str | None
+    accession_number: str | None
+    modality: str | None
+    centre: str | None
+    outcome: str | None
+    received_at: datetime
+    deliveries: tuple[tuple[str, str], ...]  # (destination, state)
+
+
+def search(conn: Connection, *, centre: str = "", viewer: str = "", patient: str = "", accession: str = "",
+           since: datetime | None = None, until: datetime | None = None, state: str = "",
+           overdue_before: datetime | None = None, limit: int = 200) -> list[TrackingRow]:
+    """Objects by centre, viewer, patient, accession, received between ``since`` and ``until``, and state.
+    ``state = "overdue"``: a delivery failed, or waiting or delivered-not-opened since before ``overdue_before``."""
+    o, d = objects.c, deliveries.c
+    q = (select(o.id, o.sop_instance_uid, o.study_instance_uid, o.patient_id, o.accession_number, o.modality,
+                o.received_at, routing_decisions.c.centre, routing_decisions.c.outcome)
+         .outerjoin(routing_decisions, routing_decisions.c.uid == o.sop_instance_uid)
+         .where(o.object_type != "status"))
+    mine = and_(d.uid == o.sop_instance_uid, d.status.is_(None))
+    if centre:
+        q = q.where(routing_decisions.c.centre == centre)
+    if patient:
+        q = q.where(o.patient_id == patient)
+    if accession:
+        q = q.where(o.accession_number == accession)
+    if since is not None:
+        q = q.where(o.received_at >= since)
+    if until is not None:
+        q = q.where(o.received_at < until)
+    if viewer:
+        q = q.where(exists().where(and_(mine, d.destination == viewer.strip().lower())))
+    if state == "quarantined":
+        q = q.where(exists().where(and_(quarantine.c.uid == o.sop_instance_uid, quarantine.c.state == "held")))
+    elif state == "overdue":
+        late = and_(d.updated_at < overdue_before, d.state.in_(("queued", "sent", "delivered")))
+        q = q.where(exists().where(and_(mine, or_(d.state == "failed", late))))
+    elif state:
+        q = q.where(exists().where(and_(mine, d.state == state)))
+    rows = conn.execute(q.order_by(o.id.desc()).limit(limit)).all()
+    found = []
+    for r in rows:
+        sent = tuple((x.destination, x.state) for x in conn.execute(
+            select(d.destination, d.state).where(d.uid == r.sop_instance_uid, d.status.is_(None)).order_by(d.id)))
+        found.append(TrackingRow(r.sop_instance_uid, r.study_instance_uid, r.patient_id, r.accession_number,
+                                 r.modality, r.centre, r.outcome, aware(r.received_at), sent))
+    return found
+
+
 class Tracking(Connector):
     """Read-only: the history of objects. Every method returns a Deferred."""
 
@@ -295,3 +354,7 @@ class Tracking(Connector):
     def track(self, key: str):
         """Deferred list of :class:`ObjectHistory` for an object UID, a study UID or a Message-ID."""
         return self.db.run(lambda conn: track(conn, key))
+
+    def search(self, **filters):
+        """Deferred list of :class:`TrackingRow` (see :func:`search`)."""
+        return self.db.run(lambda conn: search(conn, **filters))

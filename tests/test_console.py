@@ -1,0 +1,248 @@
+"""Central's administrator console (/console): login, the quarantine, corrections, in Chromium."""
+from __future__ import annotations
+
+import io
+import os
+
+import pytest_twisted
+import requests
+from sqlalchemy import text
+from twisted.internet.threads import deferToThread
+
+from tests.conftest import listener_port, testdata
+from tests.test_gateway import datasets
+from tests.test_reading_room import _browser_or_skip, _drive
+
+LISTEN = {"http": "tcp:0:interface=127.0.0.1"}
+ALLOWED = "dr-ct@viewers.example"
+OTHER = "dr-elsewhere@viewers.example"
+PUSH = "dr-push@viewers.example"
+
+
+async def _central_with_quarantine(make_central):
+    """A central with three objects from centre-a held in quarantine (no route), a viewer authorised for
+    centre-a's CT, one authorised for another centre only, and an administrator; (node, admin token)."""
+    node = await make_central(LISTEN)
+    directory = node.central_storage.directory
+    await directory.add_centre("centre-a", aes=["CT1"])
+    await directory.add_centre("centre-b", aes=["CT2"])
+    await directory.add_viewer(ALLOWED, None, ["centre-a:CT"])
+    await directory.add_viewer(OTHER, None, ["centre-b"])
+    for name in ("CT_small.dcm", "rtdose.dcm", "MR_small.dcm"):
+        await node.ingest.receive_dicom(testdata(name), transport="dicom", origin="CT1")
+    await node.routing.kick()
+    return node, await directory.add_admin("alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_quarantine_in_chromium(make_central):
+    """Alice logs in with her token, sees the three held objects with centre, patient, study, modality and
+    reason; the CT's route menu offers only the viewer authorised for centre-a's CT; she routes it there and
+    rejects the other two at once with a reason; the database has the CT queued for that viewer, the
+    others rejected, each correction by alice; the Queues page shows that viewer with one waiting; Tracking
+    lists the three objects and the CT's timeline shows its correction by alice."""
+    _browser_or_skip()
+    node, token = await _central_with_quarantine(make_central)
+    held = await node.central_storage.routing.quarantined("held")
+    assert len(held) == 3
+    ct = next(e for e in held if e.modality == "CT")
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+    shots = os.environ.get("MEDD_SCREENSHOTS")
+
+    def scenario(page):
+        page.goto("/console/")
+        page.fill("input[name=name]", "alice")
+        page.fill("input[name=token]", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("tr.entry")
+        rows = page.locator("tr.entry")
+        assert rows.count() == 3
+        text = page.inner_text("table")
+        assert "centre-a" in text and ct.patient_id in text and ct.study_instance_uid in text
+        offered = page.locator(f"select[name=to-{ct.id}] option").all_inner_texts()
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-quarantine.png"), full_page=True)
+        page.check(f"input[name=id][value='{ct.id}']")
+        page.select_option(f"select[name=to-{ct.id}]", ALLOWED)
+        page.click("button[value=route]")
+        page.wait_for_selector(".flash")
+        routed = page.inner_text(".flash")
+        for e in held:
+            if e.id != ct.id:
+                page.check(f"input[name=id][value='{e.id}']")
+        page.fill("input[name=reason]", "wrong patient")
+        page.click("button[value=reject]")
+        page.wait_for_selector(".empty")
+        rejected = page.inner_text(".flash")
+        page.click("text=Queues")
+        page.wait_for_selector("tr.queue")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-queues.png"), full_page=True)
+        queues = page.locator("tr.queue").all_inner_texts()
+        page.click("text=Tracking")
+        page.wait_for_selector("tr.found")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-tracking.png"), full_page=True)
+        found = page.locator("tr.found").count()
+        page.click(f"a:text('{ct.uid}')")
+        page.wait_for_selector("li.event")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-timeline.png"), full_page=True)
+        timeline = page.locator("li.event").all_inner_texts()
+        page.click("text=Directory")
+        page.wait_for_selector("tr.viewer")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "console-directory.png"), full_page=True)
+        return offered, routed, rejected, queues, found, timeline
+
+    offered, routed, rejected, queues, found, timeline = await deferToThread(_drive, base, scenario)
+    assert found == 3
+    assert "received over dicom from CT1" in timeline[0] and any("by alice" in e for e in timeline)
+    assert len(queues) == 1 and queues[0].split("\t")[:2] == [ALLOWED, "1"]
+    assert offered == ["(choose a viewer)", ALLOWED]
+    assert routed == "1 routed." and rejected == "2 rejected."
+    states = {e.id: e.state for e in await node.central_storage.routing.quarantined(None)}
+    assert states == {e.id: ("released" if e.id == ct.id else "rejected") for e in held}
+    assert [d.destination for d in await node.central_storage.deliveries.of_object(ct.uid)] == [ALLOWED]
+    corrections = await node.database.run(
+        lambda conn: conn.execute(text("SELECT quarantine_id, admin FROM corrections")).all())
+    assert sorted(corrections) == sorted((e.id, "alice") for e in held)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_refuses_without_session_csrf_or_from_another_site(make_central):
+    """Without a session the console shows only the login form and a correction is refused; with a session
+    but no CSRF token, or from another origin, a POST is refused (403) and nothing changes; a viewer's
+    token does not log in (401, said on the form); the session cookie is HttpOnly and SameSite=Strict."""
+    node, token = await _central_with_quarantine(make_central)
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+    entry = (await node.central_storage.routing.quarantined("held"))[0]
+
+    def http():
+        anonymous = requests.get(f"{base}/console/", timeout=30)
+        assert anonymous.status_code == 200 and 'name="token"' in anonymous.text and "tr class" not in anonymous.text
+        refused = requests.post(f"{base}/console/quarantine", data={"id": entry.id, "action": "reject", "reason": "x"},
+                                timeout=30)
+        assert refused.status_code == 401
+        viewer = requests.post(f"{base}/console/login", data={"name": ALLOWED, "token": "x" * 40}, timeout=30)
+        assert viewer.status_code == 401 and "Wrong administrator name or token" in viewer.text
+        s = requests.Session()
+        login = s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30,
+                       allow_redirects=False)
+        assert login.status_code == 303
+        cookie = login.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        no_csrf = s.post(f"{base}/console/quarantine", data={"id": entry.id, "action": "reject", "reason": "x"},
+                         timeout=30)
+        csrf = s.get(f"{base}/console/", timeout=30).text.split('name="csrf" value="')[1].split('"')[0]
+        elsewhere = s.post(f"{base}/console/quarantine", headers={"Origin": "http://evil.example"},
+                           data={"id": entry.id, "action": "reject", "reason": "x", "csrf": csrf}, timeout=30)
+        return no_csrf.status_code, elsewhere.status_code
+
+    assert await deferToThread(http) == (403, 403)
+    assert all(e.state == "held" for e in await node.central_storage.routing.quarantined(None))
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_queues_show_the_last_error_and_retry_now(make_central):
+    """A push viewer that cannot be reached: the Queues page shows its waiting delivery, one failed, and the
+    sender's error; "Retry now" (with the CSRF token) makes it due at once and records who asked."""
+    node, token = await _central_with_quarantine(make_central)
+    directory = node.central_storage.directory
+    await directory.add_viewer(PUSH, "smtp://127.0.0.1:9", ["centre-a:CT"])
+    await directory.add_rule(PUSH, centre="centre-a", modality="CT")
+    buffer = io.BytesIO()
+    datasets(1)[0].save_as(buffer, enforce_file_format=True)  # a new CT, routed to the push viewer by the rule
+    await node.ingest.receive_dicom(buffer.getvalue(), transport="dicom", origin="CT1")
+    await node.routing.kick()
+    await node.routing.outbox.settled(PUSH)
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+        page = s.get(f"{base}/console/queues", timeout=30).text
+        row = page.split(PUSH, 1)[1].split("</tr>", 1)[0]
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        retried = s.post(f"{base}/console/queues", data={"destination": PUSH, "csrf": csrf}, timeout=30)
+        return row, retried.text
+
+    row, after = await deferToThread(http)
+    assert "<td>1</td>" in row and "Retry now" in row and "Connection was refused" in row
+    assert f"1 deliveries to {PUSH} retried now." in after
+    events = await node.database.run(lambda conn: conn.execute(
+        text("SELECT detail FROM delivery_events WHERE detail LIKE 'retry now%'")).scalars().all())
+    assert events == ["retry now, asked by alice"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_tracking_search_and_timeline(make_central):
+    """Tracking finds objects by patient, centre, state (quarantined, overdue) and shows an object's
+    timeline: received, quarantined, the correction by alice, the delivery queued for the viewer."""
+    from medd.central.routing import correct_route
+
+    node, token = await _central_with_quarantine(make_central)
+    held = await node.central_storage.routing.quarantined("held")
+    ct = next(e for e in held if e.modality == "CT")
+    await correct_route(node.central_storage.routing, ct.id, ALLOWED, "alice")
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+
+        def found(**query):
+            page = s.get(f"{base}/console/tracking", params=query, timeout=30)
+            assert page.status_code == 200
+            return [row for row in page.text.split('<tr class="found">')[1:]]
+
+        by_patient = found(patient=ct.patient_id)
+        held_rows = found(state="quarantined")
+        overdue = found(state="overdue", hours="0")
+        elsewhere = found(centre="centre-b")
+        timeline = s.get(f"{base}/console/tracking", params={"uid": ct.uid}, timeout=30).text
+        bad_date = s.get(f"{base}/console/tracking", params={"since": "yesterday"}, timeout=30)
+        return by_patient, held_rows, overdue, elsewhere, timeline, bad_date.status_code
+
+    by_patient, held_rows, overdue, elsewhere, timeline, bad_date = await deferToThread(http)
+    assert len(by_patient) == 1 and f"{ALLOWED}: queued" in by_patient[0] and ct.uid in by_patient[0]
+    assert len(held_rows) == 2 and not any(ct.uid in row for row in held_rows)
+    assert len(overdue) == 1 and ct.uid in overdue[0]
+    assert elsewhere == []
+    events = timeline.split('<li class="event">')[1:]
+    assert "received over dicom from CT1" in events[0]
+    assert any("quarantined: no route" in e for e in events) and any("by alice" in e for e in events)
+    assert f"{ALLOWED}: queued" in events[-1]
+    assert bad_date == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_directory_and_new_centre_token(make_central):
+    """The Directory page lists the centres (AE titles), the viewers with their authorisations; "New token"
+    for centre-a shows a token once that then names centre-a (the old one no longer does), recorded in the
+    audit trail as a credential change by alice."""
+    node, token = await _central_with_quarantine(make_central)
+    directory = node.central_storage.directory
+    old = (await directory.add_centre("centre-a", addresses=["ct1@centre-a.example"], token=True)).token
+    base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+    def http():
+        s = requests.Session()
+        s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30)
+        page = s.get(f"{base}/console/directory", timeout=30).text
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        issued = s.post(f"{base}/console/directory", data={"centre": "centre-a", "csrf": csrf}, timeout=30).text
+        forged = s.post(f"{base}/console/directory", data={"centre": "centre-a"}, timeout=30)
+        return page, issued, forged.status_code
+
+    page, issued, forged = await deferToThread(http)
+    centres = page.split('<tr class="centre">')[1:]
+    assert len(centres) == 2 and "CT1" in centres[0] and "CT2" in centres[1]
+    assert f"<td>{ALLOWED}</td>" in page and "centre-a:CT" in page
+    new = issued.split('<code class="token">')[1].split("</code>")[0]
+    assert (await directory.principal(new)).name == "centre-a"
+    assert await directory.principal(old) is None
+    assert forged == 403
+    records = await node.database.run(lambda conn: conn.execute(
+        text("SELECT user, credential, detail FROM audit WHERE event = 'credential'")).all())
+    assert [tuple(r) for r in records] == [("alice", "centre-a", "centre token issued (console)")]
