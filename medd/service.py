@@ -68,7 +68,9 @@ class NodeService(MultiService):
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
         )
-        self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
+        self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking,
+                                    interval=config.sweep_interval, min_age=config.sweep_grace,
+                                    writing=self.ingest.writing)
         self.blob_sweep.setName("blob-sweep")
         self.blob_sweep.setServiceParent(self)
         self.web = WebMounts()
