@@ -46,6 +46,8 @@ test-tools:
 	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; } \
