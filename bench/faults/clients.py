@@ -22,7 +22,6 @@ import pydicom.data
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.filereader import read_preamble, _read_file_meta_info
-from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
 from medd.package import build_package, decode_content
@@ -55,21 +54,36 @@ class Item:
     data: bytes = field(repr=False)
 
 
+PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root, as generate_uid uses
+
+
+def _uid_like(old: str, rng: random.Random) -> str:
+    """A new UID of ``old``'s length, so that it replaces it in the encoded file byte for byte."""
+    digits = len(old) - len(PREFIX)
+    return PREFIX + str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
 def corpus(folder: Path, n: int, tag: str) -> list[Item]:
-    """``n`` copies of pydicom's CT_small.dcm, each with new UIDs, as files in ``folder``."""
+    """``n`` copies of pydicom's CT_small.dcm as files in ``folder``, each with a new SOP Instance
+    UID (a new study every 20). The UIDs are replaced in the encoded bytes (same lengths), so a
+    large corpus costs no encoding."""
     folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
-    study = generate_uid()
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    template = Path(path).read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    old_sop, old_study = ds.SOPInstanceUID.encode(), ds.StudyInstanceUID.encode()
+    assert template.count(old_sop) == 2 and template.count(old_study) == 1
+    rng = random.Random(f"{tag}{n}{time.time_ns()}")
     items = []
     for i in range(n):
-        template.StudyInstanceUID = study if i % 20 else (study := generate_uid())
-        template.SOPInstanceUID = generate_uid()
-        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
-        template.InstanceNumber = i
-        path = folder / f"{tag}-{i:06d}.dcm"
-        template.save_as(path, enforce_file_format=True)
-        data = path.read_bytes()
-        items.append(Item(path, template.SOPInstanceUID, dataset_digest(data),
+        if i % 20 == 0:
+            study = _uid_like(ds.StudyInstanceUID, rng)
+            with_study = template.replace(old_study, study.encode())
+        uid = _uid_like(ds.SOPInstanceUID, rng)
+        data = with_study.replace(old_sop, uid.encode())
+        file = folder / f"{tag}-{i:06d}.dcm"
+        file.write_bytes(data)
+        items.append(Item(file, uid, dataset_digest(data),
                           email.utils.make_msgid(idstring=f"{tag}{i}", domain="centre-a.faults.test"), data))
     return items
 
