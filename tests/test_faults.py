@@ -52,9 +52,11 @@ def _holds(figures: dict) -> None:
     assert figures["wado_checked"] > 0 and figures["wado_mismatch"] == 0
 
 
+# Each node start costs a few seconds of CPU (twistd, imports); on 2 shared cores this test takes 2-4 min.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (make test-tools installs it)")
 def test_kills_full_store_viewer_offline_and_fsync_order(tmp_path):
-    """Twelve SIGKILLs (central, the viewers, the gateway) under C-STORE, STOW-RS, SMTP and TLS load,
+    """Eight SIGKILLs (central, the viewers, the gateway) under C-STORE, STOW-RS, SMTP and TLS load,
     then central's blob store (a tmpfs) filled up, then the push viewer away while objects queue,
     then a central under strace: the ledger holds (see _holds); the full store gave temporary
     refusals only, left nothing half-written, still served WADO-RS, and took objects again by
@@ -62,13 +64,13 @@ def test_kills_full_store_viewer_offline_and_fsync_order(tmp_path):
     never above its maximum; and each traced object went blob fsync, rename, directory fsync,
     database commit, then the C-STORE response."""
     full = _can_mount_tmpfs(tmp_path)
-    figures = _run(tmp_path, "--central-kills", "6", "--viewer-kills", "3", "--gateway-kills", "3",
-                   "--objects", "240", "--offline-objects", "40", "--store-mb", "64", "--wado-sample", "20",
+    figures = _run(tmp_path, "--central-kills", "4", "--viewer-kills", "2", "--gateway-kills", "2",
+                   "--objects", "200", "--offline-objects", "30", "--full-store-objects", "20", "--store-mb", "64", "--wado-sample", "20",
                    *([] if full else ["--no-full-store"]))
     _holds(figures)
-    assert sum(v for k, v in figures["faults"].items() if k.startswith("kill -9")) >= 6
+    assert sum(v for k, v in figures["faults"].items() if k.startswith("kill -9")) >= 4
     assert figures["delivered_to_pull"] > 0 and figures["delivered_to_push"] > 0
-    assert figures["offline_queued"] == 40 and figures["offline_out_of_order"] == 0
+    assert figures["offline_queued"] == 30 and figures["offline_out_of_order"] == 0
     assert 0 < figures["offline_longest_backoff_s"] <= figures["offline_backoff_max_s"]
     assert figures["fsync_order"]["objects"] == 3
     assert figures["fsync_order"]["in_order"] == 3, figures["fsync_order"]["orders"]
@@ -83,6 +85,7 @@ def _initdb() -> str | None:
         str(p) for p in __import__("pathlib").Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(_initdb() is None or os.geteuid() != 0,
                     reason="needs PostgreSQL's server binaries (initdb; make test-tools installs them) and root "
                            "to run a private cluster as the postgres user")
@@ -90,8 +93,8 @@ def test_postgres_outages_under_load(tmp_path):
     """Central on a private PostgreSQL cluster: its backends terminated and the server crashed and
     restarted (pg_ctl restart -m immediate) while every transport sends: no false success (each
     acknowledged object is indexed with its blob), and central takes objects again by itself."""
-    figures = _run(tmp_path, "--postgres", "--central-kills", "1", "--viewer-kills", "0", "--gateway-kills", "0",
-                   "--objects", "60", "--pg-faults", "6", "--pg-objects", "120", "--no-full-store",
+    figures = _run(tmp_path, "--postgres", "--central-kills", "0", "--viewer-kills", "0", "--gateway-kills", "0",
+                   "--objects", "20", "--pg-faults", "6", "--pg-objects", "120", "--no-full-store",
                    "--offline-objects", "0", "--no-strace", "--wado-sample", "10")
     _holds(figures)
     assert figures["faults"]["pg_terminate_backend"] == 4 and figures["faults"]["postgres restart"] == 2

@@ -182,7 +182,7 @@ def full_store(site: Site, items, ledger, store_mount: Path, figures: dict) -> N
         ballast.unlink()
     t0 = time.monotonic()
     try:
-        wait_for("ingest resumes after space returns", lambda: all(s.done for s in senders), 120)
+        wait_for("ingest resumes after space returns", lambda: all(s.done for s in senders), 600)
     finally:
         for s in senders:
             s.stop.set()
@@ -289,7 +289,7 @@ def campaign(args) -> dict:
             postgres_faults(site, pg, corpus(work / "corpus", args.pg_objects, "p"), ledger, rng, args.pg_faults,
                             figures)
         if mount is not None:
-            full_store(site, corpus(work / "corpus", 40, "f"), ledger, mount, figures)
+            full_store(site, corpus(work / "corpus", args.full_store_objects, "f"), ledger, mount, figures)
         if args.offline_objects:
             viewer_offline(site, corpus(work / "corpus", args.offline_objects, "o"), ledger, figures, 1.0)
         t0 = time.monotonic()
@@ -391,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full-store", action=argparse.BooleanOptionalAction, default=True,
                    help="central's blob store on a tmpfs, filled once (root only)")
     p.add_argument("--store-mb", type=int, default=1024)
+    p.add_argument("--full-store-objects", type=int, default=40, help="offered while the store is full")
     p.add_argument("--offline-objects", type=int, default=5000)
     p.add_argument("--wado-sample", type=int, default=300)
     p.add_argument("--strace", action=argparse.BooleanOptionalAction, default=True)

@@ -79,7 +79,7 @@ class Node:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 60) -> float:
+    def start(self, timeout: float = 240) -> float:
         """Blocking: start twistd and wait until every listener is up; the seconds that took. The first
         start fixes the ports."""
         self.write_ini()
