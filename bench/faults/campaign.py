@@ -271,7 +271,7 @@ def campaign(args) -> dict:
     try:
         db_url = None
         if args.postgres:
-            pg = PrivatePostgres(work / "pg")
+            pg = PrivatePostgres()
             pg.start()
             db_url = pg.url
         site = Site(work, db_url, mount)

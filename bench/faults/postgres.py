@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +20,11 @@ def _tool(name: str) -> str:
 
 
 class PrivatePostgres:
-    def __init__(self, folder: Path, user: str = "postgres"):
-        self.folder, self.user = folder, user
-        self.data = folder / "data"
+    def __init__(self, user: str = "postgres"):
+        # Its own folder under the system's temporary one: the server's user must reach it, and
+        # may not reach the caller's (a pytest tmp_path is private to root).
+        self.folder, self.user = Path(tempfile.mkdtemp(prefix="medd-faults-pg-")), user
+        self.data = self.folder / "data"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -32,7 +35,6 @@ class PrivatePostgres:
         return subprocess.run([*run_as, *cmd], capture_output=True, text=True, check=check)
 
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.folder, self.user)
         self._as_user(_tool("initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync")
@@ -57,3 +59,4 @@ class PrivatePostgres:
 
     def stop(self) -> None:
         self._as_user(_tool("pg_ctl"), "-D", str(self.data), "stop", "-m", "immediate", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
