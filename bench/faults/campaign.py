@@ -211,7 +211,7 @@ def viewer_offline(site: Site, items, ledger, figures: dict, max_delay: float) -
                 longest = max(longest, (_when(next_at) - _when(updated)))
     site.push.start()
     t0 = time.monotonic()
-    wait_for("the queue for the push viewer drains", lambda: drained(site), args_drain_seconds(len(items)))
+    wait_for("the queue for the push viewer drains", lambda: drained(site), args_drain_seconds(len(ledger.entries)))
     figures["offline_drain_s"] = round(time.monotonic() - t0, 1)
     figures["offline_queued"] = len(items)
     figures["offline_longest_backoff_s"] = round(longest, 2)
