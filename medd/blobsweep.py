@@ -1,6 +1,8 @@
-"""The blob sweep: every hour, remove the blobs no row references that are
-older than an hour, so that nothing a crash or a refused object left behind
-stays in the blob store. Role-free; a node runs one over its index."""
+"""The blob sweep: at start and then every hour (``[storage] sweep_interval``),
+remove the blobs no row references that are older than an hour
+(``[storage] sweep_grace``) and that no ingest of this process is still
+indexing, so that nothing a crash or a refused object left behind stays in the
+blob store. Role-free; a node runs one over its index."""
 from __future__ import annotations
 
 from twisted.application.service import Service
@@ -18,7 +20,7 @@ PREFIXES = [f"{i:02x}" for i in range(256)]
 
 
 class BlobSweep(Service):
-    """Removes unreferenced old blobs on the injected clock.
+    """Removes unreferenced old blobs on the injected clock, at start and every ``interval``.
 
     ``run_blocking(fn, *args)`` runs blob-store calls off the reactor (the
     ingest's parsing pool, which does the node's other blob I/O); the index
@@ -29,13 +31,15 @@ class BlobSweep(Service):
     log = Logger()
 
     def __init__(self, clock, index, blobs, run_blocking, *, interval: float = SWEEP_INTERVAL,
-                 min_age: float = MIN_AGE):
+                 min_age: float = MIN_AGE, writing=frozenset):
         self.clock = clock
         self.index = index
         self.blobs = blobs
         self.run_blocking = run_blocking
         self.interval = interval
         self.min_age = min_age
+        # () -> the digests an ingest has written and not yet committed (however old).
+        self.writing = writing
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -45,7 +49,8 @@ class BlobSweep(Service):
             return
         self._loop = LoopingCall(self._pass)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        # At start too: what the last run's crash left goes without waiting for the interval.
+        self._loop.start(self.interval, now=True)
 
     def stopService(self):
         if self._loop is not None and self._loop.running:
@@ -70,6 +75,8 @@ class BlobSweep(Service):
             if not candidates:
                 continue
             for digest in sorted(await self.index.unreferenced(candidates)):
+                if digest in self.writing():
+                    continue  # its ingest is still on the way to its index commit
                 # Checked again at removal: a re-put since the listing made it young.
                 if await self.run_blocking(self.blobs.delete_stale, digest, before):
                     removed += 1

@@ -23,7 +23,7 @@ LISTENER_KEYS = ("dicom", "dicom_tls", "smtp", "http", "https", "tls")
 CORE_KEYS: dict[str, tuple[str, ...]] = {
     "node": ("role", "name"),
     "database": ("url",),
-    "storage": ("path", "backend"),
+    "storage": ("path", "backend", "sweep_interval", "sweep_grace"),
     "limits": ("max_object_size", "request_timeout", "min_transfer_rate", "max_connections_per_peer",
                "max_mime_parts", "max_mime_containers", "max_stow_parts", "min_free_space"),
     "log": ("format",),
@@ -118,6 +118,10 @@ class Config:
     tls_private_key: str | None = None
     tls_client_ca: str | None = None
     tls_client_ca_key: str | None = None  # to issue viewers' client certificates (`medd viewers add --client-cert`)
+    #: ``[storage]``: seconds between blob sweeps (one runs at start too), and the age below which an
+    #: unreferenced blob is kept (it may belong to an ingest not yet committed).
+    sweep_interval: float = 3600.0
+    sweep_grace: float = 3600.0
     sections: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, str]:
@@ -207,6 +211,18 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         if check_files and storage_path.exists() and not storage_path.is_dir():
             problem("storage", "path", f"{storage_path} exists and is not a folder")
 
+    sweep = {}
+    for key in ("sweep_interval", "sweep_grace"):
+        text = get("storage", key)
+        if text is None:
+            continue
+        try:
+            sweep[key] = float(text)
+            if not 0 < sweep[key] <= 365 * 86400:
+                raise ValueError(text)
+        except ValueError:
+            problem("storage", key, f"not a number of seconds more than 0 (at most a year): {text!r}")
+
     max_size = DEFAULT_MAX_OBJECT_SIZE
     size_text = get("limits", "max_object_size")
     if size_text is not None:
@@ -294,6 +310,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> tuple[C
         tls_client_ca=str(base / client_ca) if client_ca else None,
         tls_client_ca_key=str(base / client_ca_key) if client_ca_key else None,
         sections={s: {k: v for k, v in parser.items(s) if k not in defaults} for s in parser.sections()},
+        **sweep,
     )
     return config, problems
 

@@ -15,8 +15,9 @@ message is recorded, where an evicted blob is restored from) or through the
 """
 from __future__ import annotations
 
+import threading
 import time
-
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,6 +125,10 @@ class Ingest:
         self.metrics = metrics
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
+        # Digests written by an ingest that has not reached its index commit yet: the blob
+        # sweep must not take them, however long the database keeps that ingest waiting.
+        self._writing: Counter[str] = Counter()
+        self._writing_lock = threading.Lock()
 
     def start(self) -> None:
         if not self._started:
@@ -244,9 +249,25 @@ class Ingest:
 
     def _put(self, data: bytes):
         try:
-            return self.blobs.put(data)
+            blob = self.blobs.put(data)
         except OSError as e:
             raise StoreFailed(f"cannot write to the blob store: {e}") from e
+        # put() left the blob young (written or touched now), so the sweep cannot take it
+        # before this pin is in place; _index releases it once the outcome is known.
+        with self._writing_lock:
+            self._writing[blob.digest] += 1
+        return blob
+
+    def writing(self) -> frozenset[str]:
+        """The digests of blobs written for ingests that have not committed (or failed) yet."""
+        with self._writing_lock:
+            return frozenset(self._writing)
+
+    def _written(self, digest: str) -> None:
+        with self._writing_lock:
+            self._writing[digest] -= 1
+            if self._writing[digest] <= 0:
+                del self._writing[digest]
 
     async def _receive_dicom(self, data: bytes, transport: str, origin: str, peer: str | None,
                              user: str | None) -> Stored:
@@ -429,6 +450,8 @@ class Ingest:
         except Exception as e:
             log.failure("indexing {uid} failed", uid=record.sop_instance_uid)
             raise StoreFailed(f"cannot index the object: {e}") from e
+        finally:
+            self._written(blob.digest)
         # Bytes this call wrote that no row keeps (a refused conflict, a duplicate
         # package with other content) are left to the blob sweep: deleting them here
         # could take a blob that an identical put, indexing at this moment, relies on.

@@ -78,7 +78,9 @@ class NodeService(MultiService):
             delivery_facts=config.role == "viewer",
             metrics=self.metrics,
         )
-        self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
+        self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking,
+                                    interval=config.sweep_interval, min_age=config.sweep_grace,
+                                    writing=self.ingest.writing)
         self.blob_sweep.setName("blob-sweep")
         self.blob_sweep.setServiceParent(self)
         self.web = WebMounts()

@@ -300,3 +300,17 @@ def test_gateway_section_problems_are_all_reported(tmp_path):
         validate(load_config(path), load_plugins(()))
     assert [(p.section, p.message) for p in info.value.problems] == [
         ("gateway", "is read only by a gateway node; this is a central node")]
+
+
+def test_blob_sweep_interval_and_grace(tmp_path):
+    """[storage] sweep_interval and sweep_grace default to an hour each, take seconds, and refuse
+    what is not a positive number, each problem naming its key."""
+    base = f"[node]\nrole = central\nname = c.test\n[database]\nurl = sqlite://\n[storage]\npath = {tmp_path}/s\n"
+    config = load_config(write(tmp_path, base))
+    assert (config.sweep_interval, config.sweep_grace) == (3600.0, 3600.0)
+    config = load_config(write(tmp_path, base + "sweep_interval = 2\nsweep_grace = 0.5\n"))
+    assert (config.sweep_interval, config.sweep_grace) == (2.0, 0.5)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, base + "sweep_interval = 0\nsweep_grace = soon\n"))
+    assert {(p.section, p.key) for p in info.value.problems} == {("storage", "sweep_interval"),
+                                                                 ("storage", "sweep_grace")}

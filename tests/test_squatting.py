@@ -168,9 +168,10 @@ def _touch(path, when: float) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_sweep_removes_only_old_unreferenced_blobs(tmp_path):
-    """The hourly sweep, on the injected clock, removes a blob no row references once it is older
-    than an hour, and keeps a referenced one (by objects or by another table's digest column, here
-    the viewer's outgoing packages) however old, and an unreferenced one younger than an hour."""
+    """The sweep, at start and then hourly on the injected clock, removes a blob no row references
+    once it is older than an hour, and keeps a referenced one (by objects or by another table's
+    digest column, here the viewer's outgoing packages) however old, an unreferenced one younger
+    than an hour, and an old one an ingest has written and not yet committed (it will be referenced)."""
     from twisted.internet import reactor
 
     db = Database(reactor, f"sqlite:///{tmp_path / 'index.sqlite'}")
@@ -182,10 +183,10 @@ async def test_sweep_removes_only_old_unreferenced_blobs(tmp_path):
         clock.advance(now)
         blobs = FileBlobStore(tmp_path / "store")
         idx = ObjectIndex(db, clock)
-        orphan, young, indexed, outgoing = (blobs.put(f"blob {n}".encode()) for n in range(4))
-        for ref in (orphan, indexed, outgoing):
+        orphan, young, indexed, outgoing, pinned = (blobs.put(f"blob {n}".encode()) for n in range(5))
+        for ref in (orphan, indexed, outgoing, pinned):
             _touch(blobs.path(ref.digest), now - 2 * 3600)
-        _touch(blobs.path(young.digest), now + 3000)  # ten minutes old at the first pass
+        _touch(blobs.path(young.digest), now - 600)  # ten minutes old at the first pass
         record = index.ObjectRecord(
             sop_instance_uid="1.2.3.4", object_type="report", media_type="text/plain", study_instance_uid="1.2.3",
             digest=indexed.digest, size=indexed.size, origin="a@b.example", transport="test",
@@ -195,19 +196,23 @@ async def test_sweep_removes_only_old_unreferenced_blobs(tmp_path):
             message_id="<o@v>", attachment="report; uid=1.2.3.5", uid="1.2.3.5", digest=outgoing.digest,
             state="waiting", attempts=0, next_attempt_at=idx.now(), created_at=idx.now())))
 
-        sweep = BlobSweep(clock, idx, blobs, deferToThread)
+        sweep = BlobSweep(clock, idx, blobs, deferToThread, writing=lambda: frozenset({pinned.digest}))
         passes = []
         real_sweep = sweep.sweep
         sweep.sweep = lambda: passes.append(real_sweep()) or passes[-1]
         sweep.startService()
         try:
-            clock.advance(3599)
-            assert passes == []  # no pass before the hour is up
-            clock.advance(1)
-            assert len(passes) == 1
+            assert len(passes) == 1  # one pass at start: what a crash left goes at once
             await passes[0]  # (LoopingCall takes its result; the blobs tell what it did)
             assert not blobs.exists(orphan.digest)
-            assert all(blobs.exists(r.digest) for r in (young, indexed, outgoing))
+            assert all(blobs.exists(r.digest) for r in (young, indexed, outgoing, pinned))
+            clock.advance(3599)
+            assert len(passes) == 1  # the next one an hour later
+            clock.advance(1)
+            assert len(passes) == 2
+            await passes[1]
+            assert not blobs.exists(young.digest)  # older than an hour by now
+            assert all(blobs.exists(r.digest) for r in (indexed, outgoing, pinned))
         finally:
             sweep.stopService()
     finally:
