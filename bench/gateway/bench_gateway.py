@@ -22,6 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from meddnode import HOST, VENV_BIN, MeddCentral, dcmtk_tool, log, pinned, proc_cpu_s  # noqa: E402
@@ -83,6 +84,28 @@ def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float, cp
     return dt
 
 
+@contextmanager
+def profiled(a, name: str, *nodes: tuple[str, MeddCentral]):
+    """With ``--profile DIR``: py-spy (``-r 100 -f raw --threads``) on each node while the block runs,
+    one raw profile per node, ``DIR/NAME-ROLE-REP.raw`` (bench/pyspy_summary.py sums one up)."""
+    spies = []
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+        for role, node in nodes:
+            out = os.path.join(a.profile, f"{name}-{role}-{a.rep}.raw")
+            spies.append(subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(node.proc.pid),
+                 "-r", "100", "-f", "raw", "-o", out, "--threads", "--nonblocking", "-d", "900"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(2)  # our own child: py-spy writes its profile on SIGINT
+            spy.wait()
+
+
 def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     """(storescu wall seconds, central's CPU seconds over the run)."""
     node = MeddCentral(os.path.join(a.work, "central"), {"dicom": a.port}, bin_dir=a.bin)
@@ -90,9 +113,10 @@ def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     node.write_config()
     node.start()
     try:
-        cpu0 = proc_cpu_s(node.proc.pid)
-        dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-        cpu = proc_cpu_s(node.proc.pid) - cpu0
+        with profiled(a, "central", ("central", node)):
+            cpu0 = proc_cpu_s(node.proc.pid)
+            dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+            cpu = proc_cpu_s(node.proc.pid) - cpu0
         if node.stored_count() != n:
             raise SystemExit(f"plain central stored {node.stored_count()} of {n}")
     finally:
@@ -117,19 +141,20 @@ def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[flo
     central.start()
     gateway.start()
     try:
-        cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
-        t0 = time.perf_counter()
-        intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-        # Until central has answered for every object: stored, or refused for good (an SR of a study
-        # with no image of the centre's is not taken as the centre's report).
-        deadline = time.monotonic() + a.timeout
-        answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
-        while gateway.query(answered)[0][0] < n:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
-            time.sleep(0.02)
-        forwarded = time.perf_counter() - t0
-        cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
+        with profiled(a, "gateway", ("gateway", gateway), ("behind", central)):
+            cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
+            t0 = time.perf_counter()
+            intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+            # Until central has answered for every object: stored, or refused for good (an SR of a study
+            # with no image of the centre's is not taken as the centre's report).
+            deadline = time.monotonic() + a.timeout
+            answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
+            while gateway.query(answered)[0][0] < n:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
+                time.sleep(0.02)
+            forwarded = time.perf_counter() - t0
+            cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
         sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
         refused = gateway.query("SELECT last_error, count(*) FROM gateway_forwarding WHERE state != 'sent' "
                                 "GROUP BY last_error")
@@ -152,6 +177,7 @@ def main() -> None:
     ap.add_argument("--bin", default=VENV_BIN, help="folder holding twistd and medd")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the raw rows and the summary here")
+    ap.add_argument("--profile", help="folder for raw py-spy profiles of every node, one per run (needs py-spy)")
     ap.add_argument("--pin", action="store_true",
                     help="the node under test on CPU 0; storescu and the central behind the gateway on CPU 1")
     a = ap.parse_args()
@@ -163,6 +189,7 @@ def main() -> None:
         pki = make_pki(os.path.join(work, "pki"))
         rows = []
         for rep in range(1, a.reps + 1):
+            a.rep = rep
             central, central_cpu = measure_central(a, a.corpus, n, storescu)
             intake, forwarded, gateway_cpu, behind_cpu = measure_gateway(a, a.corpus, n, storescu, pki)
             row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded,
