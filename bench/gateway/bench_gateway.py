@@ -168,6 +168,51 @@ def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[flo
     return intake, forwarded, *cpu
 
 
+def measure_split(a, cdir: str, n: int, storescu: str, pki: dict) -> dict:
+    """With ``--split``: the gateway takes the corpus while central is down (its forwarder retries
+    every 2 s at most, finding no one), then central starts and the gateway forwards it all. Each
+    node's CPU is then its own part alone: the gateway's intake, the gateway's forwarding, and
+    central's per package received over TLS."""
+    central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
+                          extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
+                                f"client_ca = {pki['cert']}\nclient_ca_key = {pki['key']}\n")
+    client = os.path.join(a.work, "centre-a.pem")
+    gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
+                          client, bin_dir=a.bin)
+    gateway.extra += "retry_max_delay = 2\n"
+    if a.pin:
+        gateway.cpus, central.cpus = UNDER_TEST, OTHERS
+    central.write_config()
+    central.cli("centres", "add", "centre-a", "--address", "gateway@centre-a.bench", "--client-cert", client)
+    gateway.write_config()
+    gateway.start()
+    try:
+        with profiled(a, "split-intake", ("gateway", gateway)):
+            cpu0 = proc_cpu_s(gateway.proc.pid)
+            intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+            intake_cpu = proc_cpu_s(gateway.proc.pid) - cpu0
+        central.start()
+        with profiled(a, "split-forward", ("gateway", gateway), ("behind", central)):
+            cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + a.timeout
+            answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
+            while gateway.query(answered)[0][0] < n:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
+                time.sleep(0.02)
+            forwarded = time.perf_counter() - t0
+            forward_cpu, behind_cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
+        sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
+        if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
+            raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+    finally:
+        gateway.stop()
+        central.stop()
+    return dict(split_intake_s=intake, split_forward_s=forwarded, split_intake_cpu_s=intake_cpu,
+                split_forward_cpu_s=forward_cpu, split_behind_cpu_s=behind_cpu, split_sent=sent)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="/tmp/dicombench/corpus/small")
@@ -178,6 +223,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the raw rows and the summary here")
     ap.add_argument("--profile", help="folder for raw py-spy profiles of every node, one per run (needs py-spy)")
+    ap.add_argument("--split", action="store_true",
+                    help="also: the gateway's intake with central down, then its forwarding alone (CPU of each part)")
     ap.add_argument("--pin", action="store_true",
                     help="the node under test on CPU 0; storescu and the central behind the gateway on CPU 1")
     a = ap.parse_args()
@@ -194,6 +241,13 @@ def main() -> None:
             intake, forwarded, gateway_cpu, behind_cpu = measure_gateway(a, a.corpus, n, storescu, pki)
             row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded,
                        central_cpu_s=central_cpu, gateway_cpu_s=gateway_cpu, behind_cpu_s=behind_cpu)
+            if a.split:
+                row.update(measure_split(a, a.corpus, n, storescu, pki))
+                log(f"rep {rep} split: gateway intake alone {n / row['split_intake_s']:7.1f} obj/s, "
+                    f"{row['split_intake_cpu_s'] / n * 1000:.2f} CPU ms/obj; then forwarding alone "
+                    f"{n / row['split_forward_s']:7.1f} obj/s, gateway {row['split_forward_cpu_s'] / n * 1000:.2f} "
+                    f"CPU ms/obj, central per TLS package {row['split_behind_cpu_s'] / row['split_sent'] * 1000:.2f} "
+                    f"CPU ms ({row['split_sent']} stored)")
             rows.append(row)
             log(f"rep {rep}: central {n / central:7.1f} obj/s   gateway intake {n / intake:7.1f} obj/s   "
                 f"forwarded {n / forwarded:7.1f} obj/s   CPU ms/obj: central {central_cpu / n * 1000:.2f}, "
@@ -208,6 +262,13 @@ def main() -> None:
     print(f"  CPU ms/obj: plain central {cpu['central_cpu_s']:.2f}; gateway {cpu['gateway_cpu_s']:.2f} "
           f"({cpu['gateway_cpu_s'] / cpu['central_cpu_s']:.2f} of central, intake and forwarding); "
           f"central behind it {cpu['behind_cpu_s']:.2f}")
+    if a.split:
+        split = {k: statistics.median(r[k] / n * 1000 for r in rows)
+                 for k in ("split_intake_cpu_s", "split_forward_cpu_s", "split_behind_cpu_s")}
+        print(f"  split, CPU ms/obj: gateway intake alone {split['split_intake_cpu_s']:.2f} "
+              f"({cpu['central_cpu_s'] / split['split_intake_cpu_s']:.2f} x central's C-STORE rate at equal CPU); "
+              f"gateway forwarding {split['split_forward_cpu_s']:.2f}; central per TLS package "
+              f"{split['split_behind_cpu_s']:.2f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"rows": rows, "median_obj_s": med, "median_cpu_ms_per_obj": cpu}, fh, indent=2)

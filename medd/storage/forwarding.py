@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector, aware
@@ -214,6 +214,12 @@ def summary(conn: Connection) -> ForwardingSummary:
     )
 
 
+# One statement for a whole batch of sent items (executemany), compiled once per process.
+_MARK_SENT = (update(gateway_forwarding).where(gateway_forwarding.c.id == bindparam("item_id"))
+              .values(state=bindparam("state"), attempts=bindparam("attempts"), sent_at=bindparam("sent_at"),
+                      last_attempt_at=bindparam("last_attempt_at")))
+
+
 def _update(conn: Connection, item_id: int, table=gateway_forwarding, **values) -> None:
     conn.execute(update(table).where(table.c.id == item_id).values(**values))
 
@@ -311,8 +317,8 @@ class Forwarding(Connector):
         at = self.now()
 
         def thd(conn):
-            for item in items:
-                _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at, last_attempt_at=at)
+            conn.execute(_MARK_SENT, [dict(item_id=item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
+                                           last_attempt_at=at) for item in items])
 
         return self.db.run(thd)
 
