@@ -130,11 +130,15 @@ def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: da
     if not new and conn.execute(select(gateway_forwarding.c.id)
                                 .where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
         return False
-    conn.execute(gateway_forwarding.insert().values(
+    conn.execute(_INSERT_FORWARDING, dict(
         uid=record.sop_instance_uid, study_uid=record.study_instance_uid, message_id=message_id, digest=record.digest,
         size=record.size, state=WAITING, attempts=0, next_attempt_at=at, queued_at=at,
     ))
     return True
+
+
+# Built once: every object the gateway takes runs it (see medd.storage.index).
+_INSERT_FORWARDING = gateway_forwarding.insert()
 
 
 RESULT_TYPES = ("overlay", "report")
