@@ -109,6 +109,7 @@ class RoutingLookups:
         # Decisions and quarantine entries of the pass not written yet: written before any
         # question that reads those tables, so each question sees every decision made before it.
         self._pending = pending
+        self._results: dict[str, list] = {}  # study_results, per study (see decided)
 
     def prefetch(self, uids: list[str]) -> None:
         """Read the package To of every object in ``uids`` in one query, for :meth:`package_destination`."""
@@ -161,7 +162,20 @@ class RoutingLookups:
         ).scalar()
 
     def study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
-        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first."""
+        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first.
+
+        Asked for every image of a centre's: remembered per study until the pass decides an
+        overlay or report of that study (:meth:`decided`)."""
+        if study_uid not in self._results:
+            self._results[study_uid] = self._study_results(study_uid)
+        return self._results[study_uid]
+
+    def decided(self, record: ObjectRecord) -> None:
+        """The pass decided ``record``: what was remembered about its study's results is forgotten."""
+        if record.object_type in ("overlay", "report"):
+            self._results.pop(record.study_instance_uid, None)
+
+    def _study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
         self._written()
         return [tuple(r) for r in self.conn.execute(
             select(objects.c.sop_instance_uid, objects.c.object_type, routing_decisions.c.centre)
@@ -263,7 +277,9 @@ def route_undecided(conn: Connection, policy: Policy, after_id: int, at: datetim
     # The pass's outbox rows, queued together at its end (no question of the policy reads the outbox).
     outbox: list[NewDelivery] = []
     for row in rows:
-        decision = policy(ObjectRecord.from_row(row), lookups)
+        record = ObjectRecord.from_row(row)
+        decision = policy(record, lookups)
+        lookups.decided(record)
         outbox += [NewDelivery(queued.uid or decision.uid, queued.destination, queued.detail)
                    for queued in decision.queue]
         outbox += [status_delivery(told.destination, told.event, told.uid, told.about, **dict(told.params))
