@@ -106,6 +106,14 @@ def profiled(a, name: str, *nodes: tuple[str, MeddCentral]):
             spy.wait()
 
 
+def timed_intake(a, name: str, role: str, node: MeddCentral, cdir: str, n: int, storescu: str) -> tuple[float, float]:
+    """storescu of the corpus into ``node`` alone: (wall seconds, the node's CPU seconds)."""
+    with profiled(a, name, (role, node)):
+        cpu0 = proc_cpu_s(node.proc.pid)
+        dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+        return dt, proc_cpu_s(node.proc.pid) - cpu0
+
+
 def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     """(storescu wall seconds, central's CPU seconds over the run)."""
     node = MeddCentral(os.path.join(a.work, "central"), {"dicom": a.port}, bin_dir=a.bin)
@@ -113,10 +121,7 @@ def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     node.write_config()
     node.start()
     try:
-        with profiled(a, "central", ("central", node)):
-            cpu0 = proc_cpu_s(node.proc.pid)
-            dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-            cpu = proc_cpu_s(node.proc.pid) - cpu0
+        dt, cpu = timed_intake(a, "central", "central", node, cdir, n, storescu)
         if node.stored_count() != n:
             raise SystemExit(f"plain central stored {node.stored_count()} of {n}")
     finally:
@@ -124,20 +129,52 @@ def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     return dt, cpu
 
 
-def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float, float, float]:
-    """(intake s, forwarded s, the gateway's CPU s, the central behind it's CPU s) until central answered for all."""
+def gateway_pair(a, pki: dict, gateway_extra: str = "") -> tuple[MeddCentral, "MeddGateway"]:
+    """A fresh central with a ``tls`` listener requiring client certificates, the centre registered
+    on it as a site does (central issues the gateway's client certificate), and a fresh gateway
+    forwarding to it; configs written, nothing started."""
     central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
                           extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
                                 f"client_ca = {pki['cert']}\nclient_ca_key = {pki['key']}\n")
     client = os.path.join(a.work, "centre-a.pem")
     gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
                           client, bin_dir=a.bin)
+    gateway.extra += gateway_extra
     if a.pin:
         gateway.cpus, central.cpus = UNDER_TEST, OTHERS
     central.write_config()
-    # As a site registers its centre: central issues the gateway's client certificate.
     central.cli("centres", "add", "centre-a", "--address", "gateway@centre-a.bench", "--client-cert", client)
     gateway.write_config()
+    return central, gateway
+
+
+def wait_answered(a, gateway: "MeddGateway", n: int) -> None:
+    """Until central has answered for every object: stored, or refused for good (an SR of a study
+    with no image of the centre's is not taken as the centre's report). Polled every 20 ms."""
+    deadline = time.monotonic() + a.timeout
+    answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
+    while gateway.query(answered)[0][0] < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
+        time.sleep(0.02)
+
+
+def checked_sent(gateway: "MeddGateway", central: MeddCentral) -> int:
+    """How many the gateway marked sent; central must hold exactly those, once each. What it
+    refused is printed with the reason."""
+    sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
+    refused = gateway.query("SELECT last_error, count(*) FROM gateway_forwarding WHERE state != 'sent' "
+                            "GROUP BY last_error")
+    for reason, count in refused:
+        log(f"  {count} not forwarded: {reason}")
+    if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
+        raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+    return sent
+
+
+def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float, float, float]:
+    """(intake s, forwarded s, the gateway's CPU s, the central behind it's CPU s) until central answered for all."""
+    central, gateway = gateway_pair(a, pki)
     central.start()
     gateway.start()
     try:
@@ -145,23 +182,10 @@ def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[flo
             cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
             t0 = time.perf_counter()
             intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-            # Until central has answered for every object: stored, or refused for good (an SR of a study
-            # with no image of the centre's is not taken as the centre's report).
-            deadline = time.monotonic() + a.timeout
-            answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
-            while gateway.query(answered)[0][0] < n:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
-                time.sleep(0.02)
+            wait_answered(a, gateway, n)
             forwarded = time.perf_counter() - t0
             cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
-        sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
-        refused = gateway.query("SELECT last_error, count(*) FROM gateway_forwarding WHERE state != 'sent' "
-                                "GROUP BY last_error")
-        for reason, count in refused:
-            log(f"  {count} not forwarded: {reason}")
-        if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
-            raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+        checked_sent(gateway, central)
     finally:
         gateway.stop()
         central.stop()
@@ -173,39 +197,18 @@ def measure_split(a, cdir: str, n: int, storescu: str, pki: dict) -> dict:
     every 2 s at most, finding no one), then central starts and the gateway forwards it all. Each
     node's CPU is then its own part alone: the gateway's intake, the gateway's forwarding, and
     central's per package received over TLS."""
-    central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
-                          extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
-                                f"client_ca = {pki['cert']}\nclient_ca_key = {pki['key']}\n")
-    client = os.path.join(a.work, "centre-a.pem")
-    gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
-                          client, bin_dir=a.bin)
-    gateway.extra += "retry_max_delay = 2\n"
-    if a.pin:
-        gateway.cpus, central.cpus = UNDER_TEST, OTHERS
-    central.write_config()
-    central.cli("centres", "add", "centre-a", "--address", "gateway@centre-a.bench", "--client-cert", client)
-    gateway.write_config()
+    central, gateway = gateway_pair(a, pki, "retry_max_delay = 2\n")
     gateway.start()
     try:
-        with profiled(a, "split-intake", ("gateway", gateway)):
-            cpu0 = proc_cpu_s(gateway.proc.pid)
-            intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-            intake_cpu = proc_cpu_s(gateway.proc.pid) - cpu0
+        intake, intake_cpu = timed_intake(a, "split-intake", "gateway", gateway, cdir, n, storescu)
         central.start()
         with profiled(a, "split-forward", ("gateway", gateway), ("behind", central)):
             cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
             t0 = time.perf_counter()
-            deadline = time.monotonic() + a.timeout
-            answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
-            while gateway.query(answered)[0][0] < n:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
-                time.sleep(0.02)
+            wait_answered(a, gateway, n)
             forwarded = time.perf_counter() - t0
             forward_cpu, behind_cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
-        sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
-        if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
-            raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+        sent = checked_sent(gateway, central)
     finally:
         gateway.stop()
         central.stop()
