@@ -51,6 +51,9 @@ class _Api:
         self.later.append(d)
         return d
 
+    def receive_packages(self, frames: list[bytes], *, transport: str, peer: str, user: str | None = None):
+        return [self.receive_package(frame, transport=transport, peer=peer) for frame in frames]
+
 
 def expected_frames(stream: bytes) -> tuple[int, bool]:
     """(complete frames within the limit, whether a too-large header follows them)."""

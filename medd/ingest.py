@@ -24,6 +24,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from medd.audit import MAJOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditTrail
@@ -35,6 +36,18 @@ from medd.plugins.host import hook_value
 from medd.storage.index import ObjectIndex, ObjectRecord, Receipt, StatusEvent, StoreOutcome
 
 log = Logger()
+
+
+def _caught(fn, *args):
+    """``fn(*args)``, or the :class:`Refused` or :class:`StoreFailed` it raised."""
+    try:
+        return fn(*args)
+    except (Refused, StoreFailed) as e:
+        return e
+
+
+async def _outcome(d: Deferred):
+    return await d
 
 
 class Refused(Exception):
@@ -187,10 +200,34 @@ class Ingest:
         (an HTTP bearer token); ``peer`` is the connection's identity (client
         IP, or a TLS client certificate's CN).
         """
-        return ensureDeferred(self._measured(
-            self._audited(self._receive_package(data, transport, peer, credentials, user),
-                          transport=transport, peer=peer, user=user),
-            transport, len(data), time.monotonic()))
+        return self.receive_packages([data], transport=transport, peer=peer, credentials=credentials, user=user)[0]
+
+    def receive_packages(self, frames: list[bytes], *, transport: str, peer: str | None = None,
+                         credentials: str | None = None, user: str | None = None) -> list[Deferred]:
+        """Packages from one connection, in the order they arrived (a TLS sender's pipelined
+        frames): one Deferred each, as :meth:`receive_package` gives.
+
+        They go through the ingest together: one hop to the parsing pool reads them all, their
+        senders are checked together, one hop writes their blobs, and their index rows are
+        queued to the database together, in order (one transaction and one commit for all,
+        see :meth:`medd.storage.database.Database.run`). Each is still refused or failed on its
+        own. An overlay, report or status waits until what came before it is indexed: the
+        sender policy may ask whether its study already holds the centre's images.
+        """
+        started = time.monotonic()
+        outcomes = [Deferred() for _ in frames]
+        done = ensureDeferred(self._receive_all(list(frames), transport, peer, credentials, user, outcomes))
+
+        def unexpected(failure):
+            # A bug, not a refusal: every package not answered yet fails with it (the sender retries).
+            for d in outcomes:
+                if not d.called:
+                    d.errback(failure)
+
+        done.addErrback(unexpected)
+        return [ensureDeferred(self._measured(self._audited(_outcome(d), transport=transport, peer=peer, user=user),
+                                              transport, len(frame), started))
+                for d, frame in zip(outcomes, frames)]
 
     async def _measured(self, receiving, transport: str, size: int, started: float) -> "Stored":
         """``await receiving``, counting its outcome, bytes and latency in the node's metrics."""
@@ -328,6 +365,16 @@ class Ingest:
             return package, None
         return package, self._put(package.content.data)
 
+    def _read_packages(self, frames: list, store: bool) -> list:
+        """Blocking: :meth:`_read_package` of each frame (an exception instead: already an exception, or
+        its own :class:`Refused` or :class:`StoreFailed`)."""
+        return [frame if isinstance(frame, Exception) else _caught(self._read_package, frame, store)
+                for frame in frames]
+
+    def _put_all(self, datas: list[bytes]) -> list:
+        """Blocking: :meth:`_put` of each (its :class:`StoreFailed` instead, for one that failed)."""
+        return [_caught(self._put, data) for data in datas]
+
     def _has_sender_policy(self) -> bool:
         return bool(self.plugins.manager.hook.medd_check_sender.get_hookimpls())
 
@@ -344,17 +391,82 @@ class Ingest:
             refused.origin = claim.origin
             raise refused
 
-    async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None,
-                               user: str | None = None) -> Stored:
-        self._check_size(data, transport)
+    async def _receive_all(self, frames: list[bytes], transport: str, peer: str | None, credentials: str | None,
+                           user: str | None, outcomes: list[Deferred]) -> None:
+        """Fire ``outcomes[i]`` with the :class:`Stored` of ``frames[i]``, or fail it with its refusal."""
+
+        def settle(i: int, value) -> None:
+            if isinstance(value, Exception):
+                outcomes[i].errback(Failure(value))
+            else:
+                outcomes[i].callback(value)
+
+        checked = []
+        for frame in frames:
+            try:
+                self._check_size(frame, transport)
+                checked.append(frame)
+            except (Refused, StoreFailed) as e:
+                checked.append(e)
         policy = self._has_sender_policy()
-        # With a sender policy, the blob is written only after it passed: a
+        # With a sender policy, blobs are written only after their sender passed: a
         # refused package leaves nothing behind.
-        package, blob = await self.run_blocking(self._read_package, data, not policy)
-        if policy:
-            await self._check_sender(package, transport, peer, credentials)
+        read = await self.run_blocking(self._read_packages, checked, not policy)
+        live = []
+        for i, got in enumerate(read):
+            if isinstance(got, Exception):
+                settle(i, got)
+            else:
+                live.append((i, *got))
+        # Runs that start at an overlay, report or status: each waits for the run before it.
+        runs: list[list] = []
+        for item in live:
+            if not runs or item[1].attachment.type in ("overlay", "report", "status"):
+                runs.append([])
+            runs[-1].append(item)
+        for run in runs:
+            if policy:
+                run = await self._senders_checked(run, transport, peer, credentials, settle)
+            await self._index_run(run, transport, peer, user, settle)
+
+    async def _senders_checked(self, run: list, transport: str, peer: str | None, credentials: str | None,
+                               settle) -> list:
+        """The packages of ``run`` whose sender passed, with their blobs written (one hop for all)."""
+        # Asked all at once: the directory looks them up together.
+        checks = [ensureDeferred(self._check_sender(package, transport, peer, credentials)) for _, package, _ in run]
+        passed = []
+        for (i, package, blob), check in zip(run, checks):
+            try:
+                await check
+                passed.append((i, package, blob))
+            except Exception as e:
+                settle(i, e)
+        to_put = [item for item in passed if item[1].attachment.type != "status"]
+        blobs = iter(await self.run_blocking(self._put_all, [package.content.data for _, package, _ in to_put])
+                     if to_put else ())
+        written = []
+        for i, package, blob in passed:
             if package.attachment.type != "status":
-                blob = await self.run_blocking(self._put, package.content.data)
+                blob = next(blobs)
+                if isinstance(blob, Exception):
+                    settle(i, blob)
+                    continue
+            written.append((i, package, blob))
+        return written
+
+    async def _index_run(self, run: list, transport: str, peer: str | None, user: str | None, settle) -> None:
+        # Each started in order before any is awaited: their statements reach the database
+        # together and in arrival order.
+        started = [(i, ensureDeferred(self._store_package(package, blob, transport, peer, user)))
+                   for i, package, blob in run]
+        for i, d in started:
+            try:
+                settle(i, await d)
+            except Exception as e:
+                settle(i, e)
+
+    async def _store_package(self, package: Package, blob, transport: str, peer: str | None,
+                             user: str | None = None) -> Stored:
         receipt = Receipt(
             message_id=package.message_id,
             attachment=str(package.attachment),

@@ -332,11 +332,13 @@ class FakeReceiver:
         self.reactor = Clock()
         self.max_object_size = max_object_size
         self.calls: list[tuple[bytes, Deferred]] = []
+        self.batches: list[list[bytes]] = []
 
-    def receive_package(self, data, *, transport, peer=None, user=None):
-        d = Deferred()
-        self.calls.append((data, d))
-        return d
+    def receive_packages(self, frames, *, transport, peer=None, user=None):
+        outcomes = [Deferred() for _ in frames]
+        self.batches.append(list(frames))
+        self.calls += zip(frames, outcomes)
+        return outcomes
 
 
 def framed(*payloads: bytes) -> bytes:
@@ -362,20 +364,63 @@ def stored(uid: str) -> Stored:
     return Stored(uid=uid, object_type="image", digest="d", created=True, message_id=f"<{uid}@x>")
 
 
-def test_replies_wait_for_ingest_and_frames_are_taken_one_at_a_time():
-    """No reply is written before ingest's Deferred fires, and a second pipelined frame reaches ingest only after the first is answered."""
+def test_replies_wait_for_ingest_and_pipelined_frames_are_stored_in_batches():
+    """Frames that arrive together go to ingest as one batch; frames arriving while it is stored make
+    the next batch, handed over only once the first is answered; no reply is written before ingest's
+    Deferred fires, and replies keep arrival order when ingest settles them out of order."""
     api = FakeReceiver()
     protocol, transport = connected(api)
     protocol.dataReceived(framed(b"first", b"second"))
-    assert [data for data, _ in api.calls] == [b"first"]
+    assert api.batches == [[b"first", b"second"]]
     assert transport.value() == b""
-    assert transport.producerState == "paused"
+    protocol.dataReceived(framed(b"third"))
+    assert api.batches == [[b"first", b"second"]]
 
-    api.calls[0][1].callback(stored("1.1"))
-    assert [data for data, _ in api.calls] == [b"first", b"second"]
     api.calls[1][1].callback(stored("1.2"))
+    assert transport.value() == b""  # the second waits for the first's reply
+    api.calls[0][1].callback(stored("1.1"))
     assert [r["uid"] for r in replies_in(transport)] == ["1.1", "1.2"]
+    assert api.batches == [[b"first", b"second"], [b"third"]]
+    api.calls[2][1].callback(stored("1.3"))
+    assert [r["uid"] for r in replies_in(transport)] == ["1.1", "1.2", "1.3"]
     assert transport.producerState == "producing"
+
+
+def test_reading_stops_while_a_full_batch_waits():
+    """With BATCH_FRAMES frames waiting the connection stops reading; the next batch takes them, the
+    frames that stayed unread come after it, and reading resumes once the held frames are answered."""
+    from medd.transports.tls import BATCH_FRAMES
+
+    api = FakeReceiver()
+    protocol, transport = connected(api)
+    protocol.dataReceived(framed(b"0"))
+    protocol.dataReceived(framed(*(b"%d" % i for i in range(1, BATCH_FRAMES + 3))))
+    assert transport.producerState == "paused"
+    assert len(api.batches) == 1
+    api.calls[0][1].callback(stored("1.0"))
+    assert [len(b) for b in api.batches] == [1, BATCH_FRAMES]
+    assert transport.producerState == "paused"
+    for _, d in api.calls[1:]:
+        d.callback(stored("1.x"))
+    assert [len(b) for b in api.batches] == [1, BATCH_FRAMES, 2]
+    assert transport.producerState == "producing"
+    for _, d in api.calls[BATCH_FRAMES + 1:]:
+        d.callback(stored("1.y"))
+    assert len(replies_in(transport)) == BATCH_FRAMES + 3
+
+
+def test_too_large_after_pipelined_frames_is_refused_after_their_replies():
+    """A frame over max_object_size behind frames still being stored is refused after their replies,
+    in order, and then the connection is closed."""
+    api = FakeReceiver(max_object_size=10)
+    protocol, transport = connected(api)
+    protocol.dataReceived(framed(b"one"))
+    protocol.dataReceived(framed(b"two") + struct.pack(">I", 11))
+    assert not transport.disconnecting and transport.value() == b""
+    api.calls[0][1].callback(stored("1.1"))
+    api.calls[1][1].callback(stored("1.2"))
+    assert [r.get("uid") or r["kind"] for r in replies_in(transport)] == ["1.1", "1.2", "too-large"]
+    assert transport.disconnecting
 
 
 def test_store_failure_and_internal_error_ask_for_a_retry():

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from meddnode import HOST, VENV_BIN, MeddCentral, dcmtk_tool, log, pinned, proc_cpu_s  # noqa: E402
@@ -83,6 +84,36 @@ def storescu_run(storescu: str, port: int, cdir: str, n: int, timeout: float, cp
     return dt
 
 
+@contextmanager
+def profiled(a, name: str, *nodes: tuple[str, MeddCentral]):
+    """With ``--profile DIR``: py-spy (``-r 100 -f raw --threads``) on each node while the block runs,
+    one raw profile per node, ``DIR/NAME-ROLE-REP.raw`` (bench/pyspy_summary.py sums one up)."""
+    spies = []
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+        for role, node in nodes:
+            out = os.path.join(a.profile, f"{name}-{role}-{a.rep}.raw")
+            spies.append(subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(node.proc.pid),
+                 "-r", "100", "-f", "raw", "-o", out, "--threads", "--nonblocking", "-d", "900"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(2)  # our own child: py-spy writes its profile on SIGINT
+            spy.wait()
+
+
+def timed_intake(a, name: str, role: str, node: MeddCentral, cdir: str, n: int, storescu: str) -> tuple[float, float]:
+    """storescu of the corpus into ``node`` alone: (wall seconds, the node's CPU seconds)."""
+    with profiled(a, name, (role, node)):
+        cpu0 = proc_cpu_s(node.proc.pid)
+        dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+        return dt, proc_cpu_s(node.proc.pid) - cpu0
+
+
 def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     """(storescu wall seconds, central's CPU seconds over the run)."""
     node = MeddCentral(os.path.join(a.work, "central"), {"dicom": a.port}, bin_dir=a.bin)
@@ -90,9 +121,7 @@ def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     node.write_config()
     node.start()
     try:
-        cpu0 = proc_cpu_s(node.proc.pid)
-        dt = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-        cpu = proc_cpu_s(node.proc.pid) - cpu0
+        dt, cpu = timed_intake(a, "central", "central", node, cdir, n, storescu)
         if node.stored_count() != n:
             raise SystemExit(f"plain central stored {node.stored_count()} of {n}")
     finally:
@@ -100,47 +129,91 @@ def measure_central(a, cdir: str, n: int, storescu: str) -> tuple[float, float]:
     return dt, cpu
 
 
-def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float, float, float]:
-    """(intake s, forwarded s, the gateway's CPU s, the central behind it's CPU s) until central answered for all."""
+def gateway_pair(a, pki: dict, gateway_extra: str = "") -> tuple[MeddCentral, "MeddGateway"]:
+    """A fresh central with a ``tls`` listener requiring client certificates, the centre registered
+    on it as a site does (central issues the gateway's client certificate), and a fresh gateway
+    forwarding to it; configs written, nothing started."""
     central = MeddCentral(os.path.join(a.work, "fwd-central"), {"tls": a.tls_port}, bin_dir=a.bin,
                           extra=f"[tls]\ncertificate = {pki['cert']}\nprivate_key = {pki['key']}\n"
                                 f"client_ca = {pki['cert']}\nclient_ca_key = {pki['key']}\n")
     client = os.path.join(a.work, "centre-a.pem")
     gateway = MeddGateway(os.path.join(a.work, "gateway"), a.port, f"tls://{HOST}:{a.tls_port}", pki["cert"],
                           client, bin_dir=a.bin)
+    gateway.extra += gateway_extra
     if a.pin:
         gateway.cpus, central.cpus = UNDER_TEST, OTHERS
     central.write_config()
-    # As a site registers its centre: central issues the gateway's client certificate.
     central.cli("centres", "add", "centre-a", "--address", "gateway@centre-a.bench", "--client-cert", client)
     gateway.write_config()
+    return central, gateway
+
+
+def wait_answered(a, gateway: "MeddGateway", n: int) -> None:
+    """Until central has answered for every object: stored, or refused for good (an SR of a study
+    with no image of the centre's is not taken as the centre's report). Polled every 20 ms."""
+    deadline = time.monotonic() + a.timeout
+    answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
+    while gateway.query(answered)[0][0] < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
+        time.sleep(0.02)
+
+
+def checked_sent(gateway: "MeddGateway", central: MeddCentral) -> int:
+    """How many the gateway marked sent; central must hold exactly those, once each. What it
+    refused is printed with the reason."""
+    sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
+    refused = gateway.query("SELECT last_error, count(*) FROM gateway_forwarding WHERE state != 'sent' "
+                            "GROUP BY last_error")
+    for reason, count in refused:
+        log(f"  {count} not forwarded: {reason}")
+    if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
+        raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+    return sent
+
+
+def measure_gateway(a, cdir: str, n: int, storescu: str, pki: dict) -> tuple[float, float, float, float]:
+    """(intake s, forwarded s, the gateway's CPU s, the central behind it's CPU s) until central answered for all."""
+    central, gateway = gateway_pair(a, pki)
     central.start()
     gateway.start()
     try:
-        cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
-        t0 = time.perf_counter()
-        intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
-        # Until central has answered for every object: stored, or refused for good (an SR of a study
-        # with no image of the centre's is not taken as the centre's report).
-        deadline = time.monotonic() + a.timeout
-        answered = "SELECT count(*) FROM gateway_forwarding WHERE state != 'waiting'"
-        while gateway.query(answered)[0][0] < n:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"central answered for {gateway.query(answered)[0][0]} of {n} within {a.timeout}s")
-            time.sleep(0.02)
-        forwarded = time.perf_counter() - t0
-        cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
-        sent = gateway.query("SELECT count(*) FROM gateway_forwarding WHERE state = 'sent'")[0][0]
-        refused = gateway.query("SELECT last_error, count(*) FROM gateway_forwarding WHERE state != 'sent' "
-                                "GROUP BY last_error")
-        for reason, count in refused:
-            log(f"  {count} not forwarded: {reason}")
-        if central.query("SELECT count(distinct sop_instance_uid), count(*) FROM objects")[0] != (sent, sent):
-            raise SystemExit(f"central does not hold the {sent} objects the gateway sent, once each")
+        with profiled(a, "gateway", ("gateway", gateway), ("behind", central)):
+            cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
+            t0 = time.perf_counter()
+            intake = storescu_run(storescu, a.port, cdir, n, a.timeout, OTHERS if a.pin else None)
+            wait_answered(a, gateway, n)
+            forwarded = time.perf_counter() - t0
+            cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
+        checked_sent(gateway, central)
     finally:
         gateway.stop()
         central.stop()
     return intake, forwarded, *cpu
+
+
+def measure_split(a, cdir: str, n: int, storescu: str, pki: dict) -> dict:
+    """With ``--split``: the gateway takes the corpus while central is down (its forwarder retries
+    every 2 s at most, finding no one), then central starts and the gateway forwards it all. Each
+    node's CPU is then its own part alone: the gateway's intake, the gateway's forwarding, and
+    central's per package received over TLS."""
+    central, gateway = gateway_pair(a, pki, "retry_max_delay = 2\n")
+    gateway.start()
+    try:
+        intake, intake_cpu = timed_intake(a, "split-intake", "gateway", gateway, cdir, n, storescu)
+        central.start()
+        with profiled(a, "split-forward", ("gateway", gateway), ("behind", central)):
+            cpu0 = proc_cpu_s(gateway.proc.pid), proc_cpu_s(central.proc.pid)
+            t0 = time.perf_counter()
+            wait_answered(a, gateway, n)
+            forwarded = time.perf_counter() - t0
+            forward_cpu, behind_cpu = proc_cpu_s(gateway.proc.pid) - cpu0[0], proc_cpu_s(central.proc.pid) - cpu0[1]
+        sent = checked_sent(gateway, central)
+    finally:
+        gateway.stop()
+        central.stop()
+    return dict(split_intake_s=intake, split_forward_s=forwarded, split_intake_cpu_s=intake_cpu,
+                split_forward_cpu_s=forward_cpu, split_behind_cpu_s=behind_cpu, split_sent=sent)
 
 
 def main() -> None:
@@ -152,6 +225,9 @@ def main() -> None:
     ap.add_argument("--bin", default=VENV_BIN, help="folder holding twistd and medd")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the raw rows and the summary here")
+    ap.add_argument("--profile", help="folder for raw py-spy profiles of every node, one per run (needs py-spy)")
+    ap.add_argument("--split", action="store_true",
+                    help="also: the gateway's intake with central down, then its forwarding alone (CPU of each part)")
     ap.add_argument("--pin", action="store_true",
                     help="the node under test on CPU 0; storescu and the central behind the gateway on CPU 1")
     a = ap.parse_args()
@@ -163,10 +239,18 @@ def main() -> None:
         pki = make_pki(os.path.join(work, "pki"))
         rows = []
         for rep in range(1, a.reps + 1):
+            a.rep = rep
             central, central_cpu = measure_central(a, a.corpus, n, storescu)
             intake, forwarded, gateway_cpu, behind_cpu = measure_gateway(a, a.corpus, n, storescu, pki)
             row = dict(rep=rep, files=n, central_s=central, gateway_intake_s=intake, forwarded_s=forwarded,
                        central_cpu_s=central_cpu, gateway_cpu_s=gateway_cpu, behind_cpu_s=behind_cpu)
+            if a.split:
+                row.update(measure_split(a, a.corpus, n, storescu, pki))
+                log(f"rep {rep} split: gateway intake alone {n / row['split_intake_s']:7.1f} obj/s, "
+                    f"{row['split_intake_cpu_s'] / n * 1000:.2f} CPU ms/obj; then forwarding alone "
+                    f"{n / row['split_forward_s']:7.1f} obj/s, gateway {row['split_forward_cpu_s'] / n * 1000:.2f} "
+                    f"CPU ms/obj, central per TLS package {row['split_behind_cpu_s'] / row['split_sent'] * 1000:.2f} "
+                    f"CPU ms ({row['split_sent']} stored)")
             rows.append(row)
             log(f"rep {rep}: central {n / central:7.1f} obj/s   gateway intake {n / intake:7.1f} obj/s   "
                 f"forwarded {n / forwarded:7.1f} obj/s   CPU ms/obj: central {central_cpu / n * 1000:.2f}, "
@@ -181,6 +265,13 @@ def main() -> None:
     print(f"  CPU ms/obj: plain central {cpu['central_cpu_s']:.2f}; gateway {cpu['gateway_cpu_s']:.2f} "
           f"({cpu['gateway_cpu_s'] / cpu['central_cpu_s']:.2f} of central, intake and forwarding); "
           f"central behind it {cpu['behind_cpu_s']:.2f}")
+    if a.split:
+        split = {k: statistics.median(r[k] / n * 1000 for r in rows)
+                 for k in ("split_intake_cpu_s", "split_forward_cpu_s", "split_behind_cpu_s")}
+        print(f"  split, CPU ms/obj: gateway intake alone {split['split_intake_cpu_s']:.2f} "
+              f"({cpu['central_cpu_s'] / split['split_intake_cpu_s']:.2f} x central's C-STORE rate at equal CPU); "
+              f"gateway forwarding {split['split_forward_cpu_s']:.2f}; central per TLS package "
+              f"{split['split_behind_cpu_s']:.2f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"rows": rows, "median_obj_s": med, "median_cpu_ms_per_obj": cpu}, fh, indent=2)

@@ -353,7 +353,9 @@ class SenderPolicy:
 
     async def _check(self, claim) -> str | None:
         origin = claim.origin
-        found = await self.directory.sender_facts(origin, claim.credentials, claim.study_uid,
+        # Whether the study is the centre's own matters only for an overlay or report.
+        study = claim.study_uid if claim.object_type in ("overlay", "report") else None
+        found = await self.directory.sender_facts(origin, claim.credentials, study,
                                                   claim.peer if claim.transport in CERTIFIED_TRANSPORTS else None)
         if found.named_centre is not None:
             refusal = self._centre_refusal(claim, found.named_centre, found.centre)

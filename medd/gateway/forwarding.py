@@ -162,6 +162,17 @@ class ForwardingService(Service):
         return build_package(content, attachment, origin=self.settings.address,
                              destination=self.settings.central_name, message_id=item.message_id)
 
+    def _package_all(self, items: list[ForwardingItem]) -> list[bytes | None]:
+        """Blocking: each item's package read and built in one hop for the batch; None for one whose
+        bytes are not in the blob store or that cannot be packaged (:meth:`_packaged` then decides)."""
+        packages = []
+        for item in items:
+            try:
+                packages.append(self._package(item, self.ingest.blobs.get(item.digest)))
+            except (OSError, InvalidObject):
+                packages.append(None)
+        return packages
+
     async def _packaged(self, item: ForwardingItem) -> bytes | None:
         """The item's package, or None when it can never be sent (recorded as given up)."""
         try:
@@ -194,8 +205,9 @@ class ForwardingService(Service):
     async def _send(self, items: list[ForwardingItem]) -> int:
         """Send ``items`` (due, in arrival order) in one batch; each is marked by its own reply."""
         ready: list[tuple[ForwardingItem, bytes]] = []
-        for item in items:
-            package = await self._packaged(item)
+        for item, package in zip(items, await self.ingest.run_blocking(self._package_all, items)):
+            if package is None:  # not in the blob store (evicted?), or cannot be packaged: one at a time
+                package = await self._packaged(item)
             if package is not None:
                 ready.append((item, package))
         if not ready:

@@ -154,6 +154,13 @@ class TransportAPI:
         return self._ingest.receive_package(data, transport=transport or self.transport, peer=peer,
                                             credentials=credentials, user=user)
 
+    def receive_packages(self, frames: list[bytes], *, peer: str | None = None, credentials: str | None = None,
+                         transport: str | None = None, user: str | None = None) -> list[Deferred]:
+        """Ingest packages that arrived together on one connection (pipelined), in order: one
+        Deferred each, as :meth:`receive_package` gives; see :meth:`medd.ingest.Ingest.receive_packages`."""
+        return self._ingest.receive_packages(frames, transport=transport or self.transport, peer=peer,
+                                             credentials=credentials, user=user)
+
     def run_blocking(self, fn, *args) -> Deferred:
         """Run a short blocking call (reading a request body, parsing) off the reactor."""
         return self._ingest.run_blocking(fn, *args)

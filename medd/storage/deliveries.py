@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage import directory
@@ -82,26 +82,60 @@ def set_state(conn: Connection, delivery_id: int, state: str, at: datetime, deta
     conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state=state, detail=detail, at=at))
 
 
+@dataclass(frozen=True)
+class NewDelivery:
+    """An outbox row to queue: ``uid`` for ``destination`` (with ``status``: that status package
+    rather than the stored object ``uid``); ``detail`` is its first delivery event's."""
+
+    uid: str
+    destination: str
+    detail: str
+    status: dict | None = None
+
+
+# Built once (see medd.storage.index): the statements of queueing, compiled once per process.
+_QUEUED_PAIRS = select(deliveries.c.uid, deliveries.c.destination).where(
+    deliveries.c.uid.in_(bindparam("uids", expanding=True)))
+_INSERT_DELIVERY = deliveries.insert().returning(deliveries.c.id, sort_by_parameter_order=True)
+_INSERT_EVENT = delivery_events.insert()
+
+
+def queue_deliveries(conn: Connection, wanted: list[NewDelivery], at: datetime) -> list[int | None]:
+    """Queue each (uid -> destination) of ``wanted`` once, in order; the outbox row id of each,
+    None for one already queued (or earlier in ``wanted``).
+
+    Three statements for any number of rows (the rows already queued, the new rows, their
+    ``queued`` events), not three per row: a routing pass queues two or more per object."""
+    uids = list(dict.fromkeys(w.uid for w in wanted))
+    queued: set[tuple[str, str]] = set()
+    for start in range(0, len(uids), 500):
+        queued.update(tuple(r) for r in conn.execute(_QUEUED_PAIRS, {"uids": uids[start:start + 500]}))
+    new: list[int] = []
+    for i, w in enumerate(wanted):
+        if (w.uid, w.destination) not in queued:
+            queued.add((w.uid, w.destination))
+            new.append(i)
+    ids: list[int | None] = [None] * len(wanted)
+    if not new:
+        return ids
+    rows = [dict(uid=wanted[i].uid, destination=wanted[i].destination, state="queued",
+                 message_id=email.utils.make_msgid(idstring="out", domain="medd.invalid"),
+                 attempts=0, next_attempt_at=at, created_at=at, updated_at=at, opened_by=None, last_error=None,
+                 status=json.dumps(wanted[i].status, sort_keys=True) if wanted[i].status is not None else None)
+            for i in new]
+    for i, delivery_id in zip(new, conn.execute(_INSERT_DELIVERY, rows).scalars().all()):
+        ids[i] = delivery_id
+    conn.execute(_INSERT_EVENT, [dict(delivery_id=ids[i], state="queued", detail=wanted[i].detail, at=at)
+                                 for i in new])
+    return ids
+
+
 def queue_delivery(conn: Connection, uid: str, destination: str, at: datetime, detail: str,
                    status: dict | None = None) -> int | None:
     """Queue (uid -> destination) once; returns the outbox row id, None if already queued.
 
     With ``status``, the row carries that status package rather than the stored object ``uid``."""
-    exists = conn.execute(
-        select(deliveries.c.id).where(and_(deliveries.c.uid == uid, deliveries.c.destination == destination))
-    ).first()
-    if exists:
-        return None
-    delivery_id = conn.execute(
-        deliveries.insert().values(
-            uid=uid, destination=destination, state="queued",
-            message_id=email.utils.make_msgid(idstring="out", domain="medd.invalid"),
-            attempts=0, next_attempt_at=at, created_at=at, updated_at=at,
-            status=json.dumps(status, sort_keys=True) if status is not None else None,
-        )
-    ).inserted_primary_key[0]
-    conn.execute(delivery_events.insert().values(delivery_id=delivery_id, state="queued", detail=detail, at=at))
-    return delivery_id
+    return queue_deliveries(conn, [NewDelivery(uid, destination, detail, status)], at)[0]
 
 
 def head_of_line(conn: Connection, destination: str) -> Delivery | None:
@@ -184,12 +218,16 @@ def status_id(uid: str, event: str, destination: str, about: str = "") -> str:
     return "2.25." + str(int.from_bytes(digest[:16], "big") or 1)
 
 
+def status_delivery(destination: str, event: str, uid: str, about: str = "", **params) -> NewDelivery:
+    """The outbox row of a status package ``event`` about ``uid`` to a centre's ``destination``."""
+    status = {"event": event, "uid": uid, **{k: v for k, v in params.items() if v is not None}}
+    return NewDelivery(status_id(uid, event, destination, about), destination, f"status {event} of {uid}", status)
+
+
 def queue_status(conn: Connection, destination: str, event: str, uid: str, at: datetime, about: str = "",
                  **params) -> int | None:
     """Queue a status package ``event`` about ``uid`` to a centre's ``destination`` (once)."""
-    status = {"event": event, "uid": uid, **{k: v for k, v in params.items() if v is not None}}
-    return queue_delivery(conn, status_id(uid, event, destination, about), destination, at,
-                          f"status {event} of {uid}", status=status)
+    return queue_deliveries(conn, [status_delivery(destination, event, uid, about, **params)], at)[0]
 
 
 def centre_outbox(conn: Connection, centre: str | None) -> str | None:

@@ -13,12 +13,15 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from urllib.parse import urlsplit
 
 from sqlalchemy import and_, bindparam, delete, false, func, or_, select
 from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred
 
 from medd.storage.connector import Connector
 from medd.storage.routing_tables import (admins, authorisations, centre_aliases, centres, readers, routing_decisions,
@@ -466,15 +469,26 @@ def admin_by_token(conn: Connection, token: str) -> str | None:
 
 
 def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: str | None,
-                 certificate_cn: str | None) -> SenderFacts:
+                 certificate_cn: str | None, memo: dict | None = None) -> SenderFacts:
+    """``own_study`` is looked up only for a ``study_uid`` (the sender policy gives one for an
+    overlay or report). ``memo`` keeps the directory's answers for other lookups in the same
+    transaction (see :meth:`Directory.sender_facts`)."""
+    memo = {} if memo is None else memo
+
+    def remembered(kind, look_up, key):
+        if (kind, key) not in memo:
+            memo[kind, key] = look_up(conn, key)
+        return memo[kind, key]
+
     cn = (certificate_cn or "").strip().lower() or None
-    centre = centre_by_token(conn, token) if token else None
-    viewer = viewer_by_token(conn, token) if token else None
+    centre = remembered("centre-token", centre_by_token, token) if token else None
+    viewer = remembered("viewer-token", viewer_by_token, token) if token else None
     if cn is not None:
-        centre = centre or centre_at_address(conn, cn)
-        viewer = viewer or get_viewer(conn, cn)
+        centre = centre or remembered("centre", centre_at_address, cn)
+        viewer = viewer or remembered("viewer", get_viewer, cn)
     own = bool(centre is not None and study_uid and study_of_centre(conn, study_uid, centre))
-    return SenderFacts(centre_at_address(conn, origin), centre, get_viewer(conn, origin), viewer, own)
+    return SenderFacts(remembered("centre", centre_at_address, origin), centre, remembered("viewer", get_viewer, origin),
+                       viewer, own)
 
 
 def study_of_centre(conn: Connection, study_uid: str, centre: Centre) -> bool:
@@ -606,6 +620,12 @@ class Directory(Connector):
     """The directory of a central node. Every method returns a Deferred; one
     method is one transaction, and a :class:`DirectoryError` rolls it back."""
 
+    def __init__(self, database, clock):
+        super().__init__(database, clock)
+        # Senders to look up in the next batch (see sender_facts): (arguments, Deferred).
+        self._facts_wanted: list = []
+        self._facts_lock = threading.Lock()
+
     # centres
 
     def add_centre(self, name: str, aes=(), addresses=(), networks=(), *, token: bool | str = False,
@@ -697,8 +717,46 @@ class Directory(Connector):
 
     def sender_facts(self, origin: str, token: str | None, study_uid: str | None = None,
                      certificate_cn: str | None = None):
-        """Deferred :class:`SenderFacts` of a package's sender, looked up in one transaction."""
-        return self.db.run(lambda conn: sender_facts(conn, origin, token, study_uid, certificate_cn))
+        """Deferred :class:`SenderFacts` of a package's sender.
+
+        The senders asked about while the database is busy are looked up together, in one
+        transaction that asks the directory once per distinct origin, token or certificate
+        name: a gateway pipelines its packages, all from the same address. Nothing outlives
+        that transaction, so a change to the directory counts from the next lookup on."""
+        if self.db.inline:
+            return self.db.run(lambda conn: sender_facts(conn, origin, token, study_uid, certificate_cn))
+        d = Deferred()
+        with self._facts_lock:
+            self._facts_wanted.append(((origin, token, study_uid, certificate_cn), d))
+            first = len(self._facts_wanted) == 1
+        if first:
+            taken: list = []
+            self.db.run(partial(self._look_up_senders, taken)).addCallbacks(
+                self._facts_found, self._facts_failed, errbackArgs=(taken,))
+        return d
+
+    def _look_up_senders(self, taken: list, conn) -> list:
+        # On the database thread: takes what was asked so far (once: a re-run after a rollback looks
+        # the same senders up again); what is asked from now on starts the next batch.
+        if not taken:
+            with self._facts_lock:
+                taken.extend(self._facts_wanted)
+                self._facts_wanted = []
+        memo: dict = {}
+        return [(d, sender_facts(conn, *asked, memo=memo)) for asked, d in taken]
+
+    @staticmethod
+    def _facts_found(found: list) -> None:
+        for d, facts in found:
+            d.callback(facts)
+
+    def _facts_failed(self, failure, taken: list) -> None:
+        if not taken:  # failed before it took its questions: they fail with it, not wait forever
+            with self._facts_lock:
+                taken.extend(self._facts_wanted)
+                self._facts_wanted = []
+        for _, d in taken:
+            d.errback(failure)
 
     def client_certificate(self, address: str):
         """Deferred SHA-256 of the client certificate issued to a viewer, or None."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector, aware
@@ -130,11 +130,15 @@ def queue_object(conn: Connection, record: ObjectRecord, message_id: str, at: da
     if not new and conn.execute(select(gateway_forwarding.c.id)
                                 .where(gateway_forwarding.c.uid == record.sop_instance_uid)).first():
         return False
-    conn.execute(gateway_forwarding.insert().values(
+    conn.execute(_INSERT_FORWARDING, dict(
         uid=record.sop_instance_uid, study_uid=record.study_instance_uid, message_id=message_id, digest=record.digest,
         size=record.size, state=WAITING, attempts=0, next_attempt_at=at, queued_at=at,
     ))
     return True
+
+
+# Built once: every object the gateway takes runs it (see medd.storage.index).
+_INSERT_FORWARDING = gateway_forwarding.insert()
 
 
 RESULT_TYPES = ("overlay", "report")
@@ -212,6 +216,12 @@ def summary(conn: Connection) -> ForwardingSummary:
                         .order_by(f.c.last_attempt_at.desc(), f.c.id.desc())),
         given_up=given_up,
     )
+
+
+# One statement for a whole batch of sent items (executemany), compiled once per process.
+_MARK_SENT = (update(gateway_forwarding).where(gateway_forwarding.c.id == bindparam("item_id"))
+              .values(state=bindparam("state"), attempts=bindparam("attempts"), sent_at=bindparam("sent_at"),
+                      last_attempt_at=bindparam("last_attempt_at")))
 
 
 def _update(conn: Connection, item_id: int, table=gateway_forwarding, **values) -> None:
@@ -311,8 +321,8 @@ class Forwarding(Connector):
         at = self.now()
 
         def thd(conn):
-            for item in items:
-                _update(conn, item.id, state=SENT, attempts=item.attempts + 1, sent_at=at, last_attempt_at=at)
+            conn.execute(_MARK_SENT, [dict(item_id=item.id, state=SENT, attempts=item.attempts + 1, sent_at=at,
+                                           last_attempt_at=at) for item in items])
 
         return self.db.run(thd)
 

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 
 from medd.storage import directory
 from medd.storage.connector import Connector, aware
-from medd.storage.deliveries import centre_outbox, queue_delivery, queue_status, tell_centre
+from medd.storage.deliveries import (NewDelivery, centre_outbox, queue_deliveries, queue_delivery, status_delivery,
+                                     tell_centre)
 from medd.storage.index import ObjectRecord, object_by_uid
 from medd.storage.routing_tables import corrections, quarantine, routing_decisions
 from medd.storage.schema import objects, receipts
@@ -109,6 +110,7 @@ class RoutingLookups:
         # Decisions and quarantine entries of the pass not written yet: written before any
         # question that reads those tables, so each question sees every decision made before it.
         self._pending = pending
+        self._results: dict[str, list] = {}  # study_results, per study (see decided)
 
     def prefetch(self, uids: list[str]) -> None:
         """Read the package To of every object in ``uids`` in one query, for :meth:`package_destination`."""
@@ -161,7 +163,20 @@ class RoutingLookups:
         ).scalar()
 
     def study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
-        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first."""
+        """(uid, object type, centre decided) of the overlays and reports routed in a study, oldest first.
+
+        Asked for every image of a centre's: remembered per study until the pass decides an
+        overlay or report of that study (:meth:`decided`)."""
+        if study_uid not in self._results:
+            self._results[study_uid] = self._study_results(study_uid)
+        return self._results[study_uid]
+
+    def decided(self, record: ObjectRecord) -> None:
+        """The pass decided ``record``: what was remembered about its study's results is forgotten."""
+        if record.object_type in ("overlay", "report"):
+            self._results.pop(record.study_instance_uid, None)
+
+    def _study_results(self, study_uid: str) -> list[tuple[str, str, str | None]]:
         self._written()
         return [tuple(r) for r in self.conn.execute(
             select(objects.c.sop_instance_uid, objects.c.object_type, routing_decisions.c.centre)
@@ -252,23 +267,28 @@ class _PendingRows:
 
 
 def route_undecided(conn: Connection, policy: Policy, after_id: int, at: datetime, limit: int = 200) -> RoutingPass:
-    """Decide up to ``limit`` undecided objects and write the decisions down: their outbox rows as
-    each is decided, their quarantine entries and decisions together. The objects' rows and their
+    """Decide up to ``limit`` undecided objects and write the decisions down: their outbox rows,
+    quarantine entries and decisions, each kind together. The objects' rows and their
     package To are read in one query each for the whole pass."""
     rows = conn.execute(_UNDECIDED, {"after_id": after_id, "limit": limit}).all()
     pending = _PendingRows()
     lookups = RoutingLookups(conn, pending)
     lookups.prefetch([r.sop_instance_uid for r in rows])
     decisions = []
+    # The pass's outbox rows, queued together at its end (no question of the policy reads the outbox).
+    outbox: list[NewDelivery] = []
     for row in rows:
-        decision = policy(ObjectRecord.from_row(row), lookups)
-        for queued in decision.queue:
-            queue_delivery(conn, queued.uid or decision.uid, queued.destination, at, queued.detail)
-        for told in decision.tell:
-            queue_status(conn, told.destination, told.event, told.uid, at, told.about, **dict(told.params))
+        record = ObjectRecord.from_row(row)
+        decision = policy(record, lookups)
+        lookups.decided(record)
+        outbox += [NewDelivery(queued.uid or decision.uid, queued.destination, queued.detail)
+                   for queued in decision.queue]
+        outbox += [status_delivery(told.destination, told.event, told.uid, told.about, **dict(told.params))
+                   for told in decision.tell]
         pending.add(decision, at)
         decisions.append(decision)
     pending.write(conn)
+    queue_deliveries(conn, outbox, at)
     return RoutingPass(tuple(decisions), rows[-1].id if rows else after_id)
 
 

@@ -7,9 +7,10 @@ Wire format, in both directions, inside a TLS connection::
     payload
 
 The client sends one package (the MIME bytes of :mod:`medd.package`) per
-frame and may pipeline several frames without waiting. The server answers
-every package frame with exactly one reply frame, in the order the frames
-arrived; a reply payload is a UTF-8 JSON object:
+frame and may pipeline several frames without waiting (the server stores
+frames that arrived together as one batch). The server answers every package
+frame with exactly one reply frame, in the order the frames arrived; a reply
+payload is a UTF-8 JSON object:
 
 - ``{"status": "ok", "message_id": ..., "uid": ..., "object_type": ..., "created": true|false}``
   — sent only once the object is fsync'd and indexed (``created`` is false when
@@ -54,6 +55,9 @@ from medd.webresource import certificate_identity
 
 # Reply frames are small JSON objects; a client refuses anything bigger.
 MAX_REPLY_SIZE = 64 * 1024
+#: A connection stops reading while the frames it holds (waiting, or being stored) reach either.
+BATCH_BYTES = 32 * 1024 * 1024
+BATCH_FRAMES = 64
 
 def _encode(reply: dict) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode("utf-8")
@@ -70,9 +74,13 @@ def _set_nodelay(transport) -> None:
 class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
     """Server side of one connection: package frames in, one reply frame each.
 
-    Frames are handled one at a time: the connection stops reading while a
-    package is being stored and resumes once its reply is written, which
-    keeps replies in order and lets TCP push back on a fast sender.
+    Frames are stored in batches: the frames that arrived while the previous
+    batch was being stored go to the ingest together (one hop per stage, one
+    commit; :meth:`medd.ingest.Ingest.receive_packages`), and each is answered
+    in arrival order as soon as it is durable. The connection stops reading
+    while frames waiting and being stored hold :data:`BATCH_BYTES` or
+    :data:`BATCH_FRAMES` (one frame of any size is always taken), which lets
+    TCP push back on a fast sender.
     """
 
     log = Logger()
@@ -88,10 +96,15 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
         self._sender: str | None = None
         self._closing = False
         self._connected = False
-        # Inside dataReceived, and a reply asked for reading to resume there.
+        # Inside dataReceived, and a batch's end asked for reading to resume there.
         self._receiving = False
         self._resume_pending = False
         self._arrived = bytearray()
+        # Frames received and not yet handed to the ingest; the batch being stored, if any.
+        self._frames: list[bytes] = []
+        self._held = 0  # bytes of the frames waiting and being stored
+        self._busy = False
+        self._too_large: str | None = None  # the refusal of a too-large frame, sent after the replies before it
         # A frame is due [limits] request_timeout after its first byte, plus its length at the minimum rate;
         # the idle timer above only closes connections that send nothing.
         self.deadline = Deadline(api.reactor, api.limits, "tls")
@@ -154,22 +167,25 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
         if self._closing:
             return  # after a too-large frame nothing more is read
         self.resetTimeout()
+        self._arrived += data
         if self._receiving:
-            # Re-entered while a frame is being taken off the buffer (the
-            # receiver trims its buffer only when its loop ends): the loop
-            # below takes these bytes next.
-            self._arrived += data
+            # Re-entered while frames are being taken off the buffer (the
+            # receiver trims its buffer only when its loop ends), or while a
+            # batch is handed over: the loop below takes these bytes next.
             return
         self._receiving = True
         try:
-            pending, self._arrived = bytes(self._arrived) + data, bytearray()
-            self._take(pending)
-            while (self._resume_pending or self._arrived) and not self.paused and not self._closing:
-                # Frames answered at once (a refusal before any work) are
-                # taken one after another here, not by recursion.
-                self._resume_pending = False
-                more, self._arrived = bytes(self._arrived), bytearray()
-                self._take(more)
+            while not self._closing:
+                if (self._arrived or self._resume_pending) and not self.paused:
+                    # Frames answered at once (a refusal before any work) end their
+                    # batch here, and what follows is taken by this loop, not by recursion.
+                    self._resume_pending = False
+                    more, self._arrived = bytes(self._arrived), bytearray()
+                    self._take(more)
+                elif self._frames and not self._busy:
+                    self._store_batch()
+                else:
+                    break
         finally:
             self._receiving = False
 
@@ -182,31 +198,52 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
         super().dataReceived(data)
 
     def stringReceived(self, frame: bytes) -> None:
-        self.pauseProducing()
-        self.setTimeout(None)
         self.deadline.stop()
-        d = ensureDeferred(self._answer(frame))
-        d.addCallback(self._reply_and_resume)
-        d.addErrback(lambda f: self.log.failure("tls reply to {peer} failed", f, peer=self.peer))
+        self._frames.append(frame)
+        self._held += len(frame)
+        if self._held >= BATCH_BYTES or len(self._frames) >= BATCH_FRAMES:
+            self.pauseProducing()
 
-    def _reply_and_resume(self, reply: dict) -> None:
+    def _store_batch(self) -> None:
+        frames, self._frames = self._frames, []
+        self._busy = True
+        self.setTimeout(None)
+        d = ensureDeferred(self._answer_all(frames))
+        d.addErrback(lambda f: self.log.failure("tls reply to {peer} failed", f, peer=self.peer))
+        d.addBoth(self._stored)
+
+    async def _answer_all(self, frames: list[bytes]) -> None:
+        outcomes = self.api.receive_packages(frames, transport="tls", peer=self.peer, user=await self._sender_name())
+        for frame, outcome in zip(frames, outcomes):
+            reply = await self._answer(outcome, len(frame))
+            self._held -= len(frame)
+            if self._connected:
+                self.sendString(_encode(reply))
+
+    def _stored(self, _) -> None:
+        self._busy = False
         if not self._connected:
             return
-        self.sendString(_encode(reply))
-        self.setTimeout(self.idle_timeout)
-        if self._receiving:
+        if self._closing:  # after a too-large frame: answer the frames before it, then refuse it
+            if self._frames:
+                self._store_batch()
+            else:
+                self._refuse_too_large()
+            return
+        if not self._frames:
+            self.setTimeout(self.idle_timeout)
+        if self.paused and self._held < BATCH_BYTES and len(self._frames) < BATCH_FRAMES:
             self.paused = False
             self.transport.resumeProducing()
-            self._resume_pending = True
-        else:
-            self.resumeProducing()
+        self._resume_pending = True
+        if not self._receiving:
+            self.dataReceived(b"")  # the next batch, and frames the receiver held while paused
 
-    async def _answer(self, frame: bytes) -> dict:
+    async def _answer(self, outcome: Deferred, size: int) -> dict:
         try:
-            stored = await self.api.receive_package(frame, transport="tls", peer=self.peer,
-                                                    user=await self._sender_name())
+            stored = await outcome
         except Refused as e:
-            self._log_refusal(e.reason, e.kind, len(frame))
+            self._log_refusal(e.reason, e.kind, size)
             return {"status": "refused", "kind": e.kind, "reason": e.reason}
         except StoreFailed as e:
             self.log.error("tls package from {peer} not stored: {reason}", peer=self.peer, reason=str(e))
@@ -226,8 +263,18 @@ class PackageFrameReceiver(HandshakeWatch, Int32StringReceiver, TimeoutMixin):
         reason = f"too large: a frame of {length} bytes exceeds the limit of {self.MAX_LENGTH} bytes"
         self._log_refusal(reason, "too-large", length)
         self._closing = True
+        self._too_large = reason
         self.deadline.stop()  # the idle timer bounds the wait for the peer's close
-        self.sendString(_encode({"status": "refused", "kind": "too-large", "reason": reason}))
+        if self._busy:
+            return  # answered after the frames before it (_stored)
+        if self._frames:
+            self._store_batch()
+        else:
+            self._refuse_too_large()
+
+    def _refuse_too_large(self) -> None:
+        self.setTimeout(self.idle_timeout)  # bounds the wait for the peer's close
+        self.sendString(_encode({"status": "refused", "kind": "too-large", "reason": self._too_large}))
         # The rest of the frame is still on its way; it is read and dropped
         # (dataReceived) until the peer answers the TLS close, so that the
         # refusal is not lost to a TCP reset.
