@@ -63,12 +63,9 @@ def _issue_client_certificate(args, common_name: str):
     config = load_config(args.config)
     if not (config.tls_client_ca and config.tls_client_ca_key):
         raise DirectoryError(f"{args.config}: --client-cert needs [tls] client_ca and client_ca_key (the CA that signs it)")
-    from pathlib import Path
+    from medd.tlscert import issue_from_ca_files
 
-    from medd.tlscert import issue_client_certificate
-
-    return issue_client_certificate(Path(config.tls_client_ca).read_bytes(), Path(config.tls_client_ca_key).read_bytes(),
-                                    common_name)
+    return issue_from_ca_files(config.tls_client_ca, config.tls_client_ca_key, common_name)
 
 
 def _write_client_certificate(args, issued) -> None:

@@ -244,8 +244,28 @@ def issue_centre_token(conn: Connection, name: str, token: str | None = None) ->
     return token
 
 
-def record_centre_certificate(conn: Connection, name: str, fingerprint: str) -> None:
-    """Remember (hashed) the TLS client certificate issued to a centre."""
+def revoke_centre_token(conn: Connection, name: str) -> None:
+    """The centre's bearer token stops working (it may still have a client certificate)."""
+    row = _centre_row(conn, name)
+    if row.token_hash is None:
+        raise DirectoryError(f"centre {name} has no token")
+    conn.execute(centres.update().where(centres.c.id == row.id).values(token_hash=None))
+
+
+def remove_centre(conn: Connection, name: str) -> None:
+    """Remove a centre: its names, credentials and the viewers' authorisations for it; refused while a
+    routing rule names it (remove the rule first, or it would match nothing silently)."""
+    row = _centre_row(conn, name)
+    rule = conn.execute(select(routing_rules.c.id).where(routing_rules.c.centre == name)).scalar()
+    if rule is not None:
+        raise DirectoryError(f"routing rule {rule} names centre {name}: remove it first")
+    conn.execute(delete(authorisations).where(authorisations.c.centre_id == row.id))
+    conn.execute(delete(centre_aliases).where(centre_aliases.c.centre_id == row.id))
+    conn.execute(delete(centres).where(centres.c.id == row.id))
+
+
+def record_centre_certificate(conn: Connection, name: str, fingerprint: str | None) -> None:
+    """Remember (hashed) the TLS client certificate issued to a centre (None: it no longer has one)."""
     row = _centre_row(conn, name)
     conn.execute(centres.update().where(centres.c.id == row.id).values(client_cert_sha256=fingerprint))
 
@@ -348,8 +368,16 @@ def add_viewer(conn: Connection, address: str, push_url: str | None = None, scop
     return get_viewer(conn, address), token
 
 
-def record_client_certificate(conn: Connection, address: str, fingerprint: str) -> None:
-    """Remember (hashed) the client certificate issued to a viewer."""
+def issue_viewer_token(conn: Connection, address: str) -> str:
+    """Give a viewer a new bearer token (the old one stops working); returns it, to be shown once."""
+    viewer = _viewer_row(conn, address)
+    token = new_token()
+    conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(token_hash=hash_token(token)))
+    return token
+
+
+def record_client_certificate(conn: Connection, address: str, fingerprint: str | None) -> None:
+    """Remember (hashed) the client certificate issued to a viewer (None: it no longer has one)."""
     viewer = _viewer_row(conn, address)
     conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(client_cert_sha256=fingerprint))
 
@@ -632,6 +660,17 @@ class Directory(Connector):
         """Deferred new bearer token of a centre (the old one stops working)."""
         return self.db.run(lambda conn: issue_centre_token(conn, name))
 
+    def revoke_centre_token(self, name: str):
+        return self.db.run(lambda conn: revoke_centre_token(conn, name))
+
+    def centre_certificate(self, name: str, fingerprint: str | None):
+        """Record the SHA-256 of the certificate now issued to a centre (the older one stops working), or
+        with None revoke it."""
+        return self.db.run(lambda conn: record_centre_certificate(conn, name, fingerprint))
+
+    def remove_centre(self, name: str):
+        return self.db.run(lambda conn: remove_centre(conn, name))
+
     def centre_claim(self, origin: str, token: str | None):
         """Deferred :class:`CentreClaim`, both looked up in one transaction."""
 
@@ -670,6 +709,15 @@ class Directory(Connector):
 
     def remove_viewer(self, address: str):
         return self.db.run(lambda conn: remove_viewer(conn, address))
+
+    def issue_viewer_token(self, address: str):
+        """Deferred new bearer token of a viewer (the old one stops working)."""
+        return self.db.run(lambda conn: issue_viewer_token(conn, address))
+
+    def viewer_certificate(self, address: str, fingerprint: str | None):
+        """Record the SHA-256 of the certificate now issued to a viewer (the older one stops working), or
+        with None revoke it."""
+        return self.db.run(lambda conn: record_client_certificate(conn, address, fingerprint))
 
     def viewer(self, address: str):
         """Deferred :class:`Viewer` or None."""
