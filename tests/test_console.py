@@ -40,7 +40,8 @@ async def test_console_quarantine_in_chromium(make_central):
     reason; the CT's route menu offers only the viewer authorised for centre-a's CT; she routes it there and
     rejects the other two at once with a reason; the database has the CT queued for that viewer, the
     others rejected, each correction by alice; the Queues page shows that viewer with one waiting; Tracking
-    lists the three objects and the CT's timeline shows its correction by alice."""
+    lists the three objects and the CT's timeline shows its correction by alice; on Directory she adds a
+    routing rule (any centre's MR to the other viewer), which the page then lists."""
     _browser_or_skip()
     node, token = await _central_with_quarantine(make_central)
     held = await node.central_storage.routing.quarantined("held")
@@ -91,11 +92,16 @@ async def test_console_quarantine_in_chromium(make_central):
         timeline = page.locator("li.event").all_inner_texts()
         page.click("text=Directory")
         page.wait_for_selector("tr.viewer")
+        page.fill("form.add input[name=destination]", OTHER)
+        page.fill("form.add input[name=modality]", "MR")
+        page.click("text=Add rule")
+        page.wait_for_selector("tr.rule")
         if shots:
             page.screenshot(path=os.path.join(shots, "console-directory.png"), full_page=True)
-        return offered, routed, rejected, queues, found, timeline
+        return offered, routed, rejected, queues, found, timeline, page.locator("tr.rule").all_inner_texts()
 
-    offered, routed, rejected, queues, found, timeline = await deferToThread(_drive, base, scenario)
+    offered, routed, rejected, queues, found, timeline, rules = await deferToThread(_drive, base, scenario)
+    assert len(rules) == 1 and rules[0].split("\t")[1:5] == ["any", "MR", "any", OTHER]
     assert found == 3
     assert "received over dicom from CT1" in timeline[0] and any("by alice" in e for e in timeline)
     assert len(queues) == 1 and queues[0].split("\t")[:2] == [ALLOWED, "1"]
