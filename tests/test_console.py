@@ -131,7 +131,7 @@ async def test_console_refuses_without_session_csrf_or_from_another_site(make_ce
                                 timeout=30)
         assert refused.status_code == 401
         viewer = requests.post(f"{base}/console/login", data={"name": ALLOWED, "token": "x" * 40}, timeout=30)
-        assert viewer.status_code == 401 and "Wrong administrator name or token" in viewer.text
+        assert viewer.status_code == 401 and "Wrong administrator name, token or password" in viewer.text
         s = requests.Session()
         login = s.post(f"{base}/console/login", data={"name": "alice", "token": token}, timeout=30,
                        allow_redirects=False)
@@ -448,3 +448,43 @@ async def test_console_login_throttled(make_central, monkeypatch):
     refused = await node.database.run(lambda conn: conn.execute(
         text("SELECT user, detail FROM audit WHERE event = 'auth-refused'")).all())
     assert [tuple(r) for r in refused] == [("alice", "console login throttled for 1 s")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_login_with_an_administrators_password(make_central, tmp_path):
+    """`medd admins password alice --password-file F` gives alice a console password: she logs in with it
+    (303, recorded as a password login); a wrong password, or bob's name with it, is refused (401); the
+    command refuses an unknown administrator."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    node, _ = await _central_with_quarantine(make_central)
+    await node.central_storage.directory.add_admin("bob")
+    secret = tmp_path / "password"
+    secret.write_text("correct horse battery\n")
+    medd = str(Path(sys.executable).parent / "medd")
+    ini = str(tmp_path / "central.ini")  # the node's own config (make_central's)
+
+    def run(name):
+        return subprocess.run([medd, "admins", "password", name, "--password-file", str(secret), "--config", ini],
+                              capture_output=True, text=True, timeout=120)
+
+    def http():
+        done, unknown = run("alice"), run("nobody")
+        base = f"http://127.0.0.1:{listener_port(node, 'http')}"
+
+        def login(name, password):
+            return requests.post(f"{base}/console/login", data={"name": name, "token": password}, timeout=30,
+                                 allow_redirects=False).status_code
+
+        return (done.returncode, unknown.returncode, unknown.stderr, login("alice", "correct horse battery"),
+                login("alice", "correct horse"), login("bob", "correct horse battery"))
+
+    done, unknown, stderr, right, wrong, other = await deferToThread(http)
+    assert done == 0 and unknown == 2 and "no administrator nobody" in stderr
+    assert (right, wrong, other) == (303, 401, 401)
+    logins = await node.database.run(lambda conn: conn.execute(
+        text("SELECT user, credential, outcome FROM audit WHERE event = 'login' ORDER BY id")).all())
+    assert [tuple(r) for r in logins] == [("alice", "password", 0), ("alice", "admin token or password", 4),
+                                          ("bob", "admin token or password", 4)]

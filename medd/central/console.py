@@ -1,4 +1,5 @@
-"""Central's administrator console at ``/console``: log in with an administrator's name and token, see
+"""Central's administrator console at ``/console``: log in with an administrator's name and token (or the
+password of ``medd admins password``), see
 the quarantine and correct it (route to an authorised viewer, or reject), one or many at once, and the
 queues (what waits for each viewer and centre, the oldest, the last error; retry now), tracking (search,
 paged; an object's timeline) and the directory: centres, viewers, authorisations and routing rules added
@@ -354,7 +355,7 @@ class _Action(Resource):
         return await _page(status, "Log in", tags.h1("medd central console"),
                            tags.p(message, class_="error") if message else "",
                            tags.form(tags.label("Administrator ", tags.input(name="name", autocomplete="username")),
-                                     " ", tags.label("Token ", tags.input(name="token", type="password",
+                                     " ", tags.label("Token or password ", tags.input(name="token", type="password",
                                                                           autocomplete="current-password")),
                                      " ", tags.button("Log in", type="submit"),
                                      method="post", action="/console/login"))
@@ -440,19 +441,34 @@ class _Action(Resource):
                                                    f"Wait {wait} s and try again.")
             response.headers["Retry-After"] = str(wait)
             return response
-        principal = await self.console.storage.directory.principal(token) if token else None
-        if principal is None or principal.kind != "admin" or principal.name != name:
-            await self.console.audit.record("login", user=name or None, credential="admin token", peer=peer,
-                                            transport="http", outcome=MINOR_FAILURE,
-                                            detail="console: wrong administrator name or token")
-            return await self._login_form(401, "Wrong administrator name or token.")
+        credential = await self._check_admin(name, token)
+        if credential is None:
+            await self.console.audit.record("login", user=name or None, credential="admin token or password",
+                                            peer=peer, transport="http", outcome=MINOR_FAILURE,
+                                            detail="console: wrong administrator name, token or password")
+            return await self._login_form(401, "Wrong administrator name, token or password.")
         self.console.login_throttle.succeeded(name, peer)
         session = self.console.sessions.start(name)
-        await self.console.audit.record("login", user=name, credential="admin token", peer=peer, transport="http",
+        await self.console.audit.record("login", user=name, credential=credential, peer=peer, transport="http",
                                         detail="console")
         request.addCookie(COOKIE, session.encode("ascii"), path=b"/console", httpOnly=True, sameSite="strict",
                           secure=request.isSecure() or None)
         return _see_other("/console/")
+
+    async def _check_admin(self, name: str, secret: str) -> str | None:
+        """"admin token" or "password" when ``secret`` is administrator ``name``'s token or console password
+        (`medd admins password`), else None. The scrypt check runs in a thread."""
+        from medd.viewer.users import check_hash
+
+        if not name or not secret:
+            return None
+        directory = self.console.storage.directory
+        principal = await directory.principal(secret)
+        if principal is not None and principal.kind == "admin" and principal.name == name:
+            return "admin token"
+        stored = await directory.admin_password_hash(name)
+        ok = await self.console.ingest.run_blocking(check_hash, stored, secret)
+        return "password" if ok else None
 
     async def _change_directory(self, request, admin: str, token: str, form) -> Response:
         """One directory change from the Directory page's forms, recorded with ``admin``; a DirectoryError is

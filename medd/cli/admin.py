@@ -166,6 +166,20 @@ def admins_add(args):
 
 
 @_guard
+def admins_password(args):
+    from medd.cli.users import _read_password
+    from medd.viewer.users import UserError, hash_password
+
+    try:
+        hashed = hash_password(_read_password(args))
+    except UserError as e:
+        return _fail(str(e))
+    _run(args, lambda s: s.directory.set_admin_password(args.name, hashed))
+    record_credential_change(args.config, "administrator password set", args.name, "U")
+    print(f"administrator {args.name} may now log in to the console with that password too", file=sys.stderr)
+
+
+@_guard
 def readers_add(args):
     if not (args.token or args.client_cert):
         raise DirectoryError("a reader needs a credential: --token, --client-cert FILE, or both")
@@ -314,6 +328,9 @@ def add_admin_commands(sub) -> None:
 
     g = group("admins", "administrators")
     command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")
+    p = command(g, "password", admins_password, "set an administrator's console password (asks for it twice)")
+    p.add_argument("name")
+    p.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
 
     g = group("readers", "read credentials for DICOMweb QIDO-RS and WADO-RS on central")
     p = command(g, "add", readers_add, "register a reader: a token (printed as the last line) and/or a client certificate")

@@ -493,6 +493,15 @@ def admin_by_token(conn: Connection, token: str) -> str | None:
     return conn.execute(select(admins.c.name).where(admins.c.token_hash == hash_token(token))).scalar()
 
 
+def set_admin_password(conn: Connection, name: str, password_hash: str) -> None:
+    if conn.execute(admins.update().where(admins.c.name == name).values(password_hash=password_hash)).rowcount == 0:
+        raise DirectoryError(f"no administrator {name}")
+
+
+def admin_password_hash(conn: Connection, name: str) -> str | None:
+    return conn.execute(select(admins.c.password_hash).where(admins.c.name == name)).scalar()
+
+
 def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: str | None,
                  certificate_cn: str | None) -> SenderFacts:
     cn = (certificate_cn or "").strip().lower() or None
@@ -768,6 +777,14 @@ class Directory(Connector):
     def admin_by_token(self, token: str):
         """Deferred name of the administrator whose token this is, or None."""
         return self.db.run(lambda conn: admin_by_token(conn, token))
+
+    def set_admin_password(self, name: str, password_hash: str):
+        """Give an administrator a password (its hash, :func:`medd.viewer.users.hash_password`) for the console."""
+        return self.db.run(lambda conn: set_admin_password(conn, name, password_hash))
+
+    def admin_password_hash(self, name: str):
+        """Deferred password hash of an administrator, or None (none set, or no such administrator)."""
+        return self.db.run(lambda conn: admin_password_hash(conn, name))
 
     # readers
 
