@@ -4,11 +4,13 @@ from __future__ import annotations
 import io
 import os
 
+import pytest
 import pytest_twisted
 import requests
 from sqlalchemy import text
 from twisted.internet.threads import deferToThread
 
+from medd.storage.directory import DirectoryError
 from tests.conftest import listener_port, testdata
 from tests.test_gateway import datasets
 from tests.test_reading_room import _browser_or_skip, _drive
@@ -277,7 +279,8 @@ async def test_console_directory_changes(make_central):
     it for the centre's CT, adds a rule to it and rotates the viewer's token (the old one stops working);
     removing the centre is refused while the rule names it, an authorisation for an unknown centre too;
     she revokes the authorisation, removes the rule, the centre and the viewer. Each change is in the
-    directory and in the audit trail with alice; a form without the CSRF token changes nothing (403)."""
+    directory and in the audit trail with alice; a form without the CSRF token changes nothing (403). A
+    reader added with a token is that token's principal until she revokes it."""
     node, token = await _central_with_quarantine(make_central)
     directory = node.central_storage.directory
     base = f"http://127.0.0.1:{listener_port(node, 'http')}"
@@ -295,6 +298,7 @@ async def test_console_directory_changes(make_central):
         out["rotated"] = change("viewer-token", address=viewer).text
         out["refused"] = change("centre-remove", name="centre-c")
         out["bad"] = change("authorise", viewer=viewer, scope="nowhere").status_code
+        out["reader"] = change("reader-add-token", name="research").text
         return out
 
     out = await deferToThread(http)
@@ -307,6 +311,8 @@ async def test_console_directory_changes(make_central):
     assert "centre-c:CT" in out["authorise"] and out["page"].count('<tr class="rule">') == 1
     assert out["refused"].status_code == 409 and "routing rule" in out["refused"].text
     assert await directory.centre("centre-c") is not None and out["bad"] == 409
+    reader = await directory.principal(_shown_token(out["reader"]))
+    assert (reader.kind, reader.name) == ("reader", "research")
     rule = (await directory.rules())[0]
     assert (rule.centre, rule.modality, rule.destination) == ("centre-c", "CT", viewer)
 
@@ -315,9 +321,11 @@ async def test_console_directory_changes(make_central):
         return [change("revoke", viewer=viewer, scope="centre-c:CT").status_code,
                 change("rule-remove", rule=str(rule.id)).status_code,
                 change("centre-remove", name="centre-c").status_code,
-                change("viewer-remove", address=viewer).status_code]
+                change("viewer-remove", address=viewer).status_code,
+                change("reader-revoke", name="research").status_code]
 
-    assert await deferToThread(undo) == [200, 200, 200, 200]
+    assert await deferToThread(undo) == [200] * 5
+    assert await directory.principal(_shown_token(out["reader"])) is None
     assert await directory.centre("centre-c") is None and await directory.viewer(viewer) is None
     assert await directory.rules() == [] and await directory.principal(_shown_token(out["centre"])) is None
     records = await node.database.run(lambda conn: conn.execute(
@@ -330,17 +338,20 @@ async def test_console_directory_changes(make_central):
         ("credential", "U", "alice", "viewer authorised for centre-c:CT (console)"),
         ("directory", "C", "alice", f"routing rule {rule.id} added: centre-c/CT/any to {viewer} (console)"),
         ("credential", "U", "alice", "viewer token issued (console)"),
+        ("credential", "C", "alice", "reader added, token issued (console)"),
         ("credential", "U", "alice", "viewer no longer authorised for centre-c:CT (console)"),
         ("directory", "D", "alice", f"routing rule {rule.id} removed (console)"),
         ("credential", "D", "alice", "centre removed: its token and certificate revoked (console)"),
         ("directory", "D", "alice", "centre centre-c removed (console)"),
         ("credential", "D", "alice", "viewer removed: its token and certificate revoked (console)"),
+        ("credential", "D", "alice", "reader revoked: its token and certificate (console)"),
     ]
 
 
 @pytest_twisted.ensureDeferred
 async def test_console_issues_and_revokes_client_certificates(make_central, tmp_path):
-    """With [tls] client_ca and client_ca_key, "New certificate" for a viewer and for a centre answers a PEM
+    """With [tls] client_ca and client_ca_key, "New certificate" for a viewer and for a centre, and a new
+    reader "with a certificate", answer a PEM
     download (certificate and key) whose certificate's SHA-256 now names that viewer or centre; a second one
     replaces it (the first no longer names anyone); "Revoke certificate" leaves none; a token revoked no
     longer names the centre. Without a client CA the console refuses (409)."""
@@ -362,11 +373,12 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
         s, change = _logged_in(base, token)
         first, second = change("viewer-cert", address=ALLOWED), change("viewer-cert", address=ALLOWED)
         centre = change("centre-cert", name="centre-a")
+        reader = change("reader-add-cert", name="research")
         revoked = change("viewer-cert-revoke", address=ALLOWED).status_code
         token_revoked = change("centre-token-revoke", name="centre-a").status_code
-        return first, second, centre, revoked, token_revoked
+        return first, second, centre, reader, revoked, token_revoked
 
-    first, second, centre, revoked, token_revoked = await deferToThread(http)
+    first, second, centre, reader, revoked, token_revoked = await deferToThread(http)
 
     def fingerprint(response):
         assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
@@ -378,6 +390,9 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
     assert cn1 == f"CN={ALLOWED}" and cn3 == "CN=ct1@centre-a.example"
     assert await directory.principal(None, one) is None
     assert (await directory.principal(None, three)).name == "centre-a"
+    four, cn4 = fingerprint(reader)
+    found = await directory.principal(None, four)
+    assert cn4 == "CN=reader:research" and (found.kind, found.name) == ("reader", "research")
     assert revoked == 200 and await directory.principal(None, two) is None
     assert token_revoked == 200 and await directory.principal(centre_token) is None
 
@@ -453,8 +468,8 @@ async def test_console_login_throttled(make_central, monkeypatch):
 @pytest_twisted.ensureDeferred
 async def test_console_login_with_an_administrators_password(make_central, tmp_path):
     """`medd admins password alice --password-file F` gives alice a console password: she logs in with it
-    (303, recorded as a password login); a wrong password, or bob's name with it, is refused (401); the
-    command refuses an unknown administrator."""
+    (303, recorded as a password login); a wrong password, or bob's name with it, is refused (401); an
+    unknown administrator gets no password."""
     import subprocess
     import sys
     from pathlib import Path
@@ -471,18 +486,20 @@ async def test_console_login_with_an_administrators_password(make_central, tmp_p
                               capture_output=True, text=True, timeout=120)
 
     def http():
-        done, unknown = run("alice"), run("nobody")
+        done = run("alice")
         base = f"http://127.0.0.1:{listener_port(node, 'http')}"
 
         def login(name, password):
             return requests.post(f"{base}/console/login", data={"name": name, "token": password}, timeout=30,
                                  allow_redirects=False).status_code
 
-        return (done.returncode, unknown.returncode, unknown.stderr, login("alice", "correct horse battery"),
+        return (done.returncode, done.stderr, login("alice", "correct horse battery"),
                 login("alice", "correct horse"), login("bob", "correct horse battery"))
 
-    done, unknown, stderr, right, wrong, other = await deferToThread(http)
-    assert done == 0 and unknown == 2 and "no administrator nobody" in stderr
+    done, stderr, right, wrong, other = await deferToThread(http)
+    assert done == 0, stderr
+    with pytest.raises(DirectoryError, match="no administrator nobody"):
+        await node.central_storage.directory.set_admin_password("nobody", "scrypt$x")
     assert (right, wrong, other) == (303, 401, 401)
     logins = await node.database.run(lambda conn: conn.execute(
         text("SELECT user, credential, outcome FROM audit WHERE event = 'login' ORDER BY id")).all())

@@ -264,6 +264,7 @@ class _Action(Resource):
     async def _directory_page(self, request, admin: str, token: str, issued: tuple[str, str] | None = None) -> Response:
         directory = self.console.storage.directory
         centres, viewers, rules = await directory.centres(), await directory.viewers(), await directory.rules()
+        readers = await directory.readers()
         csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
         certificates = self.console.client_ca is not None
 
@@ -310,6 +311,9 @@ class _Action(Resource):
         rule_rows = [tags.tr(tags.td(str(r.id)), tags.td(r.centre or "any"), tags.td(r.modality or "any"),
                              tags.td(r.object_type or "any"), tags.td(r.destination),
                              tags.td(act("Remove", "rule-remove", rule=str(r.id))), class_="rule") for r in rules]
+        reader_rows = [tags.tr(tags.td(r.name), tags.td(r.scope),
+                               tags.td("token" if r.has_token else "", " certificate" if r.client_cert_sha256 else ""),
+                               tags.td(act("Revoke", "reader-revoke", name=r.name)), class_="reader") for r in readers]
         done = (request.args.get(b"done") or [b""])[0].decode("utf-8", "replace")
         return await _page(200, "Directory", self._header("Directory", admin, csrf, ""),
                            tags.p("New token for ", tags.strong(issued[0]), ": ", tags.code(issued[1], class_="token"),
@@ -332,7 +336,15 @@ class _Action(Resource):
                            tags.h2("Routing rules"), tags.table(heads("#", "centre", "modality", "type", "to", ""),
                                                                 *rule_rows),
                            adder("rule-add", "Add rule", field("centre", "centre"), field("modality", "modality", "6"),
-                                 field("object type", "object_type", "10"), field("to", "destination", "24")))
+                                 field("object type", "object_type", "10"), field("to", "destination", "24")),
+                           tags.h2("Readers (DICOMweb, read only)"),
+                           tags.table(heads("name", "scope", "credentials", ""), *reader_rows),
+                           tags.form(csrf.clone(), field("name", "name"),
+                                     tags.button("Add with a token", type="submit", name="action",
+                                                 value="reader-add-token"), " ",
+                                     tags.button("Add with a certificate", type="submit", name="action",
+                                                 value="reader-add-cert") if certificates else "",
+                                     method="post", action="/console/directory", class_="add"))
 
     async def _queues_page(self, request, admin: str, token: str) -> Response:
         queues = await self.console.storage.deliveries.queues()
@@ -558,6 +570,20 @@ class _Action(Resource):
                 what = f"{'authorised' if action == 'authorise' else 'no longer authorised'} for {one('scope')}"
                 await credential(f"viewer {what}", one("viewer"), "U")
                 return _see_other("/console/directory?done=" + quote(f"{one('viewer')} {what}."))
+            if action == "reader-add-token":
+                new = await directory.add_reader(one("name"), "read", token=True)
+                await credential("reader added, token issued", new.reader.name, "C")
+                return await self._directory_page(request, admin, token, issued=(new.reader.name, new.token))
+            if action == "reader-add-cert":
+                if not one("name"):
+                    raise _Refused(400, "a reader needs a name")
+                return await self._certificate(
+                    lambda name, fingerprint: directory.add_reader(name, "read", client_certificate=fingerprint),
+                    one("name"), f"reader:{one('name')}", credential)
+            if action == "reader-revoke":
+                await directory.revoke_reader(one("name"))
+                return await credited("reader revoked: its token and certificate", one("name"), "D",
+                                      f"Reader {one('name')} revoked.")
             if action == "rule-add":
                 if not one("destination"):
                     raise _Refused(400, "a rule needs a destination")
@@ -581,7 +607,7 @@ class _Action(Resource):
         if self.console.client_ca is None:
             raise _Refused(409, "this node has no [tls] client_ca and client_ca_key to sign certificates with")
         pem, fingerprint = await self.console.ingest.run_blocking(issue_from_ca_files, *self.console.client_ca,
-                                                                  common_name.strip().lower())
+                                                                  common_name)
         await record(account, fingerprint)
         await credential("client certificate issued", account, "U")
         filename = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in account) + ".pem"
