@@ -280,7 +280,8 @@ async def test_console_directory_changes(make_central):
     removing the centre is refused while the rule names it, an authorisation for an unknown centre too;
     she revokes the authorisation, removes the rule, the centre and the viewer. Each change is in the
     directory and in the audit trail with alice; a form without the CSRF token changes nothing (403). A
-    reader added with a token is that token's principal until she revokes it."""
+    reader added with a token is that token's principal until she revokes it; so is an administrator she
+    adds, until removed; she cannot remove herself (409)."""
     node, token = await _central_with_quarantine(make_central)
     directory = node.central_storage.directory
     base = f"http://127.0.0.1:{listener_port(node, 'http')}"
@@ -299,6 +300,8 @@ async def test_console_directory_changes(make_central):
         out["refused"] = change("centre-remove", name="centre-c")
         out["bad"] = change("authorise", viewer=viewer, scope="nowhere").status_code
         out["reader"] = change("reader-add-token", name="research").text
+        out["admin"] = change("admin-add", name="carol").text
+        out["self"] = change("admin-remove", name="alice").status_code
         return out
 
     out = await deferToThread(http)
@@ -313,6 +316,8 @@ async def test_console_directory_changes(make_central):
     assert await directory.centre("centre-c") is not None and out["bad"] == 409
     reader = await directory.principal(_shown_token(out["reader"]))
     assert (reader.kind, reader.name) == ("reader", "research")
+    carol = await directory.principal(_shown_token(out["admin"]))
+    assert (carol.kind, carol.name) == ("admin", "carol") and out["self"] == 409
     rule = (await directory.rules())[0]
     assert (rule.centre, rule.modality, rule.destination) == ("centre-c", "CT", viewer)
 
@@ -322,9 +327,13 @@ async def test_console_directory_changes(make_central):
                 change("rule-remove", rule=str(rule.id)).status_code,
                 change("centre-remove", name="centre-c").status_code,
                 change("viewer-remove", address=viewer).status_code,
-                change("reader-revoke", name="research").status_code]
+                change("reader-revoke", name="research").status_code,
+                change("admin-remove", name="carol").status_code]
 
-    assert await deferToThread(undo) == [200] * 5
+    assert await deferToThread(undo) == [200] * 6
+    assert await directory.admins() == ["alice"]
+    with pytest.raises(DirectoryError, match="last administrator"):
+        await directory.remove_admin("alice")
     assert await directory.principal(_shown_token(out["reader"])) is None
     assert await directory.centre("centre-c") is None and await directory.viewer(viewer) is None
     assert await directory.rules() == [] and await directory.principal(_shown_token(out["centre"])) is None
@@ -339,12 +348,14 @@ async def test_console_directory_changes(make_central):
         ("directory", "C", "alice", f"routing rule {rule.id} added: centre-c/CT/any to {viewer} (console)"),
         ("credential", "U", "alice", "viewer token issued (console)"),
         ("credential", "C", "alice", "reader added, token issued (console)"),
+        ("credential", "C", "alice", "administrator token issued (console)"),
         ("credential", "U", "alice", "viewer no longer authorised for centre-c:CT (console)"),
         ("directory", "D", "alice", f"routing rule {rule.id} removed (console)"),
         ("credential", "D", "alice", "centre removed: its token and certificate revoked (console)"),
         ("directory", "D", "alice", "centre centre-c removed (console)"),
         ("credential", "D", "alice", "viewer removed: its token and certificate revoked (console)"),
         ("credential", "D", "alice", "reader revoked: its token and certificate (console)"),
+        ("credential", "D", "alice", "administrator removed: token and password revoked (console)"),
     ]
 
 

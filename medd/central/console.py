@@ -264,7 +264,7 @@ class _Action(Resource):
     async def _directory_page(self, request, admin: str, token: str, issued: tuple[str, str] | None = None) -> Response:
         directory = self.console.storage.directory
         centres, viewers, rules = await directory.centres(), await directory.viewers(), await directory.rules()
-        readers = await directory.readers()
+        readers, admins = await directory.readers(), await directory.admins()
         csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
         certificates = self.console.client_ca is not None
 
@@ -314,6 +314,9 @@ class _Action(Resource):
         reader_rows = [tags.tr(tags.td(r.name), tags.td(r.scope),
                                tags.td("token" if r.has_token else "", " certificate" if r.client_cert_sha256 else ""),
                                tags.td(act("Revoke", "reader-revoke", name=r.name)), class_="reader") for r in readers]
+        admin_rows = [tags.tr(tags.td(name), tags.td(act("New token", "admin-token", name=name),
+                                                     act("Remove", "admin-remove", name=name) if name != admin else ""),
+                              class_="admin") for name in admins]
         done = (request.args.get(b"done") or [b""])[0].decode("utf-8", "replace")
         return await _page(200, "Directory", self._header("Directory", admin, csrf, ""),
                            tags.p("New token for ", tags.strong(issued[0]), ": ", tags.code(issued[1], class_="token"),
@@ -344,7 +347,10 @@ class _Action(Resource):
                                                  value="reader-add-token"), " ",
                                      tags.button("Add with a certificate", type="submit", name="action",
                                                  value="reader-add-cert") if certificates else "",
-                                     method="post", action="/console/directory", class_="add"))
+                                     method="post", action="/console/directory", class_="add"),
+                           tags.h2("Administrators"), tags.table(heads("name", ""), *admin_rows),
+                           adder("admin-add", "Add administrator", field("name", "name")),
+                           tags.p("A console password: medd admins password NAME."))
 
     async def _queues_page(self, request, admin: str, token: str) -> Response:
         queues = await self.console.storage.deliveries.queues()
@@ -584,6 +590,19 @@ class _Action(Resource):
                 await directory.revoke_reader(one("name"))
                 return await credited("reader revoked: its token and certificate", one("name"), "D",
                                       f"Reader {one('name')} revoked.")
+            if action in ("admin-add", "admin-token"):
+                if action == "admin-add":
+                    new = await directory.add_admin(one("name"))
+                else:
+                    new = await directory.issue_admin_token(one("name"))
+                await credential("administrator token issued", one("name"), "C" if action == "admin-add" else "U")
+                return await self._directory_page(request, admin, token, issued=(one("name"), new))
+            if action == "admin-remove":
+                if one("name") == admin:
+                    raise _Refused(409, "you cannot remove yourself; another administrator can")
+                await directory.remove_admin(one("name"))
+                return await credited("administrator removed: token and password revoked", one("name"), "D",
+                                      f"Administrator {one('name')} removed.")
             if action == "rule-add":
                 if not one("destination"):
                     raise _Refused(400, "a rule needs a destination")

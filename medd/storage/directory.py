@@ -493,6 +493,28 @@ def admin_by_token(conn: Connection, token: str) -> str | None:
     return conn.execute(select(admins.c.name).where(admins.c.token_hash == hash_token(token))).scalar()
 
 
+def list_admins(conn: Connection) -> list[str]:
+    return list(conn.execute(select(admins.c.name).order_by(admins.c.name)).scalars())
+
+
+def issue_admin_token(conn: Connection, name: str) -> str:
+    """A new token for administrator ``name`` (the old one stops working), to be shown once."""
+    token = new_token()
+    if conn.execute(admins.update().where(admins.c.name == name).values(token_hash=hash_token(token))).rowcount == 0:
+        raise DirectoryError(f"no administrator {name}")
+    return token
+
+
+def remove_admin(conn: Connection, name: str) -> None:
+    """Remove an administrator (token and password); refused for the last one, which nobody could replace
+    from the console."""
+    if name not in list_admins(conn):
+        raise DirectoryError(f"no administrator {name}")
+    if len(list_admins(conn)) == 1:
+        raise DirectoryError(f"{name} is the last administrator")
+    conn.execute(delete(admins).where(admins.c.name == name))
+
+
 def set_admin_password(conn: Connection, name: str, password_hash: str) -> None:
     if conn.execute(admins.update().where(admins.c.name == name).values(password_hash=password_hash)).rowcount == 0:
         raise DirectoryError(f"no administrator {name}")
@@ -777,6 +799,17 @@ class Directory(Connector):
     def admin_by_token(self, token: str):
         """Deferred name of the administrator whose token this is, or None."""
         return self.db.run(lambda conn: admin_by_token(conn, token))
+
+    def admins(self):
+        """Deferred names of the administrators."""
+        return self.db.run(list_admins)
+
+    def issue_admin_token(self, name: str):
+        """Deferred new token of an administrator (the old one stops working)."""
+        return self.db.run(lambda conn: issue_admin_token(conn, name))
+
+    def remove_admin(self, name: str):
+        return self.db.run(lambda conn: remove_admin(conn, name))
 
     def set_admin_password(self, name: str, password_hash: str):
         """Give an administrator a password (its hash, :func:`medd.viewer.users.hash_password`) for the console."""
