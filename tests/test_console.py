@@ -365,7 +365,7 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
     reader "with a certificate", answer a PEM
     download (certificate and key) whose certificate's SHA-256 now names that viewer or centre; a second one
     replaces it (the first no longer names anyone); "Revoke certificate" leaves none; a token revoked no
-    longer names the centre. Without a client CA the console refuses (409)."""
+    longer names the centre, nor one revoked a viewer. Without a client CA the console refuses (409)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
@@ -375,7 +375,8 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
     make_self_signed(ca_cert, ca_key, "medd test client CA")
     node = await make_central(LISTEN, extra=f"[tls]\nclient_ca = {ca_cert}\nclient_ca_key = {ca_key}\n")
     directory = node.central_storage.directory
-    await directory.add_viewer(ALLOWED)
+    viewer_token = (await directory.add_viewer(ALLOWED)).token
+    assert (await directory.principal(viewer_token)).name == ALLOWED
     centre_token = (await directory.add_centre("centre-a", addresses=["ct1@centre-a.example"], token=True)).token
     token = await directory.add_admin("alice")
     base = f"http://127.0.0.1:{listener_port(node, 'http')}"
@@ -386,7 +387,8 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
         centre = change("centre-cert", name="centre-a")
         reader = change("reader-add-cert", name="research")
         revoked = change("viewer-cert-revoke", address=ALLOWED).status_code
-        token_revoked = change("centre-token-revoke", name="centre-a").status_code
+        token_revoked = (change("centre-token-revoke", name="centre-a").status_code,
+                         change("viewer-token-revoke", address=ALLOWED).status_code)
         return first, second, centre, reader, revoked, token_revoked
 
     first, second, centre, reader, revoked, token_revoked = await deferToThread(http)
@@ -405,7 +407,8 @@ async def test_console_issues_and_revokes_client_certificates(make_central, tmp_
     found = await directory.principal(None, four)
     assert cn4 == "CN=reader:research" and (found.kind, found.name) == ("reader", "research")
     assert revoked == 200 and await directory.principal(None, two) is None
-    assert token_revoked == 200 and await directory.principal(centre_token) is None
+    assert token_revoked == (200, 200) and await directory.principal(centre_token) is None
+    assert await directory.principal(viewer_token) is None
 
     plain, admin = await _central_with_quarantine(lambda listen: make_central(listen, site="plain"))
 

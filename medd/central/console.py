@@ -303,6 +303,7 @@ class _Action(Resource):
                                tags.td(*[tags.span(scope, " ", act("Revoke", "revoke", viewer=v.address, scope=scope),
                                                    " ") for scope in v.authorisations]),
                                tags.td(act("New token", "viewer-token", address=v.address),
+                                       act("Revoke token", "viewer-token-revoke", address=v.address),
                                        act("New certificate", "viewer-cert", address=v.address) if certificates else "",
                                        act("Revoke certificate", "viewer-cert-revoke", address=v.address)
                                        if certificates else "",
@@ -562,6 +563,11 @@ class _Action(Resource):
                 new = await directory.issue_viewer_token(one("address"))
                 await credential("viewer token issued", one("address"), "U")
                 return await self._directory_page(request, admin, token, issued=(one("address"), new))
+            if action == "viewer-token-revoke":
+                # A viewer always has a token (the column is required): a new one nobody is shown revokes it.
+                await directory.issue_viewer_token(one("address"))
+                return await credited("viewer token revoked", one("address"), "D",
+                                      f"Viewer {one('address')}'s token revoked.")
             if action == "viewer-cert":
                 viewer = await directory.viewer(one("address"))
                 if viewer is None:
