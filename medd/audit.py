@@ -64,6 +64,8 @@ EVENTS: dict[str, EventKind] = {
     "login": EventKind("110114", "User Authentication", "E", LOGIN),
     "logout": EventKind("110114", "User Authentication", "E", ("110123", "Logout")),
     "credential": EventKind("110113", "Security Alert", "U", ("110137", "User Security Attributes Changed")),
+    # A centre, viewer or routing rule added or removed from the console.
+    "directory": EventKind("110113", "Security Alert", "U", ("110128", "Network Configuration")),
     "auth-refused": EventKind("110114", "User Authentication", "E", LOGIN),
 }
 

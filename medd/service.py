@@ -123,7 +123,10 @@ class NodeService(MultiService):
                                           settings=settings.central, metrics=self.metrics)
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
-            for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit).items():
+            client_ca = ((config.tls_client_ca, config.tls_client_ca_key)
+                         if config.tls_client_ca and config.tls_client_ca_key else None)
+            for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit,
+                                                    client_ca).items():
                 self.web.mount(name, resource)
         web_resources = self.web.freeze()
         tls = TLSSettings(config.tls_certificate, config.tls_private_key, config.tls_client_ca)

@@ -40,6 +40,13 @@ def make_self_signed(cert_path: Path, key_path: Path, hostname: str = "localhost
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def issue_from_ca_files(ca_path: str, ca_key_path: str, common_name: str) -> tuple[bytes, str]:
+    """:func:`issue_client_certificate` with the CA of ``[tls] client_ca`` and ``client_ca_key`` (files)."""
+    from pathlib import Path
+
+    return issue_client_certificate(Path(ca_path).read_bytes(), Path(ca_key_path).read_bytes(), common_name)
+
+
 def issue_client_certificate(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, days: int = 730) -> tuple[bytes, str]:
     """A client certificate for ``common_name`` signed by the CA; returns
     (PEM of certificate and private key together, SHA-256 fingerprint hex).

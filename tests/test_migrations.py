@@ -19,7 +19,7 @@ from medd.storage.schema import all_tables
 from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
 
-HEAD = "0014_metadata_cache"
+HEAD = "0015_admin_passwords"
 NEXT = f"{int(HEAD[:4]) + 1:04d}"  # the number the next revision script gets
 
 

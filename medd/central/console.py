@@ -1,13 +1,18 @@
-"""Central's administrator console at ``/console``: log in with an administrator's name and token, see
+"""Central's administrator console at ``/console``: log in with an administrator's name and token (or the
+password of ``medd admins password``), see
 the quarantine and correct it (route to an authorised viewer, or reject), one or many at once, and the
 queues (what waits for each viewer and centre, the oldest, the last error; retry now), tracking (search,
-an object's timeline) and the directory (read; a centre's token rotated).
+paged; an object's timeline) and the directory: centres, viewers, authorisations and routing rules added
+and removed, credentials issued, rotated and revoked (tokens shown once; a client certificate, where
+``[tls] client_ca_key`` is configured, offered once as a PEM download). Logins go through a
+:class:`~medd.throttling.LoginThrottle`, as the reading room's do.
 
 Plain HTML forms, no script. The session is an HttpOnly, SameSite=Strict cookie for ``/console``; every
 POST but the login carries the session's CSRF token and is refused from another origin. Sessions live
 in the node's memory: they end when the node restarts, and each central node has its own.
 Every correction goes through the same storage calls as ``POST /api/quarantine/{id}/route|reject``,
-which record the administrator and the time.
+which record the administrator and the time; every directory change is an audit record naming the
+administrator ("credential" for credentials and authorisations, "directory" for centres, viewers and rules).
 """
 from __future__ import annotations
 
@@ -15,25 +20,28 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime, timedelta, timezone
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from twisted.web.resource import Resource
 from twisted.web.template import Tag, flattenString, tags
 
-from medd.audit import MINOR_FAILURE
+from medd.audit import MINOR_FAILURE, SERIOUS_FAILURE
 from medd.storage.connector import aware
 from medd.storage.directory import DirectoryError
 from medd.storage.routing import CorrectionError
+from medd.throttling import LoginThrottle
 from medd.webresource import Response, client_ip, read_body, render_async
 
 COOKIE = b"medd_console"
 SESSION_SECONDS = 8 * 3600
 MAX_FORM = 64 * 1024
+PAGE = 200  # tracking rows per page
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1b1f24}
 table{border-collapse:collapse;margin:1rem 0}th,td{border-bottom:1px solid #d0d7de;padding:.35rem .6rem;text-align:left}
 th{background:#f6f8fa}.flash{background:#dafbe1;padding:.5rem}.error{background:#ffebe9;padding:.5rem}
 header{display:flex;gap:1rem;align-items:baseline}header form{margin-left:auto}nav a{margin:0 .3rem}
+form.inline{display:inline;margin-right:.3rem}form.add{margin:.5rem 0}
 """
 CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
@@ -94,10 +102,12 @@ def _age(created: datetime, now: datetime) -> str:
 class ConsoleResource(Resource):
     """``/console``: the quarantine page (``GET /console/``), ``POST /console/login``, ``/logout``, ``/quarantine``."""
 
-    def __init__(self, storage, routing, ingest, audit, clock):
+    def __init__(self, storage, routing, ingest, audit, clock, *, client_ca: tuple[str, str] | None = None):
         super().__init__()
         self.storage, self.routing, self.ingest, self.audit = storage, routing, ingest, audit
         self.sessions = ConsoleSessions(clock)
+        self.login_throttle = LoginThrottle(clock)
+        self.client_ca = client_ca  # ([tls] client_ca, client_ca_key): the console may issue certificates
 
     def getChild(self, path, request):
         if path in (b"", b"login", b"logout", b"quarantine", b"queues", b"tracking",
@@ -159,7 +169,7 @@ class _Action(Resource):
             if self.name == "tracking":
                 return await self._tracking_page(request, admin, token)
             if self.name == "directory":
-                return await self._directory_page(admin, token)
+                return await self._directory_page(request, admin, token)
             return await self._quarantine_page(request, admin, token)
         except _Refused as e:
             return await self._refused(e)
@@ -197,13 +207,22 @@ class _Action(Resource):
             since = _day(args.get("since"))
             until = _day(args.get("until"), end=True)
             hours = float(args.get("hours") or 24)
+            before = int(args["before"]) if args.get("before") else None
         except ValueError:
             raise _Refused(400, "dates are YYYY-MM-DD and hours a number")
         now = datetime.now(timezone.utc)
         rows = await self.console.storage.tracking.search(
             centre=args.get("centre", ""), viewer=args.get("viewer", ""), patient=args.get("patient", ""),
             accession=args.get("accession", ""), since=since, until=until, state=args.get("state", ""),
-            overdue_before=now - timedelta(hours=hours))
+            overdue_before=now - timedelta(hours=hours), limit=PAGE + 1, before=before)
+        more = len(rows) > PAGE
+        rows = rows[:PAGE]
+        # The next page continues below this one's last row, with the same search.
+        following = tags.p(tags.a("Next page", href="/console/tracking?" + urlencode(
+            {**{k: v for k, v in args.items() if v and k != "before"}, "before": rows[-1].id}), class_="next")) \
+            if more else ""
+        earlier = tags.p(tags.a("First page", href="/console/tracking?" + urlencode(
+            {k: v for k, v in args.items() if v and k != "before"}))) if before is not None else ""
         table = tags.table(tags.tr(*[tags.th(h) for h in ("received", "centre", "patient", "accession", "modality",
                                                           "routing", "deliveries", "object")]), *[
             tags.tr(tags.td(f"{r.received_at:%Y-%m-%d %H:%M}"), tags.td(r.centre or ""), tags.td(r.patient_id or ""),
@@ -214,7 +233,9 @@ class _Action(Resource):
         await self.console.audit.record("query", user=admin, credential="console session", peer=client_ip(request),
                                         transport="http", patient_id=args.get("patient") or None,
                                         detail=f"console tracking: {len(rows)}")
-        return await _page(200, "Tracking", self._header("Tracking", admin, csrf, f"{len(rows)} found"), form, table)
+        shown = f"{len(rows)} found" + (" (more on the next page)" if more else "")
+        return await _page(200, "Tracking", self._header("Tracking", admin, csrf, shown), form, table, following,
+                           earlier)
 
     async def _timeline(self, admin: str, csrf, uid: str) -> Response:
         history = await self.console.storage.tracking.object_history(uid)
@@ -240,37 +261,97 @@ class _Action(Resource):
                                   f"{o.modality or '?'}"),
                            tags.ol(*[tags.li(f"{at:%Y-%m-%d %H:%M:%S} ", what, class_="event") for at, what in events]))
 
-    async def _directory_page(self, admin: str, token: str, issued: str | None = None) -> Response:
+    async def _directory_page(self, request, admin: str, token: str, issued: tuple[str, str] | None = None) -> Response:
         directory = self.console.storage.directory
         centres, viewers, rules = await directory.centres(), await directory.viewers(), await directory.rules()
+        readers, admins = await directory.readers(), await directory.admins()
         csrf = tags.input(type="hidden", name="csrf", value=csrf_of(token))
+        certificates = self.console.client_ca is not None
 
         def heads(*names):
             return tags.tr(*[tags.th(n) for n in names])
 
-        def new_token(name: str):
-            return tags.form(csrf.clone(), tags.input(type="hidden", name="centre", value=name),
-                             tags.button("New token", type="submit"), method="post", action="/console/directory")
+        def act(label: str, action: str, **fields):
+            """A one-button form posting ``action`` with ``fields`` to /console/directory."""
+            return tags.form(csrf.clone(), tags.input(type="hidden", name="action", value=action),
+                             *[tags.input(type="hidden", name=k, value=v) for k, v in fields.items()],
+                             tags.button(label, type="submit"), method="post", action="/console/directory",
+                             class_="inline")
+
+        def field(label: str, name: str, size: str = "18", **extra):
+            return tags.label(f"{label} ", tags.input(name=name, size=size, **extra), " ")
+
+        def adder(action: str, label: str, *fields):
+            return tags.form(csrf.clone(), tags.input(type="hidden", name="action", value=action), *fields,
+                             tags.button(label, type="submit"), method="post", action="/console/directory",
+                             class_="add")
+
+        def centre_actions(c):
+            if not c.addresses:  # a credential authenticates a centre's package address
+                return [act("Remove", "centre-remove", name=c.name)]
+            return [act("New token", "centre-token", name=c.name),
+                    act("Revoke token", "centre-token-revoke", name=c.name) if c.has_token else "",
+                    act("New certificate", "centre-cert", name=c.name) if certificates else "",
+                    act("Revoke certificate", "centre-cert-revoke", name=c.name) if c.client_cert_sha256 else "",
+                    act("Remove", "centre-remove", name=c.name)]
 
         centre_rows = [tags.tr(tags.td(c.name), tags.td(" ".join(v for k, v in c.aliases if k == "ae")), tags.td(" ".join(c.addresses)),
                                tags.td(" ".join(c.networks)), tags.td("token" if c.has_token else "",
                                                                       " certificate" if c.client_cert_sha256 else ""),
-                               tags.td(new_token(c.name) if c.addresses else ""), class_="centre") for c in centres]
+                               tags.td(*centre_actions(c)), class_="centre") for c in centres]
         viewer_rows = [tags.tr(tags.td(v.address), tags.td(v.mode), tags.td(v.push_url or ""),
-                               tags.td(", ".join(v.authorisations)), class_="viewer") for v in viewers]
+                               tags.td(*[tags.span(scope, " ", act("Revoke", "revoke", viewer=v.address, scope=scope),
+                                                   " ") for scope in v.authorisations]),
+                               tags.td(act("New token", "viewer-token", address=v.address),
+                                       act("Revoke token", "viewer-token-revoke", address=v.address),
+                                       act("New certificate", "viewer-cert", address=v.address) if certificates else "",
+                                       act("Revoke certificate", "viewer-cert-revoke", address=v.address)
+                                       if certificates else "",
+                                       act("Remove", "viewer-remove", address=v.address)), class_="viewer")
+                       for v in viewers]
         rule_rows = [tags.tr(tags.td(str(r.id)), tags.td(r.centre or "any"), tags.td(r.modality or "any"),
-                             tags.td(r.object_type or "any"), tags.td(r.destination), class_="rule") for r in rules]
+                             tags.td(r.object_type or "any"), tags.td(r.destination),
+                             tags.td(act("Remove", "rule-remove", rule=str(r.id))), class_="rule") for r in rules]
+        reader_rows = [tags.tr(tags.td(r.name), tags.td(r.scope),
+                               tags.td("token" if r.has_token else "", " certificate" if r.client_cert_sha256 else ""),
+                               tags.td(act("Revoke", "reader-revoke", name=r.name)), class_="reader") for r in readers]
+        admin_rows = [tags.tr(tags.td(name), tags.td(act("New token", "admin-token", name=name),
+                                                     act("Remove", "admin-remove", name=name) if name != admin else ""),
+                              class_="admin") for name in admins]
+        done = (request.args.get(b"done") or [b""])[0].decode("utf-8", "replace")
         return await _page(200, "Directory", self._header("Directory", admin, csrf, ""),
                            tags.p("New token for ", tags.strong(issued[0]), ": ", tags.code(issued[1], class_="token"),
-                                  " (shown once; the old one no longer works)", class_="flash") if issued else "",
+                                  " (shown once; any old one no longer works)", class_="flash") if issued else "",
+                           tags.p(done, class_="flash") if done else "",
                            tags.h2("Centres"), tags.table(heads("name", "AE titles", "addresses", "networks",
                                                                "credentials", ""), *centre_rows),
-                           tags.h2("Viewers"), tags.table(heads("address", "mode", "push to", "authorised for"),
-                                                          *viewer_rows),
-                           tags.h2("Routing rules"), tags.table(heads("#", "centre", "modality", "type", "to"),
+                           adder("centre-add", "Add centre", field("name", "name"),
+                                 field("AE titles", "aes", placeholder="CT1 MR1"),
+                                 field("addresses", "addresses", "24", placeholder="pacs@centre.example"),
+                                 field("networks", "networks", placeholder="10.1.2.0/24"),
+                                 tags.label(tags.input(type="checkbox", name="token", value="1"), " with a token ")),
+                           tags.h2("Viewers"), tags.table(heads("address", "mode", "push to", "authorised for",
+                                                                "credentials"), *viewer_rows),
+                           adder("viewer-add", "Add viewer", field("address", "address", "24"),
+                                 field("push URL (empty: pull)", "push", "24"),
+                                 field("authorised for", "scopes", placeholder="centre-a:CT centre-b")),
+                           adder("authorise", "Authorise", field("viewer", "viewer", "24"),
+                                 field("for (centre or centre:modality)", "scope")),
+                           tags.h2("Routing rules"), tags.table(heads("#", "centre", "modality", "type", "to", ""),
                                                                 *rule_rows),
-                           tags.p("Adding and removing centres, viewers, authorisations and rules: "
-                                  "medd centres|viewers|routes on the command line, or /api."))
+                           adder("rule-add", "Add rule", field("centre", "centre"), field("modality", "modality", "6"),
+                                 field("object type", "object_type", "10"), field("to", "destination", "24")),
+                           tags.h2("Readers (DICOMweb, read only)"),
+                           tags.table(heads("name", "scope", "credentials", ""), *reader_rows),
+                           tags.form(csrf.clone(), field("name", "name"),
+                                     tags.button("Add with a token", type="submit", name="action",
+                                                 value="reader-add-token"), " ",
+                                     tags.button("Add with a certificate", type="submit", name="action",
+                                                 value="reader-add-cert") if certificates else "",
+                                     method="post", action="/console/directory", class_="add"),
+                           tags.h2("Administrators"), tags.table(heads("name", ""), *admin_rows),
+                           adder("admin-add", "Add administrator", field("name", "name")),
+                           tags.p("A console password: medd admins password NAME."))
 
     async def _queues_page(self, request, admin: str, token: str) -> Response:
         queues = await self.console.storage.deliveries.queues()
@@ -293,7 +374,7 @@ class _Action(Resource):
         return await _page(status, "Log in", tags.h1("medd central console"),
                            tags.p(message, class_="error") if message else "",
                            tags.form(tags.label("Administrator ", tags.input(name="name", autocomplete="username")),
-                                     " ", tags.label("Token ", tags.input(name="token", type="password",
+                                     " ", tags.label("Token or password ", tags.input(name="token", type="password",
                                                                           autocomplete="current-password")),
                                      " ", tags.button("Log in", type="submit"),
                                      method="post", action="/console/login"))
@@ -355,7 +436,7 @@ class _Action(Resource):
             if self.name == "quarantine":
                 return await self._correct(admin, form)
             if self.name == "directory":
-                return await self._rotate(request, admin, token, (form.get("centre") or [""])[0])
+                return await self._change_directory(request, admin, token, form)
             if self.name == "queues":
                 destination = (form.get("destination") or [""])[0]
                 count = await self.console.storage.deliveries.retry_now(destination, admin)
@@ -368,33 +449,196 @@ class _Action(Resource):
     async def _login(self, request, form) -> Response:
         name = (form.get("name") or [""])[0].strip()
         token = (form.get("token") or [""])[0].strip()
-        principal = await self.console.storage.directory.principal(token) if token else None
         peer = client_ip(request)
-        if principal is None or principal.kind != "admin" or principal.name != name:
-            await self.console.audit.record("login", user=name or None, credential="admin token", peer=peer,
-                                            transport="http", outcome=MINOR_FAILURE,
-                                            detail="console: wrong administrator name or token")
-            return await self._login_form(401, "Wrong administrator name or token.")
+        wait = self.console.login_throttle.attempt(name, peer)
+        if wait:
+            # Refused before the token is checked: while throttled, the right one does not work either.
+            await self.console.audit.record("auth-refused", user=name or None, credential="admin token", peer=peer,
+                                            transport="http", outcome=SERIOUS_FAILURE,
+                                            detail=f"console login throttled for {wait} s")
+            response = await self._login_form(429, f"Too many failed logins for this name or from this computer. "
+                                                   f"Wait {wait} s and try again.")
+            response.headers["Retry-After"] = str(wait)
+            return response
+        credential = await self._check_admin(name, token)
+        if credential is None:
+            await self.console.audit.record("login", user=name or None, credential="admin token or password",
+                                            peer=peer, transport="http", outcome=MINOR_FAILURE,
+                                            detail="console: wrong administrator name, token or password")
+            return await self._login_form(401, "Wrong administrator name, token or password.")
+        self.console.login_throttle.succeeded(name, peer)
         session = self.console.sessions.start(name)
-        await self.console.audit.record("login", user=name, credential="admin token", peer=peer, transport="http",
+        await self.console.audit.record("login", user=name, credential=credential, peer=peer, transport="http",
                                         detail="console")
         request.addCookie(COOKIE, session.encode("ascii"), path=b"/console", httpOnly=True, sameSite="strict",
                           secure=request.isSecure() or None)
         return _see_other("/console/")
 
-    async def _rotate(self, request, admin: str, token: str, centre: str) -> Response:
-        """A new bearer token for ``centre`` (the old one stops working), shown once on the page."""
+    async def _check_admin(self, name: str, secret: str) -> str | None:
+        """"admin token" or "password" when ``secret`` is administrator ``name``'s token or console password
+        (`medd admins password`), else None. The scrypt check runs in a thread."""
+        from medd.viewer.users import check_hash
+
+        if not name or not secret:
+            return None
+        directory = self.console.storage.directory
+        principal = await directory.principal(secret)
+        if principal is not None and principal.kind == "admin" and principal.name == name:
+            return "admin token"
+        stored = await directory.admin_password_hash(name)
+        ok = await self.console.ingest.run_blocking(check_hash, stored, secret)
+        return "password" if ok else None
+
+    async def _change_directory(self, request, admin: str, token: str, form) -> Response:
+        """One directory change from the Directory page's forms, recorded with ``admin``; a DirectoryError is
+        refused (409) with its message and changes nothing."""
         from medd.audit import credential_change
 
-        if await self.console.storage.directory.centre(centre) is None:
-            raise _Refused(404, "no such centre")
+        def one(name: str) -> str:
+            return (form.get(name) or [""])[0].strip()
+
+        def many(name: str) -> list[str]:
+            return one(name).replace(",", " ").split()
+
+        action, directory, peer = one("action"), self.console.storage.directory, client_ip(request)
+
+        async def credential(what: str, account: str, code: str) -> None:
+            await credential_change(self.console.audit, f"{what} (console)", account, action=code, admin=admin,
+                                    peer=peer, transport="http")
+
+        async def credited(what: str, account: str, code: str, done: str) -> Response:
+            await credential(what, account, code)
+            return _see_other("/console/directory?done=" + quote(done))
+
+        async def changed(what: str, code: str) -> Response:
+            await self.console.audit.record("directory", action=code, user=admin, credential="console session",
+                                            peer=peer, transport="http", detail=f"{what} (console)")
+            return _see_other("/console/directory?done=" + quote(what[0].upper() + what[1:] + "."))
+
         try:
-            issued = await self.console.storage.directory.add_centre(centre, token=True)
+            if action == "centre-add":
+                if not one("name"):
+                    raise _Refused(400, "a centre needs a name")
+                if await directory.centre(one("name")) is not None:
+                    raise _Refused(409, f"centre {one('name')} exists; remove it first to change it")
+                added = await directory.add_centre(one("name"), many("aes"), many("addresses"), many("networks"),
+                                                   token=bool(one("token")))
+                response = await changed(f"centre {added.centre.name} added", "C")
+                if added.token:
+                    await credential("centre token issued", added.centre.name, "C")
+                    return await self._directory_page(request, admin, token, issued=(added.centre.name, added.token))
+                return response
+            if action == "centre-remove":
+                await directory.remove_centre(one("name"))
+                await credential("centre removed: its token and certificate revoked", one("name"), "D")
+                return await changed(f"centre {one('name')} removed", "D")
+            if action == "centre-token":
+                if await directory.centre(one("name")) is None:
+                    raise _Refused(404, "no such centre")
+                issued = await directory.add_centre(one("name"), token=True)
+                await credential("centre token issued", one("name"), "U")
+                return await self._directory_page(request, admin, token, issued=(one("name"), issued.token))
+            if action == "centre-token-revoke":
+                await directory.revoke_centre_token(one("name"))
+                return await credited("centre token revoked", one("name"), "D",
+                                      f"Centre {one('name')}'s token revoked.")
+            if action == "centre-cert":
+                centre = await directory.centre(one("name"))
+                if centre is None or not centre.address:
+                    raise _Refused(404, "no such centre, or it has no address for a certificate to name")
+                return await self._certificate(directory.centre_certificate, centre.name, centre.address, credential)
+            if action == "centre-cert-revoke":
+                await directory.centre_certificate(one("name"), None)
+                return await credited("centre client certificate revoked", one("name"), "D",
+                                      f"Centre {one('name')}'s certificate revoked.")
+            if action == "viewer-add":
+                added = await directory.add_viewer(one("address"), one("push") or None, many("scopes"))
+                await credential("viewer added, token issued", added.viewer.address, "C")
+                return await self._directory_page(request, admin, token, issued=(added.viewer.address, added.token))
+            if action == "viewer-remove":
+                await directory.remove_viewer(one("address"))
+                return await credited("viewer removed: its token and certificate revoked", one("address"), "D",
+                                      f"Viewer {one('address')} removed.")
+            if action == "viewer-token":
+                new = await directory.issue_viewer_token(one("address"))
+                await credential("viewer token issued", one("address"), "U")
+                return await self._directory_page(request, admin, token, issued=(one("address"), new))
+            if action == "viewer-token-revoke":
+                # A viewer always has a token (the column is required): a new one nobody is shown revokes it.
+                await directory.issue_viewer_token(one("address"))
+                return await credited("viewer token revoked", one("address"), "D",
+                                      f"Viewer {one('address')}'s token revoked.")
+            if action == "viewer-cert":
+                viewer = await directory.viewer(one("address"))
+                if viewer is None:
+                    raise _Refused(404, "no such viewer")
+                return await self._certificate(directory.viewer_certificate, viewer.address, viewer.address, credential)
+            if action == "viewer-cert-revoke":
+                await directory.viewer_certificate(one("address"), None)
+                return await credited("viewer client certificate revoked", one("address"), "D",
+                                      f"Viewer {one('address')}'s certificate revoked.")
+            if action in ("authorise", "revoke"):
+                await (directory.authorise if action == "authorise" else directory.revoke)(one("viewer"), one("scope"))
+                what = f"{'authorised' if action == 'authorise' else 'no longer authorised'} for {one('scope')}"
+                await credential(f"viewer {what}", one("viewer"), "U")
+                return _see_other("/console/directory?done=" + quote(f"{one('viewer')} {what}."))
+            if action == "reader-add-token":
+                new = await directory.add_reader(one("name"), "read", token=True)
+                await credential("reader added, token issued", new.reader.name, "C")
+                return await self._directory_page(request, admin, token, issued=(new.reader.name, new.token))
+            if action == "reader-add-cert":
+                if not one("name"):
+                    raise _Refused(400, "a reader needs a name")
+                return await self._certificate(
+                    lambda name, fingerprint: directory.add_reader(name, "read", client_certificate=fingerprint),
+                    one("name"), f"reader:{one('name')}", credential)
+            if action == "reader-revoke":
+                await directory.revoke_reader(one("name"))
+                return await credited("reader revoked: its token and certificate", one("name"), "D",
+                                      f"Reader {one('name')} revoked.")
+            if action in ("admin-add", "admin-token"):
+                if action == "admin-add":
+                    new = await directory.add_admin(one("name"))
+                else:
+                    new = await directory.issue_admin_token(one("name"))
+                await credential("administrator token issued", one("name"), "C" if action == "admin-add" else "U")
+                return await self._directory_page(request, admin, token, issued=(one("name"), new))
+            if action == "admin-remove":
+                if one("name") == admin:
+                    raise _Refused(409, "you cannot remove yourself; another administrator can")
+                await directory.remove_admin(one("name"))
+                return await credited("administrator removed: token and password revoked", one("name"), "D",
+                                      f"Administrator {one('name')} removed.")
+            if action == "rule-add":
+                if not one("destination"):
+                    raise _Refused(400, "a rule needs a destination")
+                rule = await directory.add_rule(one("destination"), one("centre"), one("modality"), one("object_type"))
+                return await changed(f"routing rule {rule.id} added: {rule.centre or 'any'}/{rule.modality or 'any'}/"
+                                     f"{rule.object_type or 'any'} to {rule.destination}", "C")
+            if action == "rule-remove":
+                if not one("rule").isdigit():
+                    raise _Refused(400, "which rule?")
+                await directory.remove_rule(int(one("rule")))
+                return await changed(f"routing rule {one('rule')} removed", "D")
         except DirectoryError as e:
             raise _Refused(409, str(e)) from e
-        await credential_change(self.console.audit, "centre token issued (console)", centre, action="U", admin=admin,
-                                peer=client_ip(request), transport="http")
-        return await self._directory_page(admin, token, issued=(centre, issued.token))
+        raise _Refused(400, "unknown directory action")
+
+    async def _certificate(self, record, account: str, common_name: str, credential) -> Response:
+        """A new client certificate for ``account`` (CN ``common_name``) signed by the configured client CA,
+        its fingerprint recorded (an older certificate stops working), sent once as a PEM download."""
+        from medd.tlscert import issue_from_ca_files
+
+        if self.console.client_ca is None:
+            raise _Refused(409, "this node has no [tls] client_ca and client_ca_key to sign certificates with")
+        pem, fingerprint = await self.console.ingest.run_blocking(issue_from_ca_files, *self.console.client_ca,
+                                                                  common_name)
+        await record(account, fingerprint)
+        await credential("client certificate issued", account, "U")
+        filename = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in account) + ".pem"
+        return Response(200, "application/x-pem-file", pem,
+                        {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store",
+                         "X-Content-Type-Options": "nosniff", "X-Certificate-SHA256": fingerprint})
 
     async def _correct(self, admin: str, form) -> Response:
         from medd.central.routing import correct_route

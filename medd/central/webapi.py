@@ -489,9 +489,10 @@ class AuditResource(_Authenticated):
 
 
 def central_resources(storage: CentralStorage, routing: RoutingService, ingest: Ingest,
-                      audit: AuditTrail) -> dict[bytes, Resource]:
+                      audit: AuditTrail, client_ca: tuple[str, str] | None = None) -> dict[bytes, Resource]:
+    """``client_ca``: ([tls] client_ca, client_ca_key) when this node may issue client certificates."""
     from medd.central.console import ConsoleResource
 
     central = CentralWeb(storage, routing, ingest, audit)
     return {b"outbox": OutboxResource(central), b"api": ApiResource(central),
-            b"console": ConsoleResource(storage, routing, ingest, audit, storage.clock)}
+            b"console": ConsoleResource(storage, routing, ingest, audit, storage.clock, client_ca=client_ca)}

@@ -63,12 +63,9 @@ def _issue_client_certificate(args, common_name: str):
     config = load_config(args.config)
     if not (config.tls_client_ca and config.tls_client_ca_key):
         raise DirectoryError(f"{args.config}: --client-cert needs [tls] client_ca and client_ca_key (the CA that signs it)")
-    from pathlib import Path
+    from medd.tlscert import issue_from_ca_files
 
-    from medd.tlscert import issue_client_certificate
-
-    return issue_client_certificate(Path(config.tls_client_ca).read_bytes(), Path(config.tls_client_ca_key).read_bytes(),
-                                    common_name)
+    return issue_from_ca_files(config.tls_client_ca, config.tls_client_ca_key, common_name)
 
 
 def _write_client_certificate(args, issued) -> None:
@@ -166,6 +163,20 @@ def admins_add(args):
     token = _run(args, lambda s: s.directory.add_admin(args.name))
     record_credential_change(args.config, "administrator token issued", args.name, "C")
     print(token)
+
+
+@_guard
+def admins_password(args):
+    from medd.cli.users import _read_password
+    from medd.viewer.users import UserError, hash_password
+
+    try:
+        hashed = hash_password(_read_password(args))
+    except UserError as e:
+        return _fail(str(e))
+    _run(args, lambda s: s.directory.set_admin_password(args.name, hashed))
+    record_credential_change(args.config, "administrator password set", args.name, "U")
+    print(f"administrator {args.name} may now log in to the console with that password too", file=sys.stderr)
 
 
 @_guard
@@ -317,6 +328,9 @@ def add_admin_commands(sub) -> None:
 
     g = group("admins", "administrators")
     command(g, "add", admins_add, "add an administrator; prints its token").add_argument("name")
+    p = command(g, "password", admins_password, "set an administrator's console password (asks for it twice)")
+    p.add_argument("name")
+    p.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
 
     g = group("readers", "read credentials for DICOMweb QIDO-RS and WADO-RS on central")
     p = command(g, "add", readers_add, "register a reader: a token (printed as the last line) and/or a client certificate")

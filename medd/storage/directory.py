@@ -247,8 +247,28 @@ def issue_centre_token(conn: Connection, name: str, token: str | None = None) ->
     return token
 
 
-def record_centre_certificate(conn: Connection, name: str, fingerprint: str) -> None:
-    """Remember (hashed) the TLS client certificate issued to a centre."""
+def revoke_centre_token(conn: Connection, name: str) -> None:
+    """The centre's bearer token stops working (it may still have a client certificate)."""
+    row = _centre_row(conn, name)
+    if row.token_hash is None:
+        raise DirectoryError(f"centre {name} has no token")
+    conn.execute(centres.update().where(centres.c.id == row.id).values(token_hash=None))
+
+
+def remove_centre(conn: Connection, name: str) -> None:
+    """Remove a centre: its names, credentials and the viewers' authorisations for it; refused while a
+    routing rule names it (remove the rule first, or it would match nothing silently)."""
+    row = _centre_row(conn, name)
+    rule = conn.execute(select(routing_rules.c.id).where(routing_rules.c.centre == name)).scalar()
+    if rule is not None:
+        raise DirectoryError(f"routing rule {rule} names centre {name}: remove it first")
+    conn.execute(delete(authorisations).where(authorisations.c.centre_id == row.id))
+    conn.execute(delete(centre_aliases).where(centre_aliases.c.centre_id == row.id))
+    conn.execute(delete(centres).where(centres.c.id == row.id))
+
+
+def record_centre_certificate(conn: Connection, name: str, fingerprint: str | None) -> None:
+    """Remember (hashed) the TLS client certificate issued to a centre (None: it no longer has one)."""
     row = _centre_row(conn, name)
     conn.execute(centres.update().where(centres.c.id == row.id).values(client_cert_sha256=fingerprint))
 
@@ -351,8 +371,16 @@ def add_viewer(conn: Connection, address: str, push_url: str | None = None, scop
     return get_viewer(conn, address), token
 
 
-def record_client_certificate(conn: Connection, address: str, fingerprint: str) -> None:
-    """Remember (hashed) the client certificate issued to a viewer."""
+def issue_viewer_token(conn: Connection, address: str) -> str:
+    """Give a viewer a new bearer token (the old one stops working); returns it, to be shown once."""
+    viewer = _viewer_row(conn, address)
+    token = new_token()
+    conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(token_hash=hash_token(token)))
+    return token
+
+
+def record_client_certificate(conn: Connection, address: str, fingerprint: str | None) -> None:
+    """Remember (hashed) the client certificate issued to a viewer (None: it no longer has one)."""
     viewer = _viewer_row(conn, address)
     conn.execute(viewers.update().where(viewers.c.id == viewer.id).values(client_cert_sha256=fingerprint))
 
@@ -466,6 +494,37 @@ def add_admin(conn: Connection, name: str, *, at: datetime) -> str:
 
 def admin_by_token(conn: Connection, token: str) -> str | None:
     return conn.execute(select(admins.c.name).where(admins.c.token_hash == hash_token(token))).scalar()
+
+
+def list_admins(conn: Connection) -> list[str]:
+    return list(conn.execute(select(admins.c.name).order_by(admins.c.name)).scalars())
+
+
+def issue_admin_token(conn: Connection, name: str) -> str:
+    """A new token for administrator ``name`` (the old one stops working), to be shown once."""
+    token = new_token()
+    if conn.execute(admins.update().where(admins.c.name == name).values(token_hash=hash_token(token))).rowcount == 0:
+        raise DirectoryError(f"no administrator {name}")
+    return token
+
+
+def remove_admin(conn: Connection, name: str) -> None:
+    """Remove an administrator (token and password); refused for the last one, which nobody could replace
+    from the console."""
+    if name not in list_admins(conn):
+        raise DirectoryError(f"no administrator {name}")
+    if len(list_admins(conn)) == 1:
+        raise DirectoryError(f"{name} is the last administrator")
+    conn.execute(delete(admins).where(admins.c.name == name))
+
+
+def set_admin_password(conn: Connection, name: str, password_hash: str) -> None:
+    if conn.execute(admins.update().where(admins.c.name == name).values(password_hash=password_hash)).rowcount == 0:
+        raise DirectoryError(f"no administrator {name}")
+
+
+def admin_password_hash(conn: Connection, name: str) -> str | None:
+    return conn.execute(select(admins.c.password_hash).where(admins.c.name == name)).scalar()
 
 
 def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: str | None,
@@ -652,6 +711,17 @@ class Directory(Connector):
         """Deferred new bearer token of a centre (the old one stops working)."""
         return self.db.run(lambda conn: issue_centre_token(conn, name))
 
+    def revoke_centre_token(self, name: str):
+        return self.db.run(lambda conn: revoke_centre_token(conn, name))
+
+    def centre_certificate(self, name: str, fingerprint: str | None):
+        """Record the SHA-256 of the certificate now issued to a centre (the older one stops working), or
+        with None revoke it."""
+        return self.db.run(lambda conn: record_centre_certificate(conn, name, fingerprint))
+
+    def remove_centre(self, name: str):
+        return self.db.run(lambda conn: remove_centre(conn, name))
+
     def centre_claim(self, origin: str, token: str | None):
         """Deferred :class:`CentreClaim`, both looked up in one transaction."""
 
@@ -690,6 +760,15 @@ class Directory(Connector):
 
     def remove_viewer(self, address: str):
         return self.db.run(lambda conn: remove_viewer(conn, address))
+
+    def issue_viewer_token(self, address: str):
+        """Deferred new bearer token of a viewer (the old one stops working)."""
+        return self.db.run(lambda conn: issue_viewer_token(conn, address))
+
+    def viewer_certificate(self, address: str, fingerprint: str | None):
+        """Record the SHA-256 of the certificate now issued to a viewer (the older one stops working), or
+        with None revoke it."""
+        return self.db.run(lambda conn: record_client_certificate(conn, address, fingerprint))
 
     def viewer(self, address: str):
         """Deferred :class:`Viewer` or None."""
@@ -778,6 +857,25 @@ class Directory(Connector):
     def admin_by_token(self, token: str):
         """Deferred name of the administrator whose token this is, or None."""
         return self.db.run(lambda conn: admin_by_token(conn, token))
+
+    def admins(self):
+        """Deferred names of the administrators."""
+        return self.db.run(list_admins)
+
+    def issue_admin_token(self, name: str):
+        """Deferred new token of an administrator (the old one stops working)."""
+        return self.db.run(lambda conn: issue_admin_token(conn, name))
+
+    def remove_admin(self, name: str):
+        return self.db.run(lambda conn: remove_admin(conn, name))
+
+    def set_admin_password(self, name: str, password_hash: str):
+        """Give an administrator a password (its hash, :func:`medd.viewer.users.hash_password`) for the console."""
+        return self.db.run(lambda conn: set_admin_password(conn, name, password_hash))
+
+    def admin_password_hash(self, name: str):
+        """Deferred password hash of an administrator, or None (none set, or no such administrator)."""
+        return self.db.run(lambda conn: admin_password_hash(conn, name))
 
     # readers
 

@@ -61,6 +61,7 @@ admins = Table(
     Column("name", String(64), nullable=False, unique=True),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("password_hash", String(255)),  # scrypt (medd.viewer.users), for the console; `medd admins password`
 )
 
 # Read credentials (`medd readers add NAME --scope read`): DICOMweb QIDO-RS and WADO-RS on central.

@@ -298,12 +298,14 @@ class TrackingRow:
     outcome: str | None
     received_at: datetime
     deliveries: tuple[tuple[str, str], ...]  # (destination, state)
+    id: int = 0  # the object's row: a search continues below it (``before``)
 
 
 def search(conn: Connection, *, centre: str = "", viewer: str = "", patient: str = "", accession: str = "",
            since: datetime | None = None, until: datetime | None = None, state: str = "",
-           overdue_before: datetime | None = None, limit: int = 200) -> list[TrackingRow]:
-    """Objects by centre, viewer, patient, accession, received between ``since`` and ``until``, and state.
+           overdue_before: datetime | None = None, limit: int = 200, before: int | None = None) -> list[TrackingRow]:
+    """Objects by centre, viewer, patient, accession, received between ``since`` and ``until``, and state, newest
+    first; ``before``: only those older than that row (the last :attr:`TrackingRow.id` of the previous page).
     ``state = "overdue"``: a delivery failed, or waiting or delivered-not-opened since before ``overdue_before``."""
     o, d = objects.c, deliveries.c
     q = (select(o.id, o.sop_instance_uid, o.study_instance_uid, o.patient_id, o.accession_number, o.modality,
@@ -321,6 +323,8 @@ def search(conn: Connection, *, centre: str = "", viewer: str = "", patient: str
         q = q.where(o.received_at >= since)
     if until is not None:
         q = q.where(o.received_at < until)
+    if before is not None:
+        q = q.where(o.id < before)
     if viewer:
         q = q.where(exists().where(and_(mine, d.destination == viewer.strip().lower())))
     if state == "quarantined":
@@ -336,7 +340,7 @@ def search(conn: Connection, *, centre: str = "", viewer: str = "", patient: str
         sent = tuple((x.destination, x.state) for x in conn.execute(
             select(d.destination, d.state).where(d.uid == r.sop_instance_uid, d.status.is_(None)).order_by(d.id)))
         found.append(TrackingRow(r.sop_instance_uid, r.study_instance_uid, r.patient_id, r.accession_number,
-                                 r.modality, r.centre, r.outcome, aware(r.received_at), sent))
+                                 r.modality, r.centre, r.outcome, aware(r.received_at), sent, r.id))
     return found
 
 
