@@ -37,7 +37,9 @@ run: venv ohif
 	$(BIN)/medd demo
 
 # System tools some tests drive: Debian's chromium (the reading room's browser
-# tests), DCMTK's storescu (a modality-grade SCU) and npm (for `make ohif`). Installed when missing and
+# tests), DCMTK's storescu (a modality-grade SCU), npm (for `make ohif`), rsyslog, and postfix +
+# dovecot (the e-mail transport's tests start their own instances; postfix is installed with
+# "No configuration", so no system mail server is set up). Installed when missing and
 # we are root with apt-get; otherwise those tests skip with the reason.
 test-tools:
 	@missing=""; \
@@ -46,8 +48,12 @@ test-tools:
 	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
+	[ -x /usr/sbin/postfix ] || missing="$$missing postfix"; \
+	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
+	[ -x /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		export DEBIAN_FRONTEND=noninteractive; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null; \
 		apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; } \
 			|| echo "could not install$$missing: the tests that need them will skip"; \
 	fi

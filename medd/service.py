@@ -12,6 +12,7 @@ from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
 from medd.config import Config
 from medd.ingest import Ingest
+from medd.mail.mailbox import mailbox_service
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.audit import AuditLog
@@ -68,6 +69,9 @@ class NodeService(MultiService):
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
         )
+        self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock)
+        if self.mailbox is not None:
+            self.mailbox.setServiceParent(self)
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")
         self.blob_sweep.setServiceParent(self)
@@ -90,14 +94,14 @@ class NodeService(MultiService):
         elif config.role == "gateway":
             from medd.gateway.node import GatewayServices
 
-            self.gateway = GatewayServices(self, settings.gateway)
+            self.gateway = GatewayServices(self, settings.gateway, sender_settings=settings.mail.for_senders())
             self.gateway.setName("gateway")
             self.gateway.setServiceParent(self)
         else:
             from medd.central.webapi import central_resources
 
             self.routing = RoutingService(reactor, config, plugins, self.central_storage, self.ingest,
-                                          settings=settings.central)
+                                          settings=settings.central, sender_settings=settings.mail.for_senders())
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             for name, resource in central_resources(self.central_storage, self.routing, self.ingest, self.audit).items():

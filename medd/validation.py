@@ -17,6 +17,7 @@ from typing import Iterable
 
 from medd.audit import AUDIT_KEYS, audit_settings
 from medd.config import CORE_KEYS, ROLES, Config, ConfigError, ConfigProblem, read_config
+from medd.mail.settings import MAIL_KEYS, MAILBOX_KEYS, MailNodeSettings, mail_settings
 from medd.plugins.host import Plugins, load_plugins
 from medd.plugins.settings import SectionCheck
 
@@ -56,6 +57,8 @@ class NodeSettings:
     gateway: object | None = None
     #: ``[audit]`` (:class:`medd.audit.AuditSettings`), on every node.
     audit: object | None = None
+    #: ``[mail]`` and ``[mailbox]``, on every node.
+    mail: MailNodeSettings = MailNodeSettings()
 
 
 def validate_file(path: str | os.PathLike, *, extra_plugins: Iterable[object] = (),
@@ -101,6 +104,8 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     known["archive"] = set(ARCHIVE_KEYS)
     known["retention"] = set(RETENTION_KEYS)
     known["audit"] = set(AUDIT_KEYS)
+    known["mail"] = set(MAIL_KEYS)
+    known["mailbox"] = set(MAILBOX_KEYS)
     for sections in ([role_keys[role]] if role in role_keys else list(role_keys.values())):
         for section, keys in sections.items():
             known.setdefault(section, set()).update(keys)
@@ -135,6 +140,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
         problem("archive", "backend", f"no archive plugin named {archive.backend!r}")
 
     audit = collect(lambda: audit_settings(config, check_files=check_files))
+    mail = collect(lambda: mail_settings(config, check_files=check_files)) or MailNodeSettings()
     central = gateway = None
     if role == "central":
         from medd.central.settings import central_node_settings
@@ -149,6 +155,8 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
         from medd.gateway.settings import gateway_settings
 
         gateway = collect(lambda: gateway_settings(config, check_files=check_files))
+        if gateway is not None and gateway.central.startswith("mailto:") and mail.mail is None:
+            problem("gateway", "central", "a mailto: central needs [mail] smarthost (the server this node sends through)")
 
     folder = Path(config.path).resolve().parent
     for section, check, source in plugins.config_checks:
@@ -157,7 +165,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
             check(view)
         except Exception as e:  # a plugin's bug must not hide the other problems
             problem(section, None, f"the check of {source} failed: {type(e).__name__}: {e}")
-    return NodeSettings(config, plugins, central, gateway, audit), problems
+    return NodeSettings(config, plugins, central, gateway, audit, mail), problems
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

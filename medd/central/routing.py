@@ -241,7 +241,7 @@ class RoutingService(Service):
     undecided and resumes pending deliveries.
     """
 
-    def __init__(self, reactor, config, plugins, storage, api, settings=None):
+    def __init__(self, reactor, config, plugins, storage, api, settings=None, sender_settings=None):
         from medd.central.outbox import DeliveryService
         from medd.central.settings import central_node_settings
 
@@ -254,7 +254,8 @@ class RoutingService(Service):
         self.router = Router(storage.routing, config.name, on_routed=self._routed)
         self.outbox = DeliveryService(
             reactor, storage.deliveries, api, plugins.senders, config.name,
-            settings.delivery.retry, settings=settings.push.for_senders(),
+            # [mail]'s keys (the mailto: sender's) beside [push]'s.
+            settings.delivery.retry, settings={**settings.push.for_senders(), **(sender_settings or {})},
         )
         self.poll_interval = settings.delivery.poll_interval
         self.route_delay = settings.delivery.route_delay

@@ -283,7 +283,8 @@ def add_admin_commands(sub) -> None:
     p = command(g, "add", viewers_add, "register a viewer; prints its token")
     p.add_argument("address")
     p.add_argument("--pull", action="store_true", help="the viewer polls central (GET /outbox)")
-    p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p or http(s)://h/packages")
+    p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p, http(s)://h/packages or mailto:address "
+                                                   "(through [mail] smarthost)")
     p.add_argument("--authorise", action="append", metavar="CENTRE[:MODALITY]")
     p.add_argument("--client-cert", metavar="FILE",
                    help="also issue a TLS client certificate (CN = the address) signed by [tls] client_ca_key; "

@@ -25,7 +25,7 @@ from medd.storage.routing_tables import (admins, authorisations, centre_aliases,
                                          routing_rules, viewers)
 from medd.storage.schema import objects
 
-PUSH_SCHEMES = ("smtp", "tls", "http", "https")
+PUSH_SCHEMES = ("smtp", "tls", "http", "https", "mailto")
 # What a reader's credential may do: "read" is DICOMweb QIDO-RS and WADO-RS.
 READER_SCOPES = ("read",)
 
@@ -180,8 +180,17 @@ def split_scope(scope: str) -> tuple[str, str]:
 
 def check_push_url(url: str) -> None:
     parts = urlsplit(url)
+    if parts.scheme == "mailto":
+        from medd.mail.settings import mailto_address
+
+        try:
+            mailto_address(url)
+        except ValueError as e:
+            raise DirectoryError(str(e)) from e
+        return
     if parts.scheme not in PUSH_SCHEMES or not parts.hostname or (parts.scheme in ("smtp", "tls") and not parts.port):
-        raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port or http(s)://host[:port]/path, not {url!r}")
+        raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port, http(s)://host[:port]/path "
+                             f"or mailto:address, not {url!r}")
 
 
 # -- centres ---------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Packages taken from an IMAP mailbox over TLS (``[mailbox] url = imaps://user@host/INBOX``), with
+Twisted's own IMAP4 client.
+
+Every ``poll_interval`` seconds the poller logs in, lists the folder's messages by UID and hands each
+one to the node's one ingest path (transport ``imap``). A message leaves the folder only once the
+ingest answered:
+
+- stored (durable and indexed, or already stored): flagged ``\\Deleted`` and expunged;
+- refused (not a valid package, or a sender the node does not take): appended to ``refused_folder``
+  (``medd-refused``) with a ``Medd-Refused`` header giving the reason, then deleted here, so it is
+  neither lost nor retried forever;
+- not stored because of medd itself (:class:`~medd.ingest.StoreFailed`): left where it is for the
+  next poll.
+
+A node killed between fetching a message and indexing it finds the message still there at restart,
+and the receivers' idempotency (Message-ID and UID) stores it once however often it is taken.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.mail import imap4
+
+from medd.ingest import Refused, StoreFailed
+from medd.mail.settings import MailboxSettings
+from medd.scheduling import Backoff, CoalescingPass, PassService
+
+log = Logger()
+
+#: The header a refused message carries in the refused folder.
+REFUSED_HEADER = "Medd-Refused"
+#: Unexpected failures on one message before it is moved aside rather than tried again.
+MAX_FAILURES = 5
+#: Messages taken per connection; the next poll comes at once when there were more.
+BATCH = 64
+
+
+class _Client(imap4.IMAP4Client):
+    """Fires the factory's ``greeted`` Deferred with itself once the server greeted it."""
+
+    def serverGreeting(self, caps):
+        greeted, self.factory.greeted = self.factory.greeted, None
+        if greeted is not None:
+            greeted.callback(self)
+
+    def connectionLost(self, reason):
+        greeted, self.factory.greeted = self.factory.greeted, None
+        if greeted is not None:
+            greeted.errback(reason)
+        super().connectionLost(reason)
+
+
+class _ClientFactory(ClientFactory):
+    protocol = _Client
+    noisy = False
+
+    def __init__(self):
+        self.greeted: Deferred | None = Deferred()
+
+    def clientConnectionFailed(self, connector, reason):
+        greeted, self.greeted = self.greeted, None
+        if greeted is not None:
+            greeted.errback(reason)
+
+
+def _reason_header(reason: str) -> bytes:
+    """A ``Medd-Refused`` header line: the reason flattened to printable ASCII, folded by length only."""
+    flat = "".join(c if " " <= c <= "~" else "?" for c in " ".join(str(reason).split()))[:900]
+    return f"{REFUSED_HEADER}: {flat}\r\n".encode("ascii")
+
+
+def message_bytes(text) -> bytes:
+    """A fetched message as bytes (Twisted hands literals back as str decoded as Latin-1)."""
+    return text if isinstance(text, bytes) else text.encode("latin-1")
+
+
+class MailboxPoller(PassService):
+    """Polls one mailbox; :meth:`kick` runs a poll now (fires with the number of messages a poll that
+    began after the call took from the folder). ``api`` is the node's Ingest."""
+
+    def __init__(self, reactor, settings: MailboxSettings, api, clock):
+        self.reactor = reactor
+        self.settings = settings
+        self.api = api
+        self.clock = clock
+        self.backoff = Backoff(base=min(5.0, settings.poll_interval), max_delay=max(settings.poll_interval, 300.0))
+        self._pass = CoalescingPass(self._poll, f"mailbox {settings.url}", clock)
+        self._failures: dict[tuple[int, int], int] = {}  # (UIDVALIDITY, UID) -> unexpected failures
+        self._errors = 0
+        self.polls = 0
+
+    async def _poll(self) -> int:
+        if self._stopped:
+            return 0
+        try:
+            handled, more = await self._session()
+        except Exception as e:
+            self._errors += 1
+            delay = self.backoff.delay(self._errors)
+            log.warn("mailbox {url}: {error}; next poll in {delay:.0f}s", url=self.settings.url,
+                     error=f"{type(e).__name__}: {e}", delay=delay)
+            self._pass.schedule(delay)
+            return 0
+        self._errors = 0
+        self.polls += 1
+        if not self._stopped:
+            self._pass.schedule(0 if more else self.settings.poll_interval)
+        return handled
+
+    def _read_credentials(self) -> tuple[bytes | None, str]:
+        """Blocking: (CA PEM or None, password)."""
+        ca = Path(self.settings.ca).read_bytes() if self.settings.ca else None
+        return ca, Path(self.settings.password_file).read_text().strip()
+
+    async def _connect(self) -> _Client:
+        ca, password = await self.api.run_blocking(self._read_credentials)
+        context = optionsForClientTLS(self.settings.host, trustRoot=Certificate.loadPEM(ca) if ca else platformTrust())
+        factory = _ClientFactory()
+        greeted = factory.greeted
+        greeted.addTimeout(self.settings.timeout, self.clock)
+        self.reactor.connectSSL(self.settings.host, self.settings.port, factory, context,
+                                timeout=self.settings.timeout)
+        client = await greeted
+        client.timeout = self.settings.timeout
+        await client.login(self.settings.user.encode("utf-8"), password.encode("utf-8"))
+        return client
+
+    async def _session(self) -> tuple[int, bool]:
+        """One connection: handle up to :data:`BATCH` messages; (handled, whether more wait)."""
+        client = await self._connect()
+        try:
+            selected = await client.select(self.settings.folder)
+            validity = int(selected.get("UIDVALIDITY", 0))
+            uids = sorted(int(u) for u in await client.search(imap4.Query(all=True), uid=True))
+            handled = 0
+            for uid in uids[:BATCH]:
+                if self._stopped:
+                    break
+                handled += await self._take(client, validity, uid)
+            if handled:
+                await client.expunge()
+            return handled, len(uids) > BATCH
+        finally:
+            client.transport.loseConnection()
+
+    async def _take(self, client: _Client, validity: int, uid: int) -> int:
+        """Fetch one message and ingest it; 1 when it left the folder."""
+        key = (validity, uid)
+        fetched = await client.fetchMessage(str(uid), uid=True)
+        data = next((message_bytes(v["RFC822"]) for v in fetched.values() if str(v.get("UID")) == str(uid)), None)
+        if data is None:
+            return 0  # expunged by someone else meanwhile
+        try:
+            stored = await self.api.receive_package(data, transport="imap", peer=self.settings.url)
+        except Refused as e:
+            log.warn("mailbox {url}: message {uid} refused ({kind}): {reason}; moved to {folder}",
+                     url=self.settings.url, uid=uid, kind=e.kind, reason=e.reason, folder=self.settings.refused_folder)
+            await self._move_aside(client, uid, data, e.reason)
+            return 1
+        except StoreFailed as e:
+            log.error("mailbox {url}: message {uid} not stored ({reason}); left for the next poll",
+                      url=self.settings.url, uid=uid, reason=str(e))
+            return 0
+        except Exception as e:
+            self._failures[key] = failures = self._failures.get(key, 0) + 1
+            log.failure("mailbox {url}: message {uid} failed ({n} of {max})", url=self.settings.url, uid=uid,
+                        n=failures, max=MAX_FAILURES)
+            if failures < MAX_FAILURES:
+                return 0
+            await self._move_aside(client, uid, data, f"medd failed on it {failures} times: {type(e).__name__}: {e}")
+            self._failures.pop(key, None)
+            return 1
+        self._failures.pop(key, None)
+        log.info("mailbox {url}: message {uid} ({what} {uid_stored}) taken", url=self.settings.url, uid=uid,
+                 what="stored" if stored.created else "already stored", uid_stored=stored.uid)
+        await client.addFlags(str(uid), ["\\Deleted"], uid=True)
+        return 1
+
+    async def _move_aside(self, client: _Client, uid: int, data: bytes, reason: str) -> None:
+        """Append the message, with its reason, to the refused folder; then mark it deleted here."""
+        folder = self.settings.refused_folder
+        try:
+            await client.create(folder)
+        except imap4.IMAP4Exception:
+            pass  # it exists already
+        await client.append(folder, io.BytesIO(_reason_header(reason) + data))
+        await client.addFlags(str(uid), ["\\Deleted"], uid=True)
+
+
+def mailbox_service(reactor, settings: MailboxSettings | None, api, clock) -> MailboxPoller | None:
+    """The node's mailbox poller, or None without ``[mailbox]``."""
+    if settings is None:
+        return None
+    poller = MailboxPoller(reactor, settings, api, clock)
+    poller.setName("mailbox")
+    return poller
+

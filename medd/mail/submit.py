@@ -1,0 +1,78 @@
+"""The ``mailto:`` push sender: a package handed to the site's smarthost (``[mail] smarthost``) by
+Twisted's own ESMTP client, for the mail system to route.
+
+``smtp://host:587`` upgrades with STARTTLS, the smarthost's certificate verified against
+``[mail] ca`` (or the platform's trust store) and its name; a smarthost that does not offer
+STARTTLS is refused unless ``[mail] starttls = optional``. ``smtps://host:465`` is TLS from the
+first byte. With ``username`` and ``password_file`` the node authenticates (AUTH, only once
+encrypted). A send succeeds when the smarthost answered 250 to the message: it has taken
+responsibility for it; anything else fails the attempt, which the caller retries with its backoff.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.threads import deferToThreadPool
+from twisted.mail.smtp import ESMTPSenderFactory
+from zope.interface import implementer
+
+from medd.mail.settings import SENDER_PREFIX, mailto_address
+from medd.plugins.hookspecs import hookimpl
+from medd.plugins.interfaces import ISender
+from medd.transports.push import LFLines, envelope
+
+
+class NoSmarthost(Exception):
+    """A ``mailto:`` destination on a node without ``[mail] smarthost``."""
+
+
+def _read_credentials(settings: dict) -> tuple[bytes | None, bytes | None]:
+    """Blocking: (CA PEM, password) from the files ``[mail]`` names, either may be None."""
+    ca = settings.get(SENDER_PREFIX + "ca")
+    password = settings.get(SENDER_PREFIX + "password_file")
+    return (Path(ca).read_bytes() if ca else None,
+            Path(password).read_bytes().strip() if password else None)
+
+
+@implementer(ISender)
+class SmarthostSender:
+    """Sends each package as one message through ``[mail] smarthost`` to a ``mailto:`` address."""
+
+    schemes = ("mailto",)
+
+    def send(self, reactor, url, package, settings):
+        return ensureDeferred(self._send(reactor, url, package, settings))
+
+    async def _send(self, reactor, url, package, settings) -> None:
+        recipient = mailto_address(url)
+        smarthost = settings.get(SENDER_PREFIX + "smarthost")
+        if not smarthost:
+            raise NoSmarthost(f"{url} needs [mail] smarthost: this node sends mail only through one")
+        parts = urlsplit(smarthost)
+        ca, password = await deferToThreadPool(reactor, reactor.getThreadPool(), _read_credentials, settings)
+        trust = Certificate.loadPEM(ca) if ca else platformTrust()
+        context = optionsForClientTLS(parts.hostname, trustRoot=trust)
+        username = settings.get(SENDER_PREFIX + "username")
+        sender, _ = envelope(package)
+        done: Deferred = Deferred()
+        factory = ESMTPSenderFactory(
+            username.encode() if username else None, password, sender, [recipient], LFLines(package), done,
+            retries=0, timeout=float(settings.get(SENDER_PREFIX + "timeout", 60)), contextFactory=context,
+            requireAuthentication=username is not None,
+            requireTransportSecurity=settings.get(SENDER_PREFIX + "starttls", "required") != "optional",
+            hostname=parts.hostname,
+        )
+        factory.noisy = False
+        if parts.scheme == "smtps":
+            reactor.connectSSL(parts.hostname, parts.port or 465, factory, context)
+        else:
+            reactor.connectTCP(parts.hostname, parts.port or 587, factory)
+        await done
+
+
+@hookimpl
+def medd_register_senders(register) -> None:
+    register(SmarthostSender())

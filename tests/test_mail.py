@@ -1,0 +1,345 @@
+"""E-mail between real mail servers: Debian's postfix (submission with STARTTLS + SASL AUTH, and
+implicit TLS) and dovecot (IMAPS, LMTP into Maildirs), started once for this module on free
+loopback ports from a throw-away folder (tests/mailservers.py).
+
+Pinned here: a gateway sends its packages through the smarthost to central's mailbox, and central
+takes them from it over IMAP through the one ingest path, deleting each message only once stored;
+what is not a valid package, or comes from a sender central does not take over IMAP, is moved to
+``medd-refused`` with the reason as a header; the smarthost's certificate is verified and clear
+text refused unless allowed; a central SIGKILLed between fetching a message and indexing it finds
+it still in the mailbox and stores it exactly once after the restart."""
+from __future__ import annotations
+
+import email
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+import pytest_twisted
+from pydicom.uid import generate_uid
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from medd.mail.submit import SmarthostSender
+from medd.package import HEADER, attachment_for, build_package, read_package
+from medd.objects import Content
+from medd.plugins.host import load_plugins
+from medd.tlscert import make_self_signed
+from tests.conftest import listener_port, write_config
+from tests.mailservers import MailServers, mail_servers_folder, missing_reason
+
+CENTRAL_BOX = "central@central.test"
+GATEWAY_LOGIN = "ct1@gateway.test"
+
+
+@pytest.fixture(scope="module")
+def mail():
+    """postfix + dovecot for the module, with mailboxes for central and the gateway's login."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    servers = MailServers(mail_servers_folder())
+    try:
+        servers.start()
+        servers.add_user(CENTRAL_BOX)
+        servers.add_user(GATEWAY_LOGIN)
+        yield servers
+    finally:
+        servers.stop()
+        shutil.rmtree(servers.folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def empty_mailboxes(mail):
+    """Each test starts with central's INBOX and refused folder empty."""
+    for folder in ("", "medd-refused"):
+        for message in mail.messages(CENTRAL_BOX, folder):
+            message.unlink()
+    yield
+
+
+def image(name: str = "CT_small.dcm") -> pydicom.Dataset:
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def part10(ds) -> bytes:
+    from io import BytesIO
+
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def package_of(ds, origin: str = GATEWAY_LOGIN, destination: str = CENTRAL_BOX) -> bytes:
+    return build_package(Content(media_type="application/dicom", data=part10(ds)),
+                         attachment_for("image", ds.SOPInstanceUID), origin=origin, destination=destination)
+
+
+def mail_extra(mail, *, smarthost: str | None = None, starttls: str = "required", login: str = GATEWAY_LOGIN) -> str:
+    smarthost = smarthost or f"smtp://localhost:{mail.submission_port}"
+    return (f"[mail]\nsmarthost = {smarthost}\nca = {mail.ca}\nstarttls = {starttls}\nusername = {login}\n"
+            f"password_file = {mail.password_file(login)}\ntimeout = 20\n")
+
+
+def mailbox_extra(mail, address: str = CENTRAL_BOX, poll_interval: float = 0.2) -> str:
+    return (f"[mailbox]\nurl = imaps://{address}@localhost:{mail.imaps_port}/INBOX\n"
+            f"password_file = {mail.password_file(address)}\nca = {mail.ca}\npoll_interval = {poll_interval}\n"
+            f"timeout = 20\n")
+
+
+async def stored_uids(node) -> list[str]:
+    from sqlalchemy import select
+
+    from medd.storage.schema import objects
+
+    rows = await node.database.run(lambda c: c.execute(select(objects.c.sop_instance_uid).order_by(objects.c.id)).all())
+    return [r[0] for r in rows]
+
+
+async def poll_until(node, predicate, seconds: float = 60):
+    """Kick the node's mailbox poller until ``predicate()`` (a coroutine function) is true."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await node.mailbox.kick()
+        if await predicate():
+            return
+    raise AssertionError("the mailbox poller never got there")
+
+
+def sleep(seconds: float) -> Deferred:
+    d = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def wait_for_mail(mail, address: str, count: int, folder: str = "", seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while len(mail.messages(address, folder)) < count:
+        assert time.monotonic() < deadline, f"{count} messages never reached {address} {folder}"
+        await sleep(0.05)
+    return mail.messages(address, folder)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gateway_sends_through_postfix_and_central_takes_it_from_dovecot(make_central, mail):
+    """A gateway whose central is ``mailto:central@central.test`` submits each package to postfix
+    (STARTTLS, the certificate verified against [mail] ca, AUTH with the mailbox login); postfix
+    delivers it over LMTP into central's dovecot mailbox; central's [mailbox] poller fetches it over
+    IMAPS, stores it through the ingest (transport imap) and only then deletes the message."""
+    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    gateway = await make_central(
+        {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n"
+                   f"retry_base = 0.2\nretry_max_delay = 1\n" + mail_extra(mail)),
+        site="gateway", role="gateway", name="gateway.test")
+    dss = [image(), image("MR_small.dcm")]
+    for ds in dss:
+        await gateway.ingest.receive_dicom(part10(ds), transport="dicom", origin="CT1")
+    await gateway.gateway.forwarder.kick()
+    for ds in dss:
+        item = await gateway.forwarding.of_object(ds.SOPInstanceUID)
+        assert item.state == "sent", item
+    delivered = await wait_for_mail(mail, CENTRAL_BOX, 2)
+    # What postfix delivered is the package itself: it reads back with its object.
+    plugins = load_plugins()
+    packages = [read_package(m.read_bytes(), plugins.object_type) for m in delivered]
+    assert sorted(p.attachment.uid for p in packages) == sorted(ds.SOPInstanceUID for ds in dss)
+    assert {p.origin for p in packages} == {GATEWAY_LOGIN}
+
+    async def both_stored():
+        return sorted(await stored_uids(central)) == sorted(ds.SOPInstanceUID for ds in dss)
+
+    await poll_until(central, both_stored)
+    assert mail.messages(CENTRAL_BOX) == [] and mail.messages(CENTRAL_BOX, "medd-refused") == []
+
+    from sqlalchemy import select
+
+    from medd.storage.schema import receipts
+
+    rows = await central.database.run(lambda c: c.execute(select(receipts.c.origin, receipts.c.transport)).all())
+    assert set(rows) == {(GATEWAY_LOGIN, "imap")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_central_will_not_take_is_moved_to_medd_refused_with_the_reason(make_central, mail):
+    """A message that is not a package, and a package in a registered centre's name (which over IMAP
+    carries no credential of that centre), are each appended to ``medd-refused`` with a
+    ``Medd-Refused`` header naming the reason and removed from INBOX; nothing is stored, and a good
+    package beside them is."""
+    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    await central.central_storage.directory.add_centre("centre-a", addresses=["ct1@centre-a.example"], token=True)
+    good = image()
+    sender = SmarthostSender()
+    settings = {f"mail_{k}": v for k, v in (("smarthost", f"smtps://localhost:{mail.smtps_port}"), ("ca", str(mail.ca)),
+                                            ("username", GATEWAY_LOGIN),
+                                            ("password_file", str(mail.password_file(GATEWAY_LOGIN))))}
+    not_a_package = (b"From: someone@gateway.test\r\nTo: central@central.test\r\nSubject: hello\r\n"
+                     b"Message-ID: <x1@gateway.test>\r\n\r\nJust words.\r\n")
+    url = f"mailto:{CENTRAL_BOX}"
+    await sender.send(reactor, url, not_a_package, settings)
+    await sender.send(reactor, url, package_of(image(), origin="ct1@centre-a.example"), settings)
+    await sender.send(reactor, url, package_of(good), settings)
+    await wait_for_mail(mail, CENTRAL_BOX, 3)
+
+    async def inbox_empty():
+        return mail.messages(CENTRAL_BOX) == []
+
+    await poll_until(central, inbox_empty)
+    assert await stored_uids(central) == [good.SOPInstanceUID]
+    refused = [email.message_from_bytes(m.read_bytes()) for m in mail.messages(CENTRAL_BOX, "medd-refused")]
+    reasons = sorted(m["Medd-Refused"] for m in refused)
+    assert len(reasons) == 2
+    assert "centre-a" in reasons[0] and "authenticated" in reasons[0]
+    assert HEADER in reasons[1] or "no" in reasons[1]
+    # The refused copies are the messages as received, plus the reason.
+    assert sorted(m["Message-ID"] is not None for m in refused) == [True, True]
+    assert any(m.get_payload().strip() == "Just words." for m in refused)
+
+
+@pytest_twisted.ensureDeferred
+async def test_smarthost_tls_is_verified_and_clear_text_refused_unless_optional(make_central, mail, tmp_path):
+    """To a smarthost without STARTTLS (central's own SMTP listener, no [tls]) nothing is sent unless
+    ``starttls = optional``, which then delivers; a smarthost whose certificate another CA signed is
+    refused; smtps:// (TLS from the first byte) to postfix delivers."""
+    central = await make_central({"smtp": "tcp:0:interface=127.0.0.1"}, site="central")
+    port = listener_port(central, "smtp")
+    sender = SmarthostSender()
+    ds = image()
+    package = package_of(ds, destination="central.test")
+    clear = {"mail_smarthost": f"smtp://localhost:{port}", "mail_ca": str(mail.ca), "mail_timeout": "10"}
+    with pytest.raises(Exception, match="(?i)TLS"):
+        await sender.send(reactor, "mailto:central@central.test", package, clear)
+    assert await stored_uids(central) == []
+    await sender.send(reactor, "mailto:central@central.test", package, {**clear, "mail_starttls": "optional"})
+    assert await stored_uids(central) == [ds.SOPInstanceUID]
+
+    other_ca, other_key = tmp_path / "other.pem", tmp_path / "other.key"
+    make_self_signed(other_ca, other_key, "localhost")
+    wrong = {"mail_smarthost": f"smtp://localhost:{mail.submission_port}", "mail_ca": str(other_ca),
+             "mail_username": GATEWAY_LOGIN, "mail_password_file": str(mail.password_file(GATEWAY_LOGIN)),
+             "mail_timeout": "10"}
+    before = len(mail.messages(CENTRAL_BOX))
+    with pytest.raises(Exception):
+        await sender.send(reactor, f"mailto:{CENTRAL_BOX}", package_of(image()), wrong)
+    with pytest.raises(Exception):
+        await sender.send(reactor, f"mailto:{CENTRAL_BOX}", package_of(image()),
+                          {**wrong, "mail_smarthost": f"smtps://localhost:{mail.smtps_port}"})
+    right = {**wrong, "mail_ca": str(mail.ca), "mail_smarthost": f"smtps://localhost:{mail.smtps_port}"}
+    await sender.send(reactor, f"mailto:{CENTRAL_BOX}", package_of(image()), right)
+    assert len(await wait_for_mail(mail, CENTRAL_BOX, before + 1)) == before + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_central_pushes_to_a_mailto_viewer_through_the_smarthost(make_central, mail):
+    """A push viewer registered with ``mailto:`` gets its deliveries as mail through [mail]
+    smarthost; the delivery is marked delivered once postfix accepted it, and tracking says by what."""
+    viewer = "dr-lee@viewer.test"
+    mail.add_user(viewer)
+    central = await make_central({}, extra=mail_extra(mail, login=CENTRAL_BOX), site="central")
+    directory = central.central_storage.directory
+    await directory.add_centre("centre-a", aes=["MODALITY1"])
+    await directory.add_viewer(viewer, f"mailto:{viewer}", ["centre-a"])
+    ds = image()
+    ds.NamesOfIntendedRecipientsOfResults = viewer
+    await central.ingest.receive_dicom(part10(ds), transport="dicom", origin="MODALITY1")
+    await central.routing.kick()
+    await central.routing.outbox.settled()
+    [message] = await wait_for_mail(mail, viewer, 1)
+    package = read_package(message.read_bytes(), load_plugins().object_type)
+    assert package.attachment.uid == ds.SOPInstanceUID and package.destination == viewer
+    (row,) = await central.central_storage.deliveries.of_object(ds.SOPInstanceUID)
+    assert row.state == "delivered", row
+
+
+# --- a central SIGKILLed between fetching a message and indexing it --------------------------------------
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def _start_twistd(folder, extra: str) -> subprocess.Popen:
+    ini = write_config(folder, {}, extra)
+    log = folder / f"twistd-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        return subprocess.Popen([TWISTD, "-n", "--pidfile=", "medd", "--config", str(ini)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=folder)
+
+
+def _count_objects(db) -> int:
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM objects").fetchone()[0]
+        except sqlite3.OperationalError:
+            return -1
+
+
+def _submit(mail, package: bytes) -> None:
+    """Blocking: ``package`` to central's mailbox through postfix (Python's smtplib, implicit TLS)."""
+    import smtplib
+    import ssl
+
+    with smtplib.SMTP_SSL("localhost", mail.smtps_port, context=ssl.create_default_context(cafile=mail.ca)) as smtp:
+        smtp.login(GATEWAY_LOGIN, mail.passwords[GATEWAY_LOGIN])
+        smtp.sendmail(GATEWAY_LOGIN, [CENTRAL_BOX], package)
+
+
+def test_sigkill_between_fetch_and_index_leaves_the_message_in_the_mailbox(mail, tmp_path):
+    """A real twistd central polls its mailbox while its SQLite index is held locked by this test, so
+    the package it fetched cannot be indexed; it is SIGKILLed then. The message is still in INBOX
+    (it was only read, marked \\Seen by the fetch). After a restart with the lock released it is
+    stored exactly once and only then deleted."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    ds = image()
+    db = tmp_path / "index.sqlite"
+    extra = mailbox_extra(mail, poll_interval=0.3)
+    proc = _start_twistd(tmp_path, extra)
+    lock = None
+    try:
+        deadline = time.monotonic() + 60
+        while "node central.test starting" not in "".join(p.read_text() for p in tmp_path.glob("twistd-*.log")):
+            assert proc.poll() is None and time.monotonic() < deadline, "central did not start"
+            time.sleep(0.05)
+        # A write lock on the index: central polls and fetches, but cannot index what it fetched.
+        lock = sqlite3.connect(db, isolation_level=None, timeout=30)
+        lock.execute("BEGIN IMMEDIATE")
+        _submit(mail, package_of(ds))
+        # The fetch marks the message \Seen (Maildir flag S).
+        while not any(p.name.endswith("S") for p in mail.messages(CENTRAL_BOX)):
+            assert proc.poll() is None and time.monotonic() < deadline, "central never fetched the message"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if lock is not None:
+            lock.execute("ROLLBACK")
+            lock.close()
+    assert len(mail.messages(CENTRAL_BOX)) == 1
+    assert _count_objects(db) in (-1, 0)
+
+    proc = _start_twistd(tmp_path, extra)
+    try:
+        deadline = time.monotonic() + 60
+        while mail.messages(CENTRAL_BOX) or _count_objects(db) < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "central never took the message"
+            time.sleep(0.05)
+        time.sleep(1)  # a few more polls: nothing more may be stored
+        assert _count_objects(db) == 1
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT sop_instance_uid FROM objects").fetchall() == [(ds.SOPInstanceUID,)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
