@@ -94,7 +94,7 @@ class Ingest:
                  record_status: Callable[[StatusEvent], Deferred] | None = None,
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
-                 index_with: Callable | None = None, audit: AuditTrail | None = None):
+                 index_with: Callable | None = None, audit: AuditTrail | None = None, smime=None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -105,6 +105,8 @@ class Ingest:
         self._admit = admit
         self._index_with = index_with
         self.audit = audit
+        # A medd.mail.smime.SmimeOpener when the node has an S/MIME identity ([mail] smime_certificate).
+        self.smime = smime
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
 
@@ -263,12 +265,14 @@ class Ingest:
     def _has_sender_policy(self) -> bool:
         return bool(self.plugins.manager.hook.medd_check_sender.get_hookimpls())
 
-    async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None) -> None:
+    async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None,
+                            signer: str | None = None) -> None:
         keyinfo = package.content.keyinfo
         claim = SenderClaim(
             object_type=package.attachment.type, origin=package.origin.strip().lower(), transport=transport,
             peer=peer, credentials=credentials,
             study_uid=(keyinfo.study_instance_uid if keyinfo is not None else None) or package.attachment.get("study-uid"),
+            signer=signer,
         )
         verdict = await hook_value(self.plugins.manager.hook.medd_check_sender(claim=claim))
         if verdict:
@@ -278,12 +282,16 @@ class Ingest:
 
     async def _receive_package(self, data: bytes, transport: str, peer: str | None, credentials: str | None) -> Stored:
         self._check_size(data, transport)
+        signer = None
+        if self.smime is not None:
+            # Before anything else: a signature that does not verify leaves nothing parsed or stored.
+            data, signer = await self.smime.open(data, transport, self.run_blocking)
         policy = self._has_sender_policy()
         # With a sender policy, the blob is written only after it passed: a
         # refused package leaves nothing behind.
         package, blob = await self.run_blocking(self._read_package, data, not policy)
         if policy:
-            await self._check_sender(package, transport, peer, credentials)
+            await self._check_sender(package, transport, peer, credentials, signer)
             if package.attachment.type != "status":
                 blob = await self.run_blocking(self._put, package.content.data)
         receipt = Receipt(

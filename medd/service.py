@@ -68,6 +68,7 @@ class NodeService(MultiService):
             reactor, self.index, self.blobs, plugins, max_object_size=config.max_object_size,
             record_status=record_status, admit=admit, index_with=index_with,
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
+            smime=smime_opener(settings.mail.mail, plugins),
         )
         self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock)
         if self.mailbox is not None:
@@ -143,6 +144,21 @@ class NodeService(MultiService):
             return result
 
         return d.addBoth(stop_pools) if d is not None else stop_pools(None)
+
+
+def smime_opener(mail, plugins):
+    """The ingest's S/MIME opener when ``[mail]`` names this node's S/MIME identity (read once, at
+    assembly): a package over IMAP must then be signed and encrypted."""
+    if mail is None or mail.smime_certificate is None:
+        return None
+    from medd.mail.smime import SmimeIdentity, SmimeOpener
+    from medd.plugins.host import hook_value
+
+    async def certificate_of(address: str):
+        return await hook_value(plugins.manager.hook.medd_smime_certificate(address=address))
+
+    identity = SmimeIdentity.from_files(mail.smime_certificate, mail.smime_private_key)
+    return SmimeOpener(identity, certificate_of, required=("imap",))
 
 
 def check_against_plugins(config: Config, plugins: Plugins) -> None:

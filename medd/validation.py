@@ -155,7 +155,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
         from medd.gateway.settings import gateway_settings
 
         gateway = collect(lambda: gateway_settings(config, check_files=check_files))
-        if gateway is not None and gateway.central.startswith("mailto:") and mail.mail is None:
+        if gateway is not None and gateway.central.startswith("mailto:") and not (mail.mail and mail.mail.smarthost):
             problem("gateway", "central", "a mailto: central needs [mail] smarthost (the server this node sends through)")
 
     folder = Path(config.path).resolve().parent

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -257,6 +258,153 @@ async def test_central_pushes_to_a_mailto_viewer_through_the_smarthost(make_cent
     assert package.attachment.uid == ds.SOPInstanceUID and package.destination == viewer
     (row,) = await central.central_storage.deliveries.of_object(ds.SOPInstanceUID)
     assert row.state == "delivered", row
+
+
+# --- S/MIME (PS3.15 B.8) ---------------------------------------------------------------------------------
+
+
+def smime_files(folder, address: str):
+    """An RSA certificate (subject and rfc822Name = ``address``) and its key, as PEM files; (cert, key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(address)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / address.replace("@", "_at_")
+    cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def smime_extra(cert, key, recipient=None) -> str:
+    return (f"smime_certificate = {cert}\nsmime_private_key = {key}\n"
+            + (f"smime_recipient = {recipient}\n" if recipient else ""))
+
+
+@pytest_twisted.ensureDeferred
+async def test_signed_and_encrypted_package_from_a_registered_centre_is_its_credential(make_central, mail, tmp_path):
+    """A gateway with an S/MIME identity signs each package and encrypts it to central's certificate
+    (application/pkcs7-mime, the Medd-Attachment still readable outside); postfix carries it to
+    central's mailbox, where it is unreadable without central's key. Central decrypts, verifies the
+    signature against the certificate registered with the centre, and stores it as that centre's:
+    over IMAP the signature is the centre's only credential."""
+    keys = tmp_path / "smime"
+    central_cert, central_key = smime_files(keys, CENTRAL_BOX)
+    gateway_cert, gateway_key = smime_files(keys, GATEWAY_LOGIN)
+    central = await make_central(
+        {}, extra=mailbox_extra(mail, poll_interval=3600) + "[mail]\n" + smime_extra(central_cert, central_key),
+        site="central")
+    await central.central_storage.directory.add_centre("centre-g", addresses=[GATEWAY_LOGIN])
+    await central.central_storage.directory.set_smime_certificate(GATEWAY_LOGIN, gateway_cert.read_text())
+    gateway = await make_central(
+        {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n"
+                   + mail_extra(mail) + smime_extra(gateway_cert, gateway_key, central_cert)),
+        site="gateway", role="gateway", name="gateway.test")
+    ds = image()
+    await gateway.ingest.receive_dicom(part10(ds), transport="dicom", origin="CT1")
+    await gateway.gateway.forwarder.kick()
+    assert (await gateway.forwarding.of_object(ds.SOPInstanceUID)).state == "sent"
+    [message] = await wait_for_mail(mail, CENTRAL_BOX, 1)
+    outer = email.message_from_bytes(message.read_bytes())
+    assert outer.get_content_type() == "application/pkcs7-mime"
+    assert outer.get_param("smime-type") == "enveloped-data"
+    assert outer[HEADER] == f"image; uid={ds.SOPInstanceUID}"
+    assert ds.SOPInstanceUID.encode() not in outer.get_payload(decode=True)  # the object is encrypted
+
+    async def stored():
+        return await stored_uids(central) == [ds.SOPInstanceUID]
+
+    await poll_until(central, stored)
+    assert mail.messages(CENTRAL_BOX) == [] and mail.messages(CENTRAL_BOX, "medd-refused") == []
+
+
+def _tampered(message: bytes) -> bytes:
+    """``message`` with one byte of its encrypted content changed (the base64 re-encoded)."""
+    import base64
+
+    head, _, body = message.partition(b"\r\n\r\n")
+    der = bytearray(base64.b64decode(b"".join(body.split())))
+    der[len(der) - 40] ^= 0x01
+    return head + b"\r\n\r\n" + base64.encodebytes(bytes(der)).replace(b"\n", b"\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_missing_unknown_or_misused_signatures_are_refused(make_central, mail, tmp_path):
+    """Over IMAP, each of: a tampered byte in the encrypted part, a signature by a key other than the
+    registered one, a valid signature by a registered viewer on an image package, and an unsigned
+    package, is moved to medd-refused with its reason and nothing is stored; over central's own SMTP
+    listener the tampered one gets 554."""
+    from medd.mail.smime import SmimeIdentity, protect
+
+    keys = tmp_path / "smime"
+    central_cert, central_key = smime_files(keys, CENTRAL_BOX)
+    centre_cert, centre_key = smime_files(keys, GATEWAY_LOGIN)
+    impostor_cert, impostor_key = smime_files(keys / "impostor", GATEWAY_LOGIN)
+    viewer = "dr-lee@viewer.test"
+    viewer_cert, viewer_key = smime_files(keys, viewer)
+    central = await make_central(
+        {"smtp": "tcp:0:interface=127.0.0.1"},
+        extra=mailbox_extra(mail, poll_interval=3600) + "[mail]\n" + smime_extra(central_cert, central_key),
+        site="central")
+    directory = central.central_storage.directory
+    await directory.add_centre("centre-g", addresses=[GATEWAY_LOGIN])
+    await directory.set_smime_certificate(GATEWAY_LOGIN, centre_cert.read_text())
+    await directory.add_viewer(viewer)
+    await directory.set_smime_certificate(viewer, viewer_cert.read_text())
+    recipient = SmimeIdentity.from_files(central_cert, central_key).certificate
+    centre = SmimeIdentity.from_files(centre_cert, centre_key)
+    tampered = _tampered(protect(package_of(image()), centre, recipient))
+    impostor = protect(package_of(image()), SmimeIdentity.from_files(impostor_cert, impostor_key), recipient)
+    by_viewer = protect(package_of(image(), origin=viewer), SmimeIdentity.from_files(viewer_cert, viewer_key),
+                        recipient)
+    unsigned = package_of(image())
+    for message in (tampered, impostor, by_viewer, unsigned):
+        _submit(mail, message)
+    await wait_for_mail(mail, CENTRAL_BOX, 4)
+
+    async def inbox_empty():
+        return mail.messages(CENTRAL_BOX) == []
+
+    await poll_until(central, inbox_empty)
+    assert await stored_uids(central) == []
+    refused = [email.message_from_bytes(m.read_bytes()) for m in mail.messages(CENTRAL_BOX, "medd-refused")]
+    reasons = {m["Message-ID"]: m["Medd-Refused"] for m in refused}
+    assert len(reasons) == 4, reasons
+
+    def reason(message: bytes) -> str:
+        return reasons[email.message_from_bytes(message)["Message-ID"]]
+
+    # CBC carries no integrity: the altered envelope fails to decrypt, decrypts to garbage, or fails the signature.
+    assert re.search("cannot be decrypted|altered in transit|does not verify", reason(tampered)), reason(tampered)
+    assert "does not verify against the sender's registered certificate" in reason(impostor)
+    assert f"viewer {viewer} may send only what a viewer makes" in reason(by_viewer)
+    assert "must be S/MIME signed and encrypted" in reason(unsigned)
+
+    import smtplib
+
+    from twisted.internet.threads import deferToThread
+
+    def send_tampered():
+        with smtplib.SMTP("127.0.0.1", listener_port(central, "smtp")) as smtp:
+            smtp.sendmail(GATEWAY_LOGIN, ["central@central.test"], tampered)
+
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await deferToThread(send_tampered)
+    assert refused.value.smtp_code == 554
+    assert await stored_uids(central) == []
 
 
 # --- a central SIGKILLed between fetching a message and indexing it --------------------------------------

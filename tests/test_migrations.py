@@ -19,7 +19,9 @@ from medd.storage.schema import all_tables
 from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
 
-HEAD = "0011_readers"
+HEAD = "0012_smime"
+#: The number the next revision script gets.
+NEXT = f"{int(HEAD[:4]) + 1:04d}"
 
 
 def _upgrade(url: str) -> migrate.SchemaState:
@@ -196,9 +198,9 @@ def test_new_revision_script(tmp_path):
         path = migrate.new_revision("Add study notes!", autogenerate=True, script_location=scripts)
     finally:
         metadata.remove(notes)
-    assert path == scripts / "versions" / "0012_add_study_notes.py"
+    assert path == scripts / "versions" / f"{NEXT}_add_study_notes.py"
     written = path.read_text()
-    assert "revision = '0012_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
+    assert f"revision = '{NEXT}_add_study_notes'" in written and f"down_revision = '{HEAD}'" in written
     assert "op.create_table('study_notes'" in written
 
 
@@ -207,9 +209,9 @@ def test_failed_upgrade_changes_nothing(db_url, tmp_path):
     halfway leaves the database as the previous release left it, to be upgraded again once fixed."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0012_fails.py").write_text(
+    (scripts / "versions" / f"{NEXT}_fails.py").write_text(
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        f"revision = '0012_fails'\ndown_revision = '{HEAD}'\n\n\n"
+        f"revision = '{NEXT}_fails'\ndown_revision = '{HEAD}'\n\n\n"
         "def upgrade():\n"
         "    op.create_table('half_done', sa.Column('id', sa.Integer(), primary_key=True))\n"
         "    raise RuntimeError('disk full')\n"

@@ -8,7 +8,8 @@ from urllib.parse import unquote, urlsplit
 
 from medd.config import Config, ConfigError, ConfigProblem, SectionReader
 
-MAIL_KEYS = ("smarthost", "ca", "starttls", "username", "password_file", "timeout")
+MAIL_KEYS = ("smarthost", "ca", "starttls", "username", "password_file", "timeout", "smime_certificate",
+             "smime_private_key", "smime_recipient")
 MAILBOX_KEYS = ("url", "password_file", "ca", "poll_interval", "refused_folder", "timeout")
 
 #: The sender settings' keys (:meth:`MailSettings.for_senders`) the mailto: sender reads.
@@ -30,17 +31,24 @@ def mailto_address(url: str) -> str:
 class MailSettings:
     """``[mail]``: where a ``mailto:`` package goes first, and how the node proves itself there."""
 
-    smarthost: str  # smtp://host:587 (STARTTLS) or smtps://host:465 (TLS from the start)
+    smarthost: str  # smtp://host:587 (STARTTLS) or smtps://host:465 (TLS from the start); "" for none
     ca: str | None = None  # PEM of the CAs that sign the smarthost's certificate (None: the platform's)
     starttls: str = "required"  # or "optional": send in clear text to a smtp:// smarthost without STARTTLS
     username: str | None = None  # SMTP AUTH user (with password_file)
     password_file: str | None = None
     timeout: float = 60.0
+    # S/MIME (PS3.15 B.8): this node's certificate and key (PEM), which sign what it sends and decrypt
+    # what it receives; and the certificate of the node it mails (a gateway's central), encrypted to.
+    smime_certificate: str | None = None
+    smime_private_key: str | None = None
+    smime_recipient: str | None = None
 
     def for_senders(self) -> dict[str, str]:
         """Merged into the ``settings`` every push sender receives; the ``mailto:`` sender reads them."""
-        own = (("smarthost", self.smarthost), ("ca", self.ca), ("starttls", self.starttls),
-               ("username", self.username), ("password_file", self.password_file), ("timeout", str(self.timeout)))
+        own = (("smarthost", self.smarthost or None), ("ca", self.ca), ("starttls", self.starttls),
+               ("username", self.username), ("password_file", self.password_file), ("timeout", str(self.timeout)),
+               ("smime_certificate", self.smime_certificate), ("smime_private_key", self.smime_private_key),
+               ("smime_recipient", self.smime_recipient))
         return {SENDER_PREFIX + k: v for k, v in own if v is not None}
 
 
@@ -104,8 +112,11 @@ def mail_settings(config: Config, *, check_files: bool = True) -> MailNodeSettin
     mail = None
     section, get, problem, path, seconds = reader("mail")
     if section:
-        smarthost, parts = _url(get, problem, "smarthost", "smtp://host:587 (STARTTLS) or smtps://host:465",
-                                lambda p: p.scheme in ("smtp", "smtps") and p.path in ("", "/"))
+        smarthost, parts = None, urlsplit("")
+        if get("smarthost") is not None or get("smime_certificate") is None:
+            # Only a node that receives S/MIME and sends no mail goes without one.
+            smarthost, parts = _url(get, problem, "smarthost", "smtp://host:587 (STARTTLS) or smtps://host:465",
+                                    lambda p: p.scheme in ("smtp", "smtps") and p.path in ("", "/"))
         starttls = (get("starttls") or "required").lower()
         if starttls not in ("required", "optional"):
             problem("starttls", f"must be required or optional, not {starttls!r}")
@@ -114,8 +125,16 @@ def mail_settings(config: Config, *, check_files: bool = True) -> MailNodeSettin
         username, password_file = get("username"), path("password_file")
         if (username is None) != (password_file is None):
             problem("password_file" if username else "username", "username and password_file go together")
+        certificate, key, recipient = path("smime_certificate"), path("smime_private_key"), path("smime_recipient")
+        if (certificate is None) != (key is None):
+            problem("smime_private_key" if certificate else "smime_certificate",
+                    "smime_certificate and smime_private_key go together")
+        if recipient is not None and certificate is None:
+            problem("smime_recipient", "needs smime_certificate and smime_private_key (packages are signed, then "
+                                       "encrypted)")
         mail = MailSettings(smarthost=smarthost or "", ca=path("ca"), starttls=starttls, username=username,
-                            password_file=password_file, timeout=seconds("timeout", 60.0))
+                            password_file=password_file, timeout=seconds("timeout", 60.0),
+                            smime_certificate=certificate, smime_private_key=key, smime_recipient=recipient)
 
     mailbox = None
     section, get, problem, path, seconds = reader("mailbox")

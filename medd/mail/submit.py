@@ -29,6 +29,21 @@ class NoSmarthost(Exception):
     """A ``mailto:`` destination on a node without ``[mail] smarthost``."""
 
 
+def protected(package: bytes, settings: dict) -> bytes:
+    """Blocking: ``package`` signed and encrypted (S/MIME) when ``[mail]`` names this node's S/MIME
+    identity and the recipient's certificate (``smime_recipient``); else as it is."""
+    recipient = settings.get(SENDER_PREFIX + "smime_recipient")
+    if not recipient:
+        return package
+    from cryptography import x509
+
+    from medd.mail.smime import SmimeIdentity, protect
+
+    identity = SmimeIdentity.from_files(settings[SENDER_PREFIX + "smime_certificate"],
+                                        settings[SENDER_PREFIX + "smime_private_key"])
+    return protect(package, identity, x509.load_pem_x509_certificate(Path(recipient).read_bytes()))
+
+
 def _read_credentials(settings: dict) -> tuple[bytes | None, bytes | None]:
     """Blocking: (CA PEM, password) from the files ``[mail]`` names, either may be None."""
     ca = settings.get(SENDER_PREFIX + "ca")
@@ -52,7 +67,9 @@ class SmarthostSender:
         if not smarthost:
             raise NoSmarthost(f"{url} needs [mail] smarthost: this node sends mail only through one")
         parts = urlsplit(smarthost)
-        ca, password = await deferToThreadPool(reactor, reactor.getThreadPool(), _read_credentials, settings)
+        pool = reactor.getThreadPool()
+        ca, password = await deferToThreadPool(reactor, pool, _read_credentials, settings)
+        package = await deferToThreadPool(reactor, pool, protected, package, settings)
         trust = Certificate.loadPEM(ca) if ca else platformTrust()
         context = optionsForClientTLS(parts.hostname, trustRoot=trust)
         username = settings.get(SENDER_PREFIX + "username")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, bindparam, delete, false, func, or_, select
+from sqlalchemy import and_, bindparam, delete, false, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from medd.storage.connector import Connector
@@ -472,6 +472,28 @@ def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: st
     return SenderFacts(centre_at_address(conn, origin), centre, get_viewer(conn, origin), viewer, own)
 
 
+def set_smime_certificate(conn: Connection, address: str, pem: str) -> str:
+    """Register ``pem`` as the S/MIME certificate of the centre or viewer at ``address``; which one it was."""
+    address = address.strip().lower()
+    centre = centre_at_address(conn, address)
+    if centre is not None:
+        conn.execute(update(centres).where(centres.c.name == centre.name).values(smime_cert=pem))
+        return f"centre {centre.name}"
+    if get_viewer(conn, address) is not None:
+        conn.execute(update(viewers).where(func.lower(viewers.c.address) == address).values(smime_cert=pem))
+        return f"viewer {address}"
+    raise DirectoryError(f"no centre or viewer has the address {address}")
+
+
+def smime_certificate_of(conn: Connection, address: str) -> str | None:
+    """The S/MIME certificate (PEM) registered for the centre or viewer at ``address``, or None."""
+    address = address.strip().lower()
+    centre = centre_at_address(conn, address)
+    if centre is not None:
+        return conn.execute(select(centres.c.smime_cert).where(centres.c.name == centre.name)).scalar()
+    return conn.execute(select(viewers.c.smime_cert).where(func.lower(viewers.c.address) == address)).scalar()
+
+
 def study_of_centre(conn: Connection, study_uid: str, centre: Centre) -> bool:
     """Whether ``study_uid`` has an image from ``centre``: routed as the centre's, or received from one
     of its package addresses."""
@@ -690,6 +712,14 @@ class Directory(Connector):
                      certificate_cn: str | None = None):
         """Deferred :class:`SenderFacts` of a package's sender, looked up in one transaction."""
         return self.db.run(lambda conn: sender_facts(conn, origin, token, study_uid, certificate_cn))
+
+    def set_smime_certificate(self, address: str, pem: str):
+        """Deferred: which centre or viewer (by address) now has ``pem`` as its S/MIME certificate."""
+        return self.db.run(lambda conn: set_smime_certificate(conn, address, pem))
+
+    def smime_certificate(self, address: str):
+        """Deferred PEM of the S/MIME certificate registered for ``address``, or None."""
+        return self.db.run(lambda conn: smime_certificate_of(conn, address))
 
     def client_certificate(self, address: str):
         """Deferred SHA-256 of the client certificate issued to a viewer, or None."""
