@@ -70,7 +70,8 @@ class NodeService(MultiService):
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
             smime=smime_opener(settings.mail.mail, plugins),
         )
-        self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock)
+        self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock, config.storage_path,
+                                       config.max_object_size)
         if self.mailbox is not None:
             self.mailbox.setServiceParent(self)
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)

@@ -407,6 +407,90 @@ async def test_bad_missing_unknown_or_misused_signatures_are_refused(make_centra
     assert await stored_uids(central) == []
 
 
+# --- large packages as message/partial fragments (RFC 2046 5.2.2) -----------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_package_goes_as_fragments_and_is_reassembled_once(make_central, mail):
+    """Above [mail] max_message_size the gateway sends its package as message/partial fragments through
+    postfix; central keeps each on disk before deleting it from the mailbox, reassembles the set whatever
+    the order, ignores a duplicate, and stores the package once."""
+    from medd.mail.fragments import split
+
+    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    gateway = await make_central(
+        {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n"
+                   + mail_extra(mail) + "max_message_size = 64K\n"),
+        site="gateway", role="gateway", name="gateway.test")
+    big = image("MR_small.dcm")  # 8 K of pixels ...
+    big.PixelData = os.urandom(len(big.PixelData)) * 32  # ... made 256 K
+    big.NumberOfFrames = 32
+    await gateway.ingest.receive_dicom(part10(big), transport="dicom", origin="CT1")
+    await gateway.gateway.forwarder.kick()
+    assert (await gateway.forwarding.of_object(big.SOPInstanceUID)).state == "sent"
+    # As many fragments as a package of the same object and headers makes (about 350 K of base64).
+    expected = len(split(package_of(big), 64 * 1024))
+    assert expected >= 5
+    delivered = await wait_for_mail(mail, CENTRAL_BOX, expected)
+    kinds = {email.message_from_bytes(m.read_bytes()).get_content_type() for m in delivered}
+    assert kinds == {"message/partial"} and all(m.stat().st_size <= 64 * 1024 for m in delivered)
+
+    # A second, smaller set, submitted out of order and with a duplicate, beside it.
+    other = image()
+    fragments = split(package_of(other), 20 * 1024)
+    assert len(fragments) >= 3
+    for fragment in reversed(fragments + fragments[:1]):
+        _submit(mail, fragment)
+    await wait_for_mail(mail, CENTRAL_BOX, len(delivered) + len(fragments) + 1)
+
+    async def both_stored():
+        return sorted(await stored_uids(central)) == sorted([big.SOPInstanceUID, other.SOPInstanceUID])
+
+    await poll_until(central, both_stored)
+    await wait_for_mail(mail, CENTRAL_BOX, 0)
+
+    async def inbox_empty():
+        return mail.messages(CENTRAL_BOX) == []
+
+    await poll_until(central, inbox_empty)  # the duplicate too, however late postfix delivered it
+    assert sorted(await stored_uids(central)) == sorted([big.SOPInstanceUID, other.SOPInstanceUID])
+    assert mail.messages(CENTRAL_BOX) == [] and mail.messages(CENTRAL_BOX, "medd-refused") == []
+    assert list((central.config.storage_path / "mail-fragments").glob("*/*.part")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fragment_set_missing_a_part_is_reported_and_kept(make_central, mail):
+    """A set missing one fragment stores nothing; its fragments leave the mailbox only once on disk;
+    after [mailbox] fragment_timeout the set is reported incomplete (which parts it has of how many)
+    and kept in mail-fragments/incomplete/, not deleted."""
+    from medd.mail.fragments import split
+
+    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600) + "fragment_timeout = 1\n",
+                                 site="central")
+    fragments = split(package_of(image()), 16 * 1024)
+    assert len(fragments) >= 3
+    for fragment in fragments[:1] + fragments[2:]:
+        _submit(mail, fragment)
+    await wait_for_mail(mail, CENTRAL_BOX, len(fragments) - 1)
+
+    async def inbox_empty():
+        return mail.messages(CENTRAL_BOX) == []
+
+    await poll_until(central, inbox_empty)
+    assert await stored_uids(central) == [] and central.mailbox.incomplete == []
+
+    async def reported():
+        return bool(central.mailbox.incomplete)
+
+    await sleep(1.1)
+    await poll_until(central, reported)
+    [gone] = central.mailbox.incomplete
+    assert gone.total == len(fragments) and 2 not in gone.have and len(gone.have) == len(fragments) - 1
+    kept = list((central.config.storage_path / "mail-fragments" / "incomplete").glob("*/*.part"))
+    assert len(kept) == len(fragments) - 1
+    assert await stored_uids(central) == [] and mail.messages(CENTRAL_BOX, "medd-refused") == []
+
+
 # --- a central SIGKILLed between fetching a message and indexing it --------------------------------------
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 
 from medd.ingest import Refused, StoreFailed
+from medd.mail.fragments import BadFragment, FragmentStore, IncompleteSet, is_partial
 from medd.mail.settings import MailboxSettings
 from medd.scheduling import Backoff, CoalescingPass, PassService
 
@@ -83,8 +84,10 @@ class MailboxPoller(PassService):
     """Polls one mailbox; :meth:`kick` runs a poll now (fires with the number of messages a poll that
     began after the call took from the folder). ``api`` is the node's Ingest."""
 
-    def __init__(self, reactor, settings: MailboxSettings, api, clock):
+    def __init__(self, reactor, settings: MailboxSettings, api, clock, fragments: FragmentStore | None = None):
         self.reactor = reactor
+        self.fragments = fragments  # where message/partial fragments wait for their set
+        self.incomplete: list[IncompleteSet] = []  # sets reported incomplete after fragment_timeout
         self.settings = settings
         self.api = api
         self.clock = clock
@@ -142,6 +145,8 @@ class MailboxPoller(PassService):
                 if self._stopped:
                     break
                 handled += await self._take(client, validity, uid)
+            if self.fragments is not None:
+                await self._reassembled(client)
             if handled:
                 await client.expunge()
             return handled, len(uids) > BATCH
@@ -155,6 +160,8 @@ class MailboxPoller(PassService):
         data = next((message_bytes(v["RFC822"]) for v in fetched.values() if str(v.get("UID")) == str(uid)), None)
         if data is None:
             return 0  # expunged by someone else meanwhile
+        if self.fragments is not None and is_partial(data):
+            return await self._keep_fragment(client, uid, data)
         try:
             stored = await self.api.receive_package(data, transport="imap", peer=self.settings.url)
         except Refused as e:
@@ -181,22 +188,68 @@ class MailboxPoller(PassService):
         await client.addFlags(str(uid), ["\\Deleted"], uid=True)
         return 1
 
-    async def _move_aside(self, client: _Client, uid: int, data: bytes, reason: str) -> None:
-        """Append the message, with its reason, to the refused folder; then mark it deleted here."""
+    async def _keep_fragment(self, client: _Client, uid: int, data: bytes) -> int:
+        """A message/partial: on disk (fsync'd) first, then deleted here; 1 when it left the folder."""
+        try:
+            set_id = await self.api.run_blocking(self.fragments.add, data)
+        except BadFragment as e:
+            log.warn("mailbox {url}: fragment {uid} refused: {reason}", url=self.settings.url, uid=uid, reason=str(e))
+            await self._move_aside(client, uid, data, str(e))
+            return 1
+        except OSError as e:
+            log.error("mailbox {url}: fragment {uid} not kept ({reason}); left for the next poll",
+                      url=self.settings.url, uid=uid, reason=str(e))
+            return 0
+        log.info("mailbox {url}: fragment {uid} of {set_id} kept", url=self.settings.url, uid=uid, set_id=set_id)
+        await client.addFlags(str(uid), ["\\Deleted"], uid=True)
+        return 1
+
+    async def _reassembled(self, client: _Client) -> None:
+        """Ingest every complete set of fragments once; report the sets that stayed incomplete too long."""
+        for set_id, whole in await self.api.run_blocking(self.fragments.complete):
+            try:
+                stored = await self.api.receive_package(whole, transport="imap", peer=self.settings.url)
+            except Refused as e:
+                log.warn("mailbox {url}: reassembled {set_id} refused ({kind}): {reason}; moved to {folder}",
+                         url=self.settings.url, set_id=set_id, kind=e.kind, reason=e.reason,
+                         folder=self.settings.refused_folder)
+                await self._append_refused(client, whole, e.reason)
+            except StoreFailed as e:
+                log.error("mailbox {url}: reassembled {set_id} not stored ({reason}); kept for the next poll",
+                          url=self.settings.url, set_id=set_id, reason=str(e))
+                continue
+            else:
+                log.info("mailbox {url}: {set_id} reassembled, {uid} {what}", url=self.settings.url, set_id=set_id,
+                         uid=stored.uid, what="stored" if stored.created else "already stored")
+            await self.api.run_blocking(self.fragments.discard, set_id)
+        for gone in await self.api.run_blocking(self.fragments.expire, self.settings.fragment_timeout):
+            log.error("mailbox {url}: fragments of {set_id} incomplete after {age:.0f}s: have {have} of {total}; "
+                      "kept in incomplete/", url=self.settings.url, set_id=gone.set_id, age=gone.age,
+                      have=list(gone.have), total=gone.total)
+            self.incomplete.append(gone)
+
+    async def _append_refused(self, client: _Client, data: bytes, reason: str) -> None:
         folder = self.settings.refused_folder
         try:
             await client.create(folder)
         except imap4.IMAP4Exception:
             pass  # it exists already
         await client.append(folder, io.BytesIO(_reason_header(reason) + data))
+
+    async def _move_aside(self, client: _Client, uid: int, data: bytes, reason: str) -> None:
+        """Append the message, with its reason, to the refused folder; then mark it deleted here."""
+        await self._append_refused(client, data, reason)
         await client.addFlags(str(uid), ["\\Deleted"], uid=True)
 
 
-def mailbox_service(reactor, settings: MailboxSettings | None, api, clock) -> MailboxPoller | None:
-    """The node's mailbox poller, or None without ``[mailbox]``."""
+def mailbox_service(reactor, settings: MailboxSettings | None, api, clock, storage_path: Path,
+                    max_object_size: int) -> MailboxPoller | None:
+    """The node's mailbox poller, or None without ``[mailbox]``; fragments wait in the node's storage
+    folder (``mail-fragments/``), a set at most the size base64 makes of the largest object."""
     if settings is None:
         return None
-    poller = MailboxPoller(reactor, settings, api, clock)
+    fragments = FragmentStore(Path(storage_path) / "mail-fragments", max_object_size * 4 // 3 + 1024 * 1024)
+    poller = MailboxPoller(reactor, settings, api, clock, fragments)
     poller.setName("mailbox")
     return poller
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from medd.config import Config, ConfigError, ConfigProblem, SectionReader
+from medd.config import Config, ConfigError, ConfigProblem, SectionReader, _parse_size
 
 MAIL_KEYS = ("smarthost", "ca", "starttls", "username", "password_file", "timeout", "smime_certificate",
-             "smime_private_key", "smime_recipient")
-MAILBOX_KEYS = ("url", "password_file", "ca", "poll_interval", "refused_folder", "timeout")
+             "smime_private_key", "smime_recipient", "max_message_size")
+MAILBOX_KEYS = ("url", "password_file", "ca", "poll_interval", "refused_folder", "timeout", "fragment_timeout")
+#: What common mail servers accept; a larger package goes as message/partial fragments.
+DEFAULT_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
 
 #: The sender settings' keys (:meth:`MailSettings.for_senders`) the mailto: sender reads.
 SENDER_PREFIX = "mail_"
@@ -42,13 +44,14 @@ class MailSettings:
     smime_certificate: str | None = None
     smime_private_key: str | None = None
     smime_recipient: str | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def for_senders(self) -> dict[str, str]:
         """Merged into the ``settings`` every push sender receives; the ``mailto:`` sender reads them."""
         own = (("smarthost", self.smarthost or None), ("ca", self.ca), ("starttls", self.starttls),
                ("username", self.username), ("password_file", self.password_file), ("timeout", str(self.timeout)),
                ("smime_certificate", self.smime_certificate), ("smime_private_key", self.smime_private_key),
-               ("smime_recipient", self.smime_recipient))
+               ("smime_recipient", self.smime_recipient), ("max_message_size", str(self.max_message_size)))
         return {SENDER_PREFIX + k: v for k, v in own if v is not None}
 
 
@@ -66,6 +69,8 @@ class MailboxSettings:
     poll_interval: float = 60.0
     refused_folder: str = "medd-refused"
     timeout: float = 60.0
+    # A set of message/partial fragments with no new fragment for this long is reported incomplete.
+    fragment_timeout: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,23 @@ def mail_settings(config: Config, *, check_files: bool = True) -> MailNodeSettin
         def seconds(key: str, default: float) -> float:
             return section.seconds(key, default, maximum=86400)
 
-        return section.section, section.get, section.problem, path, seconds
+        return section.section, section.get, section.problem, path, seconds, section
+
+    def size(key: str, default: int) -> int:
+        text = get(key)
+        if text is None:
+            return default
+        try:
+            value = _parse_size(text)
+            if value < 64 * 1024:
+                raise ValueError(text)
+            return value
+        except ValueError:
+            problem(key, f"must be a size of at least 64K (e.g. 20M), not {text!r}")
+            return default
 
     mail = None
-    section, get, problem, path, seconds = reader("mail")
+    section, get, problem, path, seconds, _ = reader("mail")
     if section:
         smarthost, parts = None, urlsplit("")
         if get("smarthost") is not None or get("smime_certificate") is None:
@@ -134,10 +152,12 @@ def mail_settings(config: Config, *, check_files: bool = True) -> MailNodeSettin
                                        "encrypted)")
         mail = MailSettings(smarthost=smarthost or "", ca=path("ca"), starttls=starttls, username=username,
                             password_file=password_file, timeout=seconds("timeout", 60.0),
-                            smime_certificate=certificate, smime_private_key=key, smime_recipient=recipient)
+                            smime_certificate=certificate, smime_private_key=key, smime_recipient=recipient,
+                            max_message_size=size("max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
 
     mailbox = None
-    section, get, problem, path, seconds = reader("mailbox")
+    section, get, problem, path, seconds, mailbox_reader = reader("mailbox")
+    section_seconds = mailbox_reader.seconds
     if section:
         url, parts = _url(get, problem, "url", "imaps://user@host[:port][/folder]",
                           lambda p: p.scheme == "imaps" and bool(p.username))
@@ -156,7 +176,8 @@ def mail_settings(config: Config, *, check_files: bool = True) -> MailNodeSettin
         mailbox = MailboxSettings(
             url=url or "", host=parts.hostname or "", port=port, user=unquote(parts.username or ""), folder=box,
             password_file=password_file or "", ca=path("ca"), poll_interval=seconds("poll_interval", 60.0),
-            refused_folder=refused, timeout=seconds("timeout", 60.0))
+            refused_folder=refused, timeout=seconds("timeout", 60.0),
+            fragment_timeout=section_seconds("fragment_timeout", 86400.0))
 
     if problems:
         raise ConfigError(problems)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from medd.mail.fragments import content_type_of, header_block
 from medd.package import HEADER
 
 OPENSSL = "openssl"
@@ -67,12 +68,8 @@ def _entity(content_type: str, der: bytes) -> bytes:
 
 
 def _headers(data: bytes):
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    if end < 0:
-        raise SmimeRefused("the message has no header block")
-    return email.message_from_bytes(data[: end + 2], policy=email.policy.compat32), data[end:].lstrip(b"\r\n")
+    header, end = header_block(data, SmimeRefused)
+    return header, data[end:]
 
 
 def protect(package: bytes, signer: SmimeIdentity, recipient: x509.Certificate) -> bytes:
@@ -94,11 +91,7 @@ def protect(package: bytes, signer: SmimeIdentity, recipient: x509.Certificate) 
 
 def is_protected(data: bytes) -> bool:
     """Whether the message's top-level type is ``application/pkcs7-mime`` (header block only)."""
-    try:
-        header, _ = _headers(data)
-    except SmimeRefused:
-        return False
-    return header.get_content_type() == SMIME_TYPE
+    return content_type_of(data) == SMIME_TYPE
 
 
 def sender_of(data: bytes) -> str:

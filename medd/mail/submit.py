@@ -19,7 +19,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.mail.smtp import ESMTPSenderFactory
 from zope.interface import implementer
 
-from medd.mail.settings import SENDER_PREFIX, mailto_address
+from medd.mail.fragments import split
+from medd.mail.settings import DEFAULT_MAX_MESSAGE_SIZE, SENDER_PREFIX, mailto_address
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.interfaces import ISender
 from medd.transports.push import LFLines, envelope
@@ -74,20 +75,24 @@ class SmarthostSender:
         context = optionsForClientTLS(parts.hostname, trustRoot=trust)
         username = settings.get(SENDER_PREFIX + "username")
         sender, _ = envelope(package)
-        done: Deferred = Deferred()
-        factory = ESMTPSenderFactory(
-            username.encode() if username else None, password, sender, [recipient], LFLines(package), done,
-            retries=0, timeout=float(settings.get(SENDER_PREFIX + "timeout", 60)), contextFactory=context,
-            requireAuthentication=username is not None,
-            requireTransportSecurity=settings.get(SENDER_PREFIX + "starttls", "required") != "optional",
-            hostname=parts.hostname,
-        )
-        factory.noisy = False
-        if parts.scheme == "smtps":
-            reactor.connectSSL(parts.hostname, parts.port or 465, factory, context)
-        else:
-            reactor.connectTCP(parts.hostname, parts.port or 587, factory)
-        await done
+        # Above [mail] max_message_size, message/partial fragments (RFC 2046 5.2.2); each must be taken.
+        limit = int(settings.get(SENDER_PREFIX + "max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
+        messages = await deferToThreadPool(reactor, pool, split, package, limit)
+        for message in messages:
+            done: Deferred = Deferred()
+            factory = ESMTPSenderFactory(
+                username.encode() if username else None, password, sender, [recipient], LFLines(message), done,
+                retries=0, timeout=float(settings.get(SENDER_PREFIX + "timeout", 60)), contextFactory=context,
+                requireAuthentication=username is not None,
+                requireTransportSecurity=settings.get(SENDER_PREFIX + "starttls", "required") != "optional",
+                hostname=parts.hostname,
+            )
+            factory.noisy = False
+            if parts.scheme == "smtps":
+                reactor.connectSSL(parts.hostname, parts.port or 465, factory, context)
+            else:
+                reactor.connectTCP(parts.hostname, parts.port or 587, factory)
+            await done
 
 
 @hookimpl
