@@ -238,26 +238,64 @@ async def test_smarthost_tls_is_verified_and_clear_text_refused_unless_optional(
     assert len(await wait_for_mail(mail, CENTRAL_BOX, before + 1)) == before + 1
 
 
+async def image_for_push_viewer(make_central, mail, viewer: str, push_url: str, extra: str = ""):
+    """A central sending through postfix, a push viewer at ``push_url`` with a mailbox, and an image for
+    it stored and routed; (central, the image)."""
+    mail.add_user(viewer)
+    central = await make_central({}, extra=mail_extra(mail, login=CENTRAL_BOX) + extra, site="central")
+    directory = central.central_storage.directory
+    await directory.add_centre("centre-a", aes=["MODALITY1"])
+    await directory.add_viewer(viewer, push_url, ["centre-a"])
+    ds = image()
+    ds.NamesOfIntendedRecipientsOfResults = viewer
+    await central.ingest.receive_dicom(part10(ds), transport="dicom", origin="MODALITY1")
+    await central.routing.kick()
+    return central, ds
+
+
 @pytest_twisted.ensureDeferred
 async def test_central_pushes_to_a_mailto_viewer_through_the_smarthost(make_central, mail):
     """A push viewer registered with ``mailto:`` gets its deliveries as mail through [mail]
     smarthost; the delivery is marked delivered once postfix accepted it, and tracking says by what."""
     viewer = "dr-lee@viewer.test"
-    mail.add_user(viewer)
-    central = await make_central({}, extra=mail_extra(mail, login=CENTRAL_BOX), site="central")
-    directory = central.central_storage.directory
-    await directory.add_centre("centre-a", aes=["MODALITY1"])
-    await directory.add_viewer(viewer, f"mailto:{viewer}", ["centre-a"])
-    ds = image()
-    ds.NamesOfIntendedRecipientsOfResults = viewer
-    await central.ingest.receive_dicom(part10(ds), transport="dicom", origin="MODALITY1")
-    await central.routing.kick()
+    central, ds = await image_for_push_viewer(make_central, mail, viewer, f"mailto:{viewer}")
     await central.routing.outbox.settled()
     [message] = await wait_for_mail(mail, viewer, 1)
     package = read_package(message.read_bytes(), load_plugins().object_type)
     assert package.attachment.uid == ds.SOPInstanceUID and package.destination == viewer
     (row,) = await central.central_storage.deliveries.of_object(ds.SOPInstanceUID)
     assert row.state == "delivered", row
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_delivery_fails_over_to_mail_and_tracking_shows_it(make_central, mail):
+    """A viewer whose push URLs are a TLS listener that is down, then a mailto: address: after
+    [delivery] failover_after failed attempts on TLS the package goes by mail through postfix, and the
+    delivery's history shows each failure, the failover and the transport that delivered."""
+    from sqlalchemy import select
+
+    from medd.storage.routing_tables import delivery_events
+    from tests.mailservers import free_port
+
+    viewer = "dr-ng@viewer.test"
+    closed = free_port()  # nothing listens there
+    central, ds = await image_for_push_viewer(
+        make_central, mail, viewer, f"tls://127.0.0.1:{closed} mailto:{viewer}",
+        "[delivery]\nretry_base = 0.05\nretry_multiplier = 1\nfailover_after = 2\n")
+    [message] = await wait_for_mail(mail, viewer, 1)
+    assert read_package(message.read_bytes(), load_plugins().object_type).attachment.uid == ds.SOPInstanceUID
+    deadline = time.monotonic() + 30
+    while (row := (await central.central_storage.deliveries.of_object(ds.SOPInstanceUID))[0]).state != "delivered":
+        assert time.monotonic() < deadline, row
+        await sleep(0.05)
+    assert row.attempts == 3
+    history = await central.database.run(lambda c: c.execute(
+        select(delivery_events.c.state, delivery_events.c.detail).where(delivery_events.c.delivery_id == row.id)
+        .order_by(delivery_events.c.id)).all())
+    failed = [detail for state, detail in history if state == "failed"]
+    assert len(failed) == 2 and all("ConnectionRefused" in d for d in failed), failed
+    assert f"failing over to mailto:{viewer}" in failed[1] and "failing over" not in failed[0]
+    assert history[-1] == ("delivered", f"accepted by mailto:{viewer}")
 
 
 # --- S/MIME (PS3.15 B.8) ---------------------------------------------------------------------------------

@@ -256,6 +256,7 @@ class RoutingService(Service):
             reactor, storage.deliveries, api, plugins.senders, config.name,
             # [mail]'s keys (the mailto: sender's) beside [push]'s.
             settings.delivery.retry, settings={**settings.push.for_senders(), **(sender_settings or {})},
+            failover_after=settings.delivery.failover_after,
         )
         self.poll_interval = settings.delivery.poll_interval
         self.route_delay = settings.delivery.route_delay

@@ -178,7 +178,16 @@ def split_scope(scope: str) -> tuple[str, str]:
     return centre, modality.upper()
 
 
-def check_push_url(url: str) -> None:
+def check_push_url(urls: str) -> None:
+    """One push URL, or several separated by spaces: tried in order, failing over after
+    ``[delivery] failover_after`` attempts on each."""
+    if not urls.split():
+        raise DirectoryError("a push URL is needed")
+    for url in urls.split():
+        _check_one_push_url(url)
+
+
+def _check_one_push_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "mailto":
         from medd.mail.settings import mailto_address
