@@ -14,6 +14,7 @@ from medd.config import Config
 from medd.ingest import Ingest
 from medd.mail.mailbox import mailbox_service
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
+from medd.plugins.hookspecs import hookimpl
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.audit import AuditLog
 from medd.storage.database import Database
@@ -158,8 +159,25 @@ def smime_opener(mail, plugins):
     async def certificate_of(address: str):
         return await hook_value(plugins.manager.hook.medd_smime_certificate(address=address))
 
+    if mail.smime_recipient is not None:
+        # A gateway or viewer takes mail from central only: whatever its From, a package must be
+        # signed with central's key (the certificate it also encrypts to).
+        plugins.manager.register(CentralCertificate(mail.smime_recipient), name="medd-mail-central-certificate")
     identity = SmimeIdentity.from_files(mail.smime_certificate, mail.smime_private_key)
     return SmimeOpener(identity, certificate_of, required=("imap",))
+
+
+class CentralCertificate:
+    """``medd_smime_certificate`` on a node whose only correspondent is central (read once, at start)."""
+
+    def __init__(self, path: str):
+        from pathlib import Path
+
+        self.pem = Path(path).read_bytes()
+
+    @hookimpl
+    def medd_smime_certificate(self, address: str):
+        return self.pem
 
 
 def check_against_plugins(config: Config, plugins: Plugins) -> None:

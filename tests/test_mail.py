@@ -445,6 +445,77 @@ async def test_bad_missing_unknown_or_misused_signatures_are_refused(make_centra
     assert await stored_uids(central) == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmented(make_central, mail, tmp_path):
+    """The issue's path, scaled to a 1 MB multi-frame object (the bench can take 60 MB): a gateway signs
+    and encrypts it to central and sends it through postfix as message/partial fragments; central polls
+    its dovecot mailbox, reassembles, decrypts, verifies the centre's signature, stores and routes it to
+    a viewer whose delivery is mailto:; central signs it and encrypts it to the viewer's certificate and
+    sends it through postfix, again in fragments; the viewer polls its own mailbox, verifies central's
+    signature and has the image in its worklist. Central's tracking shows the receipt over IMAP and the
+    delivery by mail."""
+    from sqlalchemy import select
+
+    from medd.storage.inbox import WorklistQuery
+    from medd.storage.schema import receipts
+    from tests.test_viewer import _viewer_extra
+
+    viewer = "dr-lee@viewer.test"
+    mail.add_user(viewer)
+    keys = tmp_path / "smime"
+    central_cert, central_key = smime_files(keys, CENTRAL_BOX)
+    gateway_cert, gateway_key = smime_files(keys, GATEWAY_LOGIN)
+    viewer_cert, viewer_key = smime_files(keys, viewer)
+    small = "max_message_size = 256K\n"
+    central = await make_central(
+        {"http": "tcp:0:interface=127.0.0.1"},
+        extra=(mailbox_extra(mail, poll_interval=3600) + mail_extra(mail, login=CENTRAL_BOX)
+               + smime_extra(central_cert, central_key) + small),
+        site="central", name="central.test")  # its mailbox's domain: a package To it is for central itself
+    directory = central.central_storage.directory
+    await directory.add_centre("centre-g", addresses=[GATEWAY_LOGIN])
+    await directory.set_smime_certificate(GATEWAY_LOGIN, gateway_cert.read_text())
+    token = (await directory.add_viewer(viewer, f"mailto:{viewer}", ["centre-g"])).token
+    await directory.set_smime_certificate(viewer, viewer_cert.read_text())
+    gateway = await make_central(
+        {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n" + mail_extra(mail)
+                   + smime_extra(gateway_cert, gateway_key, central_cert) + small),
+        site="gateway", role="gateway", name="gateway.test")
+    reader = await make_central(
+        {}, extra=(_viewer_extra(listener_port(central, "http"), token) + mailbox_extra(mail, viewer, 3600)
+                   + "[mail]\n" + smime_extra(viewer_cert, viewer_key, central_cert)),
+        site="viewer", role="viewer", name=viewer)
+
+    big = image("MR_small.dcm")
+    big.PixelData = os.urandom(len(big.PixelData)) * 128  # 1 MB, incompressible
+    big.NumberOfFrames = 128
+    big.NamesOfIntendedRecipientsOfResults = viewer
+    await gateway.ingest.receive_dicom(part10(big), transport="dicom", origin="CT1")
+    await gateway.gateway.forwarder.kick()
+    assert (await gateway.forwarding.of_object(big.SOPInstanceUID)).state == "sent"
+
+    async def at_central():
+        return await stored_uids(central) == [big.SOPInstanceUID]
+
+    await poll_until(central, at_central)
+    await central.routing.kick()
+    await central.routing.outbox.settled()
+    (row,) = await central.central_storage.deliveries.of_object(big.SOPInstanceUID)
+    assert row.state == "delivered", row
+    at_viewer = await wait_for_mail(mail, viewer, 5)
+    assert {email.message_from_bytes(m.read_bytes()).get_content_type() for m in at_viewer} == {"message/partial"}
+
+    async def at_reader():
+        return await stored_uids(reader) == [big.SOPInstanceUID]
+
+    await poll_until(reader, at_reader)
+    page = await reader.reading_room.worklist(WorklistQuery(user="dr-lee"))
+    assert [(s.study_uid, s.images) for s in page.studies] == [(big.StudyInstanceUID, 1)]
+    assert mail.messages(viewer) == [] and mail.messages(viewer, "medd-refused") == []
+    rows = await central.database.run(lambda c: c.execute(select(receipts.c.origin, receipts.c.transport)).all())
+    assert rows == [(GATEWAY_LOGIN, "imap")]
+
+
 # --- large packages as message/partial fragments (RFC 2046 5.2.2) -----------------------------------------
 
 

@@ -181,7 +181,7 @@ class DeliveryService:
                     # Head of line: nothing after this row goes before it.
                     self._wake_later(target, head.delivery.next_attempt_at)
                     return
-                await self._attempt(head.delivery, head.record, target.push_url)
+                await self._attempt(head.delivery, head.record, target)
         except Exception:
             log.failure("delivery worker for {address} stopped", address=address)
 
@@ -191,8 +191,13 @@ class DeliveryService:
         urls = push_url.split()
         return urls[(attempts // self.failover_after) % len(urls)]
 
-    async def _attempt(self, delivery: Delivery, record: ObjectRecord, push_url: str) -> bool:
+    async def _attempt(self, delivery: Delivery, record: ObjectRecord, target: PushTarget) -> bool:
+        push_url = target.push_url
         url = self.url_for(push_url, delivery.attempts)
+        settings = self.settings
+        if target.smime_cert:
+            # The mailto: sender signs with [mail] smime_certificate and encrypts to the viewer's own.
+            settings = {**settings, "mail_smime_recipient_pem": target.smime_cert}
         scheme = url.partition(":")[0]
         sender = self.senders.get(scheme)
         attempts = delivery.attempts + 1
@@ -201,7 +206,7 @@ class DeliveryService:
                 raise RuntimeError(f"no sender for {scheme}: URLs")
             package = await load_package(self.api, record, delivery, self.origin)
             await self.deliveries.mark_sent(delivery.id, attempts, f"to {url}")
-            sending = sender.send(self.reactor, url, package, self.settings)
+            sending = sender.send(self.reactor, url, package, settings)
             self._sending.add(sending)
             try:
                 await sending

@@ -32,9 +32,11 @@ class NoSmarthost(Exception):
 
 def protected(package: bytes, settings: dict) -> bytes:
     """Blocking: ``package`` signed and encrypted (S/MIME) when ``[mail]`` names this node's S/MIME
-    identity and the recipient's certificate (``smime_recipient``); else as it is."""
+    identity and the recipient's certificate is known (central: the viewer's registered one; a gateway
+    or viewer: ``smime_recipient``, central's); else as it is."""
+    pem = settings.get(SENDER_PREFIX + "smime_recipient_pem")
     recipient = settings.get(SENDER_PREFIX + "smime_recipient")
-    if not recipient:
+    if not settings.get(SENDER_PREFIX + "smime_certificate") or not (pem or recipient):
         return package
     from cryptography import x509
 
@@ -42,7 +44,8 @@ def protected(package: bytes, settings: dict) -> bytes:
 
     identity = SmimeIdentity.from_files(settings[SENDER_PREFIX + "smime_certificate"],
                                         settings[SENDER_PREFIX + "smime_private_key"])
-    return protect(package, identity, x509.load_pem_x509_certificate(Path(recipient).read_bytes()))
+    certificate = pem.encode("ascii") if pem else Path(recipient).read_bytes()
+    return protect(package, identity, x509.load_pem_x509_certificate(certificate))
 
 
 def _read_credentials(settings: dict) -> tuple[bytes | None, bytes | None]:
