@@ -58,10 +58,11 @@ def mail():
 
 @pytest.fixture(autouse=True)
 def empty_mailboxes(mail):
-    """Each test starts with central's INBOX and refused folder empty."""
-    for folder in ("", "medd-refused"):
-        for message in mail.messages(CENTRAL_BOX, folder):
-            message.unlink()
+    """Each test starts with every mailbox's INBOX and refused folder empty."""
+    for address in mail.passwords:
+        for folder in ("", "medd-refused"):
+            for message in mail.messages(address, folder):
+                message.unlink()
     yield
 
 
@@ -167,6 +168,23 @@ async def test_gateway_sends_through_postfix_and_central_takes_it_from_dovecot(m
 
     rows = await central.database.run(lambda c: c.execute(select(receipts.c.origin, receipts.c.transport)).all())
     assert set(rows) == {(GATEWAY_LOGIN, "imap")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_mail_is_taken_at_once_where_the_server_offers_idle(make_central, mail):
+    """Dovecot offers IDLE: between polls (an hour apart here) central keeps a connection idling, and
+    a package delivered meanwhile is stored without waiting for the next poll."""
+    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    deadline = time.monotonic() + 30
+    while not central.mailbox.idling:  # the first poll ran at start; the IDLE follows it
+        assert time.monotonic() < deadline, "no IDLE connection"
+        await sleep(0.05)
+    ds = image()
+    _submit(mail, package_of(ds))
+    while await stored_uids(central) != [ds.SOPInstanceUID]:
+        assert time.monotonic() < deadline + 30, "the new mail was not taken"
+        await sleep(0.05)
+    assert central.mailbox.idle_wakeups >= 1
 
 
 @pytest_twisted.ensureDeferred

@@ -53,7 +53,41 @@ class _Client(imap4.IMAP4Client):
         greeted, self.factory.greeted = self.factory.greeted, None
         if greeted is not None:
             greeted.errback(reason)
+        self._wake(False)
         super().connectionLost(reason)
+
+    # -- IDLE (RFC 2177), which Twisted's client does not speak: the command is sent as any other, and
+    # while it is under way an untagged EXISTS (new mail) ends the wait.
+
+    _idle_wake: Deferred | None = None
+
+    def _wake(self, new_mail: bool) -> None:
+        wake, self._idle_wake = self._idle_wake, None
+        if wake is not None:
+            wake.callback(new_mail)
+
+    def _defaultHandler(self, tag, rest):
+        if tag == b"*" and self._idle_wake is not None and rest.split()[1:2] == [b"EXISTS"]:
+            self._wake(True)
+        super()._defaultHandler(tag, rest)
+
+    async def idle(self, seconds: float, clock) -> bool:
+        """IDLE for at most ``seconds``; True when the server announced new mail meanwhile."""
+        self._idle_wake = woken = Deferred()
+        timer = clock.callLater(seconds, self._wake, False)
+        self.setTimeout(None)  # silence is what IDLE is for
+        done = self.sendCommand(imap4.Command(b"IDLE", continuation=lambda rest: None))
+        try:
+            new_mail = await woken
+        finally:
+            if timer.active():
+                timer.cancel()
+        if self.transport is not None and self.transport.connected:
+            self.sendLine(b"DONE")
+            await done
+        else:
+            done.addErrback(lambda failure: None)  # the connection's end already answered
+        return new_mail
 
 
 class _ClientFactory(ClientFactory):
@@ -96,6 +130,8 @@ class MailboxPoller(PassService):
         self._failures: dict[tuple[int, int], int] = {}  # (UIDVALIDITY, UID) -> unexpected failures
         self._errors = 0
         self.polls = 0
+        self._watching: _Client | None = None  # the IDLE connection, while one is open
+        self.idle_wakeups = 0  # polls that IDLE started
 
     async def _poll(self) -> int:
         if self._stopped:
@@ -113,7 +149,40 @@ class MailboxPoller(PassService):
         self.polls += 1
         if not self._stopped:
             self._pass.schedule(0 if more else self.settings.poll_interval)
+            if not more and self._watching is None:
+                self._watch()
         return handled
+
+    @property
+    def idling(self) -> bool:
+        """Whether a connection idles on the folder now (the server offered IDLE)."""
+        return self._watching is not None
+
+    def stopService(self):
+        if self._watching is not None and self._watching.transport is not None:
+            self._watching.transport.loseConnection()
+        return super().stopService()
+
+    def _watch(self) -> None:
+        """Where the server offers IDLE, keep a second connection idling until the next scheduled
+        poll: new mail starts a poll at once instead."""
+        d = Deferred.fromCoroutine(self._idle_once())
+        d.addErrback(lambda f: log.info("mailbox {url}: IDLE ended: {error}", url=self.settings.url,
+                                        error=f.getErrorMessage()))
+
+    async def _idle_once(self) -> None:
+        client = await self._connect()
+        try:
+            if b"IDLE" not in (await client.getCapabilities()):
+                return
+            await client.select(self.settings.folder)
+            self._watching = client
+            if await client.idle(self.settings.poll_interval, self.clock) and not self._stopped:
+                self.idle_wakeups += 1
+                self.kick()
+        finally:
+            self._watching = None
+            client.transport.loseConnection()
 
     def _read_credentials(self) -> tuple[bytes | None, str]:
         """Blocking: (CA PEM or None, password)."""
