@@ -84,7 +84,7 @@ class NodeService(MultiService):
             from medd.viewer.node import ViewerServices
             from medd.viewer.web import reading_room_resources
 
-            self.viewer = ViewerServices(self)
+            self.viewer = ViewerServices(self, settings.mail.for_senders())
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room

@@ -29,7 +29,7 @@ ARCHIVE_KEYS = ("backend", "volume_size", "batch_bytes", "interval", "batch_obje
 RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
 VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
-                       "push_token", "ca", "client_cert", "allow_http")
+                       "push_token", "ca", "client_cert", "allow_http", "packages")
 # A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
 VIEWER_READING_ROOM_KEYS = ("ohif",)
 
@@ -149,7 +149,9 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     elif role == "viewer":
         from medd.viewer.settings import central_settings, reading_room_settings
 
-        collect(lambda: central_settings(config, check_files=check_files))
+        viewer_central = collect(lambda: central_settings(config, check_files=check_files))
+        if viewer_central is not None and viewer_central.packages and not (mail.mail and mail.mail.smarthost):
+            problem("central", "packages", "a mailto: address needs [mail] smarthost (the server this node sends through)")
         collect(lambda: reading_room_settings(config, check_files=check_files))
     elif role == "gateway":
         from medd.gateway.settings import gateway_settings

@@ -470,8 +470,9 @@ async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmen
     its dovecot mailbox, reassembles, decrypts, verifies the centre's signature, stores and routes it to
     a viewer whose delivery is mailto:; central signs it and encrypts it to the viewer's certificate and
     sends it through postfix, again in fragments; the viewer polls its own mailbox, verifies central's
-    signature and has the image in its worklist. Central's tracking shows the receipt over IMAP and the
-    delivery by mail."""
+    signature and has the image in its worklist. The radiologist opens it, and the viewer's status goes
+    back by mail, signed with the viewer's key, encrypted to central: central's tracking shows the
+    receipt over IMAP, the delivery by mail and the opening."""
     from sqlalchemy import select
 
     from medd.storage.inbox import WorklistQuery
@@ -500,8 +501,9 @@ async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmen
                    + smime_extra(gateway_cert, gateway_key, central_cert) + small),
         site="gateway", role="gateway", name="gateway.test")
     reader = await make_central(
-        {}, extra=(_viewer_extra(listener_port(central, "http"), token) + mailbox_extra(mail, viewer, 3600)
-                   + "[mail]\n" + smime_extra(viewer_cert, viewer_key, central_cert)),
+        {}, extra=(_viewer_extra(listener_port(central, "http"), token) + f"packages = mailto:{CENTRAL_BOX}\n"
+                   + mailbox_extra(mail, viewer, 3600) + mail_extra(mail, login=viewer)
+                   + smime_extra(viewer_cert, viewer_key, central_cert)),
         site="viewer", role="viewer", name=viewer)
 
     big = image("MR_small.dcm")
@@ -530,8 +532,18 @@ async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmen
     page = await reader.reading_room.worklist(WorklistQuery(user="dr-lee"))
     assert [(s.study_uid, s.images) for s in page.studies] == [(big.StudyInstanceUID, 1)]
     assert mail.messages(viewer) == [] and mail.messages(viewer, "medd-refused") == []
+
+    # The radiologist opens it: the status goes back to central the same way, signed by the viewer.
+    await reader.reading_room.pixels_shown(big.SOPInstanceUID, "dr-lee", "127.0.0.1")
+    await reader.viewer.outgoing.kick()
+
+    async def opened():
+        (delivery,) = await central.central_storage.deliveries.of_object(big.SOPInstanceUID)
+        return delivery.state == "opened"
+
+    await poll_until(central, opened)
     rows = await central.database.run(lambda c: c.execute(select(receipts.c.origin, receipts.c.transport)).all())
-    assert rows == [(GATEWAY_LOGIN, "imap")]
+    assert rows == [(GATEWAY_LOGIN, "imap"), (viewer, "imap")]
 
 
 # --- large packages as message/partial fragments (RFC 2046 5.2.2) -----------------------------------------

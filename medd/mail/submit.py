@@ -98,6 +98,23 @@ class SmarthostSender:
             await done
 
 
+class MailToCentral:
+    """``post_package`` for a viewer whose packages go to central by mail (``[central] packages =
+    mailto:…``): the smarthost's acceptance is the send; any failure is retried as central being away."""
+
+    def __init__(self, reactor, url: str, settings: dict):
+        self.reactor, self.url, self.settings = reactor, url, settings
+
+    async def post_package(self, data: bytes) -> int:
+        from medd.pull import CentralUnavailable
+
+        try:
+            await SmarthostSender().send(self.reactor, self.url, data, self.settings)
+        except Exception as e:
+            raise CentralUnavailable(f"mail to {self.url}: {type(e).__name__}: {e}") from e
+        return 250
+
+
 @hookimpl
 def medd_register_senders(register) -> None:
     register(SmarthostSender())
