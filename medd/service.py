@@ -12,7 +12,6 @@ from medd.central.routing import RoutingService, SenderPolicy
 from medd.central.storage import CentralStorage
 from medd.config import Config
 from medd.ingest import Ingest
-from medd.mail.mailbox import mailbox_service
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
 from medd.plugins.hookspecs import hookimpl
 from medd.plugins.host import Plugins, check_storage, load_plugins
@@ -71,9 +70,12 @@ class NodeService(MultiService):
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
             smime=smime_opener(settings.mail.mail, plugins),
         )
-        self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock, config.storage_path,
-                                       config.max_object_size)
-        if self.mailbox is not None:
+        self.mailbox = None
+        if settings.mail.mailbox is not None:
+            from medd.mail.mailbox import mailbox_service  # Twisted's IMAP client only where it is used
+
+            self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock,
+                                           config.storage_path, config.max_object_size)
             self.mailbox.setServiceParent(self)
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking)
         self.blob_sweep.setName("blob-sweep")

@@ -311,12 +311,10 @@ class MailboxPoller(PassService):
         await client.addFlags(str(uid), ["\\Deleted"], uid=True)
 
 
-def mailbox_service(reactor, settings: MailboxSettings | None, api, clock, storage_path: Path,
-                    max_object_size: int) -> MailboxPoller | None:
-    """The node's mailbox poller, or None without ``[mailbox]``; fragments wait in the node's storage
-    folder (``mail-fragments/``), a set at most the size base64 makes of the largest object."""
-    if settings is None:
-        return None
+def mailbox_service(reactor, settings: MailboxSettings, api, clock, storage_path: Path,
+                    max_object_size: int) -> MailboxPoller:
+    """The node's mailbox poller; fragments wait in the node's storage folder (``mail-fragments/``), a
+    set at most the size base64 makes of the largest object."""
     fragments = FragmentStore(Path(storage_path) / "mail-fragments", max_object_size * 4 // 3 + 1024 * 1024)
     poller = MailboxPoller(reactor, settings, api, clock, fragments)
     poller.setName("mailbox")
