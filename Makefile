@@ -51,6 +51,7 @@ test-tools:
 	[ -x /usr/sbin/postfix ] || missing="$$missing postfix"; \
 	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
 	[ -x /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		export DEBIAN_FRONTEND=noninteractive; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null; \

@@ -155,8 +155,14 @@ def smime_opener(mail, plugins):
     assembly): a package over IMAP must then be signed and encrypted."""
     if mail is None or mail.smime_certificate is None:
         return None
-    from medd.mail.smime import SmimeIdentity, SmimeOpener
+    import shutil
+
+    from medd.mail.smime import OPENSSL, SmimeIdentity, SmimeOpener
     from medd.plugins.host import hook_value
+
+    if shutil.which(OPENSSL) is None:
+        raise ValueError("[mail] smime_certificate: S/MIME signatures are verified by the openssl command, "
+                         "which is not installed (Debian: apt-get install openssl)")
 
     async def certificate_of(address: str):
         return await hook_value(plugins.manager.hook.medd_smime_certificate(address=address))
