@@ -43,7 +43,7 @@ def missing_reason() -> str | None:
     return None
 
 
-def _wait_listening(port: int, what: str, log: Path, seconds: float = 30) -> None:
+def _wait_listening(port: int, what: str, log: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -267,7 +267,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         if getattr(self, "conf", None) is not None:
             subprocess.run(["/usr/bin/doveadm", "-c", str(self.conf), "stop"], capture_output=True)
 
-    def wait_for_messages(self, address: str, count: int, folder: str = "", seconds: float = 60) -> list[Path]:
+    def wait_for_messages(self, address: str, count: int, folder: str = "", seconds: float = 180) -> list[Path]:
         """The messages in ``address``'s folder once there are at least ``count`` (postfix queues,
         then delivers over LMTP, asynchronously)."""
         deadline = time.monotonic() + seconds

@@ -89,13 +89,13 @@ def package_of(ds, origin: str = GATEWAY_LOGIN, destination: str = CENTRAL_BOX) 
 def mail_extra(mail, *, smarthost: str | None = None, starttls: str = "required", login: str = GATEWAY_LOGIN) -> str:
     smarthost = smarthost or f"smtp://localhost:{mail.submission_port}"
     return (f"[mail]\nsmarthost = {smarthost}\nca = {mail.ca}\nstarttls = {starttls}\nusername = {login}\n"
-            f"password_file = {mail.password_file(login)}\ntimeout = 20\n")
+            f"password_file = {mail.password_file(login)}\ntimeout = 60\n")
 
 
 def mailbox_extra(mail, address: str = CENTRAL_BOX, poll_interval: float = 0.2) -> str:
     return (f"[mailbox]\nurl = imaps://{address}@localhost:{mail.imaps_port}/INBOX\n"
             f"password_file = {mail.password_file(address)}\nca = {mail.ca}\npoll_interval = {poll_interval}\n"
-            f"timeout = 20\n")
+            f"timeout = 60\n")
 
 
 async def stored_uids(node) -> list[str]:
@@ -107,8 +107,17 @@ async def stored_uids(node) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def poll_until(node, predicate, seconds: float = 60):
+async def held(node):
+    """``node`` with its mailbox poller stopped (after the poll its start ran), so that a test can look
+    at what the mail servers delivered before the node takes it; :func:`poll_until` starts it again."""
+    await node.mailbox.stopService()
+    return node
+
+
+async def poll_until(node, predicate, seconds: float = 180):
     """Kick the node's mailbox poller until ``predicate()`` (a coroutine function) is true."""
+    if not node.mailbox.running:
+        node.mailbox.startService()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         await node.mailbox.kick()
@@ -123,7 +132,7 @@ def sleep(seconds: float) -> Deferred:
     return d
 
 
-async def wait_for_mail(mail, address: str, count: int, folder: str = "", seconds: float = 60):
+async def wait_for_mail(mail, address: str, count: int, folder: str = "", seconds: float = 180):
     deadline = time.monotonic() + seconds
     while len(mail.messages(address, folder)) < count:
         assert time.monotonic() < deadline, f"{count} messages never reached {address} {folder}"
@@ -137,7 +146,7 @@ async def test_gateway_sends_through_postfix_and_central_takes_it_from_dovecot(m
     (STARTTLS, the certificate verified against [mail] ca, AUTH with the mailbox login); postfix
     delivers it over LMTP into central's dovecot mailbox; central's [mailbox] poller fetches it over
     IMAPS, stores it through the ingest (transport imap) and only then deletes the message."""
-    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    central = await held(await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central"))
     gateway = await make_central(
         {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n"
                    f"retry_base = 0.2\nretry_max_delay = 1\n" + mail_extra(mail)),
@@ -175,14 +184,14 @@ async def test_new_mail_is_taken_at_once_where_the_server_offers_idle(make_centr
     """Dovecot offers IDLE: between polls (an hour apart here) central keeps a connection idling, and
     a package delivered meanwhile is stored without waiting for the next poll."""
     central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while not central.mailbox.idling:  # the first poll ran at start; the IDLE follows it
         assert time.monotonic() < deadline, "no IDLE connection"
         await sleep(0.05)
     ds = image()
     _submit(mail, package_of(ds))
     while await stored_uids(central) != [ds.SOPInstanceUID]:
-        assert time.monotonic() < deadline + 30, "the new mail was not taken"
+        assert time.monotonic() < deadline + 120, "the new mail was not taken"
         await sleep(0.05)
     assert central.mailbox.idle_wakeups >= 1
 
@@ -193,7 +202,7 @@ async def test_what_central_will_not_take_is_moved_to_medd_refused_with_the_reas
     carries no credential of that centre), are each appended to ``medd-refused`` with a
     ``Medd-Refused`` header naming the reason and removed from INBOX; nothing is stored, and a good
     package beside them is."""
-    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    central = await held(await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central"))
     await central.central_storage.directory.add_centre("centre-a", addresses=["ct1@centre-a.example"], token=True)
     good = image()
     sender = SmarthostSender()
@@ -233,7 +242,7 @@ async def test_smarthost_tls_is_verified_and_clear_text_refused_unless_optional(
     sender = SmarthostSender()
     ds = image()
     package = package_of(ds, destination="central.test")
-    clear = {"mail_smarthost": f"smtp://localhost:{port}", "mail_ca": str(mail.ca), "mail_timeout": "10"}
+    clear = {"mail_smarthost": f"smtp://localhost:{port}", "mail_ca": str(mail.ca), "mail_timeout": "60"}
     with pytest.raises(Exception, match="(?i)TLS"):
         await sender.send(reactor, "mailto:central@central.test", package, clear)
     assert await stored_uids(central) == []
@@ -244,7 +253,7 @@ async def test_smarthost_tls_is_verified_and_clear_text_refused_unless_optional(
     make_self_signed(other_ca, other_key, "localhost")
     wrong = {"mail_smarthost": f"smtp://localhost:{mail.submission_port}", "mail_ca": str(other_ca),
              "mail_username": GATEWAY_LOGIN, "mail_password_file": str(mail.password_file(GATEWAY_LOGIN)),
-             "mail_timeout": "10"}
+             "mail_timeout": "60"}
     before = len(mail.messages(CENTRAL_BOX))
     with pytest.raises(Exception):
         await sender.send(reactor, f"mailto:{CENTRAL_BOX}", package_of(image()), wrong)
@@ -302,7 +311,7 @@ async def test_tls_delivery_fails_over_to_mail_and_tracking_shows_it(make_centra
         "[delivery]\nretry_base = 0.05\nretry_multiplier = 1\nfailover_after = 2\n")
     [message] = await wait_for_mail(mail, viewer, 1)
     assert read_package(message.read_bytes(), load_plugins().object_type).attachment.uid == ds.SOPInstanceUID
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while (row := (await central.central_storage.deliveries.of_object(ds.SOPInstanceUID))[0]).state != "delivered":
         assert time.monotonic() < deadline, row
         await sleep(0.05)
@@ -360,9 +369,9 @@ async def test_signed_and_encrypted_package_from_a_registered_centre_is_its_cred
     keys = tmp_path / "smime"
     central_cert, central_key = smime_files(keys, CENTRAL_BOX)
     gateway_cert, gateway_key = smime_files(keys, GATEWAY_LOGIN)
-    central = await make_central(
+    central = await held(await make_central(
         {}, extra=mailbox_extra(mail, poll_interval=3600) + "[mail]\n" + smime_extra(central_cert, central_key),
-        site="central")
+        site="central"))
     await central.central_storage.directory.add_centre("centre-g", addresses=[GATEWAY_LOGIN])
     await central.central_storage.directory.set_smime_certificate(GATEWAY_LOGIN, gateway_cert.read_text())
     gateway = await make_central(
@@ -411,10 +420,10 @@ async def test_bad_missing_unknown_or_misused_signatures_are_refused(make_centra
     impostor_cert, impostor_key = smime_files(keys / "impostor", GATEWAY_LOGIN)
     viewer = "dr-lee@viewer.test"
     viewer_cert, viewer_key = smime_files(keys, viewer)
-    central = await make_central(
+    central = await held(await make_central(
         {"smtp": "tcp:0:interface=127.0.0.1"},
         extra=mailbox_extra(mail, poll_interval=3600) + "[mail]\n" + smime_extra(central_cert, central_key),
-        site="central")
+        site="central"))
     directory = central.central_storage.directory
     await directory.add_centre("centre-g", addresses=[GATEWAY_LOGIN])
     await directory.set_smime_certificate(GATEWAY_LOGIN, centre_cert.read_text())
@@ -463,6 +472,7 @@ async def test_bad_missing_unknown_or_misused_signatures_are_refused(make_centra
     assert await stored_uids(central) == []
 
 
+@pytest.mark.timeout(600)  # a loaded machine: 2 cores shared by the suite's other work
 @pytest_twisted.ensureDeferred
 async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmented(make_central, mail, tmp_path):
     """The issue's path, scaled to a 1 MB multi-frame object (the bench can take 60 MB): a gateway signs
@@ -522,13 +532,14 @@ async def test_end_to_end_gateway_to_viewer_by_mail_signed_encrypted_and_fragmen
     await central.routing.outbox.settled()
     (row,) = await central.central_storage.deliveries.of_object(big.SOPInstanceUID)
     assert row.state == "delivered", row
-    at_viewer = await wait_for_mail(mail, viewer, 5)
-    assert {email.message_from_bytes(m.read_bytes()).get_content_type() for m in at_viewer} == {"message/partial"}
 
     async def at_reader():
         return await stored_uids(reader) == [big.SOPInstanceUID]
 
+    # The viewer node idles on its mailbox and may take each fragment the moment it lands.
     await poll_until(reader, at_reader)
+    # It came as message/partial: the viewer reassembled one set (the mark that ignores late duplicates).
+    assert len(list((reader.config.storage_path / "mail-fragments").glob("*/done"))) == 1
     page = await reader.reading_room.worklist(WorklistQuery(user="dr-lee"))
     assert [(s.study_uid, s.images) for s in page.studies] == [(big.StudyInstanceUID, 1)]
     assert mail.messages(viewer) == [] and mail.messages(viewer, "medd-refused") == []
@@ -556,7 +567,7 @@ async def test_a_large_package_goes_as_fragments_and_is_reassembled_once(make_ce
     the order, ignores a duplicate, and stores the package once."""
     from medd.mail.fragments import split
 
-    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central")
+    central = await held(await make_central({}, extra=mailbox_extra(mail, poll_interval=3600), site="central"))
     gateway = await make_central(
         {}, extra=(f"[gateway]\naddress = {GATEWAY_LOGIN}\ncentral = mailto:{CENTRAL_BOX}\n"
                    + mail_extra(mail) + "max_message_size = 64K\n"),
@@ -604,8 +615,8 @@ async def test_a_fragment_set_missing_a_part_is_reported_and_kept(make_central, 
     and kept in mail-fragments/incomplete/, not deleted."""
     from medd.mail.fragments import split
 
-    central = await make_central({}, extra=mailbox_extra(mail, poll_interval=3600) + "fragment_timeout = 1\n",
-                                 site="central")
+    central = await held(await make_central({}, extra=mailbox_extra(mail, poll_interval=3600) + "fragment_timeout = 1\n",
+                                 site="central"))
     fragments = split(package_of(image()), 16 * 1024)
     assert len(fragments) >= 3
     for fragment in fragments[:1] + fragments[2:]:
@@ -661,6 +672,7 @@ def _submit(mail, package: bytes) -> None:
         smtp.sendmail(GATEWAY_LOGIN, [CENTRAL_BOX], package)
 
 
+@pytest.mark.timeout(600)
 def test_sigkill_between_fetch_and_index_leaves_the_message_in_the_mailbox(mail, tmp_path):
     """A real twistd central polls its mailbox while its SQLite index is held locked by this test, so
     the package it fetched cannot be indexed; it is SIGKILLed then. The message is still in INBOX
@@ -675,12 +687,12 @@ def test_sigkill_between_fetch_and_index_leaves_the_message_in_the_mailbox(mail,
     proc = _start_twistd(tmp_path, extra)
     lock = None
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while "node central.test starting" not in "".join(p.read_text() for p in tmp_path.glob("twistd-*.log")):
             assert proc.poll() is None and time.monotonic() < deadline, "central did not start"
             time.sleep(0.05)
         # A write lock on the index: central polls and fetches, but cannot index what it fetched.
-        lock = sqlite3.connect(db, isolation_level=None, timeout=30)
+        lock = sqlite3.connect(db, isolation_level=None, timeout=120)
         lock.execute("BEGIN IMMEDIATE")
         _submit(mail, package_of(ds))
         # The fetch marks the message \Seen (Maildir flag S).
@@ -700,7 +712,7 @@ def test_sigkill_between_fetch_and_index_leaves_the_message_in_the_mailbox(mail,
 
     proc = _start_twistd(tmp_path, extra)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while mail.messages(CENTRAL_BOX) or _count_objects(db) < 1:
             assert proc.poll() is None and time.monotonic() < deadline, "central never took the message"
             time.sleep(0.05)
