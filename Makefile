@@ -37,8 +37,10 @@ run: venv ohif
 	$(BIN)/medd demo
 
 # System tools some tests drive: Debian's chromium (the reading room's browser
-# tests), DCMTK's storescu (a modality-grade SCU), npm (for `make ohif`) and systemd-analyze (the
-# service unit's check). Installed when missing and
+# tests), DCMTK's storescu (a modality-grade SCU), npm (for `make ohif`), rsyslog, systemd-analyze (the
+# service unit's check), strace and PostgreSQL's server binaries (the fault campaign), and postfix +
+# dovecot (the e-mail transport's tests start their own instances; postfix is installed with
+# "No configuration", so no system mail server is set up). Installed when missing and
 # we are root with apt-get; otherwise those tests skip with the reason.
 test-tools:
 	@missing=""; \
@@ -50,8 +52,13 @@ test-tools:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/sbin/postfix ] || missing="$$missing postfix"; \
+	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
+	[ -x /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		export DEBIAN_FRONTEND=noninteractive; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null; \
 		apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; } \
 			|| echo "could not install$$missing: the tests that need them will skip"; \
 	fi

@@ -129,6 +129,38 @@ class Config:
         return dict(self.sections.get(name, {}))
 
 
+class SectionReader:
+    """The raw keys of one section of ``config``, each problem appended to ``problems`` with the file,
+    section and key (for a role's or subsystem's settings parser)."""
+
+    def __init__(self, config: Config, name: str, problems: list[ConfigProblem]):
+        self.config, self.name, self.problems = config, name, problems
+        self.section = config.section(name)
+        self.folder = Path(config.path).resolve().parent
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(ConfigProblem(self.config.path, self.name, key, message))
+
+    def get(self, key: str) -> str | None:
+        """The stripped value, None when absent or empty."""
+        return (self.section.get(key) or "").strip() or None
+
+    def seconds(self, key: str, default: float, maximum: float = float("inf")) -> float:
+        """A number of seconds more than 0 (and below ``maximum``); ``default`` when absent or unusable."""
+        text = self.get(key)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < maximum:
+            bound = f" and below {maximum:g}" if maximum != float("inf") else ""
+            self.problem(key, f"must be a number of seconds more than 0{bound}, not {text!r}")
+            return default
+        return value
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 

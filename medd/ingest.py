@@ -120,7 +120,7 @@ class Ingest:
                  restore: Callable[[str], Deferred] | None = None,
                  admit: Callable[[int, str], None] | None = None,
                  index_with: Callable | None = None, audit: AuditTrail | None = None,
-                 delivery_facts: bool = False, package_with: Callable | None = None, metrics=None):
+                 delivery_facts: bool = False, package_with: Callable | None = None, metrics=None, smime=None):
         self.reactor = reactor
         self.index = index
         self.blobs = blobs
@@ -136,6 +136,8 @@ class Ingest:
         self._delivery_facts = delivery_facts
         #: :class:`medd.metrics.NodeMetrics` (or None): each object's outcome, size and latency.
         self.metrics = metrics
+        # A medd.mail.smime.SmimeOpener when the node has an S/MIME identity ([mail] smime_certificate).
+        self.smime = smime
         self.pool = ThreadPool(minthreads=1, maxthreads=parse_threads, name="medd-parse")
         self._started = False
         # Digests written by an ingest that has not reached its index commit yet: the blob
@@ -378,12 +380,14 @@ class Ingest:
     def _has_sender_policy(self) -> bool:
         return bool(self.plugins.manager.hook.medd_check_sender.get_hookimpls())
 
-    async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None) -> None:
+    async def _check_sender(self, package: Package, transport: str, peer: str | None, credentials: str | None,
+                            signer: str | None = None) -> None:
         keyinfo = package.content.keyinfo
         claim = SenderClaim(
             object_type=package.attachment.type, origin=package.origin.strip().lower(), transport=transport,
             peer=peer, credentials=credentials,
             study_uid=(keyinfo.study_instance_uid if keyinfo is not None else None) or package.attachment.get("study-uid"),
+            signer=signer,
         )
         verdict = await hook_value(self.plugins.manager.hook.medd_check_sender(claim=claim))
         if verdict:
@@ -401,10 +405,13 @@ class Ingest:
             else:
                 outcomes[i].callback(value)
 
-        checked = []
-        for frame in frames:
+        checked, signers = [], [None] * len(frames)
+        for i, frame in enumerate(frames):
             try:
                 self._check_size(frame, transport)
+                if self.smime is not None:
+                    # Before anything else: a signature that does not verify leaves nothing parsed or stored.
+                    frame, signers[i] = await self.smime.open(frame, transport, self.run_blocking)
                 checked.append(frame)
             except (Refused, StoreFailed) as e:
                 checked.append(e)
@@ -426,14 +433,15 @@ class Ingest:
             runs[-1].append(item)
         for run in runs:
             if policy:
-                run = await self._senders_checked(run, transport, peer, credentials, settle)
+                run = await self._senders_checked(run, transport, peer, credentials, signers, settle)
             await self._index_run(run, transport, peer, user, settle)
 
     async def _senders_checked(self, run: list, transport: str, peer: str | None, credentials: str | None,
-                               settle) -> list:
+                               signers: list, settle) -> list:
         """The packages of ``run`` whose sender passed, with their blobs written (one hop for all)."""
         # Asked all at once: the directory looks them up together.
-        checks = [ensureDeferred(self._check_sender(package, transport, peer, credentials)) for _, package, _ in run]
+        checks = [ensureDeferred(self._check_sender(package, transport, peer, credentials, signers[i]))
+                  for i, package, _ in run]
         passed = []
         for (i, package, blob), check in zip(run, checks):
             try:

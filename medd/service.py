@@ -15,6 +15,7 @@ from medd.health import Readiness
 from medd.metrics import MetricsPage, NodeMetrics
 from medd.ingest import Ingest
 from medd.plugins.api import IndexQueries, TLSSettings, TransportAPI, WebMounts
+from medd.plugins.hookspecs import hookimpl
 from medd.plugins.host import Plugins, check_storage, load_plugins
 from medd.storage.audit import AuditLog
 from medd.storage.database import Database
@@ -77,7 +78,15 @@ class NodeService(MultiService):
             restore=self.archiving.restore_digest if self.archiving is not None else None, audit=self.audit,
             delivery_facts=config.role == "viewer",
             metrics=self.metrics,
+            smime=smime_opener(settings.mail.mail, plugins),
         )
+        self.mailbox = None
+        if settings.mail.mailbox is not None:
+            from medd.mail.mailbox import mailbox_service  # Twisted's IMAP client only where it is used
+
+            self.mailbox = mailbox_service(reactor, settings.mail.mailbox, self.ingest, self.clock,
+                                           config.storage_path, config.max_object_size)
+            self.mailbox.setServiceParent(self)
         self.blob_sweep = BlobSweep(self.clock, self.index, self.blobs, self.ingest.run_blocking,
                                     interval=config.sweep_interval, min_age=config.sweep_grace,
                                     writing=self.ingest.writing)
@@ -98,7 +107,7 @@ class NodeService(MultiService):
             from medd.viewer.node import ViewerServices
             from medd.viewer.web import reading_room_resources
 
-            self.viewer = ViewerServices(self)
+            self.viewer = ViewerServices(self, settings.mail.for_senders())
             self.viewer.setName("viewer")
             self.viewer.setServiceParent(self)
             self.reading_room = self.viewer.reading_room
@@ -113,14 +122,15 @@ class NodeService(MultiService):
         elif config.role == "gateway":
             from medd.gateway.node import GatewayServices
 
-            self.gateway = GatewayServices(self, settings.gateway)
+            self.gateway = GatewayServices(self, settings.gateway, sender_settings=settings.mail.for_senders())
             self.gateway.setName("gateway")
             self.gateway.setServiceParent(self)
         else:
             from medd.central.webapi import central_resources
 
             self.routing = RoutingService(reactor, config, plugins, self.central_storage, self.ingest,
-                                          settings=settings.central, metrics=self.metrics)
+                                          settings=settings.central, metrics=self.metrics,
+                                          sender_settings=settings.mail.for_senders())
             self.routing.setName("routing")
             self.routing.setServiceParent(self)
             client_ca = ((config.tls_client_ca, config.tls_client_ca_key)
@@ -168,6 +178,44 @@ class NodeService(MultiService):
             return result
 
         return d.addBoth(stop_pools) if d is not None else stop_pools(None)
+
+
+def smime_opener(mail, plugins):
+    """The ingest's S/MIME opener when ``[mail]`` names this node's S/MIME identity (read once, at
+    assembly): a package over IMAP must then be signed and encrypted."""
+    if mail is None or mail.smime_certificate is None:
+        return None
+    import shutil
+
+    from medd.mail.smime import OPENSSL, SmimeIdentity, SmimeOpener
+    from medd.plugins.host import hook_value
+
+    if shutil.which(OPENSSL) is None:
+        raise ValueError("[mail] smime_certificate: S/MIME signatures are verified by the openssl command, "
+                         "which is not installed (Debian: apt-get install openssl)")
+
+    async def certificate_of(address: str):
+        return await hook_value(plugins.manager.hook.medd_smime_certificate(address=address))
+
+    if mail.smime_recipient is not None:
+        # A gateway or viewer takes mail from central only: whatever its From, a package must be
+        # signed with central's key (the certificate it also encrypts to).
+        plugins.manager.register(CentralCertificate(mail.smime_recipient), name="medd-mail-central-certificate")
+    identity = SmimeIdentity.from_files(mail.smime_certificate, mail.smime_private_key)
+    return SmimeOpener(identity, certificate_of, required=("imap",))
+
+
+class CentralCertificate:
+    """``medd_smime_certificate`` on a node whose only correspondent is central (read once, at start)."""
+
+    def __init__(self, path: str):
+        from pathlib import Path
+
+        self.pem = Path(path).read_bytes()
+
+    @hookimpl
+    def medd_smime_certificate(self, address: str):
+        return self.pem
 
 
 def check_against_plugins(config: Config, plugins: Plugins) -> None:

@@ -17,6 +17,7 @@ from typing import Iterable
 
 from medd.audit import AUDIT_KEYS, audit_settings
 from medd.config import CORE_KEYS, ROLES, Config, ConfigError, ConfigProblem, read_config
+from medd.mail.settings import MAIL_KEYS, MAILBOX_KEYS, MailNodeSettings, mail_settings
 from medd.plugins.host import Plugins, load_plugins
 from medd.plugins.settings import SectionCheck
 
@@ -28,7 +29,7 @@ ARCHIVE_KEYS = ("backend", "volume_size", "batch_bytes", "interval", "batch_obje
 RETENTION_KEYS = ("evict_after_days",)
 # A viewer's [central], read by medd/viewer/settings.py (central_settings).
 VIEWER_CENTRAL_KEYS = ("url", "token", "poll_interval", "retry_base", "retry_max_delay", "timeout", "address",
-                       "push_token", "ca", "client_cert", "allow_http")
+                       "push_token", "ca", "client_cert", "allow_http", "packages")
 # A viewer's [reading_room], read by medd/viewer/settings.py (reading_room_settings).
 VIEWER_READING_ROOM_KEYS = ("ohif", "complete_after", "being_read_for", "idle_lock", "templates")
 
@@ -56,6 +57,8 @@ class NodeSettings:
     gateway: object | None = None
     #: ``[audit]`` (:class:`medd.audit.AuditSettings`), on every node.
     audit: object | None = None
+    #: ``[mail]`` and ``[mailbox]``, on every node.
+    mail: MailNodeSettings = MailNodeSettings()
 
 
 def validate_file(path: str | os.PathLike, *, extra_plugins: Iterable[object] = (),
@@ -101,6 +104,8 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     known["archive"] = set(ARCHIVE_KEYS)
     known["retention"] = set(RETENTION_KEYS)
     known["audit"] = set(AUDIT_KEYS)
+    known["mail"] = set(MAIL_KEYS)
+    known["mailbox"] = set(MAILBOX_KEYS)
     for sections in ([role_keys[role]] if role in role_keys else list(role_keys.values())):
         for section, keys in sections.items():
             known.setdefault(section, set()).update(keys)
@@ -135,6 +140,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
         problem("archive", "backend", f"no archive plugin named {archive.backend!r}")
 
     audit = collect(lambda: audit_settings(config, check_files=check_files))
+    mail = collect(lambda: mail_settings(config, check_files=check_files)) or MailNodeSettings()
     central = gateway = None
     if role == "central":
         from medd.central.settings import central_node_settings
@@ -143,12 +149,16 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
     elif role == "viewer":
         from medd.viewer.settings import central_settings, reading_room_settings
 
-        collect(lambda: central_settings(config, check_files=check_files))
+        viewer_central = collect(lambda: central_settings(config, check_files=check_files))
+        if viewer_central is not None and viewer_central.packages and not (mail.mail and mail.mail.smarthost):
+            problem("central", "packages", "a mailto: address needs [mail] smarthost (the server this node sends through)")
         collect(lambda: reading_room_settings(config, check_files=check_files))
     elif role == "gateway":
         from medd.gateway.settings import gateway_settings
 
         gateway = collect(lambda: gateway_settings(config, check_files=check_files))
+        if gateway is not None and gateway.central.startswith("mailto:") and not (mail.mail and mail.mail.smarthost):
+            problem("gateway", "central", "a mailto: central needs [mail] smarthost (the server this node sends through)")
 
     folder = Path(config.path).resolve().parent
     for section, check, source in plugins.config_checks:
@@ -157,7 +167,7 @@ def _check(config: Config, plugins: Plugins, check_files: bool) -> tuple[NodeSet
             check(view)
         except Exception as e:  # a plugin's bug must not hide the other problems
             problem(section, None, f"the check of {source} failed: {type(e).__name__}: {e}")
-    return NodeSettings(config, plugins, central, gateway, audit), problems
+    return NodeSettings(config, plugins, central, gateway, audit, mail), problems
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -24,6 +24,7 @@ FORBIDDEN = [
     ("medd.throttling", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.package", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.pull", ROLES + ASSEMBLY),
+    ("medd.mail", ROLES + ASSEMBLY),
     ("medd.objects", ROLES + ASSEMBLY + ("medd.transports", "medd.storage")),
     ("medd.central", ("medd.viewer", "medd.gateway") + ASSEMBLY),
     ("medd.viewer", ("medd.central", "medd.gateway") + ASSEMBLY),

@@ -19,8 +19,9 @@ from medd.storage.schema import all_tables
 from tests.conftest import write_config
 from tests.legacy_schema import AT, make_legacy_database
 
-HEAD = "0015_admin_passwords"
-NEXT = f"{int(HEAD[:4]) + 1:04d}"  # the number the next revision script gets
+HEAD = "0016_smime"
+#: The number the next revision script gets.
+NEXT = f"{int(HEAD[:4]) + 1:04d}"
 
 
 def _upgrade(url: str) -> migrate.SchemaState:

@@ -439,11 +439,11 @@ async def test_viewer_client_certificate_issued_and_accepted(make_central, tmp_p
 def test_smtp_sender_line_conversion_keeps_every_byte():
     """The SMTP sender's chunked CRLF -> LF view never splits a CRLF, whatever the chunk size, and
     reproduces the package exactly once Twisted turns LF back into CRLF."""
-    from medd.transports.push import _LFLines
+    from medd.transports.push import LFLines
 
     package = b"From: a@b\r\nTo: c@d\r\n\r\n" + b"QUJD\r\n" * 1000 + b"\r\n"
     for size in (1, 2, 3, 7, 64, 8192, -1):
-        reader, chunks = _LFLines(package), []
+        reader, chunks = LFLines(package), []
         while chunk := reader.read(size):
             chunks.append(chunk)
         text = b"".join(chunks)

@@ -477,7 +477,7 @@ class _Action(Resource):
     async def _check_admin(self, name: str, secret: str) -> str | None:
         """"admin token" or "password" when ``secret`` is administrator ``name``'s token or console password
         (`medd admins password`), else None. The scrypt check runs in a thread."""
-        from medd.viewer.users import check_hash
+        from medd.passwords import check_hash
 
         if not name or not secret:
             return None

@@ -88,7 +88,7 @@ class DeliveryService:
     """
 
     def __init__(self, reactor, deliveries: Deliveries, api, senders: dict, node_name: str, policy: RetryPolicy,
-                 settings: dict | None = None, directory=None):
+                 settings: dict | None = None, directory=None, failover_after: int = 3):
         self.reactor = reactor  # handed to senders, which open connections
         self.deliveries = deliveries
         self.clock = deliveries.clock
@@ -98,6 +98,8 @@ class DeliveryService:
         self.senders = senders  # scheme -> ISender
         self.origin = node_name if "@" in node_name else f"central@{node_name}"
         self.policy = policy
+        # A push URL may list several, in order: after this many failed attempts on one, the next.
+        self.failover_after = failover_after
         self._workers: dict[str, Deferred] = {}
         # Viewers kicked while their worker runs: it reads its head of line
         # once more before it stops, so a row queued meanwhile is not left
@@ -186,11 +188,23 @@ class DeliveryService:
                     # Head of line: nothing after this row goes before it.
                     self._wake_later(target, head.delivery.next_attempt_at)
                     return
-                await self._attempt(head.delivery, head.record, target.push_url)
+                await self._attempt(head.delivery, head.record, target)
         except Exception:
             log.failure("delivery worker for {address} stopped", address=address)
 
-    async def _attempt(self, delivery: Delivery, record: ObjectRecord, url: str) -> bool:
+    def url_for(self, push_url: str, attempts: int) -> str:
+        """The URL of ``push_url`` (one, or several in order) for a delivery with ``attempts`` failures:
+        ``failover_after`` attempts on each, then the next, back to the first after the last."""
+        urls = push_url.split()
+        return urls[(attempts // self.failover_after) % len(urls)]
+
+    async def _attempt(self, delivery: Delivery, record: ObjectRecord, target: PushTarget) -> bool:
+        push_url = target.push_url
+        url = self.url_for(push_url, delivery.attempts)
+        settings = self.settings
+        if target.smime_cert:
+            # The mailto: sender signs with [mail] smime_certificate and encrypts to the viewer's own.
+            settings = {**settings, "mail_smime_recipient_pem": target.smime_cert}
         scheme = url.partition(":")[0]
         sender = self.senders.get(scheme)
         attempts = delivery.attempts + 1
@@ -199,7 +213,7 @@ class DeliveryService:
                 raise RuntimeError(f"no sender for {scheme}: URLs")
             package = await load_package(self.api, record, delivery, self.origin, self.directory)
             await self.deliveries.mark_sent(delivery.id, attempts, f"to {url}")
-            sending = sender.send(self.reactor, url, package, self.settings)
+            sending = sender.send(self.reactor, url, package, settings)
             self._sending.add(sending)
             try:
                 await sending
@@ -212,6 +226,8 @@ class DeliveryService:
             else:
                 next_at = self.now() + timedelta(seconds=self.policy.delay(attempts))
                 detail = f"attempt {attempts} failed: {error}; next at {next_at.isoformat()}"
+            if next_at is not None and (following := self.url_for(push_url, attempts)) != url:
+                detail += f"; failing over to {following}"
             log.warn("delivery of {uid} to {destination} failed: {detail}", uid=delivery.uid,
                      destination=delivery.destination, detail=detail)
             await self.deliveries.mark_failed(delivery.id, attempts, error, next_at, detail)

@@ -245,7 +245,7 @@ class RoutingService(Service):
     undecided and resumes pending deliveries.
     """
 
-    def __init__(self, reactor, config, plugins, storage, api, settings=None, metrics=None):
+    def __init__(self, reactor, config, plugins, storage, api, settings=None, metrics=None, sender_settings=None):
         from medd.central.outbox import DeliveryService
         from medd.central.settings import central_node_settings
 
@@ -258,7 +258,9 @@ class RoutingService(Service):
         self.router = Router(storage.routing, config.name, on_routed=self._routed, metrics=metrics)
         self.outbox = DeliveryService(
             reactor, storage.deliveries, api, plugins.senders, config.name,
-            settings.delivery.retry, settings=settings.push.for_senders(), directory=storage.directory,
+            # [mail]'s keys (the mailto: sender's) beside [push]'s.
+            settings.delivery.retry, settings={**settings.push.for_senders(), **(sender_settings or {})},
+            directory=storage.directory, failover_after=settings.delivery.failover_after,
         )
         self.poll_interval = settings.delivery.poll_interval
         self.route_delay = settings.delivery.route_delay
@@ -351,12 +353,18 @@ class SenderPolicy:
     def medd_check_sender(self, claim):
         return ensureDeferred(self._check(claim))
 
+    @hookimpl
+    def medd_smime_certificate(self, address: str):
+        d = self.directory.smime_certificate(address)
+        return d.addCallback(lambda pem: pem.encode("ascii") if pem else None)
+
     async def _check(self, claim) -> str | None:
         origin = claim.origin
         # Whether the study is the centre's own matters only for an overlay or report.
         study = claim.study_uid if claim.object_type in ("overlay", "report") else None
-        found = await self.directory.sender_facts(origin, claim.credentials, study,
-                                                  claim.peer if claim.transport in CERTIFIED_TRANSPORTS else None)
+        # A verified S/MIME signature names its signer as a verified client certificate does.
+        certified = claim.signer or (claim.peer if claim.transport in CERTIFIED_TRANSPORTS else None)
+        found = await self.directory.sender_facts(origin, claim.credentials, study, certified)
         if found.named_centre is not None:
             refusal = self._centre_refusal(claim, found.named_centre, found.centre)
             if refusal is None and claim.object_type in ("overlay", "report") and not found.own_study:
@@ -381,9 +389,12 @@ class SenderPolicy:
 
     @staticmethod
     def _centre_refusal(claim, named, authenticated) -> str | None:
-        if claim.transport in AUTHENTICATING_TRANSPORTS and authenticated is not None and authenticated.name == named.name:
+        if ((claim.transport in AUTHENTICATING_TRANSPORTS or claim.signer) and authenticated is not None
+                and authenticated.name == named.name):
             return None
-        how = ("over SMTP: AUTH (after STARTTLS) with its address and token"
+        how = ("signed with S/MIME by its registered certificate"
+               if claim.transport == "imap" else
+               "over SMTP: AUTH (after STARTTLS) with its address and token, or signed with S/MIME"
                if claim.transport == "smtp" else
                "its bearer token over HTTP(S), or its client certificate over TLS or HTTPS")
         return f"a package from centre {named.name} ({claim.origin}) must be sent authenticated as that centre: {how}"

@@ -13,7 +13,8 @@ from medd.central.outbox import RetryPolicy
 from medd.config import Config, ConfigError, ConfigProblem
 
 #: Every key central reads from ``[delivery]`` and ``[push]``.
-DELIVERY_KEYS = ("retry_base", "retry_multiplier", "retry_max_delay", "max_attempts", "poll_interval", "route_delay")
+DELIVERY_KEYS = ("retry_base", "retry_multiplier", "retry_max_delay", "max_attempts", "poll_interval", "route_delay",
+                 "failover_after")
 PUSH_KEYS = ("tls_ca", "tls_client_cert", "http_token")
 
 
@@ -27,6 +28,8 @@ class DeliverySettings:
     poll_interval: float = 5.0
     # Objects stored within this many seconds are routed in one pass.
     route_delay: float = 0.05
+    # Failed attempts on one of a viewer's push URLs before the next one is tried.
+    failover_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ _DELIVERY = (
     ("max_attempts", "retry.max_attempts", int, "a whole number, at least 1", lambda v: v >= 1),
     ("poll_interval", "poll_interval", float, "a number of seconds more than 0", lambda v: v > 0),
     ("route_delay", "route_delay", float, "a number of seconds, 0 or more", lambda v: v >= 0),
+    ("failover_after", "failover_after", int, "a whole number of attempts, at least 1", lambda v: v >= 1),
 )
 
 

@@ -82,11 +82,13 @@ def _write_client_certificate(args, issued) -> None:
 def viewers_add(args):
     if bool(args.pull) == bool(args.push):
         return _fail("give exactly one of --pull or --push URL")
+    smime = _smime_certificate(args)
     issued = _issue_client_certificate(args, args.address.strip().lower())
     added = _run(args, lambda s: s.directory.add_viewer(args.address, args.push, args.authorise or [],
                                                           client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    _register_smime_certificate(args, added.viewer.address, smime)
     record_credential_change(args.config, "viewer token" + (" and client certificate" if issued else "") + " issued",
                              added.viewer.address, "C")
     print(added.token)
@@ -115,6 +117,31 @@ def viewers_revoke(args):
     _run(args, lambda s: s.directory.revoke(args.address, args.scope))
 
 
+def _smime_certificate(args) -> str | None:
+    """``--smime-cert FILE``, read and checked before anything is written: the PEM certificate the
+    centre's or viewer's S/MIME signatures are verified against."""
+    if not args.smime_cert:
+        return None
+    from pathlib import Path
+
+    from cryptography import x509
+
+    try:
+        pem = Path(args.smime_cert).read_bytes()
+        x509.load_pem_x509_certificate(pem)
+        return pem.decode("ascii")
+    except (OSError, ValueError) as e:
+        raise DirectoryError(f"{args.smime_cert}: not a readable PEM certificate ({e})") from e
+
+
+def _register_smime_certificate(args, address: str | None, pem: str | None) -> None:
+    if pem is None:
+        return
+    who = _run(args, lambda s: s.directory.set_smime_certificate(address, pem))
+    record_credential_change(args.config, "S/MIME certificate registered", address, "U")
+    print(f"{who}: S/MIME certificate {args.smime_cert} registered", file=sys.stderr)
+
+
 def _credentials(centre) -> str:
     held = [name for name, has in (("token", centre.has_token), ("client certificate", centre.client_cert_sha256)) if has]
     return f" [{', '.join(held)}]" if held else ""
@@ -128,11 +155,15 @@ def centres_add(args):
         address = existing.address if existing else None
         if address is None:
             return _fail("a centre's credential authenticates its package address: give --address")
+    smime = _smime_certificate(args)
+    if smime is not None and address is None:
+        return _fail("--smime-cert needs the centre's address (--address)")
     issued = _issue_client_certificate(args, address.strip().lower()) if address else None
     added = _run(args, lambda s: s.directory.add_centre(args.name, args.ae or [], args.address or [], args.network or [],
                                                         token=args.token, client_certificate=issued[1] if issued else None))
     if issued:
         _write_client_certificate(args, issued)
+    _register_smime_certificate(args, address, smime)
     if added.token or issued:
         record_credential_change(args.config, "centre " + " and ".join(
             w for w, given in (("token", added.token), ("client certificate", issued)) if given) + " issued",
@@ -298,11 +329,15 @@ def add_admin_commands(sub) -> None:
     p = command(g, "add", viewers_add, "register a viewer; prints its token")
     p.add_argument("address")
     p.add_argument("--pull", action="store_true", help="the viewer polls central (GET /outbox)")
-    p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p or http(s)://h/packages")
+    p.add_argument("--push", metavar="URL", help="central pushes to smtp://h:p, tls://h:p, http(s)://h/packages or mailto:address "
+                                                   "(through [mail] smarthost)")
     p.add_argument("--authorise", action="append", metavar="CENTRE[:MODALITY]")
     p.add_argument("--client-cert", metavar="FILE",
                    help="also issue a TLS client certificate (CN = the address) signed by [tls] client_ca_key; "
                         "written to FILE with its key")
+    p.add_argument("--smime-cert", metavar="FILE",
+                   help="its S/MIME certificate (PEM): packages signed with its key are its credential over SMTP "
+                        "and IMAP (PS3.15 B.8)")
     command(g, "list", viewers_list, "list viewers")
     command(g, "remove", viewers_remove, "remove a viewer").add_argument("address")
     for name, func in (("authorise", viewers_authorise), ("revoke", viewers_revoke)):
@@ -323,6 +358,9 @@ def add_admin_commands(sub) -> None:
     p.add_argument("--client-cert", metavar="FILE",
                    help="issue a TLS client certificate (CN = its first address) signed by [tls] client_ca_key; "
                         "written to FILE with its key")
+    p.add_argument("--smime-cert", metavar="FILE",
+                   help="its S/MIME certificate (PEM): packages signed with its key are its credential over SMTP "
+                        "and IMAP (PS3.15 B.8)")
     command(g, "list", centres_list, "list centres")
     command(g, "token", centres_token, "issue a new bearer token to a centre (the old one stops working)").add_argument("name")
 

@@ -69,13 +69,15 @@ class ForwardingService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, forwarding: Forwarding, ingest, object_types, sender, settings, spool: Spool, clock):
+    def __init__(self, reactor, forwarding: Forwarding, ingest, object_types, sender, settings, spool: Spool, clock,
+                 sender_settings: dict | None = None):
         self.reactor = reactor  # handed to the sender, which opens connections
         self.forwarding = forwarding
         self.ingest = ingest  # the node's Ingest: read_blob, run_blocking
         self.object_types = object_types  # the loaded IObjectType plugins, most specific first
         self.sender = sender  # the ISender for settings.central's scheme
         self.settings = settings  # GatewaySettings
+        self.sender_settings = {**settings.for_senders(), **(sender_settings or {})}  # [mail]'s keys too
         self.spool = spool
         self.clock = clock
         self._message_id = message_ids(settings)
@@ -188,7 +190,7 @@ class ForwardingService(Service):
 
     async def _replies(self, packages: list[bytes]) -> list[dict]:
         """Central's reply to each package, in order (``ok``, ``refused``, ``retry``; see IBatchSender)."""
-        settings = self.settings.for_senders()
+        settings = self.sender_settings
         if IBatchSender.providedBy(self.sender):
             return await self.sender.send_batch(self.reactor, self.settings.central, packages, settings)
         replies: list[dict] = []

@@ -45,7 +45,7 @@ class GatewayServices(MultiService):
     """Children of a gateway node. ``node.forwarding`` (the connector) and ``node.spool`` (the ingest's
     admission check) are built with the node, before its ingest."""
 
-    def __init__(self, node, settings: GatewaySettings):
+    def __init__(self, node, settings: GatewaySettings, sender_settings: dict | None = None):
         super().__init__()
         self.settings = settings
         clock = node.clock
@@ -54,7 +54,7 @@ class GatewayServices(MultiService):
         if sender is None:
             raise ValueError(f"no push sender is loaded for {scheme}:// ([gateway] central)")
         self.forwarder = ForwardingService(node.reactor, node.forwarding, node.ingest, node.plugins.object_types,
-                                          sender, settings, node.spool, clock)
+                                          sender, settings, node.spool, clock, sender_settings=sender_settings)
         self.forwarder.setName("forwarding")
         self.forwarder.setServiceParent(self)
         self.results = None

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medd.config import Config, ConfigError, ConfigProblem, _parse_size
+from medd.config import Config, ConfigError, ConfigProblem, SectionReader, _parse_size
+from medd.mail.settings import mailto_address
 from medd.pull import PullSettings, clear_http_problem
 from medd.scheduling import Backoff
 
@@ -84,28 +85,9 @@ class GatewaySettings:
 def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySettings:
     """The ``[gateway]`` settings of a gateway node, or :class:`ConfigError` naming every problem."""
     problems: list[ConfigProblem] = []
-    section = config.section("gateway")
-    folder = Path(config.path).resolve().parent
-
-    def problem(key: str, message: str) -> None:
-        problems.append(ConfigProblem(config.path, "gateway", key, message))
-
-    def get(key: str) -> str | None:
-        value = (section.get(key) or "").strip()
-        return value or None
-
-    def seconds(key: str, default: float) -> float:
-        text = get(key)
-        if text is None:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            problem(key, f"must be a number of seconds more than 0, not {text!r}")
-            return default
-        return value
+    reader = SectionReader(config, "gateway", problems)
+    folder = reader.folder
+    problem, get, seconds = reader.problem, reader.get, reader.seconds
 
     def flag(key: str) -> bool:
         text = (get(key) or "no").lower()
@@ -130,12 +112,20 @@ def gateway_settings(config: Config, *, check_files: bool = True) -> GatewaySett
     central = (get("central") or "").rstrip("/")
     parts = urlsplit(central)
     if not central:
-        problem("central", "is required: tls://host:port or https://host[:port]/packages")
+        problem("central", "is required: tls://host:port, https://host[:port]/packages or mailto:address")
+    elif parts.scheme == "mailto":
+        try:
+            mailto_address(central)
+        except ValueError as e:
+            problem("central", str(e))
     elif parts.scheme not in ("tls", "http", "https") or not parts.hostname:
-        problem("central", f"must be tls://host:port or http(s)://host[:port]/packages, not {central!r}")
+        problem("central", f"must be tls://host:port, http(s)://host[:port]/packages or mailto:address, "
+                           f"not {central!r}")
     elif parts.scheme == "tls" and parts.port is None:
         problem("central", f"a tls:// URL needs a port: {central!r}")
     central_name = get("central_name") or (parts.hostname if central else None) or "central"
+    if parts.scheme == "mailto" and not get("central_name"):
+        central_name = central[len("mailto:"):]  # central's mailbox is the To of every package
     ca, client_cert, token = path("ca"), path("client_cert"), get("token")
     if parts.scheme == "tls" and client_cert is None:
         problem("client_cert", "is required with a tls:// central: the PEM (certificate and key) central issued "

@@ -42,6 +42,8 @@ class SenderClaim:
     credentials: Optional[str] = None
     #: The study an overlay or report is about (from the object itself), if any.
     study_uid: Optional[str] = None
+    #: The address whose registered S/MIME certificate verified the package's signature, if any.
+    signer: Optional[str] = None
 
 
 @hookspec
@@ -93,6 +95,15 @@ def medd_check_sender(claim: SenderClaim) -> "Union[None, str, Deferred, Awaitab
     is stored. The first implementation that answers decides; a node with no
     implementation accepts every sender. Central implements it for the
     packages viewers send back (status, overlay, report).
+    """
+
+
+@hookspec(firstresult=True)
+def medd_smime_certificate(address: str) -> "Union[None, bytes, Deferred, Awaitable[Optional[bytes]]]":
+    """Decision: the S/MIME certificate (PEM) registered for the sender ``address``, or None.
+
+    A package signed with S/MIME is verified against it before anything else; central answers from
+    its directory (``medd centres add … --smime-cert FILE``).
     """
 
 

@@ -56,6 +56,7 @@ class PushTarget:
 
     address: str
     push_url: str
+    smime_cert: str | None = None  # PEM the viewer registered (--smime-cert): mail to it is encrypted to it
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,13 @@ def head_of_line(conn: Connection, destination: str) -> Delivery | None:
 def push_targets(conn: Connection) -> list[PushTarget]:
     """Push viewers with pending deliveries."""
     q = (
-        select(viewers.c.address, viewers.c.push_url)
+        select(viewers.c.address, viewers.c.push_url, viewers.c.smime_cert)
         .join(deliveries, deliveries.c.destination == viewers.c.address)
         .where(and_(viewers.c.mode == "push", deliveries.c.state.in_(PENDING), deliveries.c.next_attempt_at.is_not(None)))
         .distinct()
         .order_by(viewers.c.address)
     )
-    return [PushTarget(r.address, r.push_url) for r in conn.execute(q)]
+    return [PushTarget(r.address, r.push_url, r.smime_cert) for r in conn.execute(q)]
 
 
 def pull_waiting(conn: Connection, address: str) -> list[WaitingDelivery]:

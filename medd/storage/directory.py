@@ -19,7 +19,7 @@ from datetime import datetime
 from functools import partial
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, bindparam, delete, false, func, or_, select
+from sqlalchemy import and_, bindparam, delete, false, func, or_, select, update
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
 
@@ -28,7 +28,7 @@ from medd.storage.routing_tables import (admins, authorisations, centre_aliases,
                                          routing_rules, viewers)
 from medd.storage.schema import objects
 
-PUSH_SCHEMES = ("smtp", "tls", "http", "https")
+PUSH_SCHEMES = ("smtp", "tls", "http", "https", "mailto")
 # What a reader's credential may do: "read" is DICOMweb QIDO-RS and WADO-RS.
 READER_SCOPES = ("read",)
 
@@ -181,10 +181,28 @@ def split_scope(scope: str) -> tuple[str, str]:
     return centre, modality.upper()
 
 
-def check_push_url(url: str) -> None:
+def check_push_url(urls: str) -> None:
+    """One push URL, or several separated by spaces: tried in order, failing over after
+    ``[delivery] failover_after`` attempts on each."""
+    if not urls.split():
+        raise DirectoryError("a push URL is needed")
+    for url in urls.split():
+        _check_one_push_url(url)
+
+
+def _check_one_push_url(url: str) -> None:
     parts = urlsplit(url)
+    if parts.scheme == "mailto":
+        from medd.mail.settings import mailto_address
+
+        try:
+            mailto_address(url)
+        except ValueError as e:
+            raise DirectoryError(str(e)) from e
+        return
     if parts.scheme not in PUSH_SCHEMES or not parts.hostname or (parts.scheme in ("smtp", "tls") and not parts.port):
-        raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port or http(s)://host[:port]/path, not {url!r}")
+        raise DirectoryError(f"push URL must be smtp://host:port, tls://host:port, http(s)://host[:port]/path "
+                             f"or mailto:address, not {url!r}")
 
 
 # -- centres ---------------------------------------------------------------------------------------
@@ -550,6 +568,28 @@ def sender_facts(conn: Connection, origin: str, token: str | None, study_uid: st
                        viewer, own)
 
 
+def set_smime_certificate(conn: Connection, address: str, pem: str) -> str:
+    """Register ``pem`` as the S/MIME certificate of the centre or viewer at ``address``; which one it was."""
+    address = address.strip().lower()
+    centre = centre_at_address(conn, address)
+    if centre is not None:
+        conn.execute(update(centres).where(centres.c.name == centre.name).values(smime_cert=pem))
+        return f"centre {centre.name}"
+    if get_viewer(conn, address) is not None:
+        conn.execute(update(viewers).where(func.lower(viewers.c.address) == address).values(smime_cert=pem))
+        return f"viewer {address}"
+    raise DirectoryError(f"no centre or viewer has the address {address}")
+
+
+def smime_certificate_of(conn: Connection, address: str) -> str | None:
+    """The S/MIME certificate (PEM) registered for the centre or viewer at ``address``, or None."""
+    address = address.strip().lower()
+    centre = centre_at_address(conn, address)
+    if centre is not None:
+        return conn.execute(select(centres.c.smime_cert).where(centres.c.name == centre.name)).scalar()
+    return conn.execute(select(viewers.c.smime_cert).where(func.lower(viewers.c.address) == address)).scalar()
+
+
 def study_of_centre(conn: Connection, study_uid: str, centre: Centre) -> bool:
     """Whether ``study_uid`` has an image from ``centre``: routed as the centre's, or received from one
     of its package addresses."""
@@ -836,6 +876,14 @@ class Directory(Connector):
                 self._facts_wanted = []
         for _, d in taken:
             d.errback(failure)
+
+    def set_smime_certificate(self, address: str, pem: str):
+        """Deferred: which centre or viewer (by address) now has ``pem`` as its S/MIME certificate."""
+        return self.db.run(lambda conn: set_smime_certificate(conn, address, pem))
+
+    def smime_certificate(self, address: str):
+        """Deferred PEM of the S/MIME certificate registered for ``address``, or None."""
+        return self.db.run(lambda conn: smime_certificate_of(conn, address))
 
     def client_certificate(self, address: str):
         """Deferred SHA-256 of the client certificate issued to a viewer, or None."""

@@ -17,6 +17,8 @@ centres = Table(
     Column("token_hash", String(64)),
     Column("client_cert_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The PEM its S/MIME signatures are verified against (`--smime-cert FILE`), if any.
+    Column("smime_cert", Text),
 )
 
 # How a sender is recognised as a centre: calling AE title or package origin; "network"
@@ -42,6 +44,8 @@ viewers = Table(
     # SHA-256 of the client certificate issued for the TLS transport, if any.
     Column("client_cert_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The PEM its S/MIME signatures are verified against, and packages to it encrypted to, if any.
+    Column("smime_cert", Text),
 )
 
 authorisations = Table(

@@ -22,7 +22,7 @@ class PushRefused(Exception):
     """The receiver answered, and did not accept the package."""
 
 
-def _envelope(package: bytes) -> tuple[str, str]:
+def envelope(package: bytes) -> tuple[str, str]:
     """(From, To) addresses, read from the header block only."""
     import email
     import email.utils
@@ -34,7 +34,7 @@ def _envelope(package: bytes) -> tuple[str, str]:
     return sender, recipient
 
 
-class _LFLines:
+class LFLines:
     """The package as a file of LF-terminated lines, converted chunk by chunk.
 
     Twisted's SMTP client reads the message in chunks on the reactor and
@@ -71,8 +71,8 @@ class SmtpSender:
         from twisted.mail.smtp import sendmail
 
         parts = urlsplit(url)
-        sender, recipient = _envelope(package)
-        return sendmail(parts.hostname, sender, [recipient], _LFLines(package), port=parts.port or 25,
+        sender, recipient = envelope(package)
+        return sendmail(parts.hostname, sender, [recipient], LFLines(package), port=parts.port or 25,
                         reactor=reactor, requireTransportSecurity=False)
 
 

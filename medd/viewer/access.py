@@ -108,6 +108,9 @@ class ViewerAccess:
             return None
         if claim.transport in ("http", "https") and self._from_central(claim.credentials):
             return None
+        if claim.signer is not None:
+            # Verified against [mail] smime_recipient, central's certificate: only central signs so.
+            return None
         return (f"this viewer takes packages only from central, not over {claim.transport} "
                 "(send them to central)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 
+from medd.mail.submit import MailToCentral
 from medd.pull import CentralClient, Requestor
 from medd.storage.accounts import Accounts
 from medd.storage.inbox import Inbox
@@ -19,13 +20,17 @@ from medd.viewer.settings import central_settings, reading_room_settings
 class ViewerServices(MultiService):
     """Children of a viewer node: the requestor and the sender of outgoing packages."""
 
-    def __init__(self, node):
+    def __init__(self, node, mail_senders: dict | None = None):
         super().__init__()
         self.settings = central_settings(node.config)
         clock = node.clock
         self.client = CentralClient(node.reactor, self.settings)
+        to_central = self.client
+        if self.settings.packages is not None:
+            # [central] packages = mailto:…: status, overlays and reports by mail ([mail] smarthost).
+            to_central = MailToCentral(node.reactor, self.settings.packages, mail_senders or {})
         self.outgoing = OutgoingService(
-            OutgoingPackages(node.database, clock), node.ingest, node.blobs, self.client, self.settings.backoff, clock,
+            OutgoingPackages(node.database, clock), node.ingest, node.blobs, to_central, self.settings.backoff, clock,
         )
         self.outgoing.setName("outgoing")
         self.outgoing.setServiceParent(self)

@@ -27,6 +27,9 @@ class CentralSettings(PullSettings):
     # The bearer token central pushes with (its [push] http_token); without it the
     # viewer's POST /packages takes nothing.
     push_token: str | None = None
+    # Where the viewer's own packages (status, overlays, reports) go: None for url's /packages, or
+    # mailto:central's-address, through [mail] smarthost.
+    packages: str | None = None
 
 
 def _positive(config: Config, key: str, default: str | None, problems: list) -> float | None:
@@ -85,9 +88,17 @@ def central_settings(config: Config, *, check_files: bool = True) -> CentralSett
     if push_token is not None and len(push_token) < 32:
         problems.append(ConfigProblem(config.path, "central", "push_token",
                                       "is too short to be a secret: use at least 32 random characters"))
+    packages = (section.get("packages") or "").strip() or None
+    if packages is not None:
+        from medd.mail.settings import mailto_address
+
+        try:
+            mailto_address(packages)
+        except ValueError as e:
+            problems.append(ConfigProblem(config.path, "central", "packages", str(e)))
     if problems:
         raise ConfigError(problems)
-    return CentralSettings(url=url, token=token, poll_interval=poll, backoff=Backoff(base=base, max_delay=max_delay),
+    return CentralSettings(url=url, token=token, poll_interval=poll, packages=packages, backoff=Backoff(base=base, max_delay=max_delay),
                            address=address, timeout=timeout, push_token=push_token, ca=_str(files.get("ca")),
                            client_cert=_str(files.get("client_cert")))
 
