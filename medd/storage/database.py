@@ -182,10 +182,13 @@ class Database:
         if len(batch) > 1:
             try:
                 with self._begin() as conn:
-                    outcomes = [(True, fn(conn)) for fn, _ in batch]
+                    results = [(True, fn(conn)) for fn, _ in batch]
+                # Only now, the COMMIT (the with block's exit) having returned: a
+                # failed commit must not report the calls' results as successes.
+                outcomes = results
             except Exception:
-                # One call failed and rolled the others back with it; give
-                # each its own transaction so only the failing one fails.
+                # One call failed, or the commit did, and rolled the others back
+                # with it; give each its own transaction so only the failing one fails.
                 self._forget_connection()
         if outcomes is None:
             outcomes = [self._attempt(fn) for fn, _ in batch]
