@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from medd.storage.database import Database
+from medd.storage.database import Database, TransactionLost
 
 
 def _make(url: str) -> Database:
@@ -115,6 +115,35 @@ async def test_a_batch_whose_commit_fails_reports_no_success(tmp_path):
         assert failed == [True]  # the fault was injected
         assert results == [1, 2, 3]
         assert _rows(path) == [1, 2, 3]  # every success reported is committed
+    finally:
+        db.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_whose_transaction_ended_inside_it_reports_no_success(tmp_path):
+    """A call that ends its own transaction (here a rollback; in life, a lost connection whose error
+    it caught) leaves the block without a COMMIT, which SQLAlchemy does silently: neither it nor the
+    calls batched with it may report success for what is not on disk."""
+    path = tmp_path / "i.sqlite"
+    db = _make(f"sqlite:///{path}")
+
+    def insert_then_roll_back(conn):
+        conn.execute(text("INSERT INTO t (k, v) VALUES (9, 'x')"))
+        conn.get_transaction().rollback()
+        return 9
+
+    try:
+        with pytest.raises(TransactionLost):
+            await db.run(insert_then_roll_back)  # alone
+        gate = threading.Event()
+        blocker = db.run(lambda conn: gate.wait(10))
+        calls = [db.run(_insert(1)), db.run(insert_then_roll_back), db.run(_insert(2))]  # one batch
+        gate.set()
+        await blocker
+        assert await calls[0] == 1 and await calls[2] == 2
+        with pytest.raises(TransactionLost):
+            await calls[1]
+        assert _rows(path) == [1, 2]
     finally:
         db.stop()
 

@@ -212,15 +212,23 @@ class Database:
 
     @contextmanager
     def _begin(self):
-        """A transaction, as ``engine.begin()``, yielding its connection."""
+        """A transaction, as ``engine.begin()``, yielding its connection.
+
+        Its block must end in a COMMIT: SQLAlchemy leaves a block whose transaction was ended
+        inside it (rolled back, or invalidated by a lost connection whose error a call caught)
+        without committing and without an error, which would report uncommitted work as done;
+        that raises :class:`TransactionLost` instead."""
         if not self._keep_connection:
             with self.engine.begin() as conn:
+                transaction = conn.get_transaction()
                 yield conn
+                _still_active(transaction)
             return
         if self._connection is None:
             self._connection = self.engine.connect()
-        with self._connection.begin():
+        with self._connection.begin() as transaction:
             yield self._connection
+            _still_active(transaction)
 
     def _forget_connection(self) -> None:
         if self._connection is not None:
@@ -237,6 +245,15 @@ class Database:
                 d.callback(value)
             else:
                 d.errback(value)
+
+
+class TransactionLost(RuntimeError):
+    """A transaction ended before its COMMIT: nothing it did is durable."""
+
+
+def _still_active(transaction) -> None:
+    if transaction is None or not transaction.is_active:
+        raise TransactionLost("the transaction ended before its commit (rolled back or its connection lost)")
 
 
 class WallClock:
