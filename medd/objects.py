@@ -298,7 +298,10 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
         sop_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID (0008,0016)")
         if not sop_class.startswith(STORAGE_SOP_CLASS_PREFIX):
             raise InvalidObject(f"SOP Class UID {sop_class} is not a DICOM storage SOP class")
-        measurement = sop_class.startswith(SR_SOP_CLASS_PREFIX) and _is_measurement_report(ds)
+        # A measurement report is an overlay only with images to attach it to; without, it stays a report.
+        evidence = _evidence_images(ds) if sop_class.startswith(SR_SOP_CLASS_PREFIX) and _is_measurement_report(ds) \
+            else ()
+        measurement = bool(evidence)
         keyinfo = KeyInformation(
             sop_instance_uid=check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
             sop_class_uid=sop_class,
@@ -324,7 +327,7 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
             patient_age=_text(ds, "PatientAge", codec)[:4],
             intended_recipients=_values(ds, "NamesOfIntendedRecipientsOfResults"),
             referenced_image_uids=(_referenced_images(ds) if sop_class == GSPS_SOP_CLASS
-                                   else _evidence_images(ds) if measurement else ()),
+                                   else evidence),
             measurement_report=measurement,
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),

@@ -101,6 +101,26 @@ def test_a_measurement_report_becomes_a_presentation_state_per_image():
     assert "GraphicAnnotationSequence" not in empty and "withdrawn" in empty.ContentDescription
 
 
+def test_a_measurement_report_is_an_overlay_of_its_evidence_images_and_other_srs_stay_reports():
+    """A TID 1500 SR is carried as an overlay of the images its evidence lists (the first is its image-uid);
+    one without evidence has nothing to attach to and stays a report, as does an SR of another title."""
+    from medd.objects import classify, parse_part10
+    from medd.plugins.objecttypes import OverlayType
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    data = measurement_report([(ct, "POLYLINE", BOX)])
+    content = parse_part10(data)
+    assert classify(content.keyinfo) == "overlay" and content.keyinfo.referenced_image_uids == (ct.SOPInstanceUID,)
+    assert OverlayType().identifier(content).get("image-uid") == ct.SOPInstanceUID
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.CurrentRequestedProcedureEvidenceSequence
+    assert classify(parse_part10(_part10(ds)).keyinfo) == "report"
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.ConceptNameCodeSequence[0].CodeValue = "18748-4"
+    ds.ConceptNameCodeSequence[0].CodingSchemeDesignator = "LN"
+    assert classify(parse_part10(_part10(ds)).keyinfo) == "report"
+
+
 async def deliver(central, viewer, ds: pydicom.Dataset) -> None:
     """C-STORE ``ds`` to central, route it to the viewer and have the viewer pull it: in its inbox after the
     kick, whether the kick's pass or a poll of the viewer's own (on the reactor) fetched it."""

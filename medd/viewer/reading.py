@@ -284,12 +284,9 @@ class ReadingRoom:
         return bool((await self.ingest.run_blocking(read_presentation_state, data)).annotations)
 
     async def _send_measurement_report(self, report, data: bytes, previous) -> None:
-        """Queue the measurement report for central as an overlay of its first image (stored here already)."""
+        """Queue the measurement report for central as an overlay of its first image (stored here already; filed as
+        an overlay, so its evidence lists images)."""
         content = await self.ingest.run_blocking(parse_part10, data)
-        if not content.keyinfo.referenced_image_uids:
-            self.log.warn("measurement report {uid} lists no images in its evidence: not sent to central",
-                          uid=report.sop_instance_uid)
-            return
         params = {"uid": report.sop_instance_uid, "image_uid": content.keyinfo.referenced_image_uids[0]}
         if previous is not None:
             params["supersedes"] = previous.sop_instance_uid
