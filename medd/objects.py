@@ -73,6 +73,9 @@ class KeyInformation:
     patient_age: str = ""  # Patient's Age (0010,1010), e.g. 045Y
     intended_recipients: tuple[str, ...] = ()
     referenced_image_uids: tuple[str, ...] = ()
+    #: A DICOM SR whose document title is an Imaging Measurement Report (TID 1500, what OHIF saves): carried as an
+    #: overlay of the images it measures (``referenced_image_uids``, from its evidence), not as a report.
+    measurement_report: bool = False
     rows: int | None = None
     columns: int | None = None
     number_of_frames: int | None = None
@@ -295,6 +298,10 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
         sop_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID (0008,0016)")
         if not sop_class.startswith(STORAGE_SOP_CLASS_PREFIX):
             raise InvalidObject(f"SOP Class UID {sop_class} is not a DICOM storage SOP class")
+        # A measurement report is an overlay only with images to attach it to; without, it stays a report.
+        evidence = _evidence_images(ds) if sop_class.startswith(SR_SOP_CLASS_PREFIX) and _is_measurement_report(ds) \
+            else ()
+        measurement = bool(evidence)
         keyinfo = KeyInformation(
             sop_instance_uid=check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
             sop_class_uid=sop_class,
@@ -319,7 +326,9 @@ def extract_key_information(ds: Dataset, transfer_syntax: str) -> KeyInformation
             priority=_priority(ds),
             patient_age=_text(ds, "PatientAge", codec)[:4],
             intended_recipients=_values(ds, "NamesOfIntendedRecipientsOfResults"),
-            referenced_image_uids=_referenced_images(ds) if sop_class == GSPS_SOP_CLASS else (),
+            referenced_image_uids=(_referenced_images(ds) if sop_class == GSPS_SOP_CLASS
+                                   else evidence),
+            measurement_report=measurement,
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             number_of_frames=_int(ds, "NumberOfFrames"),
@@ -348,6 +357,28 @@ def _priority(ds: Dataset) -> str:
     return ""
 
 
+# The document title (concept name) of a TID 1500 Imaging Measurement Report.
+MEASUREMENT_REPORT_TITLE = ("126000", "DCM")
+
+
+def _is_measurement_report(ds: Dataset) -> bool:
+    return any((str(c.get("CodeValue", "")), str(c.get("CodingSchemeDesignator", ""))) == MEASUREMENT_REPORT_TITLE
+               for c in ds.get("ConceptNameCodeSequence") or [])
+
+
+def _evidence_images(ds: Dataset) -> tuple[str, ...]:
+    """The images an SR's evidence sequences (current requested procedure, then pertinent other) list."""
+    uids = []
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(keyword) or []:
+            for series in study.get("ReferencedSeriesSequence") or []:
+                for image in series.get("ReferencedSOPSequence") or []:
+                    uid = str(image.get("ReferencedSOPInstanceUID", "")).strip("\0 ")
+                    if uid and uid not in uids:
+                        uids.append(uid)
+    return tuple(uids)
+
+
 def _referenced_images(ds: Dataset) -> tuple[str, ...]:
     uids = []
     for series in ds.get("ReferencedSeriesSequence") or []:
@@ -359,7 +390,9 @@ def _referenced_images(ds: Dataset) -> tuple[str, ...]:
 
 
 def classify(keyinfo: KeyInformation) -> str:
-    """The object-type name a DICOM object is carried as by default."""
+    """The object-type name a DICOM object is carried as by default: a measurement report is an overlay."""
+    if keyinfo.measurement_report:
+        return "overlay"
     return object_type_of_class(keyinfo.sop_class_uid)
 
 

@@ -21,6 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from twisted.internet.threads import deferToThread
 
+from medd.objects import GSPS_SOP_CLASS as GSPS, SR_SOP_CLASS_PREFIX
 from medd.viewer.measurements import read_measurement_report
 from medd.viewer.overlays import build_presentation_state
 from medd.viewer.users import add_user
@@ -100,6 +101,26 @@ def test_a_measurement_report_becomes_a_presentation_state_per_image():
     assert "GraphicAnnotationSequence" not in empty and "withdrawn" in empty.ContentDescription
 
 
+def test_a_measurement_report_is_an_overlay_of_its_evidence_images_and_other_srs_stay_reports():
+    """A TID 1500 SR is carried as an overlay of the images its evidence lists (the first is its image-uid);
+    one without evidence has nothing to attach to and stays a report, as does an SR of another title."""
+    from medd.objects import classify, parse_part10
+    from medd.plugins.objecttypes import OverlayType
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    data = measurement_report([(ct, "POLYLINE", BOX)])
+    content = parse_part10(data)
+    assert classify(content.keyinfo) == "overlay" and content.keyinfo.referenced_image_uids == (ct.SOPInstanceUID,)
+    assert OverlayType().identifier(content).get("image-uid") == ct.SOPInstanceUID
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.CurrentRequestedProcedureEvidenceSequence
+    assert classify(parse_part10(_part10(ds)).keyinfo) == "report"
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.ConceptNameCodeSequence[0].CodeValue = "18748-4"
+    ds.ConceptNameCodeSequence[0].CodingSchemeDesignator = "LN"
+    assert classify(parse_part10(_part10(ds)).keyinfo) == "report"
+
+
 async def deliver(central, viewer, ds: pydicom.Dataset) -> None:
     """C-STORE ``ds`` to central, route it to the viewer and have the viewer pull it: in its inbox after the
     kick, whether the kick's pass or a poll of the viewer's own (on the reactor) fetched it."""
@@ -164,7 +185,10 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
     assert stored.status_code == 200, stored.text
     sr_uid = pydicom.dcmread(io.BytesIO(first)).SOPInstanceUID
     record = await _local(viewer, sr_uid)
-    assert record.origin == "dr-lee" and record.object_type == "report"
+    # A measurement report is an overlay of its images, never a report (the report panel does not list it).
+    assert record.origin == "dr-lee" and record.object_type == "overlay"
+    assert record.referenced_image_uid == ct.SOPInstanceUID
+    assert await viewer.reading_room.inbox.reports_of(ct.StudyInstanceUID) == []
 
     def served():
         s = _login(base, "dr-lee", "correct horse")
@@ -178,19 +202,34 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
 
     await viewer.viewer.outgoing.kick()
     await central.routing.router.kick()
-    (v1,) = (await _history(central, admin, ct.SOPInstanceUID))["overlays"]
+
+    async def overlays(image_uid, sop_class=GSPS):
+        """Central's overlays of the image: its presentation states, or its measurement reports (SR)."""
+        history = await _history(central, admin, image_uid)
+        assert sr_uid not in [r["uid"] for r in history["reports"]]  # never filed as a report on central
+        return [o for o in history["overlays"] if o["sop_class_uid"].startswith(sop_class)]
+
+    # The SR itself reached central, stored as an overlay attached to its (first) image, beside the GSPS.
+    (sr1,) = await overlays(ct.SOPInstanceUID, SR_SOP_CLASS_PREFIX)
+    assert sr1["uid"] == sr_uid and sr1["origin"] == VIEWER and sr1["current"]
+    on_central = await _local(central, sr_uid)
+    assert on_central.object_type == "overlay"
+    assert await central.ingest.read_blob(on_central.digest) == await viewer.ingest.read_blob(record.digest)
+    (v1,) = await overlays(ct.SOPInstanceUID)
     assert v1["origin"] == VIEWER and v1["current"] and v1["supersedes"] is None
-    (w1,) = (await _history(central, admin, other.SOPInstanceUID))["overlays"]
+    (w1,) = await overlays(other.SOPInstanceUID)
 
     # An edit: the length moved, the ellipse is gone; the image it was on gets an empty version.
     second = measurement_report([(ct, "POLYLINE", [[p[0] + 5, p[1]] for p in BOX])])
     assert (await deferToThread(save, second)).status_code == 200
     await viewer.viewer.outgoing.kick()
     await central.routing.router.kick()
-    old, new = (await _history(central, admin, ct.SOPInstanceUID))["overlays"]
+    old_sr, new_sr = await overlays(ct.SOPInstanceUID, SR_SOP_CLASS_PREFIX)
+    assert old_sr["uid"] == sr_uid and not old_sr["current"] and new_sr["supersedes"] == sr_uid and new_sr["current"]
+    old, new = await overlays(ct.SOPInstanceUID)
     assert old["uid"] == v1["uid"] and not old["current"]
     assert new["supersedes"] == v1["uid"] and new["current"]
-    old, withdrawal = (await _history(central, admin, other.SOPInstanceUID))["overlays"]
+    old, withdrawal = await overlays(other.SOPInstanceUID)
     assert old["uid"] == w1["uid"] and not old["current"] and withdrawal["supersedes"] == w1["uid"]
     withdrawn = await _local(central, withdrawal["uid"])
     gsps = pydicom.dcmread(io.BytesIO(await central.ingest.read_blob(withdrawn.digest)))
@@ -214,7 +253,7 @@ async def test_measurements_stored_over_stow_reach_central_as_overlay_versions(m
     assert again.json()["withdrawn"] == []  # nothing left to withdraw
     await viewer.viewer.outgoing.kick()
     await central.routing.router.kick()
-    versions = (await _history(central, admin, ct.SOPInstanceUID))["overlays"]
+    versions = await overlays(ct.SOPInstanceUID)
     assert [v["current"] for v in versions] == [False, False, True]
     assert versions[2]["uid"] == withdrawn.json()["withdrawn"][0] and versions[2]["supersedes"] == new["uid"]
 

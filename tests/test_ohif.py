@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from twisted.internet.threads import deferToThread
 
 from medd.demo import ct_stack as demo_stack
+from medd.objects import GSPS_SOP_CLASS
 from medd.viewer.users import add_user
 from medd.viewer.web.ohif import default_dist
 from tests.conftest import listener_port
@@ -328,14 +329,20 @@ async def test_a_length_saved_in_ohif_reaches_central_and_comes_back(make_centra
 
     (status, content_type), shown = await deferToThread(_drive_ohif, base, scenario)
     assert status == 200 and content_type.startswith("multipart/related")
-    reports = [r for r in await viewer.reading_room.inbox.reports_of(ct.StudyInstanceUID)]
-    (report,) = [await _local(viewer, r.uid) for r in reports]
-    assert report.origin == "dr-lee" and report.transport == "http"
+    # OHIF's SR is a measurement report: filed as an overlay of the image, not as a report of the study.
+    assert await viewer.reading_room.inbox.reports_of(ct.StudyInstanceUID) == []
+    measurements = [r for r in await viewer.reading_room.inbox.measurements_of(ct.StudyInstanceUID)]
+    (report,) = [await _local(viewer, r.uid) for r in measurements]
+    assert report.origin == "dr-lee" and report.transport == "http" and report.object_type == "overlay"
     length = re.search(r"(\d+\.\d+) mm", shown).group(1)
     await viewer.viewer.outgoing.kick()
     await central.routing.router.kick()
     history = await _history(central, admin, ct.SOPInstanceUID)
-    (overlay,) = history["overlays"]
+    # Central has both, attached to the image: the SR itself and the GSPS drawn from it; no report.
+    assert history["reports"] == []
+    (sr,) = [o for o in history["overlays"] if o["sop_class_uid"] != GSPS_SOP_CLASS]
+    assert sr["uid"] == report.sop_instance_uid and sr["origin"] == VIEWER and sr["current"]
+    (overlay,) = [o for o in history["overlays"] if o["sop_class_uid"] == GSPS_SOP_CLASS]
     assert overlay["origin"] == VIEWER and overlay["current"] and overlay["supersedes"] is None
     gsps = pydicom.dcmread(BytesIO(await central.ingest.read_blob((await _local(central, overlay["uid"])).digest)))
     (item,) = gsps.GraphicAnnotationSequence

@@ -228,10 +228,11 @@ async def test_worklist_rows_sort_and_next_unread_in_the_inbox(clocked_room):
     assert room.being_read_by(ROUTINE) == ["bob"]  # opening an image reads its study
 
 
-def _drive(base: str, scenario, *, contexts: int = 1):
+def _drive(base: str, scenario, *, contexts: int = 1, stub_ohif: bool = True):
     """Run ``scenario(*pages)`` in headless Chromium with ``contexts`` separate users' pages (in this worker
     thread: the reactor keeps serving). OHIF's page is answered by a stub: these tests check where the
-    worklist sends the user, not OHIF (tests/test_ohif.py)."""
+    worklist sends the user, not OHIF (tests/test_ohif.py). With the real OHIF (``stub_ohif=False``), only
+    policy violations and errors of medd's own scripts fail the run (OHIF logs its own troubles)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -240,8 +241,9 @@ def _drive(base: str, scenario, *, contexts: int = 1):
             pages, errors = [], []
             for _ in range(contexts):
                 context = browser.new_context(viewport={"width": 1400, "height": 700}, base_url=base)
-                context.route("**/ohif/**", lambda route: route.fulfill(status=200, content_type="text/html",
-                                                                         body="<title>OHIF stub</title>"))
+                if stub_ohif:
+                    context.route("**/ohif/**", lambda route: route.fulfill(status=200, content_type="text/html",
+                                                                             body="<title>OHIF stub</title>"))
                 page = context.new_page()
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -249,6 +251,8 @@ def _drive(base: str, scenario, *, contexts: int = 1):
             result = scenario(*pages)
             # A CSP violation is a console error too; a 409 or 423 the script handles is logged by Chromium
             # as a failed resource load, which is what the page was meant to get.
+            if not stub_ohif:
+                errors = [e for e in errors if re.search(r"Content Security Policy|idle-lock|medd", e)]
             assert [e for e in errors if not re.search(r"status of (409|423|401)", e)] == [], errors
             return result
         finally:
@@ -384,6 +388,64 @@ async def test_idle_lock_engages_and_unlocks_with_the_password_in_chromium(clock
         assert page.request.get("/api/worklist").status == 200
 
     await deferToThread(_drive, clocked_room.base, scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_lock_counts_input_in_ohif_and_locks_ohif_alone_in_chromium(clocked_room):
+    """The idle lock runs in OHIF's page too (a same-origin script medd writes into OHIF's index.html, allowed
+    by OHIF's policy). In the reading screen, input inside OHIF's iframe is the screen's activity: moving the
+    mouse and typing over the images for three idle_lock periods does not lock it; once the input stops, the
+    screen locks (the session too: the API answers 423). OHIF's page opened alone locks itself the same way
+    and unlocks with the password."""
+    from tests.test_ohif import _ohif_or_skip
+
+    _browser_or_skip()
+    _ohif_or_skip()
+    await _three_studies(clocked_room)
+    room = clocked_room.room
+    idle = 2.0
+    room.room_settings = dataclasses.replace(room.room_settings, idle_lock=idle)
+    framed_ready = ("() => { const w = document.querySelector('#images').contentWindow;"
+                    " return !!(w && w.medd && w.medd.isLocked); }")
+
+    def unlock(page):
+        page.fill("#idle-lock-password", "alice-password")
+        page.click("#idle-lock-unlock")
+        page.wait_for_selector("#idle-lock", state="detached")
+        assert page.request.get("/api/worklist").status == 200
+
+    def scenario(page):
+        _browser_login(page, "alice", "alice-password")
+        page.goto(f"/studies/{STAT}", wait_until="domcontentloaded")
+        banner = page.locator(".patient-banner, header").first.bounding_box()
+        for n in range(300):  # keep the screen itself active until OHIF's page in the frame has its script
+            if page.evaluate(framed_ready):
+                break
+            page.mouse.move(banner["x"] + 10 + n % 50, banner["y"] + 5)
+            page.wait_for_timeout(200)
+        assert page.evaluate(framed_ready), "the idle lock's script never ran in OHIF's page"
+        if page.locator("#idle-lock").count():  # OHIF took longer to load than idle_lock (a busy machine)
+            unlock(page)
+        box = page.locator("#images").bounding_box()
+        for n in range(int(3 * idle / 0.2)):  # input only inside the iframe, three idle periods long
+            page.mouse.move(box["x"] + 100 + (n % 20) * 10, box["y"] + box["height"] / 2)
+            if n % 5 == 0:
+                page.keyboard.press("Shift")
+            page.wait_for_timeout(200)
+        assert page.locator("#idle-lock").count() == 0, "input inside OHIF did not count as the screen's activity"
+        page.wait_for_selector("#idle-lock", timeout=60_000)  # no input: it locks
+        assert page.request.get("/api/worklist").status == 423
+        unlock(page)
+
+        page.goto(f"/ohif/viewer?StudyInstanceUIDs={STAT}")
+        assert page.evaluate("() => !!(window.medd && window.medd.isLocked)")
+        page.wait_for_selector("#idle-lock", timeout=60_000)
+        assert page.request.get("/api/worklist").status == 423
+        assert page.locator("#root").evaluate("root => root.inert")  # OHIF itself is out of reach
+        unlock(page)
+        assert not page.locator("#root").evaluate("root => root.inert")
+
+    await deferToThread(_drive, clocked_room.base, scenario, stub_ohif=False)
 
 
 # --- central: the registered centre and the expected count travel; study-level tracking --------------------

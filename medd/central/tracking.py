@@ -36,7 +36,8 @@ def history_json(history: ObjectHistory) -> dict:
             for d in history.deliveries
         ],
         "status": [_plain(s) for s in history.status],
-        "overlays": [{k: _iso(getattr(a, k)) for k in ("uid", "origin", "received_at", "supersedes", "current")}
+        "overlays": [{k: _iso(getattr(a, k)) for k in ("uid", "origin", "received_at", "supersedes", "current",
+                                                    "sop_class_uid")}
                      for a in history.overlays],
         "reports": [_plain(a) for a in history.reports],
     }

@@ -49,29 +49,31 @@ class ImageType:
 
 @implementer(IObjectType)
 class OverlayType:
-    """A Grayscale Softcopy Presentation State; keyed by its own UID and the image's."""
+    """A Grayscale Softcopy Presentation State, or a measurement report (a TID 1500 SR, as OHIF saves); keyed by
+    its own UID and the (first) image's it draws on or measures."""
 
     name = "overlay"
     rank = 10
 
     def recognise(self, content: Content) -> bool:
-        return content.is_dicom and content.keyinfo.sop_class_uid == GSPS_SOP_CLASS
+        return content.is_dicom and (content.keyinfo.sop_class_uid == GSPS_SOP_CLASS
+                                     or content.keyinfo.measurement_report)
 
     def identifier(self, content: Content) -> AttachmentId:
         refs = content.keyinfo.referenced_image_uids
         if not refs:
-            raise InvalidObject("the presentation state references no image")
+            raise InvalidObject("the overlay references no image")
         return AttachmentId.of("overlay", uid=content.keyinfo.sop_instance_uid, image_uid=refs[0])
 
     def validate(self, claimed: AttachmentId, content: Content) -> None:
         if not self.recognise(content):
-            raise InvalidObject("an overlay must be a Grayscale Softcopy Presentation State")
+            raise InvalidObject("an overlay must be a Grayscale Softcopy Presentation State or a measurement report")
         _require(claimed, "uid", content.keyinfo.sop_instance_uid, "presentation state's SOP Instance UID")
         image_uid = claimed.get("image-uid")
         if image_uid is None:
             raise InvalidObject("Medd-Attachment has no image-uid= parameter")
         if image_uid not in content.keyinfo.referenced_image_uids:
-            raise InvalidObject(f"Medd-Attachment image-uid={image_uid} is not referenced by the presentation state")
+            raise InvalidObject(f"Medd-Attachment image-uid={image_uid} is not referenced by the overlay")
 
 
 @implementer(IObjectType)

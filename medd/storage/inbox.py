@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.engine import Connection
 
+from medd.objects import GSPS_SOP_CLASS, SR_SOP_CLASS_PREFIX
 from medd.storage.connector import Connector, aware
 from medd.storage.index import object_by_uid, wildcard_match
 from medd.storage.schema import objects, receipts
@@ -356,7 +357,7 @@ def study(conn: Connection, study_uid: str, user: str | None = None) -> StudyDet
             viewer_opened.c.user == user, viewer_opened.c.uid.in_([r.sop_instance_uid for r in images])))).scalars())
     overlay_counts = dict(conn.execute(
         select(c.referenced_image_uid, func.count())
-        .where(and_(c.object_type == "overlay", c.study_instance_uid == study_uid))
+        .where(and_(c.object_type == "overlay", c.sop_class_uid == GSPS_SOP_CLASS, c.study_instance_uid == study_uid))
         .group_by(c.referenced_image_uid)).all())
     by_series: dict[str, list] = {}
     for r in images:
@@ -402,10 +403,15 @@ def first_image_of_study(conn: Connection, study_uid: str) -> str | None:
 
 
 def attached(conn: Connection, object_type: str, *, image_uid: str | None = None,
-             study_uid: str | None = None) -> list[AttachedObject]:
-    """Overlays of an image or reports of a study, oldest first."""
+             study_uid: str | None = None, sop_class_uid: str | None = None,
+             sop_class_prefix: str | None = None) -> list[AttachedObject]:
+    """Overlays of an image or reports of a study, oldest first (of one SOP class, or of a class prefix)."""
     c = objects.c
     q = select(c.sop_instance_uid, c.digest, c.media_type, c.origin).where(c.object_type == object_type)
+    if sop_class_uid is not None:
+        q = q.where(c.sop_class_uid == sop_class_uid)
+    if sop_class_prefix is not None:
+        q = q.where(c.sop_class_uid.startswith(sop_class_prefix))
     if image_uid is not None:
         q = q.where(c.referenced_image_uid == image_uid)
     if study_uid is not None:
@@ -461,8 +467,14 @@ class Inbox(Connector):
         return self.db.run(lambda conn: first_image_of_study(conn, study_uid))
 
     def overlays_of(self, image_uid: str):
-        """Deferred list of :class:`AttachedObject`: the image's overlays, oldest first."""
-        return self.db.run(lambda conn: attached(conn, "overlay", image_uid=image_uid))
+        """Deferred list of :class:`AttachedObject`: the image's overlays (presentation states), oldest first."""
+        return self.db.run(lambda conn: attached(conn, "overlay", image_uid=image_uid, sop_class_uid=GSPS_SOP_CLASS))
+
+    def measurements_of(self, study_uid: str):
+        """Deferred list of :class:`AttachedObject`: the study's measurement reports (SRs filed as overlays), oldest
+        first."""
+        return self.db.run(lambda conn: attached(conn, "overlay", study_uid=study_uid,
+                                                 sop_class_prefix=SR_SOP_CLASS_PREFIX))
 
     def reports_of(self, study_uid: str):
         """Deferred list of :class:`AttachedObject`: the study's reports, oldest first."""

@@ -95,6 +95,7 @@ class Attached:
     #: version without annotations.
     supersedes: str | None = None
     current: bool = True
+    sop_class_uid: str | None = None  # an overlay's: a presentation state, or a measurement report (an SR)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def overlay_versions(conn: Connection, image_uid: str) -> tuple[Attached, ...]:
             continue
         seen.add(r.sop_instance_uid)
         out.append(Attached(r.sop_instance_uid, r.media_type, r.origin, aware(r.received_at),
-                            supersedes.get(r.sop_instance_uid), r.sop_instance_uid not in retired))
+                            supersedes.get(r.sop_instance_uid), r.sop_instance_uid not in retired, r.sop_class_uid))
     return tuple(out)
 
 

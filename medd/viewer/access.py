@@ -98,7 +98,7 @@ class ViewerAccess:
             data = await self.reading_room.ingest.read_blob(stored.digest)
             document = await self.reading_room.ingest.run_blocking(metadata_json, data)
             await self.metadata_cache.put({stored.digest: document})
-        if stored.object_type == "report" and stored.transport in MEASUREMENT_TRANSPORTS \
+        if stored.object_type == "overlay" and stored.transport in MEASUREMENT_TRANSPORTS \
                 and (stored.sop_class_uid or "").startswith(SR_SOP_CLASS_PREFIX):
             await self.reading_room.measurements_saved(stored)
 

@@ -24,12 +24,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from twisted.logger import Logger
 
+from medd.objects import MEASUREMENT_REPORT_TITLE
 from medd.viewer.annotations import MAX_TEXT, Annotation, AnnotationError, check_annotation
 
 log = Logger()
 
 # OHIF saves measurements under this title (DCM 126000 "Imaging Measurement Report").
-MEASUREMENT_REPORT = ("126000", "DCM")
+MEASUREMENT_REPORT = MEASUREMENT_REPORT_TITLE
 MAX_DEPTH = 32  # content trees are shallow; a deeper one is hostile
 
 

@@ -234,9 +234,10 @@ class ReadingRoom:
 
     async def measurements_saved(self, report) -> list[str]:
         """A radiologist saved a measurement report (OHIF's SR, stored over STOW-RS as ``report``, an index
-        record): send central one GSPS per image it draws on, each superseding the image's previous overlay,
-        and an empty one (a withdrawal) for each image that the study's previous measurement report drew on
-        and this one no longer does. Returns the new overlays' UIDs.
+        record, filed as an overlay): send central the SR itself, as an overlay of the first image it measures
+        (superseding the study's previous measurement report), then one GSPS per image it draws on, each
+        superseding the image's previous overlay, and an empty one (a withdrawal) for each image that the study's
+        previous measurement report drew on and this one no longer does. Returns the new GSPS' UIDs.
 
         Nothing is lost: every version stays stored here and on central, which marks the newest current."""
         data = await self.ingest.read_blob(report.digest)
@@ -248,6 +249,7 @@ class ReadingRoom:
                           n=drawn.skipped)
         withdrawn = []
         previous = await self._previous_measurements(report)
+        await self._send_measurement_report(report, data, previous)
         if previous is not None:
             before = await self.ingest.run_blocking(read_measurement_report,
                                                     await self.ingest.read_blob(previous.digest))
@@ -281,9 +283,20 @@ class ReadingRoom:
         data = await self.ingest.read_blob(earlier[-1].digest)
         return bool((await self.ingest.run_blocking(read_presentation_state, data)).annotations)
 
+    async def _send_measurement_report(self, report, data: bytes, previous) -> None:
+        """Queue the measurement report for central as an overlay of its first image (stored here already; filed as
+        an overlay, so its evidence lists images)."""
+        content = await self.ingest.run_blocking(parse_part10, data)
+        params = {"uid": report.sop_instance_uid, "image_uid": content.keyinfo.referenced_image_uids[0]}
+        if previous is not None:
+            params["supersedes"] = previous.sop_instance_uid
+        image = await self.inbox.record(params["image_uid"])
+        await self._send(content, AttachmentId.of("overlay", **params), image or report, store_locally=False)
+        self.log.info("measurement report {uid} queued for central", uid=report.sop_instance_uid)
+
     async def _previous_measurements(self, report):
         """The study's newest measurement report saved before ``report`` from the reading room, or None."""
-        reports = [r.uid for r in await self.inbox.reports_of(report.study_instance_uid)]  # in the order stored
+        reports = [r.uid for r in await self.inbox.measurements_of(report.study_instance_uid)]  # in the order stored
         earlier = reports[: reports.index(report.sop_instance_uid)] if report.sop_instance_uid in reports else reports
         for uid in reversed(earlier):
             record = await self.inbox.record(uid)

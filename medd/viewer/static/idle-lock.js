@@ -3,12 +3,17 @@
 // locked on the node (POST /lock) and an overlay covers the page; the page is not reloaded, so what it
 // holds stays. Typing the password again (POST /unlock) removes the overlay. A 423 from any call (the
 // session was locked in another tab) shows the overlay too.
+// In OHIF's page (/ohif/...) the settings are the script tag's own data attributes (medd writes them into
+// OHIF's index.html). Framed by a reading-room page of this site (the reading screen's iframe), the page's
+// input counts as the framing page's activity, whose timer and overlay lock both; opened alone, it locks itself.
 "use strict";
 (() => {
   const body = document.body;
-  const csrf = body.dataset.csrf;
+  const script = document.currentScript;
+  const settings = script && script.dataset.csrf ? script.dataset : body.dataset;
+  const csrf = settings.csrf;
   if (!csrf) return;
-  const idleMs = parseFloat(body.dataset.idleLock || "0") * 1000;
+  const idleMs = parseFloat(settings.idleLock || "0") * 1000;
   let last = Date.now();
   let locked = false;
   let overlay = null;
@@ -19,7 +24,7 @@
     body: new URLSearchParams(fields || {}),
   });
 
-  const main = () => document.querySelector("main");
+  let covered = [];  // what the overlay made inert
 
   function show() {
     locked = true;
@@ -35,7 +40,7 @@
     title.id = "idle-lock-title";
     title.textContent = "Locked";
     const text = document.createElement("p");
-    text.textContent = `The reading room of ${body.dataset.user} locked after a while without input. ` +
+    text.textContent = `The reading room of ${settings.user} locked after a while without input. ` +
       "Type your password to go on where you were.";
     const label = document.createElement("label");
     label.textContent = "Password";
@@ -77,7 +82,11 @@
       }
     });
     overlay.append(form);
-    if (main()) main().inert = true;
+    // Inline too: OHIF's page has not the reading room's style sheet (CSSOM styles pass its policy).
+    Object.assign(overlay.style, {position: "fixed", inset: "0", zIndex: "2147483000", display: "grid",
+                                  placeItems: "center", background: "rgba(8, 10, 12, .92)", color: "#e8eaed"});
+    covered = [...body.children].filter((el) => !el.inert);
+    for (const el of covered) el.inert = true;
     body.append(overlay);
     input.focus();
   }
@@ -87,7 +96,8 @@
     last = Date.now();
     if (overlay) overlay.remove();
     overlay = null;
-    if (main()) main().inert = false;
+    for (const el of covered) el.inert = false;
+    covered = [];
     window.dispatchEvent(new CustomEvent("medd:unlocked"));
   }
 
@@ -96,18 +106,35 @@
     try { await post("/lock"); } catch (e) { /* the overlay stays; the next call finds the session as it is */ }
   }
 
-  const active = () => { if (!locked) last = Date.now(); };
+  // The reading-room page framing this one (same origin), if any: its timer is the one that counts.
+  const host = () => {
+    try {
+      const framing = window.parent !== window && window.parent.medd;
+      return framing && typeof framing.activity === "function" ? framing : null;
+    } catch (e) {
+      return null;  // framed by another origin: the page cannot be framed so (frame-ancestors 'self')
+    }
+  };
+  const active = () => {
+    const framing = host();
+    if (framing) framing.activity();
+    else if (!locked) last = Date.now();
+  };
   for (const name of ["keydown", "mousedown", "mousemove", "wheel", "touchstart", "input"]) {
     window.addEventListener(name, active, {capture: true, passive: true});
   }
   if (idleMs > 0) {
-    setInterval(() => { if (!locked && Date.now() - last >= idleMs) lock(); }, Math.min(1000, idleMs / 4));
+    setInterval(() => {
+      if (!locked && !host() && Date.now() - last >= idleMs) lock();
+    }, Math.min(1000, idleMs / 4));
   }
 
   window.medd = {
     csrf,
     post,
     isLocked: () => locked,
+    // Input in a page this one frames (OHIF in the reading screen).
+    activity: () => { if (!locked) last = Date.now(); },
     // A call answered 423: the session was locked (in another tab, or before this page noticed).
     lockedElsewhere: () => show(),
   };

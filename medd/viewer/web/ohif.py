@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import re
 from pathlib import Path
 
@@ -138,6 +139,15 @@ class OhifApp:
             "form-action 'self'; base-uri 'self'; frame-ancestors 'self'"
         )
 
+    def page_for(self, session) -> bytes:
+        """The page with the reading room's idle lock (a same-origin script, so the policy's hashes stay those of
+        OHIF's own inline scripts), told the session's CSRF token, user and idle time in its data attributes.
+        Framed by the reading screen, the script hands the page's input to the screen's idle timer."""
+        attrs = {"csrf": session.csrf, "idle-lock": f"{session.idle_lock:g}", "user": session.user}
+        tag = '<script src="/static/idle-lock.js" defer="defer" ' + " ".join(
+            f'data-{k}="{html.escape(v, quote=True)}"' for k, v in attrs.items()) + "></script>"
+        return self.index.replace(b"</head>", tag.encode("utf-8") + b"</head>", 1)
+
     def asset_names(self) -> list[str]:
         return sorted(p.name for p in self.dist.iterdir() if p.name not in OWN_NAMES)
 
@@ -169,11 +179,11 @@ class OhifPage(RoomResource):
         return serve(request, self._get)
 
     async def _get(self, request) -> Response:
-        await self.room.session(request)
+        session = await self.room.session(request)
         if self.app is None:
             raise WebError(503, "the image viewer (OHIF) is not installed on this viewer node: run `make ohif`")
         # Framed by the reading screen (same origin, beside the report), by no other site.
-        return Response(200, "text/html; charset=utf-8", self.app.index,
+        return Response(200, "text/html; charset=utf-8", self.app.page_for(session),
                         {"Content-Security-Policy": self.app.content_security_policy, "X-Frame-Options": "SAMEORIGIN"})
 
 
