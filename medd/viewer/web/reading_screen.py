@@ -32,7 +32,7 @@ from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.pages import display_date, patient_name
 from medd.viewer.web.measurements import WithdrawMeasurements
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, json_response, redirect, serve, uid_child
-from medd.viewer.web.session import CSRF_FIELD, Session, check_csrf, read_form
+from medd.viewer.web.session import CSRF_FIELD, Session
 from medd.webresource import Response
 
 log = Logger()
@@ -191,9 +191,7 @@ class SignAction(UidResource):
         return serve(request, self._post)
 
     async def _post(self, request) -> Response:
-        form = await read_form(self.room.api.run_blocking, request)
-        session = await self.room.session(request)
-        check_csrf(request, session, form)
+        form, session = await self.room.posted(request)
         text = form.get("text", "").replace("\r\n", "\n").strip()
         kind = form.get("kind", "final")
         if kind not in KINDS:
@@ -224,9 +222,7 @@ class DraftAction(UidResource):
         return serve(request, self._post, api=True)
 
     async def _post(self, request) -> Response:
-        form = await read_form(self.room.api.run_blocking, request)
-        session = await self.room.session(request)
-        check_csrf(request, session, form)
+        form, session = await self.room.posted(request)
         text = form.get("text", "").replace("\r\n", "\n")
         if len(text) > MAX_REPORT:
             raise WebError(413, f"the draft is longer than {MAX_REPORT} characters")

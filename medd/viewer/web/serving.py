@@ -14,7 +14,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from medd.viewer.web.errors import NotLoggedIn, SessionLocked, WebError
 from medd.viewer.web.layout import error_page
-from medd.viewer.web.session import Session, session_of
+from medd.viewer.web.session import Session, check_csrf, read_form, session_of
 from medd.webresource import PROBLEM_JSON, Problem, Response, audit_refusal, write_response
 
 log = Logger()
@@ -40,6 +40,13 @@ class Room:
         session = await session_of(self.reading_room, request)
         request.medd_session = session
         return session
+
+    async def posted(self, request) -> tuple[dict, Session]:
+        """A POST's form and its session, the form's CSRF token checked against the session's."""
+        form = await read_form(self.api.run_blocking, request)
+        session = await self.session(request)
+        check_csrf(request, session, form)
+        return form, session
 
 
 def security_headers(request) -> None:

@@ -24,7 +24,6 @@ from medd.viewer.web.layout import data, html, page
 from medd.viewer.web.ohif import viewer_url
 from medd.viewer.web.pages import display_date, patient_name
 from medd.viewer.web.serving import ErrorResource, RoomResource, UidResource, json_response, serve, uid_child
-from medd.viewer.web.session import check_csrf, read_form
 from medd.webresource import Response
 
 PAGE_SIZE = 100
@@ -340,9 +339,7 @@ class OpenStudy(UidResource):
         return serve(request, self._post, api=True)
 
     async def _post(self, request) -> Response:
-        form = await read_form(self.room.api.run_blocking, request)
-        session = await self.room.session(request)
-        check_csrf(request, session, form)
+        form, session = await self.room.posted(request)
         confirmed = form.get("confirmed") == "yes"
         try:
             others = await self.room.reading_room.open_study(self.uid, session.user, confirmed=confirmed)
@@ -364,9 +361,7 @@ class NextUnread(RoomResource):
         return serve(request, self._post, api=True)
 
     async def _post(self, request) -> Response:
-        form = await read_form(self.room.api.run_blocking, request)
-        session = await self.room.session(request)
-        check_csrf(request, session, form)
+        form, session = await self.room.posted(request)
         room = self.room.reading_room
         for _ in range(3):  # another user may claim it between the pick and the claim
             study_uid = await room.next_unread(session.user)
