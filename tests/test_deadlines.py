@@ -36,6 +36,9 @@ class _API:
         self.received.append(data)
         return Deferred()
 
+    def receive_packages(self, frames, **kw):
+        return [self.receive_package(frame, **kw) for frame in frames]
+
 
 def _connect(factory, host="192.0.2.7"):
     protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))

@@ -15,7 +15,7 @@ from fuzz.run import TARGETS
 REPO = Path(__file__).resolve().parent.parent
 REGRESSIONS = REPO / "fuzz" / "regressions"
 # Each target's share of the suite; a long run is `python -m fuzz.run TARGET` (fuzz/README.md).
-SECONDS = int(os.environ.get("MEDD_FUZZ_SECONDS", "30"))
+SECONDS = int(os.environ.get("MEDD_FUZZ_SECONDS", "20"))
 
 
 @pytest.mark.timeout(SECONDS + 90)
