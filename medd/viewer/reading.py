@@ -209,24 +209,33 @@ class ReadingRoom:
             self._shown.discard(key)  # recorded at the next fetch
             raise
 
-    async def save_overlay(self, image_uid: str, user: str, annotations: list[Annotation]) -> str:
-        """Save annotations as a GSPS on the image; returns the overlay's UID.
-
-        Raises :class:`AnnotationError` for annotations that cannot be drawn.
-        """
+    async def _image_record(self, image_uid: str):
+        """The index record of an image this viewer holds (:class:`AnnotationError` for anything else)."""
         record = await self._record(image_uid)
         if record.object_type != "image" or record.media_type != "application/dicom":
             raise AnnotationError(f"{image_uid} is not an image")
+        return record
+
+    async def _presentation_state(self, record, user: str, annotations: list[Annotation], *,
+                                  withdrawal: bool = False):
+        """A new GSPS of ``annotations`` on the image of ``record``, built off the reactor: (its UID, its content)."""
         image = await self.ingest.read_blob(record.digest)
         overlay_uid = str(hd.UID())
         at = self.now()
 
         def build():
-            data = build_presentation_state(image, annotations, user=user, overlay_uid=overlay_uid,
-                                            device=self.node_name, when=at)
-            return parse_part10(data)
+            return parse_part10(build_presentation_state(image, annotations, user=user, overlay_uid=overlay_uid,
+                                                         device=self.node_name, when=at, withdrawal=withdrawal))
 
-        content = await self.ingest.run_blocking(build)
+        return overlay_uid, await self.ingest.run_blocking(build)
+
+    async def save_overlay(self, image_uid: str, user: str, annotations: list[Annotation]) -> str:
+        """Save annotations as a GSPS on the image; returns the overlay's UID.
+
+        Raises :class:`AnnotationError` for annotations that cannot be drawn.
+        """
+        record = await self._image_record(image_uid)
+        overlay_uid, content = await self._presentation_state(record, user, annotations)
         attachment = AttachmentId.of("overlay", uid=overlay_uid, image_uid=image_uid)
         await self._send(content, attachment, record, store_locally=True)
         self.log.info("{user} saved overlay {uid} on {image}", user=user, uid=overlay_uid, image=image_uid)
@@ -309,22 +318,11 @@ class ReadingRoom:
     async def _overlay_version(self, image_uid: str, user: str, annotations: list[Annotation], source: str) -> str:
         """A GSPS of ``annotations`` on the image (none: a withdrawal), stored here and queued for central as the
         next version of the image's newest overlay (``supersedes=`` in its Medd-Attachment)."""
-        record = await self._record(image_uid)
-        if record.object_type != "image" or record.media_type != "application/dicom":
-            raise AnnotationError(f"{image_uid} is not an image")
+        record = await self._image_record(image_uid)
         if not annotations and not await self._newest_overlay_draws(image_uid):
             raise AnnotationError("there is no overlay to withdraw (none, or already withdrawn)")
         earlier = await self.inbox.overlays_of(image_uid)
-        image = await self.ingest.read_blob(record.digest)
-        overlay_uid = str(hd.UID())
-        at = self.now()
-
-        def build():
-            data = build_presentation_state(image, annotations, user=user, overlay_uid=overlay_uid,
-                                            device=self.node_name, when=at, withdrawal=not annotations)
-            return parse_part10(data)
-
-        content = await self.ingest.run_blocking(build)
+        overlay_uid, content = await self._presentation_state(record, user, annotations, withdrawal=not annotations)
         params = {"uid": overlay_uid, "image_uid": image_uid}
         if earlier:
             params["supersedes"] = earlier[-1].uid
